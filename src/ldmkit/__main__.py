@@ -1,0 +1,3 @@
+from ldmkit.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,113 @@
+"""Checkpoints as safetensors + JSON: loading never unpickles, so never executes code.
+
+Layout of ``run_dir/checkpoints/step_0001000/``:
+  ``weights.safetensors``  model.* and ema.* tensors
+  ``training.safetensors`` optimizer state tensors and RNG states
+  ``meta.json``            step, config, latent scale, optimizer hyper-parameters, data position
+A checkpoint is written to a temporary directory and renamed into place, so a crash mid-save
+never leaves a half-written checkpoint under a real name.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ldmkit.errors import CheckpointError
+
+FORMAT_VERSION = 1
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split ``optimizer.state_dict()`` into tensors and JSON-able hyper-parameters."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for pid, state in sd["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{pid}.{key}"] = value.contiguous()
+            else:
+                scalars[f"{pid}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                        meta: dict) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, pid, key = name.split(".", 2)
+            state.setdefault(int(pid), {})[key] = value
+    for name, value in meta["scalars"].items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(ckpt_root: Path, step: int, weights: dict[str, torch.Tensor],
+                    training: dict[str, torch.Tensor], meta: dict, keep: int) -> Path:
+    """Write ``step_XXXXXXX`` atomically and delete all but the newest ``keep``."""
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step_{step:07d}"
+    tmp = ckpt_root / f".tmp_step_{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.detach().contiguous() for k, v in weights.items()},
+              str(tmp / "weights.safetensors"))
+    save_file({k: v.detach().contiguous() for k, v in training.items()},
+              str(tmp / "training.safetensors"))
+    _write_json(tmp / "meta.json", {"format_version": FORMAT_VERSION, "step": step, **meta})
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    for old in list_checkpoints(ckpt_root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not ckpt_root.is_dir():
+        return []
+    found = [p for p in ckpt_root.glob("step_*") if (p / "meta.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+def latest_checkpoint(run_dir: Path) -> Path:
+    ckpts = list_checkpoints(run_dir / "checkpoints")
+    if not ckpts:
+        raise CheckpointError(f"no checkpoint in '{run_dir}/checkpoints'; train first with "
+                              "`ldmkit train CONFIG` or point at another run directory")
+    return ckpts[-1]
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+    """(weights, training tensors, meta) of one checkpoint directory."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        weights = load_file(str(path / "weights.safetensors"))
+        training = (load_file(str(path / "training.safetensors"))
+                    if (path / "training.safetensors").is_file() else {})
+    except (OSError, json.JSONDecodeError, SafetensorError) as exc:
+        raise CheckpointError(f"checkpoint '{path}' is unreadable ({exc}); resume from an "
+                              "older one by deleting this directory") from None
+    return weights, training, meta
+
+
+def split_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """``{"model.conv.weight": w}`` -> ``{"conv.weight": w}`` for prefix "model."."""
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def with_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {prefix + k: v for k, v in state.items()}

@@ -1,0 +1,82 @@
+"""Command line: maps ``ldmkit <command>`` to library functions, nothing more."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ldmkit.errors import LdmkitError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ldmkit", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    overrides = {"action": "append", "default": [], "metavar": "SECTION.KEY=VALUE",
+                 "help": "override a config key, e.g. --set train.lr=3e-4 (repeatable)"}
+
+    run = sub.add_parser("run", help="the whole job: autoencoder, calibration, diffusion, "
+                         "samples, report")
+    run.add_argument("config", help="experiment YAML, e.g. configs/digits.yaml")
+    run.add_argument("--set", dest="overrides", **overrides)
+
+    train = sub.add_parser("train", help="train (stage 1 if needed, then stage 2), or resume")
+    train.add_argument("config", nargs="?", help="experiment YAML (not with --resume)")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last "
+                       "checkpoint")
+    train.add_argument("--set", dest="overrides", **overrides)
+
+    sample = sub.add_parser("sample", help="sample a trained run with its EMA weights")
+    sample.add_argument("run_dir")
+    sample.add_argument("--num", type=int, default=64)
+    sample.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim")
+    sample.add_argument("--steps", type=int, default=50)
+    sample.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic)")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--out", help="output directory (default RUN_DIR/samples/...)")
+    return p
+
+
+def _train(args: argparse.Namespace, report: bool) -> None:
+    from ldmkit.config import load_config
+    from ldmkit.report import write_report
+    from ldmkit.train import load_run_config, train
+
+    if args.command == "train" and args.resume:
+        if args.config:
+            raise LdmkitError("give either a config or --resume RUN_DIR, not both")
+        result = train(load_run_config(args.resume, args.overrides), args.resume, resume=True)
+    elif not args.config:
+        raise LdmkitError("missing config: ldmkit train configs/digits.yaml")
+    else:
+        result = train(load_config(args.config, args.overrides))
+    text = write_report(result.run_dir, result.step, result.latent_scale_factor, result.vitals,
+                        result.grid, result.seconds)
+    if report:
+        print(text)
+    else:
+        print(f"trained {result.step} steps; run directory: {result.run_dir}")
+
+
+def _sample(args: argparse.Namespace) -> None:
+    from ldmkit.sample import sample_run
+
+    if args.num < 2 or args.steps < 1:
+        raise LdmkitError("--num must be >= 2 and --steps >= 1")
+    grid, samples = sample_run(args.run_dir, args.num, args.sampler, args.steps, args.seed,
+                               args.eta, args.out)
+    for tag, value in samples.vitals.items():
+        print(f"{tag}: {value:.4g}")
+    print(f"samples: {grid}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command in ("run", "train"):
+            _train(args, report=args.command == "run")
+        elif args.command == "sample":
+            _sample(args)
+    except LdmkitError as exc:
+        print(f"ldmkit: error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,299 @@
+"""Experiment configuration: typed dataclasses, YAML loading, validation, dotted overrides.
+
+One YAML file describes one experiment. Every key is checked against the dataclasses below,
+so a typo (``trian.lr``) or a wrong type (``log_every: "often"``) fails at start with a message
+naming the key, instead of silently training with a default. Key names the metrics guide uses
+(``log_every``, ``grad_clip``, ``latent_scale_factor``) keep the guide's spelling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from ldmkit.errors import ConfigError
+
+
+def _check(lo: float | None = None, *, strict: bool = False, hi: float | None = None) -> dict:
+    """Field metadata: allowed numeric range (``strict`` makes the lower bound exclusive)."""
+    return {"lo": lo, "strict": strict, "hi": hi}
+
+
+def _num(default: Any, **rng: Any) -> Any:
+    return field(default=default, metadata=_check(**rng))
+
+
+@dataclass
+class DataConfig:
+    """Where images come from; see ``ldmkit.data`` for the formats."""
+
+    source: Literal["digits", "folder", "idx"] = "digits"
+    path: str | None = None
+    split: Literal["train", "test"] = "train"
+    image_size: int = _num(32, lo=4)
+    channels: Literal[1, 3] = 1
+    limit: int | None = _num(None, lo=1)
+
+
+@dataclass
+class AutoencoderConfig:
+    """Stage 1: a KL autoencoder (Rombach et al. 2022, sec. 3) with downsampling 2**(len(mult)-1)."""
+
+    pretrained: str | None = None
+    base_channels: int = _num(32, lo=1)
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])
+    latent_channels: int = _num(4, lo=1)
+    kl_weight: float = _num(1e-4, lo=0.0)
+    steps: int = _num(1500, lo=0)
+    batch_size: int = _num(64, lo=1)
+    lr: float = _num(1e-3, lo=0.0, strict=True)
+    log_every: int = _num(100, lo=1)
+    calibration_batches: int = _num(16, lo=1)
+
+
+@dataclass
+class UNetConfig:
+    """Stage 2 backbone: ADM-style UNet (Dhariwal & Nichol 2021) predicting the noise."""
+
+    base_channels: int = _num(64, lo=1)
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2])
+    num_res_blocks: int = _num(2, lo=1)
+    attention_resolutions: list[int] = field(default_factory=lambda: [4])
+    num_heads: int = _num(4, lo=1)
+    dropout: float = _num(0.0, lo=0.0, hi=1.0)
+
+
+@dataclass
+class DiffusionConfig:
+    """Continuous-time VP diffusion with a cosine log-SNR schedule (see diffusion/schedule.py).
+
+    ``logsnr_min`` sets the noisiest level, where sampling starts from N(0, I); -5 is close to
+    Stable Diffusion's terminal SNR (-5.4). Much lower values make eps-prediction samplers unstable.
+    """
+
+    latent_scale_factor: float | None = _num(None, lo=0.0, strict=True)
+    t_sampling: Literal["uniform", "logit_normal"] = "uniform"
+    logit_normal_loc: float = 0.0
+    logit_normal_scale: float = _num(1.0, lo=0.0, strict=True)
+    logsnr_min: float = -5.0
+    logsnr_max: float = 10.0
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation of stage 2: AdamW, linear warmup then cosine decay, clipping, EMA."""
+
+    steps: int = _num(4000, lo=1)
+    batch_size: int = _num(128, lo=1)
+    lr: float = _num(1e-3, lo=0.0, strict=True)
+    min_lr_ratio: float = _num(0.05, lo=0.0, hi=1.0)
+    warmup_steps: int = _num(200, lo=0)
+    weight_decay: float = _num(0.0, lo=0.0)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    grad_clip: float = _num(1.0, lo=0.0, strict=True)
+    ema_decay: float = _num(0.999, lo=0.0, hi=1.0)
+    log_every: int = _num(50, lo=1)
+    sample_every: int = _num(1000, lo=1)
+    checkpoint_every: int = _num(1000, lo=1)
+    checkpoint_keep: int = _num(3, lo=1)
+
+
+@dataclass
+class SampleConfig:
+    """Sampling during training (fixed noise, so grids are comparable) and at the end."""
+
+    num: int = _num(64, lo=2)
+    sampler: Literal["ddpm", "ddim"] = "ddim"
+    steps: int = _num(50, lo=1)
+    eta: float = _num(0.0, lo=0.0)
+    seed: int = 0
+    during_training_num: int = _num(16, lo=2)
+
+
+@dataclass
+class Config:
+    """A whole experiment. ``run_dir: null`` makes a new ``runs/<name>-<timestamp>`` directory."""
+
+    name: str = "ldm"
+    seed: int = 0
+    run_dir: str | None = None
+    device: str = "auto"
+    tensorboard: bool = True
+    data: DataConfig = field(default_factory=DataConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return ``value`` as type ``tp`` or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        return _build(tp, value, key + ".")
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+    elif origin is Literal:
+        if value in typing.get_args(tp) and type(value) is not bool:
+            return value
+    elif origin is list:
+        if isinstance(value, (list, tuple)):
+            (item,) = typing.get_args(tp)
+            return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-4` as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+
+
+def _check_range(value: Any, meta: typing.Mapping, key: str) -> None:
+    lo, hi, strict = meta.get("lo"), meta.get("hi"), meta.get("strict", False)
+    if value is None or (lo is None and hi is None):
+        return
+    too_low = lo is not None and (value <= lo if strict else value < lo)
+    too_high = hi is not None and value > hi
+    if too_low or too_high:
+        bound = f"> {lo}" if strict else f">= {lo}" if lo is not None else ""
+        if hi is not None:
+            bound = f"{bound} and <= {hi}" if bound else f"<= {hi}"
+        raise ConfigError(f"config key '{key}' must be {bound}, got {value!r}")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}'; allowed keys"
+            f"{' in ' + prefix.rstrip('.') if prefix else ''}: {', '.join(fields)}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(value, hints[name], prefix + name)
+        _check_range(kwargs[name], fields[name].metadata, prefix + name)
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config) -> Config:
+    """Cross-field checks that a single type cannot express."""
+    if cfg.data.source in ("folder", "idx") and not cfg.data.path:
+        raise ConfigError(f"data.source '{cfg.data.source}' needs data.path; set it to a directory")
+    if cfg.diffusion.logsnr_min >= cfg.diffusion.logsnr_max:
+        raise ConfigError("diffusion.logsnr_min must be below diffusion.logsnr_max")
+    factor = 2 ** (len(cfg.autoencoder.channel_mult) - 1)
+    if cfg.data.image_size % factor:
+        raise ConfigError(
+            f"data.image_size {cfg.data.image_size} must be divisible by the autoencoder's "
+            f"downsampling factor {factor} (from autoencoder.channel_mult)"
+        )
+    latent = cfg.data.image_size // factor
+    levels = 2 ** (len(cfg.unet.channel_mult) - 1)
+    if latent % levels:
+        raise ConfigError(
+            f"latent size {latent} must be divisible by {levels} (from unet.channel_mult)"
+        )
+    if len(cfg.train.betas) != 2 or not all(0 <= b < 1 for b in cfg.train.betas):
+        raise ConfigError(f"train.betas must be two numbers in [0, 1), got {cfg.train.betas}")
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.lr=1e-4"`` -> (["train", "lr"], 1e-4); values are read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({exc.problem})") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set dotted keys in a raw config mapping; unknown keys are caught later by validation."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{text}': '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def from_dict(data: dict) -> Config:
+    """Validate a raw mapping and build a Config."""
+    if not isinstance(data, dict):
+        raise ConfigError("a config must be a YAML mapping of sections (data, train, ...)")
+    return _validate(_build(Config, data))
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML experiment file (or only defaults if ``path`` is None), then apply overrides."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' not found; pass a YAML file like configs/digits.yaml")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping of sections")
+    return from_dict(apply_overrides(data, overrides or []))
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

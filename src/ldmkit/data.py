@@ -1,0 +1,207 @@
+"""Datasets as in-memory uint8 tensors, and a batch order that can be resumed exactly.
+
+Images are kept as uint8 ``[N, C, H, W]`` (a 60k-image MNIST at 32x32 is 60 MB) and turned into
+float pixels in [-1, 1] per batch. Three sources: scikit-learn's bundled digits (no download),
+a folder of PNG/JPEG/WebP files, and MNIST-format IDX files.
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from ldmkit.config import DataConfig
+from ldmkit.errors import DataError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
+
+
+@dataclass
+class ImageData:
+    """uint8 images ``[N, C, H, W]``, optional integer labels, and what was skipped on load."""
+
+    images: torch.Tensor
+    labels: torch.Tensor | None
+    source: str
+    skipped: int = 0
+    first_skipped: str | None = None
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def batch(self, index: torch.Tensor) -> torch.Tensor:
+        """Pixels of the images at ``index`` as float32 in [-1, 1]."""
+        return to_signed(self.images[index])
+
+
+def to_signed(images: torch.Tensor) -> torch.Tensor:
+    return images.float().div(127.5).sub(1.0)
+
+
+def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    return pixels.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+
+
+def _resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize ``[N, C, h, w]`` uint8 to ``size`` x ``size`` with antialiased bilinear filtering."""
+    if images.shape[-2:] == (size, size):
+        return images
+    out = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True)
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
+def load_digits_data(cfg: DataConfig) -> ImageData:
+    """scikit-learn's 1,797 handwritten 8x8 digits (values 0..16), shipped inside the package."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    pixels = torch.from_numpy(bunch.images.astype(np.float32) * (255.0 / 16.0))
+    images = pixels.round().to(torch.uint8).unsqueeze(1)
+    labels = torch.from_numpy(bunch.target.astype(np.int64))
+    return ImageData(_resize_uint8(images, cfg.image_size), labels, "sklearn digits")
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as fh:
+            raw = fh.read()
+    except (OSError, EOFError) as exc:
+        raise DataError(f"cannot read IDX file '{path}': {exc}; re-download or fix the file") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"'{path}' is not an unsigned-byte IDX file (bad magic number)")
+    ndim = raw[3]
+    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise DataError(f"IDX file '{path}' is truncated: header says {dims}, found {body.size} bytes")
+    return body.reshape(dims)
+
+
+def _find_idx(directory: Path, split: str, kind: str) -> Path | None:
+    prefix = "train" if split == "train" else "t10k"
+    for pattern in (f"{prefix}-{kind}-idx*-ubyte.gz", f"{prefix}-{kind}-idx*-ubyte",
+                    f"*{split}*-{kind}-idx*-ubyte*"):
+        found = sorted(directory.glob(pattern))
+        if found:
+            return found[0]
+    return None
+
+
+def load_idx_data(cfg: DataConfig) -> ImageData:
+    """MNIST-format files: a directory holding ``*-images-idx3-ubyte[.gz]`` or that file itself."""
+    path = Path(cfg.path or "")
+    if path.is_dir():
+        images_path = _find_idx(path, cfg.split, "images")
+        if images_path is None:
+            raise DataError(
+                f"no '*-images-idx3-ubyte[.gz]' file for split '{cfg.split}' in '{path}'; "
+                "point data.path at an MNIST-format directory"
+            )
+    elif path.is_file():
+        images_path = path
+    else:
+        raise DataError(f"data.path '{path}' does not exist; point it at an MNIST-format directory")
+    array = _read_idx(images_path)
+    if array.ndim != 3:
+        raise DataError(f"'{images_path}' holds {array.ndim}-D data; expected images [N, H, W]")
+    images = torch.from_numpy(array.copy()).unsqueeze(1)
+    labels_path = Path(str(images_path).replace("-images-idx3", "-labels-idx1"))
+    labels = None
+    if labels_path != images_path and labels_path.is_file():
+        labels = torch.from_numpy(_read_idx(labels_path).astype(np.int64))
+    return ImageData(_resize_uint8(images, cfg.image_size), labels, f"IDX {images_path}")
+
+
+def _load_image(path: Path, size: int, mode: str) -> np.ndarray:
+    """Decode, resize the short side to ``size`` and center-crop; raises on a corrupt file."""
+    with Image.open(path) as img:
+        img.load()
+        img = img.convert(mode)
+        w, h = img.size
+        scale = size / min(w, h)
+        img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))),
+                         Image.Resampling.BICUBIC)
+        w, h = img.size
+        left, top = (w - size) // 2, (h - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+        array = np.asarray(img, dtype=np.uint8)
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def load_folder_data(cfg: DataConfig) -> ImageData:
+    """Every PNG/JPEG/WebP below ``cfg.path``; corrupt files are skipped and counted."""
+    root = Path(cfg.path or "")
+    if not root.is_dir():
+        raise DataError(f"data.path '{root}' is not a directory; point it at a folder of images")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if cfg.limit is not None:
+        files = files[: cfg.limit]
+    mode = "L" if cfg.channels == 1 else "RGB"
+    arrays, skipped, first_bad = [], 0, None
+    for path in files:
+        try:
+            arrays.append(_load_image(path, cfg.image_size, mode))
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
+            skipped += 1
+            first_bad = first_bad or str(path)
+    if not arrays:
+        what = f"{skipped} unreadable files" if skipped else "no PNG/JPEG/WebP files"
+        raise DataError(f"no readable image in '{root}' ({what}); check data.path")
+    images = torch.from_numpy(np.stack(arrays))
+    return ImageData(images, None, f"folder {root}", skipped, first_bad)
+
+
+def load_data(cfg: DataConfig) -> ImageData:
+    """Load the configured dataset; ``cfg.limit`` keeps the first N images."""
+    loader = {"digits": load_digits_data, "idx": load_idx_data, "folder": load_folder_data}
+    data = loader[cfg.source](cfg)
+    if data.images.shape[1] != cfg.channels:
+        data.images = (data.images.expand(-1, 3, -1, -1).contiguous() if cfg.channels == 3
+                       else data.images.float().mean(1, keepdim=True).round().to(torch.uint8))
+    if cfg.limit is not None and len(data) > cfg.limit:
+        data.images = data.images[: cfg.limit]
+        data.labels = None if data.labels is None else data.labels[: cfg.limit]
+    return data
+
+
+class BatchOrder:
+    """Shuffled batches, epoch after epoch, whose position is two integers.
+
+    The permutation of epoch ``e`` depends only on ``(seed, e)``, so saving ``(epoch, cursor)``
+    in a checkpoint reproduces the exact data order after a resume.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int = 0, cursor: int = 0):
+        if n < 1:
+            raise DataError("the dataset is empty")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.epoch, self.cursor = epoch, cursor
+        self._perm = self._permutation(epoch)
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.n, generator=gen)
+
+    def next(self) -> torch.Tensor:
+        """Indices of the next batch; wraps into a new epoch, never returns a short batch."""
+        parts, need = [], self.batch_size
+        while need:
+            take = self._perm[self.cursor : self.cursor + need]
+            parts.append(take)
+            need -= take.numel()
+            self.cursor += take.numel()
+            if self.cursor >= self.n:
+                self.epoch, self.cursor = self.epoch + 1, 0
+                self._perm = self._permutation(self.epoch)
+        return torch.cat(parts)
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor}

@@ -1,0 +1,1 @@
+"""Networks: the stage-1 autoencoder and the stage-2 UNet."""

@@ -1,0 +1,93 @@
+"""Building blocks shared by the autoencoder and the UNet (Ho et al. 2020; Dhariwal & Nichol 2021)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with the largest group count <= 32 that divides ``channels``."""
+    groups = next(g for g in range(min(32, channels), 0, -1) if channels % g == 0)
+    return nn.GroupNorm(groups, channels, eps=1e-6)
+
+
+def zero_init(module: nn.Module) -> nn.Module:
+    """Zero a layer's parameters so a residual branch starts as the identity."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    """Pre-norm residual block; ``emb`` (if given) adds a per-channel scale and shift (FiLM)."""
+
+    def __init__(self, c_in: int, c_out: int, emb_dim: int | None = None, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = group_norm(c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, 2 * c_out) if emb_dim else None
+        self.norm2 = group_norm(c_out)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_init(nn.Conv2d(c_out, c_out, 3, padding=1))
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.norm2(h)
+        if self.emb is not None and emb is not None:
+            scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
+            h = h * (1 + scale) + shift
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over the H*W positions of a feature map."""
+
+    def __init__(self, channels: int, num_heads: int = 4):
+        super().__init__()
+        heads = max(1, min(num_heads, channels // 8)) if channels % num_heads else num_heads
+        self.num_heads = heads
+        self.norm = group_norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.out = zero_init(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, c // self.num_heads, h * w)
+        q, k, v = (t.transpose(-1, -2) for t in qkv.unbind(1))  # each [B, heads, HW, C/heads]
+        y = F.scaled_dot_product_attention(q, k, v)
+        return x + self.out(y.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
+    """Sinusoidal features of continuous ``t`` in [0, 1] ``[B] -> [B, dim]`` (Vaswani et al. 2017).
+
+    ``t`` is multiplied by 1000 so the frequencies cover the same range as discrete DDPM steps.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+    args = 1000.0 * t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)

@@ -1,0 +1,96 @@
+"""Stage 2 backbone: a UNet predicting the noise (Ho et al. 2020; Dhariwal & Nichol 2021, "ADM").
+
+Residual blocks conditioned on a sinusoidal time embedding, self-attention at the resolutions
+listed in ``attention_resolutions`` (latent side lengths), skip connections between levels.
+The backbone knows nothing of schedules or losses: ``ldmkit.diffusion`` wraps it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldmkit.models.layers import (
+    Downsample,
+    ResBlock,
+    SelfAttention,
+    Upsample,
+    group_norm,
+    timestep_embedding,
+    zero_init,
+)
+
+
+class Level(nn.Module):
+    """A residual block, optionally followed by self-attention."""
+
+    def __init__(self, c_in: int, c_out: int, emb_dim: int, attn: bool, heads: int, dropout: float):
+        super().__init__()
+        self.res = ResBlock(c_in, c_out, emb_dim, dropout)
+        self.attn = SelfAttention(c_out, heads) if attn else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        return self.attn(self.res(x, emb))
+
+
+class UNet(nn.Module):
+    """``forward(x [B, C, h, w], t [B] in [0, 1]) -> predicted noise [B, C, h, w]``."""
+
+    def __init__(self, in_channels: int, latent_size: int, base_channels: int = 64,
+                 channel_mult: list[int] | tuple[int, ...] = (1, 2), num_res_blocks: int = 2,
+                 attention_resolutions: list[int] | tuple[int, ...] = (4,), num_heads: int = 4,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.base_channels = base_channels
+        emb_dim = 4 * base_channels
+        self.time_mlp = nn.Sequential(
+            nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+        )
+        self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+
+        self.down = nn.ModuleList()
+        skips, ch, size = [base_channels], base_channels, latent_size
+        for i, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                out = base_channels * mult
+                self.down.append(Level(ch, out, emb_dim, size in attention_resolutions,
+                                       num_heads, dropout))
+                ch = out
+                skips.append(ch)
+            if i < len(channel_mult) - 1:
+                self.down.append(Downsample(ch))
+                skips.append(ch)
+                size //= 2
+
+        self.mid = nn.ModuleList([
+            Level(ch, ch, emb_dim, True, num_heads, dropout),
+            Level(ch, ch, emb_dim, False, num_heads, dropout),
+        ])
+
+        self.up = nn.ModuleList()
+        for i, mult in reversed(list(enumerate(channel_mult))):
+            for _ in range(num_res_blocks + 1):
+                out = base_channels * mult
+                self.up.append(Level(ch + skips.pop(), out, emb_dim,
+                                     size in attention_resolutions, num_heads, dropout))
+                ch = out
+            if i > 0:
+                self.up.append(Upsample(ch))
+                size *= 2
+
+        self.norm_out = group_norm(ch)
+        self.conv_out = zero_init(nn.Conv2d(ch, in_channels, 3, padding=1))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        emb = self.time_mlp(timestep_embedding(t, self.base_channels))
+        h = self.conv_in(x)
+        hs = [h]
+        for layer in self.down:
+            h = layer(h, emb) if isinstance(layer, Level) else layer(h)
+            hs.append(h)
+        for layer in self.mid:
+            h = layer(h, emb)
+        for layer in self.up:
+            h = layer(torch.cat([h, hs.pop()], dim=1), emb) if isinstance(layer, Level) else layer(h)
+        return self.conv_out(F.silu(self.norm_out(h)))

@@ -1,0 +1,104 @@
+"""Generate images from a trained run: sample latents, measure them, decode, save PNGs.
+
+The same ``generate`` serves sampling during training (fixed seed, so grids are comparable across
+steps) and ``ldmkit sample``. The sample vitals are measured on the latents handed to the decoder,
+i.e. after dividing by the scale (guide: final_latent_stats).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from ldmkit.config import Config, from_dict
+from ldmkit.data import to_uint8
+from ldmkit.diffusion.samplers import eps_denoiser, run_sampler
+from ldmkit.diffusion.schedule import CosineSchedule
+from ldmkit.logging import MetricLogger
+from ldmkit.models.autoencoder import Autoencoder
+from ldmkit.vitals.metrics import sample_vitals
+
+
+@dataclass
+class Samples:
+    latents: torch.Tensor  # [N, C, h, w] decoder space (divided by the scale)
+    images: torch.Tensor  # [N, C, H, W] uint8
+    vitals: dict[str, float]
+
+
+def schedule_of(cfg: Config) -> CosineSchedule:
+    return CosineSchedule(cfg.diffusion.logsnr_min, cfg.diffusion.logsnr_max)
+
+
+@torch.no_grad()
+def generate(model: nn.Module, ae: Autoencoder, scale: float, cfg: Config, num: int,
+             sampler: str, steps: int, seed: int, eta: float = 0.0,
+             batch_size: int = 256) -> Samples:
+    """Sample ``num`` latents in batches from ``N(0, I)`` drawn with ``seed``, then decode."""
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    shape = (ae.latent_channels, cfg.data.image_size // ae.downsample_factor,
+             cfg.data.image_size // ae.downsample_factor)
+    noise = torch.randn((num, *shape), generator=gen)
+    denoise = eps_denoiser(model, schedule_of(cfg))
+    was_training = model.training
+    model.eval()
+    latents, images = [], []
+    for chunk in noise.split(batch_size):
+        z = run_sampler(sampler, denoise, chunk.to(device), schedule_of(cfg), steps, eta, gen)
+        z = z.float().cpu() / scale
+        latents.append(z)
+        images.append(to_uint8(ae.decode(z)))
+    model.train(was_training)
+    latents_all = torch.cat(latents)
+    return Samples(latents_all, torch.cat(images), sample_vitals(latents_all))
+
+
+def image_grid(images: torch.Tensor, pad: int = 2) -> Image.Image:
+    """Tile uint8 ``[N, C, H, W]`` into a near-square grid on a white background."""
+    n, c, h, w = images.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for i, img in enumerate(images.permute(0, 2, 3, 1).numpy()):
+        r, q = divmod(i, cols)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = img
+    return Image.fromarray(grid[..., 0] if c == 1 else grid)
+
+
+def save_image(image: torch.Tensor, path: Path) -> None:
+    array = image.permute(1, 2, 0).numpy()
+    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(path)
+
+
+def save_samples(samples: Samples, out_dir: Path, singles: bool = True) -> Path:
+    """Write ``grid.png`` (and ``000000.png``... for each sample) into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    grid_path = out_dir / "grid.png"
+    image_grid(samples.images).save(grid_path)
+    if singles:
+        for i, img in enumerate(samples.images):
+            save_image(img, out_dir / f"{i:06d}.png")
+    return grid_path
+
+
+def sample_run(run_dir: str | Path, num: int, sampler: str, steps: int, seed: int,
+               eta: float = 0.0, out_dir: str | Path | None = None) -> tuple[Path, Samples]:
+    """``ldmkit sample``: EMA weights of the last checkpoint -> PNGs and logged sample vitals."""
+    from ldmkit.train import load_for_sampling
+
+    run_dir = Path(run_dir)
+    cfg_dict, step, model, ae, scale = load_for_sampling(run_dir)
+    cfg = from_dict(cfg_dict)
+    samples = generate(model, ae, scale, cfg, num, sampler, steps, seed, eta)
+    out = Path(out_dir) if out_dir else run_dir / "samples" / f"{sampler}{steps}-seed{seed}-n{num}"
+    grid = save_samples(samples, out)
+    with MetricLogger(run_dir, tensorboard=cfg.tensorboard) as logger:
+        logger.log(step, samples.vitals)
+    return grid, samples

@@ -1,0 +1,139 @@
+"""Stage 1: train, save and load the autoencoder, and calibrate the latent scale.
+
+The scale makes the latents the diffusion model sees unit-variance (guide: latent/z_std must be
+~1.0). CompVis' ``scale_by_std`` estimates it from the first batch; here it is the global std over
+``calibration_batches`` batches, which is stable for small batches and skewed datasets.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from ldmkit.config import AutoencoderConfig, Config
+from ldmkit.data import BatchOrder, ImageData
+from ldmkit.errors import CheckpointError
+from ldmkit.logging import MetricLogger
+from ldmkit.models.autoencoder import Autoencoder
+
+AE_DIR = "autoencoder"
+
+
+def build_autoencoder(cfg: AutoencoderConfig, channels: int) -> Autoencoder:
+    return Autoencoder(channels, cfg.base_channels, cfg.channel_mult, cfg.latent_channels)
+
+
+def psnr(mse: torch.Tensor) -> torch.Tensor:
+    """Peak signal-to-noise ratio for pixels in [-1, 1] (peak-to-peak range 2)."""
+    return 10.0 * torch.log10(4.0 / mse.clamp(min=1e-12))
+
+
+def train_autoencoder(cfg: Config, data: ImageData, run_dir: Path,
+                      logger: MetricLogger) -> Autoencoder:
+    """Reconstruction MSE + ``kl_weight`` * KL, AdamW with cosine decay; logs ``vae/*``."""
+    ae_cfg = cfg.autoencoder
+    torch.manual_seed(cfg.seed)
+    ae = build_autoencoder(ae_cfg, cfg.data.channels)
+    opt = torch.optim.AdamW(ae.parameters(), lr=ae_cfg.lr, weight_decay=0.0)
+    order = BatchOrder(len(data), ae_cfg.batch_size, cfg.seed + 1)
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    sums = torch.zeros(3)
+    bar = tqdm(range(ae_cfg.steps), desc="autoencoder", dynamic_ncols=True, mininterval=1.0)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = ae_cfg.lr * 0.5 * (1 + math.cos(math.pi * step / ae_cfg.steps))
+        x = data.batch(order.next())
+        post = ae.encode(x)
+        mse = (ae.decode(post.sample(gen)) - x).pow(2).mean()
+        kl = post.kl()
+        loss = mse + ae_cfg.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sums += torch.stack([mse.detach(), kl.detach(), psnr(mse.detach())])
+        if (step + 1) % ae_cfg.log_every == 0 or step + 1 == ae_cfg.steps:
+            n = (step % ae_cfg.log_every) + 1
+            mse_v, kl_v, psnr_v = (sums / n).tolist()
+            logger.log(step + 1, {"vae/recon_mse": mse_v, "vae/kl": kl_v, "vae/psnr": psnr_v})
+            bar.set_postfix(mse=f"{mse_v:.4f}", psnr=f"{psnr_v:.1f}")
+            sums.zero_()
+    ae.eval().requires_grad_(False)
+    save_autoencoder(ae, ae_cfg, cfg.data.channels, run_dir / AE_DIR)
+    return ae
+
+
+def save_autoencoder(ae: Autoencoder, cfg: AutoencoderConfig, channels: int, path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in ae.state_dict().items()},
+              str(path / "weights.safetensors"))
+    arch = {"channels": channels, "base_channels": cfg.base_channels,
+            "channel_mult": cfg.channel_mult, "latent_channels": cfg.latent_channels}
+    (path / "meta.json").write_text(json.dumps(arch, indent=2))
+
+
+def load_autoencoder(path: str | Path) -> Autoencoder:
+    """Load from an autoencoder directory or from a run directory that holds one."""
+    path = Path(path)
+    if (path / AE_DIR / "meta.json").is_file():
+        path = path / AE_DIR
+    if not (path / "meta.json").is_file() or not (path / "weights.safetensors").is_file():
+        raise CheckpointError(f"no trained autoencoder at '{path}'; point autoencoder.pretrained "
+                              "at a run directory or its autoencoder/ folder")
+    try:
+        arch = json.loads((path / "meta.json").read_text())
+        ae = Autoencoder(arch["channels"], arch["base_channels"], arch["channel_mult"],
+                         arch["latent_channels"])
+        ae.load_state_dict(load_file(str(path / "weights.safetensors")))
+    except (OSError, KeyError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"autoencoder at '{path}' cannot be loaded: "
+                              f"{str(exc).splitlines()[0]}") from None
+    return ae.eval().requires_grad_(False)
+
+
+@dataclass
+class LatentPosteriors:
+    """The encoder's Gaussian posterior for every image: mean and log-variance ``[N, C, h, w]``.
+
+    Encoding once lets stage 2 draw ``z ~ q(z|x)`` per step without running the encoder.
+    """
+
+    mean: torch.Tensor
+    logvar: torch.Tensor
+
+    def sample(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        mean, logvar = self.mean[index], self.logvar[index]
+        return mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator)
+
+
+@torch.no_grad()
+def encode_dataset(ae: Autoencoder, data: ImageData, batch_size: int = 256) -> LatentPosteriors:
+    means, logvars = [], []
+    for start in range(0, len(data), batch_size):
+        post = ae.encode(data.batch(torch.arange(start, min(start + batch_size, len(data)))))
+        means.append(post.mean)
+        logvars.append(post.logvar)
+    return LatentPosteriors(torch.cat(means), torch.cat(logvars))
+
+
+def calibrate_latent_scale(latents: LatentPosteriors, batches: int, batch_size: int,
+                           seed: int) -> float:
+    """``1 / std`` of ``z ~ q(z|x)`` pooled over ``batches`` batches (at most one epoch)."""
+    n = len(latents.mean)
+    order = BatchOrder(n, min(batch_size, n), seed)
+    gen = torch.Generator().manual_seed(seed)
+    total = total_sq = count = 0.0
+    for _ in range(min(batches, math.ceil(n / order.batch_size))):
+        z = latents.sample(order.next(), gen).double()
+        total += z.sum().item()
+        total_sq += z.pow(2).sum().item()
+        count += z.numel()
+    var = total_sq / count - (total / count) ** 2
+    if not var > 0:
+        raise CheckpointError("the autoencoder's latents have zero variance; retrain stage 1")
+    return 1.0 / math.sqrt(var)

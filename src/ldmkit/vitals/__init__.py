@@ -1,0 +1,1 @@
+"""Vital signs of latent diffusion training (../shared/spec/ldm-metrics-guide.md)."""

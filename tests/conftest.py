@@ -1,0 +1,41 @@
+"""Shared fixtures: a tiny experiment that trains end to end in seconds on 2 CPU cores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ldmkit.config import Config, from_dict
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+TINY = {
+    "name": "tiny",
+    "seed": 0,
+    "tensorboard": False,
+    "data": {"source": "digits", "image_size": 16, "limit": 256},
+    "autoencoder": {"base_channels": 8, "channel_mult": [1, 2, 2], "steps": 30,
+                    "batch_size": 32, "log_every": 10, "calibration_batches": 4},
+    "unet": {"base_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1,
+             "attention_resolutions": [2]},
+    "train": {"steps": 12, "batch_size": 16, "warmup_steps": 2, "log_every": 4,
+              "sample_every": 6, "checkpoint_every": 4},
+    "sample": {"num": 8, "steps": 4, "during_training_num": 4},
+}
+
+
+def tiny_config(**sections: dict) -> Config:
+    """TINY with some keys replaced, e.g. ``tiny_config(train={"steps": 20})``."""
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in TINY.items()}
+    for name, values in sections.items():
+        if isinstance(values, dict):
+            data[name] = {**data.get(name, {}), **values}
+        else:
+            data[name] = values
+    return from_dict(data)
+
+
+@pytest.fixture
+def tiny() -> Config:
+    return tiny_config()

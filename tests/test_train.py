@@ -1,0 +1,127 @@
+"""Training behaviour on tiny configs: learning, resume equality, checkpoints, CLI."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_config
+from ldmkit.cli import main
+from ldmkit.diffusion.schedule import CosineSchedule
+from ldmkit.logging import read_metrics
+from ldmkit.models.unet import UNet
+from ldmkit.train import load_run_config, train, train_step
+from ldmkit.vitals import metrics as vm
+
+
+def test_training_steps_lower_the_loss_on_a_fixed_batch():
+    torch.manual_seed(0)
+    model = UNet(4, 4, 16, [1, 2], 1, [2])
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(16, 4, 4, 4, generator=gen) * 0.3 + torch.linspace(-1, 1, 4).view(1, 4, 1, 1)
+    t = torch.rand(16, generator=gen)
+    eps = torch.randn(16, 4, 4, 4, generator=gen)
+    losses = [train_step(model, opt, CosineSchedule(), z, t, eps, 1.0)[1][vm.LOSS].item()
+              for _ in range(30)]
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_nonfinite_step_is_not_applied():
+    model = UNet(4, 4, 16, [1, 2], 1, [2])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    z = torch.full((2, 4, 4, 4), float("nan"))
+    applied, vitals = train_step(model, opt, CosineSchedule(), z, torch.rand(2),
+                                 torch.randn(2, 4, 4, 4), 1.0)
+    assert not applied and not torch.isfinite(vitals[vm.LOSS])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path):
+    cfg = tiny_config()
+    straight = train(cfg, tmp_path / "straight")
+    train(cfg, tmp_path / "split", stop_at=8)
+    resumed = train(load_run_config(tmp_path / "split"), tmp_path / "split", resume=True)
+    assert straight.step == resumed.step == 12
+    a = load_file(str(tmp_path / "straight/checkpoints/step_0000012/weights.safetensors"))
+    b = load_file(str(tmp_path / "split/checkpoints/step_0000012/weights.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    logged = {(r["step"], r["tag"]): r["value"] for r in read_metrics(tmp_path / "straight/metrics.jsonl")}
+    for r in read_metrics(tmp_path / "split/metrics.jsonl"):
+        if r["step"] > 8 and r["tag"].startswith(("loss/", "diffusion/", "optimization/")):
+            assert r["value"] == logged[(r["step"], r["tag"])]
+
+
+def test_run_logs_every_vital_sign_and_writes_checkpoints_without_pickles(tmp_path):
+    run_dir = tmp_path / "run"
+    result = train(tiny_config(), run_dir)
+    records = read_metrics(run_dir / "metrics.jsonl")
+    tags = {r["tag"] for r in records}
+    assert set(vm.TRAIN_TAGS) <= tags
+    for suffix in ("mean", "std", "min", "max"):
+        assert vm.PAIRWISE_PREFIX + suffix in tags and vm.FINAL_PREFIX + suffix in tags
+    assert {"vae/recon_mse", "vae/kl", "vae/psnr", vm.SCALE_FACTOR} <= tags
+    assert sorted({r["step"] for r in records if r["tag"] == vm.LOSS}) == [4, 8, 12]
+    # the z_std logged is that of the scaled latents: calibration makes it ~1
+    z_std = [r["value"] for r in records if r["tag"] == vm.Z_STD]
+    assert all(0.8 < v < 1.2 for v in z_std)
+    lrs = {r["step"]: r["value"] for r in records if r["tag"] == vm.LEARNING_RATE}
+    assert lrs[4] > lrs[12]  # cosine decay after warmup
+    ckpt = run_dir / "checkpoints" / "step_0000012"
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["latent_scale_factor"] == pytest.approx(result.latent_scale_factor)
+    assert meta["config"]["diffusion"]["latent_scale_factor"] == pytest.approx(
+        result.latent_scale_factor)
+    assert not list(run_dir.rglob("*.pt")) and not list(run_dir.rglob("*.pkl"))
+    assert len(list((run_dir / "samples" / "final").glob("0*.png"))) == 8
+    saved = load_run_config(run_dir)
+    assert saved.diffusion.latent_scale_factor == pytest.approx(result.latent_scale_factor)
+
+
+def test_pretrained_autoencoder_is_reused(tmp_path):
+    first = train(tiny_config(), tmp_path / "a")
+    cfg = tiny_config(autoencoder={"pretrained": str(first.run_dir)}, train={"steps": 4})
+    train(cfg, tmp_path / "b")
+    tags = {r["tag"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl")}
+    assert "vae/recon_mse" not in tags  # stage 1 was not retrained
+
+
+def test_cli_run_then_sample_is_deterministic(tmp_path, capsys):
+    cfg_path = tmp_path / "tiny.yaml"
+    import yaml
+
+    from conftest import TINY
+    cfg_path.write_text(yaml.safe_dump(TINY))
+    run_dir = tmp_path / "cli-run"
+    assert main(["run", str(cfg_path), "--set", f"run_dir={run_dir}"]) == 0
+    out = capsys.readouterr().out
+    assert "samples:" in out and "report.md" in out
+    assert (run_dir / "report.md").is_file() and (run_dir / "samples/final/grid.png").is_file()
+    for out_name in ("s1", "s2"):
+        assert main(["sample", str(run_dir), "--num", "6", "--steps", "5", "--seed", "3",
+                     "--out", str(tmp_path / out_name)]) == 0
+    assert (tmp_path / "s1" / "grid.png").read_bytes() == (tmp_path / "s2" / "grid.png").read_bytes()
+    assert main(["run", str(cfg_path), "--set", f"run_dir={run_dir}"]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["run", "missing.yaml"], "config file 'missing.yaml' not found"),
+    (["sample", "/nonexistent-run"], "no checkpoint in '/nonexistent-run/checkpoints'"),
+    (["train", "--resume", "/nonexistent-run"], "not an ldmkit run directory"),
+])
+def test_cli_errors_are_one_line_with_exit_code_2(argv, needle, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1
+
+
+def test_cli_rejects_unknown_config_key(tmp_path, capsys):
+    path = Path(tmp_path) / "c.yaml"
+    path.write_text("train:\n  stepz: 3\n")
+    assert main(["run", str(path)]) == 2
+    assert "unknown config key 'train.stepz'" in capsys.readouterr().err
