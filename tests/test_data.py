@@ -4,9 +4,9 @@ import struct
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_DATA
 from PIL import Image
 
-from conftest import SHARED_DATA
 from ldmkit.config import DataConfig
 from ldmkit.data import BatchOrder, load_data
 from ldmkit.errors import DataError

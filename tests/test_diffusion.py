@@ -26,7 +26,7 @@ def test_uniform_t_averages_one_half_and_logit_normal_shifts_it():
     gen = torch.Generator().manual_seed(0)
     means = torch.stack([sample_t(64, "uniform", gen).mean() for _ in range(400)])
     assert means.mean().item() == pytest.approx(0.5, abs=0.01)
-    assert 0.3 < means.min() and means.max() < 0.7  # fluctuates per batch, as the guide says
+    assert means.min() > 0.3 and means.max() < 0.7  # fluctuates per batch, as the guide says
     shifted = sample_t(4096, "logit_normal", gen, loc=3.0, scale=1.0)
     assert shifted.mean().item() > 0.9
 

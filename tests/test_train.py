@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config
 from safetensors.torch import load_file
 
-from conftest import tiny_config
 from ldmkit.cli import main
 from ldmkit.diffusion.schedule import CosineSchedule
 from ldmkit.logging import read_metrics
@@ -93,7 +93,6 @@ def test_pretrained_autoencoder_is_reused(tmp_path):
 def test_cli_run_then_sample_is_deterministic(tmp_path, capsys):
     cfg_path = tmp_path / "tiny.yaml"
     import yaml
-
     from conftest import TINY
     cfg_path.write_text(yaml.safe_dump(TINY))
     run_dir = tmp_path / "cli-run"

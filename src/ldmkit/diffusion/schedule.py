@@ -5,10 +5,11 @@
 continuous form of Kingma et al. (2021, "VDM") and Hoogeboom et al. (2023), clipped to
 ``[logsnr_min, logsnr_max]`` so both endpoints are finite.
 
-Why the noisy end is not pushed to ~0 SNR: integrated in ``x / alpha``, DDIM turns an eps-prediction
-error into a sample error of about ``eps_error * sigma/alpha`` at the start, ``exp(-logsnr_min / 2)``. Measured on the digits demo: logsnr_min = -15 gave sample latents with std 207
-(target 1.37), -6 gave 1.69, -4 gave 1.33. The default -5 (sigma/alpha ~ 12) matches the terminal
-SNR of Stable Diffusion's schedule; sampling starts from N(0, I) there.
+Why the noisy end is not pushed to ~0 SNR: integrated in ``x / alpha``, DDIM turns an
+eps-prediction error into a sample error of about ``eps_error * sigma / alpha`` at the start,
+i.e. ``exp(-logsnr_min / 2)``. Measured on the digits demo: logsnr_min = -15 gave sample latents
+with std 207 (target 1.37), -6 gave 1.69, -4 gave 1.33. The default -5 (sigma/alpha ~ 12) matches
+the terminal SNR of Stable Diffusion's schedule; sampling starts from N(0, I) there.
 """
 
 from __future__ import annotations
