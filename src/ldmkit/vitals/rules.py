@@ -1,0 +1,153 @@
+"""The guide's bad signs as one table of data (../shared/spec/ldm-metrics-guide.md).
+
+``THRESHOLDS`` holds every number the diagnosis uses, each with the guide row it implements;
+``vitals.thresholds`` in the config overrides any of them by name. ``RULES`` lists one row per
+finding code: the metric it reads, how a window of records is summarised, which thresholds
+make it a warning or critical, and the words shown to the user. The evaluation is in
+``ldmkit.vitals.diagnose``; nothing else in the project holds a diagnostic threshold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ldmkit.vitals import metrics as vm
+
+# name -> (default, guide row it implements)
+THRESHOLDS: dict[str, tuple[float, str]] = {
+    "window": (5, "'stays', 'trending', 'averages over time': judged on the last N records"),
+    "min_steps": (200, "'stays ~1.0' / 'stays at 0.0': only after this many optimizer steps"),
+    "loss_stuck_high": (0.9, "loss/total_loss bad trend 'Stays ~1.0: model isn't learning'"),
+    "loss_too_low": (0.01, "loss/total_loss bad trend '< 0.01: overfitting or data leakage'"),
+    "grad_norm_high": (100.0, "optimization/grad_norm '> 100: exploding gradients'"),
+    "grad_norm_low": (1e-6, "optimization/grad_norm '< 1e-6: vanishing gradients'"),
+    "lr_rel_tol": (0.01, "learning_rate 'should match the value you set' (relative tolerance)"),
+    "t_mean_dev_warning": (0.1, "diffusion/t_mean 'must average ~0.5' (|mean - 0.5| above this)"),
+    "t_mean_dev_critical": (0.3, "diffusion/t_mean 'stuck at 0.0 or 1.0: biased sampling'"),
+    "cos_eps_random": (0.1, "diffusion/cos_eps_mean 'Stays at 0.0: guessing randomly'"),
+    "cos_eps_negative": (-0.05, "diffusion/cos_eps_mean 'Negative: predicting the inverse'"),
+    "z_std_low_warning": (0.5, "latent/z_std '<< 1.0 (e.g. 0.1): signal lost in noise'"),
+    "z_std_low_critical": (0.2, "latent/z_std scenario B 'Scale factor bug' (z_std 0.15)"),
+    "z_std_high_warning": (2.0, "latent/z_std '>> 1.0 (e.g. 5.0): latents too big'"),
+    "z_std_high_critical": (5.0, "latent/z_std '>> 1.0 (e.g. 5.0)'"),
+    "pairwise_low_warning": (0.1, "pairwise_mse_mean 'for normalized latents > 0.1 is good'"),
+    "pairwise_low_critical": (0.01, "pairwise_mse_mean 'Very low (< 0.01): mode collapse'"),
+    "pairwise_min_zero": (1e-4, "pairwise_mse_min 'Extremely close to zero'"),
+    "pairwise_trend_ratio": (0.1, "pairwise_mse_mean 'trending toward zero' (share of its peak)"),
+    "final_mean_shift": (0.5, "final_latent_stats/mean 'close to 0.0' (in target stds)"),
+    "final_std_ratio_warning": (2.0, "final_latent_stats/std 'close to 1/latent_scale_factor'"),
+    "final_std_ratio_critical": (5.0, "final_latent_stats/std 'very high: sampler unstable'"),
+    "final_extreme_warning": (3.0, "final_latent_stats/min,max 'within [-3.0, 3.0]'"),
+    "final_extreme_critical": (20.0, "final_latent_stats/min,max 'extreme values (+-20)'"),
+    "guide_example_scale": (1.86, "final_latent_stats/std example 'scale factor = 1.86'"),
+}
+
+
+ALWAYS = "always"
+
+
+def threshold_defaults() -> dict[str, float]:
+    return {name: float(value) for name, (value, _) in THRESHOLDS.items()}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One 'bad sign' row of the guide.
+
+    ``check`` names a predicate in ``ldmkit.vitals.diagnose.CHECKS``; ``warning`` and
+    ``critical`` name thresholds (None: that severity does not exist for this code; ALWAYS: the
+    check alone decides).
+    ``message`` and ``fix`` are format strings filled with the evaluation's numbers.
+    """
+
+    code: str
+    metric: str
+    check: str
+    warning: str | None
+    critical: str | None
+    guide: str
+    scenario: str
+    message: str
+    fix: str
+
+
+RULES: tuple[Rule, ...] = (
+    Rule("loss_nonfinite", vm.LOSS, "nonfinite", None, ALWAYS, "loss: 'NaN or inf: training has collapsed'",
+         "diverged", "the loss became {value} at step {step}: training diverged (exploding updates)",
+         "retry from the last good checkpoint with train.lr = {lr_retry:.3g} (a tenth), keep grad_clip"),
+    Rule("grad_norm_exploding", vm.GRAD_NORM, "median_above", None, "grad_norm_high",
+         "grad_norm: '> 100: exploding gradients'", "diverged",
+         "gradient norm before clipping is {value:.3g} (median of the last records), above {thr:g}: "
+         "updates are unstable even if grad_clip hides it",
+         "lower train.lr to {lr_retry:.3g} (a tenth) or lengthen train.warmup_steps"),
+    Rule("grad_norm_vanishing", vm.GRAD_NORM, "median_below", None, "grad_norm_low",
+         "grad_norm: '< 1e-6: vanishing gradients'", "not_learning",
+         "gradient norm is {value:.3g}, below {thr:g}: the weights no longer change (dead network)",
+         "check that the loss depends on the model output; re-initialise, or raise train.lr"),
+    Rule("loss_stuck_high", vm.LOSS, "stays_above", "loss_stuck_high", None,
+         "loss/total_loss: 'Stays ~1.0: model isn't learning (check LR)'", "not_learning",
+         "the loss stays at {value:.3f} after {step} steps: the model is not learning the noise",
+         "raise train.lr (now {lr:.3g}) to about {lr_up:.3g}; check the data and latent/z_std"),
+    Rule("loss_too_low", vm.LOSS, "stays_below", "loss_too_low", None,
+         "loss/total_loss: '< 0.01: overfitting or data leakage'", "suspicious_loss",
+         "the loss is {value:.4f}, below {thr:g}: a noise prediction this good means the model "
+         "sees the noise (data leakage) or memorises a tiny dataset",
+         "check that the noise is not an input of the model; use more data or a smaller model"),
+    Rule("lr_mismatch", vm.LEARNING_RATE, "lr_mismatch", "lr_rel_tol", None,
+         "learning_rate: 'Should match the value you set'", "lr_mismatch",
+         "the logged learning rate {value:.3g} differs from the configured schedule's {expected:.3g}",
+         "check the scheduler and train.lr / warmup_steps / min_lr_ratio; resume with the run's config"),
+    Rule("t_mean_biased", vm.T_MEAN, "t_mean", "t_mean_dev_warning", "t_mean_dev_critical",
+         "diffusion/t_mean: 'Must average ~0.5 ... stuck at 0.0 or 1.0: biased sampling'",
+         "biased_timesteps",
+         "sampled timesteps average {value:.3f}, not ~0.5: some noise levels are barely trained",
+         "use diffusion.t_sampling: uniform, or logit_normal with logit_normal_loc near 0"),
+    Rule("cos_eps_negative", vm.COS_EPS, "median_below", None, "cos_eps_negative",
+         "diffusion/cos_eps_mean: 'Negative: predicting the inverse of the noise (severe bug)'",
+         "inverted_noise",
+         "predicted and true noise point in opposite directions (cosine {value:.3f})",
+         "check the sign of the loss target and of the noise in the forward process"),
+    Rule("cos_eps_random", vm.COS_EPS, "stays_abs_below", "cos_eps_random", None,
+         "diffusion/cos_eps_mean: 'Stays at 0.0: model is guessing randomly'", "not_learning",
+         "the cosine of predicted and true noise stays at {value:.3f} after {step} steps: "
+         "the predictions are random",
+         "raise train.lr (now {lr:.3g}) to about {lr_up:.3g}; check latent/z_std and the data"),
+    Rule("z_std_low", vm.Z_STD, "median_below", "z_std_low_warning", "z_std_low_critical",
+         "latent/z_std: '<< 1.0: latents too small; signal is lost in noise' (scenario B)",
+         "scale_factor_bug",
+         "latents fed to the model have std {value:.3f}, not ~1.0: they are squashed and look "
+         "denoised to the model",
+         "{scale_fix}"),
+    Rule("z_std_high", vm.Z_STD, "median_above", "z_std_high_warning", "z_std_high_critical",
+         "latent/z_std: '>> 1.0: latents too big; model can't denoise'", "scale_factor_bug",
+         "latents fed to the model have std {value:.3f}, not ~1.0: noise cannot cover them",
+         "{scale_fix}"),
+    Rule("mode_collapse", vm.PAIRWISE_PREFIX + "mean", "mode_collapse", "pairwise_low_warning",
+         "pairwise_low_critical",
+         "sample_diversity: 'Very low (< 0.01) and trending toward zero ... min close to zero'",
+         "mode_collapse",
+         "generated samples are nearly identical ({detail}): the model outputs the same image "
+         "regardless of the noise",
+         "use more data or a smaller model, sample with the EMA weights, train fewer steps"),
+    Rule("final_latent_mean_shift", vm.FINAL_PREFIX + "mean", "final_mean", "final_mean_shift",
+         None, "final_latent_stats/mean: 'Large shift: latents not centered'", "unstable_sampling",
+         "sampled latents have mean {value:.3g} ({units:.2f} target stds from 0): images will be "
+         "dull or discoloured",
+         "train longer or check latent centring; compare with the encoded data's mean"),
+    Rule("final_latent_std_off", vm.FINAL_PREFIX + "std", "final_std", "final_std_ratio_warning",
+         "final_std_ratio_critical",
+         "final_latent_stats/std: 'close to 1/latent_scale_factor'", "unstable_sampling",
+         "sampled latents have std {value:.3g}, {ratio:.2f}x the target {target:.3g}: "
+         "{direction}",
+         "{std_fix}"),
+    Rule("final_latent_extreme", vm.FINAL_PREFIX + "max", "final_extreme", "final_extreme_warning",
+         "final_extreme_critical",
+         "final_latent_stats/min,max: 'within [-3, 3]; extreme values (+-20): instability'",
+         "unstable_sampling",
+         "sampled latents reach {value:.3g} (limit {limit:.3g}): the sampler is unstable and "
+         "images will show artifacts",
+         "sample with more steps or DDIM; check latent/z_std; train longer"),
+)
+
+CODES = tuple(rule.code for rule in RULES)
+SEVERITIES = ("info", "warning", "critical")
