@@ -33,10 +33,19 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--out", help="output directory (default RUN_DIR/samples/...)")
+
+    diagnose = sub.add_parser("diagnose", help="read any run's metrics and say what is wrong")
+    diagnose.add_argument("path", help="run directory, metrics.jsonl, CSV (step,tag,value), "
+                          "TensorBoard event file or directory")
+    diagnose.add_argument("--json", action="store_true", help="machine-readable output")
+    diagnose.add_argument("--fail-on", choices=("never", "warning", "critical"),
+                          default="critical", help="exit 1 when a finding this severe is present")
+    diagnose.add_argument("--latent-scale-factor", type=float, default=None,
+                          help="the run's scale, when its log does not hold latent/scale_factor")
     return p
 
 
-def _train(args: argparse.Namespace, report: bool) -> None:
+def _train(args: argparse.Namespace, report: bool) -> int:
     from ldmkit.config import load_config
     from ldmkit.report import write_report
     from ldmkit.train import load_run_config, train
@@ -49,12 +58,13 @@ def _train(args: argparse.Namespace, report: bool) -> None:
         raise LdmkitError("missing config: ldmkit train configs/digits.yaml")
     else:
         result = train(load_config(args.config, args.overrides))
-    text = write_report(result.run_dir, result.step, result.latent_scale_factor, result.vitals,
-                        result.grid, result.seconds)
+    text = write_report(result)
     if report:
         print(text)
     else:
-        print(f"trained {result.step} steps; run directory: {result.run_dir}")
+        print(f"trained {result.step} steps; scenario: {result.scenario}; "
+              f"run directory: {result.run_dir}")
+    return 1 if result.stopped_by else 0
 
 
 def _sample(args: argparse.Namespace) -> None:
@@ -69,13 +79,26 @@ def _sample(args: argparse.Namespace) -> None:
     print(f"samples: {grid}")
 
 
+def _diagnose(args: argparse.Namespace) -> int:
+    from ldmkit.vitals.monitor import SEVERITY_RANK
+    from ldmkit.vitals.offline import diagnose_log, format_table
+
+    diagnosis = diagnose_log(args.path, args.latent_scale_factor)
+    print(diagnosis.to_json() if args.json else format_table(diagnosis))
+    if args.fail_on != "never" and diagnosis.worst() >= SEVERITY_RANK[args.fail_on]:
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command in ("run", "train"):
-            _train(args, report=args.command == "run")
-        elif args.command == "sample":
+            return _train(args, report=args.command == "run")
+        if args.command == "sample":
             _sample(args)
+        elif args.command == "diagnose":
+            return _diagnose(args)
     except LdmkitError as exc:
         print(f"ldmkit: error: {exc}", file=sys.stderr)
         return 2

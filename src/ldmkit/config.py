@@ -117,6 +117,15 @@ class SampleConfig:
 
 
 @dataclass
+class VitalsConfig:
+    """Live diagnosis (ldmkit.vitals): the guide's thresholds can be overridden by name."""
+
+    enabled: bool = True
+    on_critical: Literal["warn", "stop"] = "warn"
+    thresholds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
 class Config:
     """A whole experiment. ``run_dir: null`` makes a new ``runs/<name>-<timestamp>`` directory."""
 
@@ -131,6 +140,7 @@ class Config:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    vitals: VitalsConfig = field(default_factory=VitalsConfig)
 
 
 def _type_name(tp: Any) -> str:
@@ -141,6 +151,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is list:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return f"a mapping of names to {_type_name(typing.get_args(tp)[1])}"
     if tp is type(None):
         return "null"
     if dataclasses.is_dataclass(tp):
@@ -171,6 +183,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, (list, tuple)):
             (item,) = typing.get_args(tp)
             return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    elif origin is dict:
+        if isinstance(value, dict):
+            _, item = typing.get_args(tp)
+            return {str(k): _coerce(v, item, f"{key}.{k}") for k, v in value.items()}
     elif tp is bool:
         if isinstance(value, bool):
             return value
@@ -237,6 +253,12 @@ def _validate(cfg: Config) -> Config:
         raise ConfigError(
             f"latent size {latent} must be divisible by {levels} (from unet.channel_mult)"
         )
+    from ldmkit.vitals.rules import THRESHOLDS
+
+    unknown = sorted(set(cfg.vitals.thresholds) - set(THRESHOLDS))
+    if unknown:
+        raise ConfigError(f"unknown threshold 'vitals.thresholds.{unknown[0]}'; allowed: "
+                          f"{', '.join(THRESHOLDS)}")
     if len(cfg.train.betas) != 2 or not all(0 <= b < 1 for b in cfg.train.betas):
         raise ConfigError(f"train.betas must be two numbers in [0, 1), got {cfg.train.betas}")
     return cfg

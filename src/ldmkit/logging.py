@@ -28,6 +28,7 @@ class MetricLogger:
 
             self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
         self.last: dict[str, tuple[int, float]] = {}
+        self.observers: list = []  # objects with observe(step, values), e.g. LiveMonitor
 
     def log(self, step: int, values: dict[str, float]) -> None:
         for tag, value in values.items():
@@ -39,6 +40,8 @@ class MetricLogger:
             if self._tb is not None:
                 self._tb.add_scalar(tag, value, int(step))
         self._fh.flush()
+        for observer in self.observers:
+            observer.observe(step, values)
 
     def log_text(self, step: int, tag: str, text: str) -> None:
         if self._tb is not None:

@@ -6,9 +6,12 @@ scenarios) is ``ldmkit.vitals``' job; this is the at-a-glance view.
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ldmkit.vitals import metrics as vm
+
+if TYPE_CHECKING:
+    from ldmkit.train import TrainResult
 
 # (tag, guide's healthy range in words), in the guide's order.
 _ROWS = (
@@ -29,25 +32,33 @@ _ROWS = (
 )
 
 
-def summary_text(run_dir: Path, step: int, scale: float, vitals: dict[str, float],
-                 grid: Path | None, seconds: float) -> str:
+def summary_text(result: TrainResult) -> str:
+    run_dir, scale, vitals = result.run_dir, result.latent_scale_factor, result.vitals
     lines = [f"# ldmkit run {run_dir.name}", "",
-             f"- steps: {step}, wall time: {seconds / 60:.1f} min",
+             f"- steps: {result.step}, wall time: {result.seconds / 60:.1f} min",
              f"- latent_scale_factor: {scale:.4f} (healthy final_latent_stats/std ~ "
-             f"{1 / scale:.3f})", "", "| vital sign | final | guide's healthy range |",
-             "|---|---|---|"]
+             f"{1 / scale:.3f})", f"- scenario: **{result.scenario}**", "",
+             "| vital sign | final | guide's healthy range |", "|---|---|---|"]
     for tag, healthy in _ROWS:
         if tag in vitals:
             lines.append(f"| `{tag}` | {vitals[tag]:.4g} | {healthy} |")
-    lines += ["", f"- samples: {grid if grid else '(none yet)'}",
+    lines.append("")
+    if result.stopped_by:
+        lines.append(f"Stopped early by the critical finding `{result.stopped_by.code}`.")
+    for f in result.findings:
+        lines.append(f"- **{f.severity}** `{f.code}` (since step {f.step}): {f.message}. "
+                     f"Fix: {f.fix}")
+    if not result.findings:
+        lines.append("No open findings: every vital sign is within the guide's healthy range.")
+    lines += ["", f"- samples: {result.grid if result.grid else '(none yet)'}",
               f"- metrics: {run_dir / 'metrics.jsonl'} (TensorBoard: {run_dir / 'tensorboard'})",
+              f"- findings: {run_dir / 'findings.jsonl'}",
               f"- checkpoints: {run_dir / 'checkpoints'}",
               f"- report: {run_dir / 'report.md'}"]
     return "\n".join(lines) + "\n"
 
 
-def write_report(run_dir: Path, step: int, scale: float, vitals: dict[str, float],
-                 grid: Path | None, seconds: float) -> str:
-    text = summary_text(run_dir, step, scale, vitals, grid, seconds)
-    (run_dir / "report.md").write_text(text)
+def write_report(result: TrainResult) -> str:
+    text = summary_text(result)
+    (result.run_dir / "report.md").write_text(text)
     return text

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,10 +30,10 @@ from ldmkit.checkpoint import (
 )
 from ldmkit.config import Config, from_dict, load_config, to_dict, to_yaml
 from ldmkit.data import BatchOrder, load_data
-from ldmkit.diffusion.losses import eps_mse_loss
+from ldmkit.diffusion.losses import EpsModel, eps_mse_loss
 from ldmkit.diffusion.schedule import CosineSchedule, sample_t
 from ldmkit.errors import CheckpointError
-from ldmkit.logging import MetricLogger
+from ldmkit.logging import MetricLogger, read_metrics
 from ldmkit.models.autoencoder import Autoencoder
 from ldmkit.models.unet import UNet
 from ldmkit.optim import EMA, build_optimizer, lr_at, set_lr
@@ -46,6 +47,9 @@ from ldmkit.stage1 import (
     train_autoencoder,
 )
 from ldmkit.vitals import metrics as vm
+from ldmkit.vitals.diagnose import Context, Finding, scenario
+from ldmkit.vitals.monitor import LiveMonitor
+from ldmkit.vitals.rules import threshold_defaults
 
 CONFIG_FILE = "config.yaml"
 
@@ -58,6 +62,9 @@ class TrainResult:
     vitals: dict[str, float]
     grid: Path | None
     seconds: float
+    findings: list[Finding] = dataclasses.field(default_factory=list)
+    scenario: str = "too_early"
+    stopped_by: Finding | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -121,10 +128,14 @@ def prepare_latents(cfg: Config, run_dir: Path,
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, schedule: CosineSchedule,
-               z: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
-               grad_clip: float) -> tuple[bool, dict[str, torch.Tensor]]:
-    """One update; returns whether it was applied and the step's vitals (device tensors)."""
-    out = eps_mse_loss(model, schedule, z, t, eps)
+               z: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, grad_clip: float,
+               eps_model: EpsModel | None = None) -> tuple[bool, dict[str, torch.Tensor]]:
+    """One update; returns whether it was applied and the step's vitals (device tensors).
+
+    ``eps_model`` (default: ``model``) is what the loss calls; fault-injection tests pass a
+    wrapper around ``model`` that plants a defect a config cannot produce.
+    """
+    out = eps_mse_loss(eps_model or model, schedule, z, t, eps)
     opt.zero_grad(set_to_none=True)
     out.loss.backward()
     grad_norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip)  # norm before clipping
@@ -167,6 +178,24 @@ def restore_training_state(path: Path, model: nn.Module, ema: EMA, opt: torch.op
     return meta
 
 
+def attach_monitor(cfg: Config, run_dir: Path, logger: MetricLogger, scale: float,
+                   step: int) -> LiveMonitor | None:
+    """Live diagnosis on every value the logger writes from here on (guide rules, vitals/)."""
+    if not cfg.vitals.enabled:
+        return None
+    ctx = Context({**threshold_defaults(), **cfg.vitals.thresholds}, scale, cfg.train)
+    monitor = LiveMonitor(run_dir, ctx, cfg.vitals.on_critical, echo=tqdm.write)
+    if step > 0:
+        earlier: dict[str, list[tuple[int, float]]] = {}
+        for rec in read_metrics(logger.path):
+            if rec["step"] <= step:
+                earlier.setdefault(rec["tag"], []).append((rec["step"], rec["value"]))
+        monitor.prime(earlier)
+    monitor.text_sink = logger.log_text
+    logger.observers.append(monitor)
+    return monitor
+
+
 def sample_and_log(cfg: Config, step: int, ema: EMA, ae: Autoencoder, scale: float,
                    logger: MetricLogger, out: Path, num: int, singles: bool) -> tuple[Path, dict]:
     s = cfg.sample
@@ -176,10 +205,12 @@ def sample_and_log(cfg: Config, step: int, ema: EMA, ae: Autoencoder, scale: flo
 
 
 def train(cfg: Config, run_dir: Path | None = None, resume: bool = False,
-          stop_at: int | None = None) -> TrainResult:
+          stop_at: int | None = None,
+          eps_model_hook: Callable[[nn.Module], EpsModel] | None = None) -> TrainResult:
     """Train stage 2 (and stage 1 unless reused); ``resume`` continues ``run_dir``'s last checkpoint.
 
     ``stop_at`` ends after that many total steps with a checkpoint, as a preemption would.
+    ``eps_model_hook(model)`` returns what the loss calls instead of ``model`` (fault injection).
     """
     started = time.time()
     run_dir = Path(run_dir) if run_dir else new_run_dir(cfg)
@@ -206,6 +237,8 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False,
             order = BatchOrder(len(latents.mean), tc.batch_size, cfg.seed + 5,
                                **meta["data_order"])
             print(f"resumed from {ckpt} at step {step}")
+        monitor = attach_monitor(cfg, run_dir, logger, scale, step)
+        eps_model = eps_model_hook(model) if eps_model_hook else None
         if step == 0:
             logger.log(0, {vm.SCALE_FACTOR: scale})
         schedule = schedule_of(cfg)
@@ -223,7 +256,8 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False,
             t = sample_t(len(index), cfg.diffusion.t_sampling, gen, cfg.diffusion.logit_normal_loc,
                          cfg.diffusion.logit_normal_scale).to(device)
             eps = torch.randn(z.shape, generator=gen).to(device)
-            applied, step_vitals = train_step(model, opt, schedule, z, t, eps, tc.grad_clip)
+            applied, step_vitals = train_step(model, opt, schedule, z, t, eps, tc.grad_clip,
+                                              eps_model)
             if applied:
                 ema.update(model)
             else:
@@ -239,15 +273,25 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False,
                 sample_and_log(cfg, step, ema, ae, scale, logger,
                                run_dir / "samples" / f"step_{step:07d}",
                                cfg.sample.during_training_num, False)
-            if step % tc.checkpoint_every == 0 or step == end:
+            stop = monitor.stop_finding if monitor else None
+            if step % tc.checkpoint_every == 0 or step == end or stop:
                 save_training_state(run_dir, cfg, step, model, ema, opt, gen, order, nonfinite)
+            if stop:
+                tqdm.write(f"[vitals] stopping at step {step} (vitals.on_critical=stop): "
+                           f"{stop.code}. Checkpoint saved; resume with `ldmkit train --resume "
+                           f"{run_dir}` after the fix: {stop.fix}")
+                break
         bar.close()
         if step >= tc.steps:
             grid, sample_vitals = sample_and_log(cfg, step, ema, ae, scale, logger,
                                                  run_dir / "samples" / "final", cfg.sample.num,
                                                  True)
             vitals = {**vitals, **sample_vitals}
-    return TrainResult(run_dir, step, scale, vitals, grid, time.time() - started)
+        findings = monitor.active() if monitor else []
+        series = monitor.series if monitor else {}
+    return TrainResult(run_dir, step, scale, vitals, grid, time.time() - started, findings,
+                       scenario(findings, series, monitor.ctx) if monitor else "unknown",
+                       monitor.stop_finding if monitor else None)
 
 
 def load_for_sampling(run_dir: Path) -> tuple[dict, int, nn.Module, Autoencoder, float]:

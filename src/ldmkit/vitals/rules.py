@@ -71,6 +71,7 @@ class Rule:
     fix: str
 
 
+# Ordered root causes first: a run's scenario is that of its first warning or critical row.
 RULES: tuple[Rule, ...] = (
     Rule("loss_nonfinite", vm.LOSS, "nonfinite", None, ALWAYS, "loss: 'NaN or inf: training has collapsed'",
          "diverged", "the loss became {value} at step {step}: training diverged (exploding updates)",
@@ -80,38 +81,6 @@ RULES: tuple[Rule, ...] = (
          "gradient norm before clipping is {value:.3g} (median of the last records), above {thr:g}: "
          "updates are unstable even if grad_clip hides it",
          "lower train.lr to {lr_retry:.3g} (a tenth) or lengthen train.warmup_steps"),
-    Rule("grad_norm_vanishing", vm.GRAD_NORM, "median_below", None, "grad_norm_low",
-         "grad_norm: '< 1e-6: vanishing gradients'", "not_learning",
-         "gradient norm is {value:.3g}, below {thr:g}: the weights no longer change (dead network)",
-         "check that the loss depends on the model output; re-initialise, or raise train.lr"),
-    Rule("loss_stuck_high", vm.LOSS, "stays_above", "loss_stuck_high", None,
-         "loss/total_loss: 'Stays ~1.0: model isn't learning (check LR)'", "not_learning",
-         "the loss stays at {value:.3f} after {step} steps: the model is not learning the noise",
-         "raise train.lr (now {lr:.3g}) to about {lr_up:.3g}; check the data and latent/z_std"),
-    Rule("loss_too_low", vm.LOSS, "stays_below", "loss_too_low", None,
-         "loss/total_loss: '< 0.01: overfitting or data leakage'", "suspicious_loss",
-         "the loss is {value:.4f}, below {thr:g}: a noise prediction this good means the model "
-         "sees the noise (data leakage) or memorises a tiny dataset",
-         "check that the noise is not an input of the model; use more data or a smaller model"),
-    Rule("lr_mismatch", vm.LEARNING_RATE, "lr_mismatch", "lr_rel_tol", None,
-         "learning_rate: 'Should match the value you set'", "lr_mismatch",
-         "the logged learning rate {value:.3g} differs from the configured schedule's {expected:.3g}",
-         "check the scheduler and train.lr / warmup_steps / min_lr_ratio; resume with the run's config"),
-    Rule("t_mean_biased", vm.T_MEAN, "t_mean", "t_mean_dev_warning", "t_mean_dev_critical",
-         "diffusion/t_mean: 'Must average ~0.5 ... stuck at 0.0 or 1.0: biased sampling'",
-         "biased_timesteps",
-         "sampled timesteps average {value:.3f}, not ~0.5: some noise levels are barely trained",
-         "use diffusion.t_sampling: uniform, or logit_normal with logit_normal_loc near 0"),
-    Rule("cos_eps_negative", vm.COS_EPS, "median_below", None, "cos_eps_negative",
-         "diffusion/cos_eps_mean: 'Negative: predicting the inverse of the noise (severe bug)'",
-         "inverted_noise",
-         "predicted and true noise point in opposite directions (cosine {value:.3f})",
-         "check the sign of the loss target and of the noise in the forward process"),
-    Rule("cos_eps_random", vm.COS_EPS, "stays_abs_below", "cos_eps_random", None,
-         "diffusion/cos_eps_mean: 'Stays at 0.0: model is guessing randomly'", "not_learning",
-         "the cosine of predicted and true noise stays at {value:.3f} after {step} steps: "
-         "the predictions are random",
-         "raise train.lr (now {lr:.3g}) to about {lr_up:.3g}; check latent/z_std and the data"),
     Rule("z_std_low", vm.Z_STD, "median_below", "z_std_low_warning", "z_std_low_critical",
          "latent/z_std: '<< 1.0: latents too small; signal is lost in noise' (scenario B)",
          "scale_factor_bug",
@@ -122,6 +91,20 @@ RULES: tuple[Rule, ...] = (
          "latent/z_std: '>> 1.0: latents too big; model can't denoise'", "scale_factor_bug",
          "latents fed to the model have std {value:.3f}, not ~1.0: noise cannot cover them",
          "{scale_fix}"),
+    Rule("t_mean_biased", vm.T_MEAN, "t_mean", "t_mean_dev_warning", "t_mean_dev_critical",
+         "diffusion/t_mean: 'Must average ~0.5 ... stuck at 0.0 or 1.0: biased sampling'",
+         "biased_timesteps",
+         "sampled timesteps average {value:.3f}, not ~0.5: some noise levels are barely trained",
+         "use diffusion.t_sampling: uniform, or logit_normal with logit_normal_loc near 0"),
+    Rule("cos_eps_negative", vm.COS_EPS, "median_below", None, "cos_eps_negative",
+         "diffusion/cos_eps_mean: 'Negative: predicting the inverse of the noise (severe bug)'",
+         "inverted_noise",
+         "predicted and true noise point in opposite directions (cosine {value:.3f})",
+         "check the sign of the loss target and of the noise in the forward process"),
+    Rule("lr_mismatch", vm.LEARNING_RATE, "lr_mismatch", "lr_rel_tol", None,
+         "learning_rate: 'Should match the value you set'", "lr_mismatch",
+         "the logged learning rate {value:.3g} differs from the configured schedule's {expected:.3g}",
+         "check the scheduler and train.lr / warmup_steps / min_lr_ratio; resume with the run's config"),
     Rule("mode_collapse", vm.PAIRWISE_PREFIX + "mean", "mode_collapse", "pairwise_low_warning",
          "pairwise_low_critical",
          "sample_diversity: 'Very low (< 0.01) and trending toward zero ... min close to zero'",
@@ -129,11 +112,24 @@ RULES: tuple[Rule, ...] = (
          "generated samples are nearly identical ({detail}): the model outputs the same image "
          "regardless of the noise",
          "use more data or a smaller model, sample with the EMA weights, train fewer steps"),
-    Rule("final_latent_mean_shift", vm.FINAL_PREFIX + "mean", "final_mean", "final_mean_shift",
-         None, "final_latent_stats/mean: 'Large shift: latents not centered'", "unstable_sampling",
-         "sampled latents have mean {value:.3g} ({units:.2f} target stds from 0): images will be "
-         "dull or discoloured",
-         "train longer or check latent centring; compare with the encoded data's mean"),
+    Rule("loss_too_low", vm.LOSS, "stays_below", "loss_too_low", None,
+         "loss/total_loss: '< 0.01: overfitting or data leakage'", "suspicious_loss",
+         "the loss is {value:.4f}, below {thr:g}: a noise prediction this good means the model "
+         "sees the noise (data leakage) or memorises a tiny dataset",
+         "check that the noise is not an input of the model; use more data or a smaller model"),
+    Rule("grad_norm_vanishing", vm.GRAD_NORM, "median_below", None, "grad_norm_low",
+         "grad_norm: '< 1e-6: vanishing gradients'", "not_learning",
+         "gradient norm is {value:.3g}, below {thr:g}: the weights no longer change (dead network)",
+         "check that the loss depends on the model output; re-initialise, or raise train.lr"),
+    Rule("loss_stuck_high", vm.LOSS, "stays_above", "loss_stuck_high", None,
+         "loss/total_loss: 'Stays ~1.0: model isn't learning (check LR)'", "not_learning",
+         "the loss stays at {value:.3f} after {step} steps: the model is not learning the noise",
+         "raise train.lr (now {lr:.3g}) to about {lr_up:.3g}; check the data and latent/z_std"),
+    Rule("cos_eps_random", vm.COS_EPS, "stays_abs_below", "cos_eps_random", None,
+         "diffusion/cos_eps_mean: 'Stays at 0.0: model is guessing randomly'", "not_learning",
+         "the cosine of predicted and true noise stays at {value:.3f} after {step} steps: "
+         "the predictions are random",
+         "raise train.lr (now {lr:.3g}) to about {lr_up:.3g}; check latent/z_std and the data"),
     Rule("final_latent_std_off", vm.FINAL_PREFIX + "std", "final_std", "final_std_ratio_warning",
          "final_std_ratio_critical",
          "final_latent_stats/std: 'close to 1/latent_scale_factor'", "unstable_sampling",
@@ -147,6 +143,11 @@ RULES: tuple[Rule, ...] = (
          "sampled latents reach {value:.3g} (limit {limit:.3g}): the sampler is unstable and "
          "images will show artifacts",
          "sample with more steps or DDIM; check latent/z_std; train longer"),
+    Rule("final_latent_mean_shift", vm.FINAL_PREFIX + "mean", "final_mean", "final_mean_shift",
+         None, "final_latent_stats/mean: 'Large shift: latents not centered'", "unstable_sampling",
+         "sampled latents have mean {value:.3g} ({units:.2f} target stds from 0): images will be "
+         "dull or discoloured",
+         "train longer or check latent centring; compare with the encoded data's mean"),
 )
 
 CODES = tuple(rule.code for rule in RULES)

@@ -1,0 +1,243 @@
+"""Evaluate the rule table (``ldmkit.vitals.rules``) on logged series: findings and a scenario.
+
+Series are ``{tag: [(step, value), ...]}`` sorted by step. Train metrics are judged over a
+window of the last ``window`` records with medians or means, so one noisy point neither raises
+nor hides a finding; "stays" rules wait for ``min_steps`` optimizer steps. Sampling metrics are
+judged on the latest sampling, each of which already aggregates a whole batch of samples.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+from ldmkit.config import TrainConfig
+from ldmkit.optim import lr_at
+from ldmkit.vitals import metrics as vm
+from ldmkit.vitals.rules import ALWAYS, RULES, Rule, threshold_defaults
+
+Series = dict[str, list[tuple[int, float]]]
+
+
+@dataclass(frozen=True)
+class Finding:
+    code: str
+    severity: str
+    metric: str
+    step: int
+    value: float
+    message: str
+    fix: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Context:
+    """What the rules need besides the series: thresholds, the latent scale, the train config."""
+
+    thresholds: dict[str, float] = field(default_factory=threshold_defaults)
+    latent_scale_factor: float | None = None
+    train: TrainConfig | None = None
+
+    def thr(self, name: str) -> float:
+        return self.thresholds[name]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a check found: the level reached (a threshold name), the value, and format fields."""
+
+    level: str
+    value: float
+    step: int
+    fields: dict = field(default_factory=dict)
+
+
+Check = Callable[[Rule, Series, Context], "Verdict | None"]
+
+
+def _window(series: Series, tag: str, ctx: Context) -> list[tuple[int, float]]:
+    return series.get(tag, [])[-int(ctx.thr("window")):]
+
+
+def _level(rule: Rule, ctx: Context, passes: Callable[[float], bool]) -> str | None:
+    """The most severe of the rule's levels whose threshold ``passes``."""
+    for level in (rule.critical, rule.warning):
+        if level and level != ALWAYS and passes(ctx.thr(level)):
+            return level
+    return None
+
+
+def _median_check(above: bool, min_records: int = 3, wait: bool = False,
+                  absolute: bool = False) -> Check:
+    """Median of the window's finite values against the rule's thresholds."""
+
+    def check(rule: Rule, series: Series, ctx: Context) -> Verdict | None:
+        recent = [(s, v) for s, v in _window(series, rule.metric, ctx) if math.isfinite(v)]
+        if len(recent) < min_records or (wait and recent[-1][0] < ctx.thr("min_steps")):
+            return None
+        value = statistics.median(abs(v) if absolute else v for _, v in recent)
+        level = _level(rule, ctx, (lambda t: value > t) if above else (lambda t: value < t))
+        return Verdict(level, value, recent[-1][0]) if level else None
+
+    return check
+
+
+def _nonfinite(rule: Rule, series: Series, ctx: Context) -> Verdict | None:
+    bad = [(s, v) for s, v in _window(series, rule.metric, ctx) if not math.isfinite(v)]
+    return Verdict(ALWAYS, bad[0][1], bad[0][0]) if bad else None
+
+
+def _t_mean(rule: Rule, series: Series, ctx: Context) -> Verdict | None:
+    recent = [(s, v) for s, v in _window(series, rule.metric, ctx) if math.isfinite(v)]
+    if len(recent) < 3:
+        return None
+    value = statistics.fmean(v for _, v in recent)
+    level = _level(rule, ctx, lambda t: abs(value - 0.5) > t)
+    return Verdict(level, value, recent[-1][0]) if level else None
+
+
+def _lr_mismatch(rule: Rule, series: Series, ctx: Context) -> Verdict | None:
+    """The LR logged at step s was used for update s (0-based s - 1) of the configured schedule."""
+    if ctx.train is None:
+        return None
+    recent = _window(series, rule.metric, ctx)[-3:]
+    tol = ctx.thr("lr_rel_tol")
+
+    def off(step: int, value: float) -> bool:
+        expected = lr_at(max(step - 1, 0), ctx.train)
+        return abs(value - expected) > tol * expected
+
+    flags = [off(s, v) for s, v in recent]
+    if len(recent) < 2 or not flags[-1] or sum(flags) < 2:
+        return None
+    step, value = recent[-1]
+    return Verdict(rule.warning, value, step, {"expected": lr_at(max(step - 1, 0), ctx.train)})
+
+
+def _mode_collapse(rule: Rule, series: Series, ctx: Context) -> Verdict | None:
+    """Pairwise MSE in normalized-latent units (x scale^2), as the guide's thresholds assume."""
+    means = series.get(rule.metric, [])
+    if not means:
+        return None
+    norm = (ctx.latent_scale_factor or 1.0) ** 2
+    step, raw = means[-1]
+    value = raw * norm
+    level = _level(rule, ctx, lambda t: value < t)
+    detail = f"pairwise MSE mean {value:.3g} in normalized units"
+    mins = series.get(vm.PAIRWISE_PREFIX + "min", [])
+    if level is None and mins and mins[-1][1] * norm < ctx.thr("pairwise_min_zero"):
+        level, detail = rule.warning, f"the closest pair has MSE {mins[-1][1] * norm:.2g}"
+    values = [v * norm for _, v in means]
+    trending = (len(values) >= 3 and values[-1] < values[-2] < values[-3]
+                and values[-1] < ctx.thr("pairwise_trend_ratio") * max(values))
+    if level is None and trending:
+        level, detail = rule.warning, f"pairwise MSE fell to {values[-1]:.3g}, under " \
+                                      f"{ctx.thr('pairwise_trend_ratio'):.0%} of its peak"
+    return Verdict(level, raw, step, {"detail": detail}) if level else None
+
+
+def _last(series: Series, tag: str) -> tuple[int, float] | None:
+    records = series.get(tag)
+    return records[-1] if records else None
+
+
+def _final_mean(rule: Rule, series: Series, ctx: Context) -> Verdict | None:
+    last = _last(series, rule.metric)
+    if last is None:
+        return None
+    units = abs(last[1]) * (ctx.latent_scale_factor or 1.0)
+    level = _level(rule, ctx, lambda t: units > t)
+    return Verdict(level, last[1], last[0], {"units": units}) if level else None
+
+
+def _final_std(rule: Rule, series: Series, ctx: Context) -> Verdict | None:
+    last = _last(series, rule.metric)
+    if last is None or not ctx.latent_scale_factor:
+        return None
+    target = 1.0 / ctx.latent_scale_factor
+    ratio = last[1] / target
+    level = _level(rule, ctx, lambda t: not (1.0 / t <= ratio <= t))
+    if level is None:
+        return None
+    low = ratio < 1.0
+    direction = ("too low: samples are too similar (mode collapse)" if low
+                 else "too high: the sampler is unstable or too noisy")
+    fix = ("check sample_diversity and mode_collapse; train with more data or EMA" if low else
+           "sample with more steps or DDIM (eta=0); check latent/z_std during training")
+    return Verdict(level, last[1], last[0], {"ratio": ratio, "target": target,
+                                              "direction": direction, "std_fix": fix})
+
+
+def _final_extreme(rule: Rule, series: Series, ctx: Context) -> Verdict | None:
+    """The guide's +-3 / +-20 hold for its example scale (1.86); other scales are converted."""
+    hi, lo = _last(series, vm.FINAL_PREFIX + "max"), _last(series, vm.FINAL_PREFIX + "min")
+    if hi is None or lo is None:
+        return None
+    value = max(abs(hi[1]), abs(lo[1]))
+    convert = ctx.thr("guide_example_scale") / ctx.latent_scale_factor if ctx.latent_scale_factor else 1.0
+    level = _level(rule, ctx, lambda t: value > t * convert)
+    if level is None:
+        return None
+    return Verdict(level, value, hi[0], {"limit": ctx.thr(level) * convert})
+
+
+CHECKS: dict[str, Check] = {
+    "nonfinite": _nonfinite,
+    "median_above": _median_check(above=True),
+    "median_below": _median_check(above=False),
+    "stays_above": _median_check(above=True, min_records=5, wait=True),
+    "stays_below": _median_check(above=False, min_records=5),
+    "stays_abs_below": _median_check(above=False, min_records=5, wait=True, absolute=True),
+    "t_mean": _t_mean,
+    "lr_mismatch": _lr_mismatch,
+    "mode_collapse": _mode_collapse,
+    "final_mean": _final_mean,
+    "final_std": _final_std,
+    "final_extreme": _final_extreme,
+}
+
+
+def _fix_fields(verdict: Verdict, series: Series, ctx: Context) -> dict:
+    """Numbers the fixes quote: learning rates to retry with, the scale factor to use."""
+    lrs = [v for _, v in series.get(vm.LEARNING_RATE, []) if math.isfinite(v)]
+    lr = ctx.train.lr if ctx.train else (max(lrs) if lrs else float("nan"))
+    scale = ctx.latent_scale_factor
+    if scale and verdict.value > 0:
+        scale_fix = (f"set diffusion.latent_scale_factor = {scale / verdict.value:.4g} "
+                     f"(now {scale:.4g}; current / z_std), or null to calibrate from data")
+    else:
+        scale_fix = (f"multiply latent_scale_factor by {1 / verdict.value:.3g} (1 / z_std), or "
+                     "set it to null so ldmkit calibrates it from the data")
+    return {"lr": lr, "lr_retry": lr / 10, "lr_up": lr * 10, "scale_fix": scale_fix}
+
+
+def evaluate(series: Series, ctx: Context) -> list[Finding]:
+    """Findings active at the end of ``series``, most severe first."""
+    findings = []
+    for rule in RULES:
+        verdict = CHECKS[rule.check](rule, series, ctx)
+        if verdict is None:
+            continue
+        severity = "critical" if verdict.level in (rule.critical, ALWAYS) else "warning"
+        fields = {"value": verdict.value, "step": verdict.step,
+                  "thr": ctx.thresholds.get(verdict.level, float("nan")),
+                  **_fix_fields(verdict, series, ctx), **verdict.fields}
+        findings.append(Finding(rule.code, severity, rule.metric, verdict.step, verdict.value,
+                                rule.message.format(**fields), rule.fix.format(**fields)))
+    return sorted(findings, key=lambda f: f.severity != "critical")
+
+
+def scenario(findings: list[Finding], series: Series, ctx: Context) -> str:
+    """The guide's scenarios: healthy (A), scale_factor_bug (B), mode_collapse (C), or another."""
+    serious = {f.code for f in findings if f.severity in ("warning", "critical")}
+    for rule in RULES:  # root causes first
+        if rule.code in serious:
+            return rule.scenario
+    if len(series.get(vm.LOSS, [])) < int(ctx.thr("window")):
+        return "too_early"
+    return "healthy"

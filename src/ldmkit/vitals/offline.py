@@ -1,0 +1,56 @@
+"""``ldmkit diagnose``: the rule table replayed over any trainer's log, as a table or JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ldmkit.vitals.diagnose import Context, Finding, scenario
+from ldmkit.vitals.monitor import SEVERITY_RANK, replay
+from ldmkit.vitals.readers import read_log
+from ldmkit.vitals.rules import threshold_defaults
+
+
+@dataclass
+class Diagnosis:
+    source: str
+    scenario: str
+    findings: list[Finding]
+    latent_scale_factor: float | None
+
+    def worst(self) -> int:
+        """Rank of the most severe finding (-1 when there is none)."""
+        return max((SEVERITY_RANK[f.severity] for f in self.findings), default=-1)
+
+    def to_json(self) -> str:
+        return json.dumps({"scenario": self.scenario,
+                           "findings": [f.to_dict() for f in self.findings]}, indent=2)
+
+
+def diagnose_log(path: str | Path, latent_scale_factor: float | None = None,
+                 thresholds: dict[str, float] | None = None) -> Diagnosis:
+    """Read ``path`` (run dir, JSONL, CSV, TensorBoard) and replay the rules over it."""
+    log = read_log(path, latent_scale_factor)
+    merged = {**threshold_defaults(),
+              **(log.config.vitals.thresholds if log.config else {}), **(thresholds or {})}
+    ctx = Context(merged, log.latent_scale_factor, log.config.train if log.config else None)
+    findings = replay(log.series, ctx)
+    return Diagnosis(log.source, scenario(findings, log.series, ctx), findings,
+                     log.latent_scale_factor)
+
+
+def format_table(diagnosis: Diagnosis) -> str:
+    """Human-readable findings, most severe first, with the fix under each."""
+    scale = ("unknown (pass --latent-scale-factor)" if diagnosis.latent_scale_factor is None
+             else f"{diagnosis.latent_scale_factor:.4g}")
+    lines = [f"diagnosis of {diagnosis.source}", f"latent_scale_factor: {scale}",
+             f"scenario: {diagnosis.scenario}", ""]
+    if not diagnosis.findings:
+        lines.append("no findings: every vital sign is within the guide's healthy range")
+    for f in diagnosis.findings:
+        lines.append(f"{f.severity.upper():8} {f.code:24} step {f.step:<8} value {f.value:.4g}"
+                     f"  [{f.metric}]")
+        lines.append(f"         {f.message}")
+        lines.append(f"         fix: {f.fix}")
+    return "\n".join(lines)
