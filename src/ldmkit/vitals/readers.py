@@ -86,9 +86,11 @@ def _read_tensorboard(files: list[Path]) -> list[tuple[int, str, float]]:
         acc = EventAccumulator(str(file), size_guidance={"scalars": 0})
         try:
             acc.Reload()
-        except Exception as exc:  # TensorBoard raises its own DataLossError and others
+            acc.FirstEventTimestamp()  # every real event file starts with a version event
+        except Exception as exc:  # TensorBoard raises DataLossError, ValueError and others
             raise UnreadableLog(f"'{file}' is not a readable TensorBoard event file "
-                                f"({type(exc).__name__})") from None
+                                f"({type(exc).__name__}); pass the run's events.out.tfevents.* "
+                                "file or its directory") from None
         for tag in acc.Tags().get("scalars", []):
             records.extend((e.step, tag, float(e.value)) for e in acc.Scalars(tag))
     return records

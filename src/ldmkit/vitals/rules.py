@@ -34,6 +34,8 @@ THRESHOLDS: dict[str, tuple[float, str]] = {
     "pairwise_low_critical": (0.01, "pairwise_mse_mean 'Very low (< 0.01): mode collapse'"),
     "pairwise_min_zero": (1e-4, "pairwise_mse_min 'Extremely close to zero'"),
     "pairwise_trend_ratio": (0.1, "pairwise_mse_mean 'trending toward zero' (share of its peak)"),
+    "diversity_share": (0.25, "sample_diversity 'same output regardless of noise': pairwise MSE / "
+                        "(2 final std^2), the share of variance that differs between samples"),
     "final_mean_shift": (0.5, "final_latent_stats/mean 'close to 0.0' (in target stds)"),
     "final_std_ratio_warning": (2.0, "final_latent_stats/std 'close to 1/latent_scale_factor'"),
     "final_std_ratio_critical": (5.0, "final_latent_stats/std 'very high: sampler unstable'"),
@@ -58,6 +60,8 @@ class Rule:
     ``critical`` name thresholds (None: that severity does not exist for this code; ALWAYS: the
     check alone decides).
     ``message`` and ``fix`` are format strings filled with the evaluation's numbers.
+    ``about_samples`` rows judge generated samples: they are skipped while the training vitals
+    show an untrained or wrong model or a wrong latent scale, which they would only echo.
     """
 
     code: str
@@ -69,6 +73,7 @@ class Rule:
     scenario: str
     message: str
     fix: str
+    about_samples: bool = False
 
 
 # Ordered root causes first: a run's scenario is that of its first warning or critical row.
@@ -111,7 +116,8 @@ RULES: tuple[Rule, ...] = (
          "mode_collapse",
          "generated samples are nearly identical ({detail}): the model outputs the same image "
          "regardless of the noise",
-         "use more data or a smaller model, sample with the EMA weights, train fewer steps"),
+         "use more data or a smaller model, sample with the EMA weights, train fewer steps",
+         about_samples=True),
     Rule("loss_too_low", vm.LOSS, "stays_below", "loss_too_low", None,
          "loss/total_loss: '< 0.01: overfitting or data leakage'", "suspicious_loss",
          "the loss is {value:.4f}, below {thr:g}: a noise prediction this good means the model "
@@ -135,19 +141,22 @@ RULES: tuple[Rule, ...] = (
          "final_latent_stats/std: 'close to 1/latent_scale_factor'", "unstable_sampling",
          "sampled latents have std {value:.3g}, {ratio:.2f}x the target {target:.3g}: "
          "{direction}",
-         "{std_fix}"),
+         "{std_fix}",
+         about_samples=True),
     Rule("final_latent_extreme", vm.FINAL_PREFIX + "max", "final_extreme", "final_extreme_warning",
          "final_extreme_critical",
          "final_latent_stats/min,max: 'within [-3, 3]; extreme values (+-20): instability'",
          "unstable_sampling",
          "sampled latents reach {value:.3g} (limit {limit:.3g}): the sampler is unstable and "
          "images will show artifacts",
-         "sample with more steps or DDIM; check latent/z_std; train longer"),
+         "sample with more steps or DDIM; check latent/z_std; train longer",
+         about_samples=True),
     Rule("final_latent_mean_shift", vm.FINAL_PREFIX + "mean", "final_mean", "final_mean_shift",
          None, "final_latent_stats/mean: 'Large shift: latents not centered'", "unstable_sampling",
          "sampled latents have mean {value:.3g} ({units:.2f} target stds from 0): images will be "
          "dull or discoloured",
-         "train longer or check latent centring; compare with the encoded data's mean"),
+         "train longer or check latent centring; compare with the encoded data's mean",
+         about_samples=True),
 )
 
 CODES = tuple(rule.code for rule in RULES)

@@ -1,0 +1,224 @@
+"""Each rule of the guide on synthetic series: raised when it should, silent on noisy healthy runs."""
+
+import math
+import random
+
+import pytest
+
+from ldmkit.config import TrainConfig
+from ldmkit.optim import lr_at
+from ldmkit.vitals import metrics as vm
+from ldmkit.vitals.diagnose import Context, evaluate, scenario
+from ldmkit.vitals.monitor import replay
+from ldmkit.vitals.rules import CODES, RULES, THRESHOLDS, threshold_defaults
+
+SCALE = 0.8
+TRAIN = TrainConfig(steps=2000, lr=1e-3, warmup_steps=100)
+
+
+def healthy_series(seed: int = 0, steps: int = 2000, every: int = 50) -> dict:
+    """A noisy healthy run (the guide's scenario A), with one-point spikes in several metrics."""
+    rng = random.Random(seed)
+    s: dict = {tag: [] for tag in vm.TRAIN_TAGS}
+    for step in range(every, steps + 1, every):
+        progress = step / steps
+        s[vm.LOSS].append((step, 0.3 + 0.7 * math.exp(-8 * progress) + rng.gauss(0, 0.03)))
+        s[vm.GRAD_NORM].append((step, abs(1.5 + rng.gauss(0, 0.4))))
+        s[vm.LEARNING_RATE].append((step, lr_at(step - 1, TRAIN)))
+        s[vm.T_MEAN].append((step, 0.5 + rng.gauss(0, 0.03)))
+        s[vm.COS_EPS].append((step, 0.7 * (1 - math.exp(-10 * progress)) + rng.gauss(0, 0.03)))
+        s[vm.Z_STD].append((step, 0.99 + rng.gauss(0, 0.01)))
+    s[vm.GRAD_NORM][10] = (s[vm.GRAD_NORM][10][0], 850.0)  # a single spike
+    s[vm.Z_STD][20] = (s[vm.Z_STD][20][0], 0.1)
+    s[vm.T_MEAN][15] = (s[vm.T_MEAN][15][0], 0.95)
+    target = 1 / SCALE
+    for i, step in enumerate(range(500, steps + 1, 500)):
+        spread = 1.6 - 0.1 * i  # over-dispersed early, converging
+        s.setdefault(vm.PAIRWISE_PREFIX + "mean", []).append((step, 2 * (spread * target) ** 2))
+        s.setdefault(vm.PAIRWISE_PREFIX + "min", []).append((step, 0.5))
+        s.setdefault(vm.FINAL_PREFIX + "mean", []).append((step, 0.05))
+        s.setdefault(vm.FINAL_PREFIX + "std", []).append((step, spread * target))
+        s.setdefault(vm.FINAL_PREFIX + "max", []).append((step, 5.5 * spread * target))
+        s.setdefault(vm.FINAL_PREFIX + "min", []).append((step, -5.0 * spread * target))
+    return s
+
+
+def ctx(**thresholds) -> Context:
+    return Context({**threshold_defaults(), **thresholds}, SCALE, TRAIN)
+
+
+def codes(series: dict, context: Context | None = None) -> dict[str, str]:
+    return {f.code: f.severity for f in replay(series, context or ctx())}
+
+
+def with_values(series: dict, tag: str, fn) -> dict:
+    out = {k: list(v) for k, v in series.items()}
+    out[tag] = [(s, fn(s, v)) for s, v in out[tag]]
+    return out
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_noisy_healthy_runs_with_spikes_raise_nothing(seed):
+    series = healthy_series(seed)
+    findings = replay(series, ctx())
+    assert findings == []
+    assert scenario(findings, series, ctx()) == "healthy"
+
+
+def test_too_little_to_judge():
+    series = {tag: recs[:2] for tag, recs in healthy_series().items()}
+    assert scenario(evaluate(series, ctx()), series, ctx()) == "too_early"
+
+
+def test_every_code_has_one_rule_and_every_threshold_cites_the_guide():
+    assert len(CODES) == len(set(CODES)) == len(RULES) == 15
+    for rule in RULES:
+        assert rule.guide and rule.message and rule.fix
+        for level in (rule.warning, rule.critical):
+            assert level in (None, "always") or level in THRESHOLDS
+    assert all(citation for _, citation in THRESHOLDS.values())
+
+
+def test_loss_nonfinite_is_critical_at_first_nan_and_quotes_a_lower_lr():
+    series = with_values(healthy_series(), vm.LOSS, lambda s, v: float("nan") if s >= 600 else v)
+    findings = {f.code: f for f in replay(series, ctx())}
+    assert findings["loss_nonfinite"].severity == "critical"
+    assert findings["loss_nonfinite"].step == 600
+    assert "train.lr = 0.0001" in findings["loss_nonfinite"].fix
+    assert scenario(list(findings.values()), series, ctx()) == "diverged"
+
+
+def test_grad_norm_exploding_needs_a_sustained_rise():
+    series = with_values(healthy_series(), vm.GRAD_NORM, lambda s, v: 300.0 if s >= 1000 else v)
+    finding = {f.code: f for f in replay(series, ctx())}["grad_norm_exploding"]
+    assert finding.severity == "critical" and finding.step == 1100  # median of 5: 3rd record
+    assert "0.0001" in finding.fix
+
+
+def test_grad_norm_vanishing():
+    series = with_values(healthy_series(), vm.GRAD_NORM, lambda s, v: 1e-8 if s >= 1000 else v)
+    assert codes(series)["grad_norm_vanishing"] == "critical"
+
+
+def test_loss_stuck_high_waits_for_min_steps_then_quotes_a_higher_lr():
+    series = with_values(healthy_series(), vm.LOSS, lambda s, v: 1.0 + (v - 0.3) * 0.01)
+    series = with_values(series, vm.COS_EPS, lambda s, v: 0.3)
+    findings = {f.code: f for f in replay(series, ctx())}
+    assert set(findings) == {"loss_stuck_high"}
+    assert findings["loss_stuck_high"].step == 250  # min_steps 200, window of 5 records
+    assert "0.01" in findings["loss_stuck_high"].fix
+
+
+def test_loss_too_low():
+    series = with_values(healthy_series(), vm.LOSS, lambda s, v: 0.004 if s > 1000 else v)
+    assert codes(series) == {"loss_too_low": "warning"}
+
+
+def test_lr_mismatch_needs_the_config_and_a_persistent_difference():
+    series = with_values(healthy_series(), vm.LEARNING_RATE, lambda s, v: v * 3 if s > 1500 else v)
+    assert codes(series)["lr_mismatch"] == "warning"
+    assert "lr_mismatch" not in codes(series, Context(threshold_defaults(), SCALE, None))
+    one_off = with_values(healthy_series(), vm.LEARNING_RATE, lambda s, v: v * 3 if s == 1500 else v)
+    assert "lr_mismatch" not in codes(one_off)
+
+
+@pytest.mark.parametrize("t_mean, severity", [(0.65, "warning"), (0.9, "critical"),
+                                              (0.02, "critical")])
+def test_t_mean_biased(t_mean, severity):
+    series = with_values(healthy_series(), vm.T_MEAN, lambda s, v: t_mean)
+    assert codes(series)["t_mean_biased"] == severity
+
+
+def test_cos_eps_negative_and_random():
+    negative = with_values(healthy_series(), vm.COS_EPS, lambda s, v: -0.4)
+    assert codes(negative)["cos_eps_negative"] == "critical"
+    random_ = with_values(healthy_series(), vm.COS_EPS, lambda s, v: 0.02 * math.sin(s))
+    assert codes(random_)["cos_eps_random"] == "warning"
+
+
+@pytest.mark.parametrize("z, code, severity", [(0.15, "z_std_low", "critical"),
+                                               (0.4, "z_std_low", "warning"),
+                                               (3.0, "z_std_high", "warning"),
+                                               (9.0, "z_std_high", "critical")])
+def test_z_std_with_a_computed_scale_fix(z, code, severity):
+    series = with_values(healthy_series(), vm.Z_STD, lambda s, v: z)
+    findings = {f.code: f for f in replay(series, ctx())}
+    assert findings[code].severity == severity
+    assert f"latent_scale_factor = {SCALE / z:.4g}" in findings[code].fix
+    assert scenario(list(findings.values()), series, ctx()) == "scale_factor_bug"
+    # sample findings are not judged against a scale the training vitals show to be wrong
+    assert not {"final_latent_std_off", "mode_collapse"} & set(findings)
+
+
+def test_scale_fix_without_a_known_scale_is_a_ratio():
+    series = with_values(healthy_series(), vm.Z_STD, lambda s, v: 0.2)
+    finding = replay(series, Context(threshold_defaults(), None, None))[0]
+    assert "multiply latent_scale_factor by 5" in finding.fix
+
+
+def test_mode_collapse_levels_and_trend():
+    def collapse(values):
+        series = healthy_series()
+        steps = [s for s, _ in series[vm.PAIRWISE_PREFIX + "mean"]]
+        series[vm.PAIRWISE_PREFIX + "mean"] = list(zip(steps, values, strict=True))
+        return codes(series).get("mode_collapse")
+
+    norm = SCALE**2
+    assert collapse([2.0 / norm, 1.5 / norm, 1.2 / norm, 1.0 / norm]) is None
+    assert collapse([2.0 / norm, 1.0 / norm, 0.3 / norm, 0.15 / norm]) == "warning"  # trend
+    assert collapse([2.0 / norm, 1.0 / norm, 0.5 / norm, 0.05 / norm]) == "warning"
+    assert collapse([2.0 / norm, 1.0 / norm, 0.5 / norm, 0.005 / norm]) == "critical"
+
+
+def test_mode_collapse_by_the_share_of_variance_between_samples():
+    series = healthy_series()  # share = pairwise / (2 std^2) = 1.0 here
+    series[vm.PAIRWISE_PREFIX + "mean"][-1] = (2000, 0.4 * 2 * series[vm.FINAL_PREFIX + "std"][-1][1] ** 2)
+    assert "mode_collapse" not in codes(series)
+    series[vm.PAIRWISE_PREFIX + "mean"][-1] = (2000, 0.2 * 2 * series[vm.FINAL_PREFIX + "std"][-1][1] ** 2)
+    finding = {f.code: f for f in replay(series, ctx())}["mode_collapse"]
+    assert finding.severity == "warning" and "20% of the samples' variance" in finding.message
+
+
+def _set_last_sampling(series, tag, value):
+    series[tag][-1] = (series[tag][-1][0], value)
+    return series
+
+
+def test_final_latent_std_off_both_ways():
+    target = 1 / SCALE
+    high = _set_last_sampling(healthy_series(), vm.FINAL_PREFIX + "std", 6 * target)
+    assert codes(high)["final_latent_std_off"] == "critical"
+    low = _set_last_sampling(healthy_series(), vm.FINAL_PREFIX + "std", 0.4 * target)
+    assert codes(low)["final_latent_std_off"] == "warning"
+
+
+def test_final_latent_extreme_uses_the_guides_example_scale():
+    # the guide's +-3 / +-20 hold at its scale 1.86; at scale 0.8 the limits are 6.98 / 46.5
+    warn = _set_last_sampling(healthy_series(), vm.FINAL_PREFIX + "max", 12.0)
+    assert codes(warn)["final_latent_extreme"] == "warning"
+    crit = _set_last_sampling(healthy_series(), vm.FINAL_PREFIX + "min", -60.0)
+    assert codes(crit)["final_latent_extreme"] == "critical"
+
+
+def test_final_latent_mean_shift():
+    shifted = _set_last_sampling(healthy_series(), vm.FINAL_PREFIX + "mean", 1.5)
+    assert codes(shifted)["final_latent_mean_shift"] == "warning"
+
+
+def test_samples_of_an_untrained_model_are_not_blamed_on_the_sampler():
+    series = with_values(healthy_series(), vm.LOSS, lambda s, v: 1.0)
+    series = _set_last_sampling(series, vm.FINAL_PREFIX + "std", 20.0)
+    assert "final_latent_std_off" not in codes(series)
+
+
+def test_thresholds_can_be_overridden():
+    series = with_values(healthy_series(), vm.GRAD_NORM, lambda s, v: 50.0)
+    assert "grad_norm_exploding" not in codes(series)
+    assert codes(series, ctx(grad_norm_high=20.0))["grad_norm_exploding"] == "critical"
+
+
+def test_a_cleared_critical_is_still_reported_offline():
+    series = with_values(healthy_series(), vm.LOSS,
+                         lambda s, v: float("inf") if s == 600 else v)
+    finding = {f.code: f for f in replay(series, ctx())}["loss_nonfinite"]
+    assert "cleared by step" in finding.message
