@@ -24,7 +24,6 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

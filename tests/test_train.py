@@ -1,6 +1,7 @@
 """Training behaviour on tiny configs: learning, resume equality, checkpoints, CLI."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,10 @@ def test_pretrained_autoencoder_is_reused(tmp_path):
     train(cfg, tmp_path / "b")
     tags = {r["tag"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl")}
     assert "vae/recon_mse" not in tags  # stage 1 was not retrained
+    # the run is self-contained: it samples after the pretrained source is gone
+    shutil.rmtree(first.run_dir)
+    assert main(["sample", str(tmp_path / "b"), "--num", "4", "--steps", "3",
+                 "--out", str(tmp_path / "s")]) == 0
 
 
 def test_cli_run_then_sample_is_deterministic(tmp_path, capsys):

@@ -77,11 +77,15 @@ def save_autoencoder(ae: Autoencoder, cfg: AutoencoderConfig, channels: int, pat
     (path / "meta.json").write_text(json.dumps(arch, indent=2))
 
 
+def autoencoder_dir(path: str | Path) -> Path:
+    """The autoencoder folder of ``path``: itself, or the ``autoencoder/`` of a run directory."""
+    path = Path(path)
+    return path / AE_DIR if (path / AE_DIR / "meta.json").is_file() else path
+
+
 def load_autoencoder(path: str | Path) -> Autoencoder:
     """Load from an autoencoder directory or from a run directory that holds one."""
-    path = Path(path)
-    if (path / AE_DIR / "meta.json").is_file():
-        path = path / AE_DIR
+    path = autoencoder_dir(path)
     if not (path / "meta.json").is_file() or not (path / "weights.safetensors").is_file():
         raise CheckpointError(f"no trained autoencoder at '{path}'; point autoencoder.pretrained "
                               "at a run directory or its autoencoder/ folder")

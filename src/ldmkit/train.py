@@ -9,6 +9,7 @@ is never applied to the weights; it is counted in ``optimization/nonfinite_steps
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from ldmkit.sample import generate, save_samples, schedule_of
 from ldmkit.stage1 import (
     AE_DIR,
     LatentPosteriors,
+    autoencoder_dir,
     calibrate_latent_scale,
     encode_dataset,
     load_autoencoder,
@@ -52,6 +54,16 @@ from ldmkit.vitals.monitor import LiveMonitor
 from ldmkit.vitals.rules import threshold_defaults
 
 CONFIG_FILE = "config.yaml"
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A defect planted in every training step, for tests of the diagnosis where no config can
+    produce the fault: ``eps_model(model, eps)`` replaces what the loss calls (e.g. a model that
+    sees the noise), ``target(eps)`` replaces the regression target (e.g. a sign bug)."""
+
+    eps_model: Callable[[nn.Module, torch.Tensor], EpsModel] | None = None
+    target: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass
@@ -73,14 +85,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def new_run_dir(cfg: Config) -> Path:
-    """``cfg.run_dir``, or a fresh ``runs/<name>-<timestamp>``; never reuses a finished run."""
-    if cfg.run_dir:
-        path = Path(cfg.run_dir)
-        if (path / CONFIG_FILE).exists():
-            raise CheckpointError(f"run directory '{path}' already holds a run; continue it with "
-                                  f"`ldmkit train --resume {path}` or set another run_dir")
-        return path
+def new_run_dir(cfg: Config, run_dir: Path | None = None) -> Path:
+    """``run_dir``, ``cfg.run_dir`` or a fresh ``runs/<name>-<timestamp>``; never an existing run."""
+    chosen = run_dir or (Path(cfg.run_dir) if cfg.run_dir else None)
+    if chosen is not None:
+        if (chosen / CONFIG_FILE).exists():
+            raise CheckpointError(f"run directory '{chosen}' already holds a run; continue it with "
+                                  f"`ldmkit train --resume {chosen}` or set another run_dir")
+        return chosen
     stem = Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     path, i = stem, 1
     while path.exists():
@@ -109,8 +121,10 @@ def prepare_latents(cfg: Config, run_dir: Path,
     print(f"data: {len(data)} images from {data.source}, {tuple(data.images.shape[1:])}")
     if data.skipped:
         print(f"data: skipped {data.skipped} unreadable images (first: {data.first_skipped})")
-    if cfg.autoencoder.pretrained:
+    if cfg.autoencoder.pretrained and not (run_dir / AE_DIR / "meta.json").is_file():
         ae = load_autoencoder(cfg.autoencoder.pretrained)
+        # the run keeps its own copy, so sampling and resume never depend on an outside path
+        shutil.copytree(autoencoder_dir(cfg.autoencoder.pretrained), run_dir / AE_DIR)
     elif (run_dir / AE_DIR / "meta.json").is_file():
         ae = load_autoencoder(run_dir / AE_DIR)
     else:
@@ -129,13 +143,11 @@ def prepare_latents(cfg: Config, run_dir: Path,
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, schedule: CosineSchedule,
                z: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, grad_clip: float,
-               eps_model: EpsModel | None = None) -> tuple[bool, dict[str, torch.Tensor]]:
-    """One update; returns whether it was applied and the step's vitals (device tensors).
-
-    ``eps_model`` (default: ``model``) is what the loss calls; fault-injection tests pass a
-    wrapper around ``model`` that plants a defect a config cannot produce.
-    """
-    out = eps_mse_loss(eps_model or model, schedule, z, t, eps)
+               fault: Fault | None = None) -> tuple[bool, dict[str, torch.Tensor]]:
+    """One update; returns whether it was applied and the step's vitals (device tensors)."""
+    eps_model = fault.eps_model(model, eps) if fault and fault.eps_model else model
+    target = fault.target(eps) if fault and fault.target else None
+    out = eps_mse_loss(eps_model, schedule, z, t, eps, target)
     opt.zero_grad(set_to_none=True)
     out.loss.backward()
     grad_norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip)  # norm before clipping
@@ -205,15 +217,14 @@ def sample_and_log(cfg: Config, step: int, ema: EMA, ae: Autoencoder, scale: flo
 
 
 def train(cfg: Config, run_dir: Path | None = None, resume: bool = False,
-          stop_at: int | None = None,
-          eps_model_hook: Callable[[nn.Module], EpsModel] | None = None) -> TrainResult:
+          stop_at: int | None = None, fault: Fault | None = None) -> TrainResult:
     """Train stage 2 (and stage 1 unless reused); ``resume`` continues ``run_dir``'s last checkpoint.
 
     ``stop_at`` ends after that many total steps with a checkpoint, as a preemption would.
-    ``eps_model_hook(model)`` returns what the loss calls instead of ``model`` (fault injection).
+    ``fault`` plants a defect in every step (tests of the diagnosis only).
     """
     started = time.time()
-    run_dir = Path(run_dir) if run_dir else new_run_dir(cfg)
+    run_dir = Path(run_dir) if resume and run_dir else new_run_dir(cfg, run_dir and Path(run_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
     print(f"run directory: {run_dir}\n--- config ---\n{to_yaml(cfg)}--------------")
     device = resolve_device(cfg.device)
@@ -238,7 +249,6 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False,
                                **meta["data_order"])
             print(f"resumed from {ckpt} at step {step}")
         monitor = attach_monitor(cfg, run_dir, logger, scale, step)
-        eps_model = eps_model_hook(model) if eps_model_hook else None
         if step == 0:
             logger.log(0, {vm.SCALE_FACTOR: scale})
         schedule = schedule_of(cfg)
@@ -257,7 +267,7 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False,
                          cfg.diffusion.logit_normal_scale).to(device)
             eps = torch.randn(z.shape, generator=gen).to(device)
             applied, step_vitals = train_step(model, opt, schedule, z, t, eps, tc.grad_clip,
-                                              eps_model)
+                                              fault)
             if applied:
                 ema.update(model)
             else:

@@ -25,8 +25,12 @@ class LossOutput:
 
 
 def eps_mse_loss(eps_model: EpsModel, schedule: CosineSchedule, z0: torch.Tensor,
-                 t: torch.Tensor, eps: torch.Tensor) -> LossOutput:
-    """Noise ``z0`` to time ``t`` with ``eps`` and score the model's noise prediction."""
+                 t: torch.Tensor, eps: torch.Tensor,
+                 target: torch.Tensor | None = None) -> LossOutput:
+    """Noise ``z0`` to time ``t`` with ``eps`` and score the model's noise prediction.
+
+    ``target`` (default ``eps``) exists for fault-injection tests of a wrong regression target.
+    """
     eps_pred = eps_model(add_noise(schedule, z0, t, eps), t)
-    loss = (eps_pred.float() - eps).pow(2).mean()
+    loss = (eps_pred.float() - (eps if target is None else target)).pow(2).mean()
     return LossOutput(loss, eps_pred, eps)
