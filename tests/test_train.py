@@ -13,7 +13,8 @@ from ldmkit.cli import main
 from ldmkit.diffusion.schedule import CosineSchedule
 from ldmkit.logging import read_metrics
 from ldmkit.models.unet import UNet
-from ldmkit.train import load_run_config, train, train_step
+from ldmkit.resume import load_run_config
+from ldmkit.train import train, train_step
 from ldmkit.vitals import metrics as vm
 
 
@@ -109,8 +110,12 @@ def test_cli_run_then_sample_is_deterministic(tmp_path, capsys):
         assert main(["sample", str(run_dir), "--num", "6", "--steps", "5", "--seed", "3",
                      "--out", str(tmp_path / out_name)]) == 0
     assert (tmp_path / "s1" / "grid.png").read_bytes() == (tmp_path / "s2" / "grid.png").read_bytes()
-    assert main(["run", str(cfg_path), "--set", f"run_dir={run_dir}"]) == 2
-    assert "--resume" in capsys.readouterr().err
+    # the same command again continues the run (finished: nothing to train); another config
+    # is refused rather than mixed into it
+    assert main(["run", str(cfg_path), "--set", f"run_dir={run_dir}"]) == 0
+    assert main(["run", str(cfg_path), "--set", f"run_dir={run_dir}", "--set", "train.lr=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "train.lr: 0.001 there, 0.5 here" in err and "--resume" in err
 
 
 @pytest.mark.parametrize("argv, needle", [

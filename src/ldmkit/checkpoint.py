@@ -4,14 +4,17 @@ Layout of ``run_dir/checkpoints/step_0001000/``:
   ``weights.safetensors``  model.* and ema.* tensors
   ``training.safetensors`` optimizer state tensors and RNG states
   ``meta.json``            step, config, latent scale, optimizer hyper-parameters, data position
-A checkpoint is written to a temporary directory and renamed into place, so a crash mid-save
-never leaves a half-written checkpoint under a real name.
+A checkpoint is written to a temporary directory, fsynced and renamed into place, so a crash or
+a full disk mid-save never leaves a half-written checkpoint under a real name, and the previous
+one stays loadable.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,22 +57,54 @@ def optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, tor
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_dir_atomically(final: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp_dir)``, fsync its files, then rename it to ``final``.
+
+    On any I/O error (a full disk, a quota) the temporary directory is removed and what was
+    saved before is left as it was.
+    """
+    tmp = final.parent / f".tmp_{final.name}"
+    old = final.parent / f".old_{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        write(tmp)
+        for path in tmp.iterdir():
+            _fsync(path)
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+        tmp.rename(final)
+        _fsync(final.parent)
+    except (OSError, SafetensorError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise CheckpointError(f"could not write '{final}' ({reason}); everything saved before is "
+                              "intact: free disk space, then resume") from None
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def save_checkpoint(ckpt_root: Path, step: int, weights: dict[str, torch.Tensor],
                     training: dict[str, torch.Tensor], meta: dict, keep: int) -> Path:
     """Write ``step_XXXXXXX`` atomically and delete all but the newest ``keep``."""
-    ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step_{step:07d}"
-    tmp = ckpt_root / f".tmp_step_{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.detach().contiguous() for k, v in weights.items()},
-              str(tmp / "weights.safetensors"))
-    save_file({k: v.detach().contiguous() for k, v in training.items()},
-              str(tmp / "training.safetensors"))
-    _write_json(tmp / "meta.json", {"format_version": FORMAT_VERSION, "step": step, **meta})
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+
+    def write(tmp: Path) -> None:
+        save_file({k: v.detach().contiguous() for k, v in weights.items()},
+                  str(tmp / "weights.safetensors"))
+        save_file({k: v.detach().contiguous() for k, v in training.items()},
+                  str(tmp / "training.safetensors"))
+        _write_json(tmp / "meta.json", {"format_version": FORMAT_VERSION, "step": step, **meta})
+
+    write_dir_atomically(final, write)
     for old in list_checkpoints(ckpt_root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

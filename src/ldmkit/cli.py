@@ -48,7 +48,8 @@ def _parser() -> argparse.ArgumentParser:
 def _train(args: argparse.Namespace, report: bool) -> int:
     from ldmkit.config import load_config
     from ldmkit.report import write_report
-    from ldmkit.train import load_run_config, train
+    from ldmkit.resume import load_run_config
+    from ldmkit.train import train
 
     if args.command == "train" and args.resume:
         if args.config:
@@ -58,6 +59,8 @@ def _train(args: argparse.Namespace, report: bool) -> int:
         raise LdmkitError("missing config: ldmkit train configs/digits.yaml")
     else:
         result = train(load_config(args.config, args.overrides))
+    if result.preempted_by:
+        return 0  # the trainer printed how to resume
     text = write_report(result)
     if report:
         print(text)
@@ -102,4 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     except LdmkitError as exc:
         print(f"ldmkit: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("ldmkit: interrupted; checkpoints already written are intact", file=sys.stderr)
+        return 130
     return 0

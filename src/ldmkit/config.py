@@ -118,10 +118,18 @@ class SampleConfig:
 
 @dataclass
 class VitalsConfig:
-    """Live diagnosis (ldmkit.vitals): the guide's thresholds can be overridden by name."""
+    """Live diagnosis (ldmkit.vitals): the guide's thresholds can be overridden by name.
+
+    ``on_nonfinite`` decides what a step with a NaN/Inf loss or gradient does (it is never
+    applied): ``skip`` it, ``rollback`` to the last checkpoint with the learning rate times
+    ``rollback_lr_factor`` (at most ``max_rollbacks`` times), or ``stop`` with a checkpoint.
+    """
 
     enabled: bool = True
     on_critical: Literal["warn", "stop"] = "warn"
+    on_nonfinite: Literal["skip", "rollback", "stop"] = "skip"
+    rollback_lr_factor: float = _num(0.5, lo=0.0, strict=True, hi=1.0)
+    max_rollbacks: int = _num(3, lo=0)
     thresholds: dict[str, float] = field(default_factory=dict)
 
 

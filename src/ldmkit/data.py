@@ -205,3 +205,7 @@ class BatchOrder:
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load(self, state: dict) -> None:
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self._perm = self._permutation(self.epoch)

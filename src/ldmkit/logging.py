@@ -1,17 +1,52 @@
 """Metric sinks: ``metrics.jsonl`` always, TensorBoard event files with the same tags.
 
 One JSON object per value (``{"step", "tag", "value"}``), flushed as written, so a run killed
-at any moment leaves every logged value readable by ``ldmkit diagnose`` and by ``jq``.
+at any moment leaves every logged value readable by ``ldmkit diagnose`` and by ``jq``. Stage 1
+(``vae/*``) and stage 2 get separate TensorBoard runs, so rewinding stage 2 to a checkpoint on
+resume (``purge_step``) never hides stage 1's curves.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
+STAGE1_PREFIX = "vae/"
+
+
+def stage_of(tag: str) -> str:
+    return "autoencoder" if tag.startswith(STAGE1_PREFIX) else "diffusion"
+
+
+def rewind_jsonl(path: Path, step: int, stage: str, step_key: str = "step") -> None:
+    """Drop ``stage``'s records after ``step`` and any torn line, atomically (tmp + rename).
+
+    A resumed run repeats exactly the steps after its checkpoint, so their old records would
+    otherwise appear twice.
+    """
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(rec, dict):
+            continue
+        tag, at = str(rec.get("tag", rec.get("metric", ""))), rec.get(step_key, 0)
+        if stage_of(tag) != stage or (isinstance(at, int) and at <= step):
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        fh.write("".join(line + "\n" for line in kept))
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(path)
 
 
 class MetricLogger:
@@ -21,14 +56,30 @@ class MetricLogger:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / METRICS_FILE
+        self.tensorboard = tensorboard
+        self._tb: dict[str, Any] = {}
+        self._purge: dict[str, int] = {}  # stage -> purge_step of its next TensorBoard writer
         self._fh = self.path.open("a", encoding="utf-8")
-        self._tb: Any = None
-        if tensorboard:
+        self.observers: list = []  # objects with observe(step, values), e.g. LiveMonitor
+
+    def _writer(self, stage: str) -> Any:
+        if not self.tensorboard:
+            return None
+        if stage not in self._tb:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
-        self.last: dict[str, tuple[int, float]] = {}
-        self.observers: list = []  # objects with observe(step, values), e.g. LiveMonitor
+            self._tb[stage] = SummaryWriter(str(self.run_dir / "tensorboard" / stage),
+                                            purge_step=self._purge.pop(stage, None))
+        return self._tb[stage]
+
+    def rewind(self, step: int, stage: str = "diffusion") -> None:
+        """Forget ``stage``'s records after ``step`` (a rollback to a checkpoint)."""
+        self._fh.close()
+        rewind_jsonl(self.path, step, stage)
+        self._fh = self.path.open("a", encoding="utf-8")
+        if stage in self._tb:
+            self._tb.pop(stage).close()
+        self._purge[stage] = step + 1
 
     def log(self, step: int, values: dict[str, float]) -> None:
         for tag, value in values.items():
@@ -36,21 +87,22 @@ class MetricLogger:
             record = {"step": int(step), "tag": tag, "value": value if math.isfinite(value)
                       else str(value)}
             self._fh.write(json.dumps(record) + "\n")
-            self.last[tag] = (int(step), value)
-            if self._tb is not None:
-                self._tb.add_scalar(tag, value, int(step))
+            writer = self._writer(stage_of(tag))
+            if writer is not None:
+                writer.add_scalar(tag, value, int(step))
         self._fh.flush()
         for observer in self.observers:
             observer.observe(step, values)
 
     def log_text(self, step: int, tag: str, text: str) -> None:
-        if self._tb is not None:
-            self._tb.add_text(tag, text, int(step))
+        writer = self._writer("diffusion")
+        if writer is not None:
+            writer.add_text(tag, text, int(step))
 
     def close(self) -> None:
         self._fh.close()
-        if self._tb is not None:
-            self._tb.close()
+        for writer in self._tb.values():
+            writer.close()
 
     def __enter__(self) -> MetricLogger:
         return self

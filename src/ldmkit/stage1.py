@@ -13,14 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from ldmkit.checkpoint import write_dir_atomically
 from ldmkit.config import AutoencoderConfig, Config
 from ldmkit.data import BatchOrder, ImageData
 from ldmkit.errors import CheckpointError
 from ldmkit.logging import MetricLogger
 from ldmkit.models.autoencoder import Autoencoder
+from ldmkit.preemption import Preempted, StopRequest
 
 AE_DIR = "autoencoder"
 
@@ -34,9 +37,14 @@ def psnr(mse: torch.Tensor) -> torch.Tensor:
     return 10.0 * torch.log10(4.0 / mse.clamp(min=1e-12))
 
 
-def train_autoencoder(cfg: Config, data: ImageData, run_dir: Path,
-                      logger: MetricLogger) -> Autoencoder:
-    """Reconstruction MSE + ``kl_weight`` * KL, AdamW with cosine decay; logs ``vae/*``."""
+def train_autoencoder(cfg: Config, data: ImageData, run_dir: Path, logger: MetricLogger,
+                      stop: StopRequest | None = None) -> Autoencoder:
+    """Reconstruction MSE + ``kl_weight`` * KL, AdamW with cosine decay; logs ``vae/*``.
+
+    Stage 1 is short and saved only when done: a stop request raises ``Preempted`` and a resumed
+    run trains it again from the start.
+    """
+    logger.rewind(0, "autoencoder")
     ae_cfg = cfg.autoencoder
     torch.manual_seed(cfg.seed)
     ae = build_autoencoder(ae_cfg, cfg.data.channels)
@@ -46,6 +54,9 @@ def train_autoencoder(cfg: Config, data: ImageData, run_dir: Path,
     sums = torch.zeros(3)
     bar = tqdm(range(ae_cfg.steps), desc="autoencoder", dynamic_ncols=True, mininterval=1.0)
     for step in bar:
+        if stop is not None and stop.requested:
+            bar.close()
+            raise Preempted("autoencoder", step, stop.signal_name or "stop")
         for group in opt.param_groups:
             group["lr"] = ae_cfg.lr * 0.5 * (1 + math.cos(math.pi * step / ae_cfg.steps))
         x = data.batch(order.next())
@@ -69,12 +80,15 @@ def train_autoencoder(cfg: Config, data: ImageData, run_dir: Path,
 
 
 def save_autoencoder(ae: Autoencoder, cfg: AutoencoderConfig, channels: int, path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in ae.state_dict().items()},
-              str(path / "weights.safetensors"))
     arch = {"channels": channels, "base_channels": cfg.base_channels,
             "channel_mult": cfg.channel_mult, "latent_channels": cfg.latent_channels}
-    (path / "meta.json").write_text(json.dumps(arch, indent=2))
+
+    def write(tmp: Path) -> None:
+        save_file({k: v.contiguous() for k, v in ae.state_dict().items()},
+                  str(tmp / "weights.safetensors"))
+        (tmp / "meta.json").write_text(json.dumps(arch, indent=2))
+
+    write_dir_atomically(path, write)
 
 
 def autoencoder_dir(path: str | Path) -> Path:
@@ -94,7 +108,7 @@ def load_autoencoder(path: str | Path) -> Autoencoder:
         ae = Autoencoder(arch["channels"], arch["base_channels"], arch["channel_mult"],
                          arch["latent_channels"])
         ae.load_state_dict(load_file(str(path / "weights.safetensors")))
-    except (OSError, KeyError, ValueError, RuntimeError) as exc:
+    except (OSError, KeyError, ValueError, RuntimeError, SafetensorError) as exc:
         raise CheckpointError(f"autoencoder at '{path}' cannot be loaded: "
                               f"{str(exc).splitlines()[0]}") from None
     return ae.eval().requires_grad_(False)

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from ldmkit.config import TrainConfig
 from ldmkit.optim import lr_at
 from ldmkit.vitals import metrics as vm
-from ldmkit.vitals.rules import ALWAYS, RULES, Rule, threshold_defaults
+from ldmkit.vitals.rules import ALWAYS, EVENTS, RULES, Rule, threshold_defaults
 
 Series = dict[str, list[tuple[int, float]]]
 
@@ -108,15 +108,17 @@ def _lr_mismatch(rule: Rule, series: Series, ctx: Context) -> Verdict | None:
     recent = _window(series, rule.metric, ctx)[-3:]
     tol = ctx.thr("lr_rel_tol")
 
-    def off(step: int, value: float) -> bool:
-        expected = lr_at(max(step - 1, 0), ctx.train)
-        return abs(value - expected) > tol * expected
+    scales = series.get(vm.LR_SCALE, [])  # rollbacks multiply the schedule (vitals.on_nonfinite)
 
-    flags = [off(s, v) for s, v in recent]
+    def expected(step: int) -> float:
+        factor = next((v for s, v in reversed(scales) if s <= step), 1.0)
+        return lr_at(max(step - 1, 0), ctx.train) * factor
+
+    flags = [abs(v - expected(s)) > tol * expected(s) for s, v in recent]
     if len(recent) < 2 or not flags[-1] or sum(flags) < 2:
         return None
     step, value = recent[-1]
-    return Verdict(rule.warning, value, step, {"expected": lr_at(max(step - 1, 0), ctx.train)})
+    return Verdict(rule.warning, value, step, {"expected": expected(step)})
 
 
 def _mode_collapse(rule: Rule, series: Series, ctx: Context) -> Verdict | None:
@@ -295,12 +297,22 @@ def evaluate(series: Series, ctx: Context) -> list[Finding]:
     return sorted(findings, key=lambda f: f.severity != "critical")
 
 
+def event_finding(code: str, step: int, value: float, **fields: float) -> Finding:
+    """A finding of ``rules.EVENTS``: something the trainer did about a bad step."""
+    event = EVENTS[code]
+    values = {"value": value, "step": step, **fields}
+    return Finding(code, event.severity, event.metric, step, value,
+                   event.message.format(**values), event.fix.format(**values))
+
+
 def scenario(findings: list[Finding], series: Series, ctx: Context) -> str:
     """The guide's scenarios: healthy (A), scale_factor_bug (B), mode_collapse (C), or another."""
     serious = {f.code for f in findings if f.severity in ("warning", "critical")}
     for rule in RULES:  # root causes first
         if rule.code in serious:
             return rule.scenario
+    if any(f.code in EVENTS and f.severity == "critical" for f in findings):
+        return "diverged"
     if len(series.get(vm.LOSS, [])) < int(ctx.thr("window")):
         return "too_early"
     return "healthy"

@@ -18,6 +18,7 @@ SCALE_FACTOR = "latent/scale_factor"
 PAIRWISE_PREFIX = "sample_diversity/pairwise_mse_"
 FINAL_PREFIX = "final_latent_stats/"
 NONFINITE_STEPS = "optimization/nonfinite_steps"
+LR_SCALE = "optimization/lr_scale"  # < 1 after divergence rollbacks
 
 TRAIN_TAGS = (LOSS, GRAD_NORM, LEARNING_RATE, T_MEAN, COS_EPS, Z_STD)
 
@@ -89,6 +90,13 @@ class StepAccumulator:
             v = value.detach().float()
             self.sums[tag] = self.sums[tag] + v if tag in self.sums else v
         self.count += 1
+
+    def state(self) -> tuple[dict[str, torch.Tensor], int]:
+        """(sums, count) of a partial interval, for a checkpoint between two log steps."""
+        return dict(self.sums), self.count
+
+    def load(self, sums: dict[str, torch.Tensor], count: int) -> None:
+        self.sums, self.count = dict(sums), count
 
     def read(self) -> dict[str, float]:
         """Interval means, then reset."""

@@ -94,6 +94,7 @@ class LiveMonitor:
     def prime(self, series: Series) -> None:
         """Start from an earlier part of the run (resume) without re-announcing its findings."""
         self.series = {tag: list(recs) for tag, recs in series.items()}
+        self.tracker, self.stop_finding = FindingTracker(), None
         self.tracker.update(evaluate(_tail(self.series), self.ctx), 0)
 
     def observe(self, step: int, values: dict[str, float]) -> None:
@@ -101,15 +102,19 @@ class LiveMonitor:
             self.series.setdefault(tag, []).append((int(step), float(value)))
         raised, cleared = self.tracker.update(evaluate(_tail(self.series), self.ctx), step)
         for finding in raised:
-            line = (f"[vitals] {finding.severity.upper()} {finding.code} (step {finding.step}): "
-                    f"{finding.message}. Fix: {finding.fix}")
-            self._record({"event": "raised", "at_step": int(step), **finding.to_dict()}, line)
+            self.record(finding, step)
             if finding.severity == "critical" and self.on_critical == "stop":
                 self.stop_finding = self.stop_finding or finding
         for finding in cleared:
             self._record({"event": "cleared", "at_step": int(step), "code": finding.code,
                           "severity": finding.severity, "metric": finding.metric},
                          f"[vitals] cleared {finding.code} at step {step}")
+
+    def record(self, finding: Finding, at_step: int) -> None:
+        """Announce and record a finding the trainer raised itself (``rules.EVENTS``)."""
+        line = (f"[vitals] {finding.severity.upper()} {finding.code} (step {finding.step}): "
+                f"{finding.message}. Fix: {finding.fix}")
+        self._record({"event": "raised", "at_step": int(at_step), **finding.to_dict()}, line)
 
     def _record(self, event: dict, line: str) -> None:
         self.echo(line)

@@ -53,7 +53,7 @@ def _read_jsonl(path: Path) -> list[tuple[int, str, float]]:
         try:
             rec = json.loads(line)
             records.append((int(rec["step"]), str(rec["tag"]), float(rec["value"])))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, OverflowError):
             if number == len(lines):  # a run killed mid-write leaves a torn last line
                 break
             raise UnreadableLog(f"'{path}' line {number} is not a {{step, tag, value}} JSON "
@@ -64,31 +64,39 @@ def _read_jsonl(path: Path) -> list[tuple[int, str, float]]:
 def _read_csv(path: Path) -> list[tuple[int, str, float]]:
     with path.open(newline="", encoding="utf-8", errors="replace") as fh:
         reader = csv.DictReader(fh)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        if not {"step", "tag", "value"} <= set(columns):
-            raise UnreadableLog(f"CSV '{path}' has columns {columns}; it needs step,tag,value")
-        records = []
-        for number, row in enumerate(reader, 2):
-            row = {k.strip(): v for k, v in row.items() if k}
-            try:
-                records.append((int(float(row["step"])), row["tag"].strip(), float(row["value"])))
-            except (TypeError, ValueError, AttributeError):
-                raise UnreadableLog(f"CSV '{path}' line {number} has a bad step or value: "
-                                    f"{row}") from None
+        try:
+            columns = [c.strip() for c in reader.fieldnames or []]
+            if not {"step", "tag", "value"} <= set(columns):
+                raise UnreadableLog(f"CSV '{path}' has columns {columns[:6]}; it needs step,tag,value")
+            records = []
+            for number, row in enumerate(reader, 2):
+                row = {k.strip(): v for k, v in row.items() if k}
+                try:
+                    records.append((int(float(row["step"])), row["tag"].strip(),
+                                    float(row["value"])))
+                except (TypeError, ValueError, AttributeError, OverflowError):
+                    raise UnreadableLog(f"CSV '{path}' line {number} has a bad step or value; "
+                                        "fix or delete that line") from None
+        except csv.Error as exc:
+            raise UnreadableLog(f"'{path}' is not a readable CSV ({exc}); export step,tag,value "
+                                "rows") from None
     return records
 
 
 def _read_tensorboard(files: list[Path]) -> list[tuple[int, str, float]]:
+    """One accumulator per directory, so restarts purged with ``purge_step`` read as TensorBoard
+    shows them (no duplicated steps); a single file is read alone."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     records = []
-    for file in files:
+    sources = sorted({f.parent for f in files}) if len(files) > 1 else files
+    for file in sources:
         acc = EventAccumulator(str(file), size_guidance={"scalars": 0})
         try:
             acc.Reload()
             acc.FirstEventTimestamp()  # every real event file starts with a version event
         except Exception as exc:  # TensorBoard raises DataLossError, ValueError and others
-            raise UnreadableLog(f"'{file}' is not a readable TensorBoard event file "
+            raise UnreadableLog(f"'{file}' is not a readable TensorBoard event log "
                                 f"({type(exc).__name__}); pass the run's events.out.tfevents.* "
                                 "file or its directory") from None
         for tag in acc.Tags().get("scalars", []):

@@ -161,3 +161,34 @@ RULES: tuple[Rule, ...] = (
 
 CODES = tuple(rule.code for rule in RULES)
 SEVERITIES = ("info", "warning", "critical")
+
+
+@dataclass(frozen=True)
+class Event:
+    """A finding the trainer records when it acts on a bad step, not a rule over a window."""
+
+    code: str
+    severity: str
+    metric: str
+    guide: str
+    message: str
+    fix: str
+
+
+# vitals.on_nonfinite = rollback | stop (guide: loss 'NaN or inf: training has collapsed,
+# likely due to a learning rate that is too high')
+EVENTS: dict[str, Event] = {e.code: e for e in (
+    Event("nonfinite_rollback", "warning", vm.LOSS, "loss: 'NaN or inf: training has collapsed'",
+          "the loss or gradient was {value} at step {step}: rolled back to the checkpoint of step "
+          "{to} with the learning rate x{lr_scale:.3g} (rollback {n} of {max})",
+          "nothing to do if it does not recur; otherwise lower train.lr (effective now "
+          "{lr:.3g}) or lengthen warmup_steps"),
+    Event("rollback_exhausted", "critical", vm.LOSS, "loss: 'NaN or inf: training has collapsed'",
+          "the loss or gradient was {value} at step {step} after {n} rollbacks: training "
+          "diverges even at the learning rate x{lr_scale:.3g}",
+          "check the data and latent/z_std, then retry with train.lr = {lr:.3g} or lower"),
+    Event("nonfinite_stop", "critical", vm.LOSS, "loss: 'NaN or inf: training has collapsed'",
+          "the loss or gradient was {value} at step {step} (the step was not applied); "
+          "stopped as vitals.on_nonfinite = stop",
+          "resume with train.lr = {lr:.3g} (a tenth), or set vitals.on_nonfinite = rollback"),
+)}

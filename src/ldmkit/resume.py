@@ -1,0 +1,154 @@
+"""What a stage-2 checkpoint holds, and how a run directory is started, continued and rewound.
+
+Resume is exact (bitwise on CPU): the model, EMA, optimizer, the training generator and torch's
+global RNG, the data position, the partial log interval and the counters are restored, and the
+logs are rewound to the checkpoint's step, so the steps that are run again are recorded once and
+with the same values an uninterrupted run would have logged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ldmkit.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    optimizer_from_flat,
+    optimizer_to_flat,
+    save_checkpoint,
+    split_prefix,
+    with_prefix,
+)
+from ldmkit.config import Config, load_config, to_dict
+from ldmkit.data import BatchOrder
+from ldmkit.errors import CheckpointError
+from ldmkit.logging import rewind_jsonl
+from ldmkit.optim import EMA
+from ldmkit.vitals.metrics import StepAccumulator
+
+CONFIG_FILE = "config.yaml"
+FINDINGS_FILE = "findings.jsonl"
+# keys a user may change when continuing a run: its length, and where it lives
+CONTINUABLE = ("train.steps", "run_dir")
+
+
+@dataclass
+class LoopState:
+    """Everything the training loop mutates; a checkpoint saves and restores all of it."""
+
+    model: nn.Module
+    ema: EMA
+    opt: torch.optim.Optimizer
+    gen: torch.Generator
+    order: BatchOrder
+    acc: StepAccumulator
+    step: int = 0
+    nonfinite: int = 0
+    rollbacks: int = 0
+    lr_scale: float = 1.0
+
+
+def save_state(run_dir: Path, cfg: Config, state: LoopState) -> Path:
+    optim_tensors, optim_meta = optimizer_to_flat(state.opt)
+    sums, count = state.acc.state()
+    weights = {**with_prefix(state.model.state_dict(), "model."),
+               **with_prefix(state.ema.model.state_dict(), "ema.")}
+    training = {**optim_tensors, **with_prefix(sums, "acc."),
+                "rng.train": state.gen.get_state(), "rng.torch": torch.get_rng_state()}
+    meta = {"config": to_dict(cfg), "latent_scale_factor": cfg.diffusion.latent_scale_factor,
+            "optimizer": optim_meta, "data_order": state.order.state(),
+            "ema_updates": state.ema.updates, "nonfinite_steps": state.nonfinite,
+            "rollbacks": state.rollbacks, "lr_scale": state.lr_scale, "acc_count": count}
+    return save_checkpoint(run_dir / "checkpoints", state.step, weights, training, meta,
+                           cfg.train.checkpoint_keep)
+
+
+def restore_state(path: Path, state: LoopState) -> None:
+    weights, training, meta = load_checkpoint(path)
+    try:
+        state.model.load_state_dict(split_prefix(weights, "model."))
+        state.ema.model.load_state_dict(split_prefix(weights, "ema."))
+        optimizer_from_flat(state.opt, training, meta["optimizer"])
+        state.gen.set_state(training["rng.train"])
+        torch.set_rng_state(training["rng.torch"])
+        state.order.load(meta["data_order"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"checkpoint '{path}' does not match this config's model "
+                              f"({str(exc).splitlines()[0]}); resume with the run's own config") from None
+    state.ema.updates = meta["ema_updates"]
+    state.acc.load(split_prefix(training, "acc."), meta.get("acc_count", 0))
+    state.step, state.nonfinite = meta["step"], meta["nonfinite_steps"]
+    state.rollbacks, state.lr_scale = meta.get("rollbacks", 0), meta.get("lr_scale", 1.0)
+
+
+def rewind_findings(run_dir: Path, step: int) -> None:
+    rewind_jsonl(run_dir / FINDINGS_FILE, step, "diffusion", step_key="at_step")
+
+
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key in sorted(set(a) | set(b)):
+        name = prefix + key
+        if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
+            keys += _differences(a[key], b[key], name + ".")
+        elif a.get(key) != b.get(key) and name not in CONTINUABLE:
+            keys.append(name)
+    return keys
+
+
+def open_run(cfg: Config, run_dir: Path | None, resume: bool) -> tuple[Path, Config, bool]:
+    """(directory, config, continuing) for a training command.
+
+    ``resume``, or the same config pointed at a directory that already holds its run (rerunning
+    a preempted command), continues that run; a different config there is refused rather than
+    mixed into it. Otherwise a fresh ``runs/<name>-<timestamp>`` is made.
+    """
+    chosen = run_dir or (Path(cfg.run_dir) if cfg.run_dir else None)
+    if chosen is None:
+        stem = Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        chosen, i = stem, 1
+        while chosen.exists():
+            chosen, i = Path(f"{stem}-{i}"), i + 1
+        return chosen, cfg, False
+    if not (chosen / CONFIG_FILE).is_file():
+        if resume:
+            raise CheckpointError(f"'{chosen}' is not an ldmkit run directory (no {CONFIG_FILE})")
+        return chosen, cfg, False
+    saved = load_config(chosen / CONFIG_FILE)
+    if cfg.diffusion.latent_scale_factor is None:  # calibrated when the run started
+        cfg = dataclasses.replace(cfg, diffusion=dataclasses.replace(
+            cfg.diffusion, latent_scale_factor=saved.diffusion.latent_scale_factor))
+    if not resume and (diff := _differences(to_dict(saved), to_dict(cfg))):
+        raise CheckpointError(f"run directory '{chosen}' already holds a run with another config "
+                              f"({diff[0]}: {_get(saved, diff[0])!r} there, "
+                              f"{_get(cfg, diff[0])!r} here); continue it with `ldmkit train "
+                              f"--resume {chosen}` or choose another run_dir")
+    return chosen, cfg, True
+
+
+def _get(cfg: Config, dotted: str) -> object:
+    node: object = to_dict(cfg)
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> Config:
+    """The resolved config a run was started with, plus ``--set`` overrides (e.g. more steps)."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"'{run_dir}' is not an ldmkit run directory (no {CONFIG_FILE})")
+    return load_config(path, overrides)
+
+
+def last_checkpoint_or_none(run_dir: Path) -> Path | None:
+    try:
+        return latest_checkpoint(run_dir)
+    except CheckpointError:
+        return None
