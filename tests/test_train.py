@@ -26,7 +26,8 @@ def test_training_steps_lower_the_loss_on_a_fixed_batch():
     z = torch.randn(16, 4, 4, 4, generator=gen) * 0.3 + torch.linspace(-1, 1, 4).view(1, 4, 1, 1)
     t = torch.rand(16, generator=gen)
     eps = torch.randn(16, 4, 4, 4, generator=gen)
-    losses = [train_step(model, opt, CosineSchedule(), z, t, eps, 1.0)[1][vm.LOSS].item()
+    params = list(model.parameters())
+    losses = [train_step(model, params, opt, CosineSchedule(), z, t, eps, 1.0)[1][vm.LOSS].item()
               for _ in range(30)]
     assert losses[-1] < 0.7 * losses[0]
 
@@ -36,7 +37,7 @@ def test_nonfinite_step_is_not_applied():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     z = torch.full((2, 4, 4, 4), float("nan"))
-    applied, vitals = train_step(model, opt, CosineSchedule(), z, torch.rand(2),
+    applied, vitals = train_step(model, list(model.parameters()), opt, CosineSchedule(), z, torch.rand(2),
                                  torch.randn(2, 4, 4, 4), 1.0)
     assert not applied and not torch.isfinite(vitals[vm.LOSS])
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -134,3 +135,11 @@ def test_cli_rejects_unknown_config_key(tmp_path, capsys):
     path.write_text("train:\n  stepz: 3\n")
     assert main(["run", str(path)]) == 2
     assert "unknown config key 'train.stepz'" in capsys.readouterr().err
+
+
+def test_bf16_autocast_and_channels_last_paths_train_on_cpu(tmp_path):
+    """The GPU options run the same code path on CPU: finite vitals, loss still learning."""
+    cfg = tiny_config(train={"steps": 8, "precision": "bf16", "channels_last": True})
+    result = train(cfg, tmp_path / "run")
+    assert result.step == 8
+    assert 0.0 < result.vitals[vm.LOSS] < 1.5 and result.vitals[vm.GRAD_NORM] > 0

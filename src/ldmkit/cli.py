@@ -24,6 +24,13 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last "
                        "checkpoint")
     train.add_argument("--set", dest="overrides", **overrides)
+    train.add_argument("--until", type=int, metavar="STEP", help="stop at this step with a "
+                       "checkpoint (time-sliced jobs); continue later with --resume")
+
+    encode = sub.add_parser("encode", help="encode a run's dataset into its latent cache once")
+    encode.add_argument("run_dir")
+    encode.add_argument("--out", help="cache directory (default: the run's data.latent_cache, "
+                        "or RUN_DIR/latents)")
 
     sample = sub.add_parser("sample", help="sample a trained run with its EMA weights")
     sample.add_argument("run_dir")
@@ -51,16 +58,20 @@ def _train(args: argparse.Namespace, report: bool) -> int:
     from ldmkit.resume import load_run_config
     from ldmkit.train import train
 
+    until = getattr(args, "until", None)
+    if until is not None and until < 1:
+        raise LdmkitError("--until must be a step >= 1")
     if args.command == "train" and args.resume:
         if args.config:
             raise LdmkitError("give either a config or --resume RUN_DIR, not both")
-        result = train(load_run_config(args.resume, args.overrides), args.resume, resume=True)
+        result = train(load_run_config(args.resume, args.overrides), args.resume, resume=True,
+                       stop_at=until)
     elif not args.config:
         raise LdmkitError("missing config: ldmkit train configs/digits.yaml")
     else:
-        result = train(load_config(args.config, args.overrides))
-    if result.preempted_by:
-        return 0  # the trainer printed how to resume
+        result = train(load_config(args.config, args.overrides), stop_at=until)
+    if result.preempted_by or result.rank != 0:
+        return 0  # the trainer printed how to resume; only rank 0 reports
     text = write_report(result)
     if report:
         print(text)
@@ -82,6 +93,15 @@ def _sample(args: argparse.Namespace) -> None:
     print(f"samples: {grid}")
 
 
+def _encode(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from ldmkit.latents import encode_run
+
+    path = encode_run(Path(args.run_dir), Path(args.out) if args.out else None)
+    print(f"latent cache: {path}")
+
+
 def _diagnose(args: argparse.Namespace) -> int:
     from ldmkit.vitals.monitor import SEVERITY_RANK
     from ldmkit.vitals.offline import diagnose_log, format_table
@@ -100,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args, report=args.command == "run")
         if args.command == "sample":
             _sample(args)
+        elif args.command == "encode":
+            _encode(args)
         elif args.command == "diagnose":
             return _diagnose(args)
     except LdmkitError as exc:

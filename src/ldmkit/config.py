@@ -39,6 +39,7 @@ class DataConfig:
     image_size: int = _num(32, lo=4)
     channels: Literal[1, 3] = 1
     limit: int | None = _num(None, lo=1)
+    latent_cache: str = "auto"  # auto (RUN/latents), off, or a directory shared between runs
 
 
 @dataclass
@@ -102,6 +103,9 @@ class TrainConfig:
     sample_every: int = _num(1000, lo=1)
     checkpoint_every: int = _num(1000, lo=1)
     checkpoint_keep: int = _num(3, lo=1)
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast of the UNet forward
+    compile: bool = False  # torch.compile the UNet (GPU; slow to start on CPU)
+    channels_last: bool = False  # NHWC memory format (faster convolutions on recent GPUs)
 
 
 @dataclass

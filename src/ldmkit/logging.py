@@ -52,14 +52,17 @@ def rewind_jsonl(path: Path, step: int, stage: str, step_key: str = "step") -> N
 class MetricLogger:
     """Append scalars to ``run_dir/metrics.jsonl`` and (optionally) TensorBoard."""
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True):
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True, enabled: bool = True):
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / METRICS_FILE
-        self.tensorboard = tensorboard
+        self.enabled = enabled  # False on DDP ranks other than 0: they log nothing
+        self.tensorboard = tensorboard and enabled
         self._tb: dict[str, Any] = {}
         self._purge: dict[str, int] = {}  # stage -> purge_step of its next TensorBoard writer
-        self._fh = self.path.open("a", encoding="utf-8")
+        self._fh = None
+        if enabled:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._fh = self.path.open("a", encoding="utf-8")
         self.observers: list = []  # objects with observe(step, values), e.g. LiveMonitor
 
     def _writer(self, stage: str) -> Any:
@@ -74,6 +77,8 @@ class MetricLogger:
 
     def rewind(self, step: int, stage: str = "diffusion") -> None:
         """Forget ``stage``'s records after ``step`` (a rollback to a checkpoint)."""
+        if self._fh is None:
+            return
         self._fh.close()
         rewind_jsonl(self.path, step, stage)
         self._fh = self.path.open("a", encoding="utf-8")
@@ -82,6 +87,8 @@ class MetricLogger:
         self._purge[stage] = step + 1
 
     def log(self, step: int, values: dict[str, float]) -> None:
+        if self._fh is None:
+            return
         for tag, value in values.items():
             value = float(value)
             record = {"step": int(step), "tag": tag, "value": value if math.isfinite(value)
@@ -100,7 +107,8 @@ class MetricLogger:
             writer.add_text(tag, text, int(step))
 
     def close(self) -> None:
-        self._fh.close()
+        if self._fh is not None:
+            self._fh.close()
         for writer in self._tb.values():
             writer.close()
 

@@ -20,6 +20,7 @@ from ldmkit.config import Config, from_dict
 from ldmkit.data import to_uint8
 from ldmkit.diffusion.samplers import eps_denoiser, run_sampler
 from ldmkit.diffusion.schedule import CosineSchedule
+from ldmkit.distributed import SINGLE, Dist, all_gather_cat, shard, shard_size
 from ldmkit.logging import MetricLogger
 from ldmkit.models.autoencoder import Autoencoder
 from ldmkit.vitals.metrics import sample_vitals
@@ -39,25 +40,31 @@ def schedule_of(cfg: Config) -> CosineSchedule:
 @torch.no_grad()
 def generate(model: nn.Module, ae: Autoencoder, scale: float, cfg: Config, num: int,
              sampler: str, steps: int, seed: int, eta: float = 0.0,
-             batch_size: int = 256) -> Samples:
-    """Sample ``num`` latents in batches from ``N(0, I)`` drawn with ``seed``, then decode."""
+             batch_size: int = 256, d: Dist = SINGLE) -> Samples:
+    """Sample ``num`` latents in batches from ``N(0, I)`` drawn with ``seed``, then decode.
+
+    Under DDP each rank samples its shard of the same noise and the latents are gathered, so
+    the sample vitals are those of all ``num`` samples; rank 0 alone decodes (others get no
+    images).
+    """
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     shape = (ae.latent_channels, cfg.data.image_size // ae.downsample_factor,
              cfg.data.image_size // ae.downsample_factor)
-    noise = torch.randn((num, *shape), generator=gen)
+    shard_size(num, d, "the number of samples")
+    noise = shard(torch.randn((num, *shape), generator=gen), d)
+    if d.active:  # ancestral noise must differ between shards
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + d.rank + 1)
     denoise = eps_denoiser(model, schedule_of(cfg))
     was_training = model.training
     model.eval()
-    latents, images = [], []
-    for chunk in noise.split(batch_size):
-        z = run_sampler(sampler, denoise, chunk.to(device), schedule_of(cfg), steps, eta, gen)
-        z = z.float().cpu() / scale
-        latents.append(z)
-        images.append(to_uint8(ae.decode(z)))
+    parts = [run_sampler(sampler, denoise, chunk.to(device), schedule_of(cfg), steps, eta, gen)
+             for chunk in noise.split(batch_size)]
     model.train(was_training)
-    latents_all = torch.cat(latents)
-    return Samples(latents_all, torch.cat(images), sample_vitals(latents_all))
+    latents = all_gather_cat(torch.cat(parts).float(), d).cpu() / scale
+    images = (torch.cat([to_uint8(ae.decode(z)) for z in latents.split(batch_size)])
+              if d.is_main else torch.empty(0, dtype=torch.uint8))
+    return Samples(latents, images, sample_vitals(latents))
 
 
 def image_grid(images: torch.Tensor, pad: int = 2) -> Image.Image:

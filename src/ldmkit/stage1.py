@@ -20,6 +20,7 @@ from tqdm import tqdm
 from ldmkit.checkpoint import write_dir_atomically
 from ldmkit.config import AutoencoderConfig, Config
 from ldmkit.data import BatchOrder, ImageData
+from ldmkit.distributed import SINGLE, Dist, all_sum
 from ldmkit.errors import CheckpointError
 from ldmkit.logging import MetricLogger
 from ldmkit.models.autoencoder import Autoencoder
@@ -129,28 +130,22 @@ class LatentPosteriors:
         return mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator)
 
 
-@torch.no_grad()
-def encode_dataset(ae: Autoencoder, data: ImageData, batch_size: int = 256) -> LatentPosteriors:
-    means, logvars = [], []
-    for start in range(0, len(data), batch_size):
-        post = ae.encode(data.batch(torch.arange(start, min(start + batch_size, len(data)))))
-        means.append(post.mean)
-        logvars.append(post.logvar)
-    return LatentPosteriors(torch.cat(means), torch.cat(logvars))
-
-
 def calibrate_latent_scale(latents: LatentPosteriors, batches: int, batch_size: int,
-                           seed: int) -> float:
-    """``1 / std`` of ``z ~ q(z|x)`` pooled over ``batches`` batches (at most one epoch)."""
+                           seed: int, d: Dist = SINGLE) -> float:
+    """``1 / std`` of ``z ~ q(z|x)`` pooled over ``batches`` batches (at most one epoch).
+
+    Under DDP each rank takes every ``world``-th batch and the moments are summed over ranks, so
+    the scale uses every rank's batches and equals the single-process one.
+    """
     n = len(latents.mean)
     order = BatchOrder(n, min(batch_size, n), seed)
     gen = torch.Generator().manual_seed(seed)
-    total = total_sq = count = 0.0
-    for _ in range(min(batches, math.ceil(n / order.batch_size))):
-        z = latents.sample(order.next(), gen).double()
-        total += z.sum().item()
-        total_sq += z.pow(2).sum().item()
-        count += z.numel()
+    moments = torch.zeros(3, dtype=torch.float64)  # sum, sum of squares, count
+    for i in range(min(batches, math.ceil(n / order.batch_size))):
+        z = latents.sample(order.next(), gen).double()  # every rank draws, to share the stream
+        if i % d.world == d.rank:
+            moments += torch.stack([z.sum(), z.pow(2).sum(), torch.tensor(float(z.numel()))])
+    total, total_sq, count = all_sum(moments, d).tolist()
     var = total_sq / count - (total / count) ** 2
     if not var > 0:
         raise CheckpointError("the autoencoder's latents have zero variance; retrain stage 1")

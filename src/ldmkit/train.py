@@ -12,7 +12,6 @@ current step with a checkpoint (``ldmkit.preemption``); checkpoints and resume a
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,14 +19,28 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from ldmkit.checkpoint import latest_checkpoint, load_checkpoint, split_prefix
-from ldmkit.config import Config, from_dict, to_yaml
-from ldmkit.data import BatchOrder, load_data
+from ldmkit.config import Config, TrainConfig, from_dict, to_yaml
+from ldmkit.data import BatchOrder
 from ldmkit.diffusion.losses import EpsModel, eps_mse_loss
 from ldmkit.diffusion.schedule import CosineSchedule, sample_t
+from ldmkit.distributed import (
+    SINGLE,
+    Dist,
+    all_sum,
+    any_rank,
+    barrier,
+    broadcast_text,
+    init_distributed,
+    shard,
+    shard_size,
+    shutdown,
+)
 from ldmkit.errors import CheckpointError
+from ldmkit.latents import prepare_latents
 from ldmkit.logging import MetricLogger, read_metrics
 from ldmkit.models.autoencoder import Autoencoder
 from ldmkit.models.unet import UNet
@@ -43,15 +56,7 @@ from ldmkit.resume import (
     save_state,
 )
 from ldmkit.sample import generate, save_samples, schedule_of
-from ldmkit.stage1 import (
-    AE_DIR,
-    LatentPosteriors,
-    autoencoder_dir,
-    calibrate_latent_scale,
-    encode_dataset,
-    load_autoencoder,
-    train_autoencoder,
-)
+from ldmkit.stage1 import AE_DIR, load_autoencoder
 from ldmkit.vitals import metrics as vm
 from ldmkit.vitals.diagnose import Context, Finding, event_finding, scenario
 from ldmkit.vitals.monitor import LiveMonitor
@@ -82,11 +87,15 @@ class TrainResult:
     scenario: str = "too_early"
     stopped_by: Finding | None = None
     preempted_by: str | None = None
+    rank: int = 0
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, d: Dist = SINGLE) -> torch.device:
+    """``auto``: this process's GPU when there is one (``cuda:LOCAL_RANK`` under torchrun)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and d.active:
+        return torch.device("cuda", d.local_rank)
     return torch.device(name)
 
 
@@ -96,50 +105,72 @@ def build_unet(cfg: Config, latent_channels: int, latent_size: int) -> UNet:
                 u.attention_resolutions, u.num_heads, u.dropout)
 
 
-def prepare_latents(cfg: Config, run_dir: Path, logger: MetricLogger,
-                    stop: StopRequest | None = None) -> tuple[Autoencoder, LatentPosteriors, float]:
-    """Stage 1 (reuse or train), encode the dataset once, calibrate the latent scale."""
-    data = load_data(cfg.data)
-    print(f"data: {len(data)} images from {data.source}, {tuple(data.images.shape[1:])}")
-    if data.skipped:
-        print(f"data: skipped {data.skipped} unreadable images (first: {data.first_skipped})")
-    if cfg.autoencoder.pretrained and not (run_dir / AE_DIR / "meta.json").is_file():
-        ae = load_autoencoder(cfg.autoencoder.pretrained)
-        # the run keeps its own copy, so sampling and resume never depend on an outside path
-        shutil.copytree(autoencoder_dir(cfg.autoencoder.pretrained), run_dir / AE_DIR)
-    elif (run_dir / AE_DIR / "meta.json").is_file():
-        ae = load_autoencoder(run_dir / AE_DIR)
-    else:
-        ae = train_autoencoder(cfg, data, run_dir, logger, stop)
-    if ae.encoder.conv_in.in_channels != cfg.data.channels:
-        raise CheckpointError(f"the autoencoder takes {ae.encoder.conv_in.in_channels}-channel "
-                              f"images but data.channels is {cfg.data.channels}")
-    latents = encode_dataset(ae, data)
-    scale = cfg.diffusion.latent_scale_factor
-    if scale is None:
-        scale = calibrate_latent_scale(latents, cfg.autoencoder.calibration_batches,
-                                       cfg.train.batch_size, cfg.seed + 3)
-        print(f"latent_scale_factor calibrated: {scale:.4f}")
-    return ae, latents, scale
+@dataclass
+class Runtime:
+    """Where and how this process trains: its rank, device, logs, live monitor, stop flag."""
+
+    d: Dist
+    device: torch.device
+    logger: MetricLogger
+    stop: StopRequest
+    monitor: LiveMonitor | None = None
+    bf16: bool = False
+    channels_last: bool = False
 
 
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, schedule: CosineSchedule,
-               z: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, grad_clip: float,
+def forward_model(model: nn.Module, rt: Runtime) -> EpsModel:
+    """The backbone as the loss calls it: bf16 autocast and NHWC inputs when configured."""
+
+    def forward(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if rt.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(rt.device.type, torch.bfloat16, enabled=rt.bf16):
+            return model(x, t)
+
+    return forward
+
+
+def train_step(model: nn.Module | EpsModel, params: list[nn.Parameter],
+               opt: torch.optim.Optimizer, schedule: CosineSchedule, z: torch.Tensor,
+               t: torch.Tensor, eps: torch.Tensor, grad_clip: float,
                fault: Fault | None = None) -> tuple[bool, dict[str, torch.Tensor]]:
-    """One update; returns whether it was applied and the step's vitals (device tensors)."""
+    """One update; returns whether it was applied and the step's vitals (device tensors).
+
+    Under DDP ``backward`` all-reduces the gradients, so the norm (before clipping) is that of
+    the synchronized gradient and every rank takes the same decision.
+    """
     eps_model = fault.eps_model(model, eps) if fault and fault.eps_model else model
     target = fault.target(eps) if fault and fault.target else None
     out = eps_mse_loss(eps_model, schedule, z, t, eps, target)
     opt.zero_grad(set_to_none=True)
     out.loss.backward()
-    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip)  # norm before clipping
+    grad_norm = nn.utils.clip_grad_norm_(params, grad_clip)
     finite = bool(torch.isfinite(out.loss) & torch.isfinite(grad_norm))
     if finite:
         opt.step()
     vitals = {vm.LOSS: out.loss.detach(), vm.GRAD_NORM: grad_norm.detach(),
-              vm.T_MEAN: t.mean(), vm.COS_EPS: vm.cos_eps_mean(out.eps_pred.detach(), eps),
+              vm.T_MEAN: t.mean(), vm.COS_EPS: vm.cos_eps_mean(out.eps_pred.detach().float(), eps),
               vm.Z_STD: vm.latent_std(z)}
     return finite, vitals
+
+
+def global_vitals(vitals: dict[str, torch.Tensor], z: torch.Tensor,
+                  d: Dist) -> dict[str, torch.Tensor]:
+    """Per-rank step vitals -> those of the global batch (one small all-reduce, no host sync).
+
+    Shards are equal, so means of per-rank means are global means; z_std is pooled from the
+    ranks' moments.
+    """
+    if not d.active:
+        return vitals
+    zd = z.detach().double()
+    packed = torch.stack([vitals[vm.LOSS].double(), vitals[vm.T_MEAN].double(),
+                          vitals[vm.COS_EPS].double(), zd.sum(), zd.pow(2).sum()])
+    loss, t_mean, cos, total, total_sq = (all_sum(packed, d) / d.world).unbind()
+    n = z.numel()  # per rank; the sums above are divided by world, i.e. per-rank means
+    var = (total_sq - total * total / n) / (n - 1 / d.world)
+    return {**vitals, vm.LOSS: loss.float(), vm.T_MEAN: t_mean.float(), vm.COS_EPS: cos.float(),
+            vm.Z_STD: var.clamp(min=0).sqrt().float()}
 
 
 def attach_monitor(cfg: Config, run_dir: Path, logger: MetricLogger, scale: float,
@@ -164,16 +195,17 @@ def _series_until(logger: MetricLogger, step: int) -> dict[str, list[tuple[int, 
     return earlier
 
 
-def sample_and_log(cfg: Config, step: int, ema: EMA, ae: Autoencoder, scale: float,
-                   logger: MetricLogger, out: Path, num: int, singles: bool) -> tuple[Path, dict]:
+def sample_and_log(cfg: Config, step: int, ema: EMA, ae: Autoencoder, scale: float, rt: Runtime,
+                   out: Path, num: int, singles: bool) -> tuple[Path | None, dict]:
     s = cfg.sample
-    samples = generate(ema.model, ae, scale, cfg, num, s.sampler, s.steps, s.seed, s.eta)
-    logger.log(step, samples.vitals)
-    return save_samples(samples, out, singles), samples.vitals
+    samples = generate(ema.model, ae, scale, cfg, num, s.sampler, s.steps, s.seed, s.eta, d=rt.d)
+    rt.logger.log(step, samples.vitals)
+    grid = save_samples(samples, out, singles) if rt.d.is_main else None
+    return grid, samples.vitals
 
 
 def on_nonfinite(cfg: Config, run_dir: Path, state: LoopState, value: float,
-                 logger: MetricLogger, monitor: LiveMonitor | None) -> Finding:
+                 rt: Runtime) -> Finding:
     """Act on a step that was not applied (``vitals.on_nonfinite`` = rollback or stop).
 
     Rollback restores the last checkpoint, rewinds the logs to it and scales the learning rate;
@@ -184,7 +216,8 @@ def on_nonfinite(cfg: Config, run_dir: Path, state: LoopState, value: float,
     fields = {"n": state.rollbacks, "max": vc.max_rollbacks, "lr_scale": state.lr_scale,
               "lr": cfg.train.lr * state.lr_scale * 0.1}
     if vc.on_nonfinite == "stop":
-        save_state(run_dir, cfg, state)
+        if rt.d.is_main:
+            save_state(run_dir, cfg, state)
         finding = event_finding("nonfinite_stop", diverged_at, value, **fields)
     elif state.rollbacks >= vc.max_rollbacks:
         finding = event_finding("rollback_exhausted", diverged_at, value, **fields)
@@ -193,24 +226,47 @@ def on_nonfinite(cfg: Config, run_dir: Path, state: LoopState, value: float,
         rollbacks, lr_scale = state.rollbacks + 1, state.lr_scale * vc.rollback_lr_factor
         restore_state(ckpt, state)
         state.rollbacks, state.lr_scale = rollbacks, lr_scale
-        logger.rewind(state.step)
-        rewind_findings(run_dir, state.step)
-        if monitor is not None:
-            monitor.prime(_series_until(logger, state.step))
+        if rt.d.is_main:
+            rt.logger.rewind(state.step)
+            rewind_findings(run_dir, state.step)
+        if rt.monitor is not None:
+            rt.monitor.prime(_series_until(rt.logger, state.step))
         finding = event_finding("nonfinite_rollback", diverged_at, value, to=state.step,
                                 n=rollbacks, max=vc.max_rollbacks, lr_scale=lr_scale,
                                 lr=cfg.train.lr * lr_scale)
-    at_step = state.step
-    if monitor is not None:
-        monitor.record(finding, at_step)
-    else:
+    if rt.monitor is not None:
+        rt.monitor.record(finding, state.step)
+    elif rt.d.is_main:
         tqdm.write(f"[vitals] {finding.severity.upper()} {finding.code}: {finding.message}")
     return finding
 
 
-def _preempted(run_dir: Path, stop: StopRequest, step: int) -> None:
-    tqdm.write(f"[ldmkit] {stop.signal_name}: stopped after step {step} with a checkpoint; "
-               f"resume with `ldmkit train --resume {run_dir}` (or rerun the same command)")
+def should_stop(rt: Runtime, step: int, tc: TrainConfig, end: int) -> bool:
+    """A stop request or a stopping finding, agreed by all ranks. Under DDP this costs a
+    collective, so it is asked at log and checkpoint steps only."""
+    local = rt.stop.requested or bool(rt.monitor and rt.monitor.stop_finding)
+    if not rt.d.active:
+        return local
+    if step % tc.log_every and step % tc.checkpoint_every and step != end:
+        return False
+    return any_rank(local, rt.d, rt.device)
+
+
+def setup_run(cfg: Config, run_dir: Path | None, resume: bool,
+              d: Dist) -> tuple[Path, Config, Path | None, bool]:
+    """(run directory, config, checkpoint to resume, continuing), agreed by all ranks."""
+    run_dir, cfg, continuing = open_run(cfg, run_dir and Path(run_dir), resume)
+    run_dir = Path(broadcast_text(str(run_dir), d))
+    if d.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not continuing:
+            (run_dir / CONFIG_FILE).write_text(to_yaml(cfg))
+        print(f"run directory: {run_dir}\n--- config ---\n{to_yaml(cfg)}--------------")
+        if d.active:
+            print(f"distributed: {d.world} processes, global batch {cfg.train.batch_size}")
+    barrier(d)
+    ckpt = last_checkpoint_or_none(run_dir) if continuing else None
+    return run_dir, cfg, ckpt, continuing
 
 
 def train(cfg: Config, run_dir: Path | None = None, resume: bool = False,
@@ -218,70 +274,88 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False,
     """Train stage 2 (and stage 1 unless reused), or continue ``run_dir`` from its last checkpoint.
 
     ``resume`` (or a ``run_dir`` that already holds this config's run) continues it. ``stop_at``
-    ends after that many total steps with a checkpoint, as a preemption would. ``fault`` plants a
-    defect in every step (tests of the diagnosis only).
+    ends after that many total steps with a checkpoint (a time-sliced job). ``fault`` plants a
+    defect in every step (tests of the diagnosis only). Under torchrun every rank calls this.
     """
+    d = init_distributed(cfg.device)
+    try:
+        return _train(cfg, run_dir, resume, stop_at, fault, d)
+    finally:
+        shutdown(d)
+
+
+def _train(cfg: Config, run_dir: Path | None, resume: bool, stop_at: int | None,
+           fault: Fault | None, d: Dist) -> TrainResult:
     started = time.time()
-    run_dir, cfg, continuing = open_run(cfg, run_dir and Path(run_dir), resume)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = last_checkpoint_or_none(run_dir) if continuing else None
-    if not continuing:
-        (run_dir / CONFIG_FILE).write_text(to_yaml(cfg))
-    print(f"run directory: {run_dir}\n--- config ---\n{to_yaml(cfg)}--------------")
-    device = resolve_device(cfg.device)
+    run_dir, cfg, ckpt, continuing = setup_run(cfg, run_dir, resume, d)
+    device = resolve_device(cfg.device, d)
     torch.manual_seed(cfg.seed)
     tc = cfg.train
-    with MetricLogger(run_dir, cfg.tensorboard) as logger, StopRequest() as stop:
+    shard_size(tc.batch_size, d, "train.batch_size")  # fails early when not divisible
+    with MetricLogger(run_dir, cfg.tensorboard, enabled=d.is_main) as logger, \
+            StopRequest() as stop:
+        rt = Runtime(d, device, logger, stop, bf16=tc.precision == "bf16",
+                     channels_last=tc.channels_last)
         try:
-            ae, latents, scale = prepare_latents(cfg, run_dir, logger, stop)
+            ae, latents, scale = prepare_latents(cfg, run_dir, logger, stop, d)
         except Preempted as exc:
-            tqdm.write(f"[ldmkit] {exc}; stage 1 restarts on resume: `ldmkit train --resume "
-                       f"{run_dir}`")
+            if d.is_main:
+                tqdm.write(f"[ldmkit] {exc}; stage 1 restarts on resume: `ldmkit train --resume "
+                           f"{run_dir}`")
             return TrainResult(run_dir, 0, float("nan"), {}, None, time.time() - started,
-                               preempted_by=exc.signal_name)
+                               preempted_by=exc.signal_name, rank=d.rank)
         cfg = dataclasses.replace(cfg, diffusion=dataclasses.replace(
             cfg.diffusion, latent_scale_factor=scale))
         model = build_unet(cfg, ae.latent_channels, latents.mean.shape[-1]).to(device)
+        if tc.channels_last:
+            model = model.to(memory_format=torch.channels_last)
         state = LoopState(model, EMA(model, tc.ema_decay), build_optimizer(model, tc),
                           torch.Generator().manual_seed(cfg.seed + 4),
                           BatchOrder(len(latents.mean), tc.batch_size, cfg.seed + 5),
                           vm.StepAccumulator())
         if ckpt is not None:
             restore_state(ckpt, state)
-            print(f"resumed from {ckpt} at step {state.step}")
-        if continuing:  # only now that the checkpoint loaded: forget the steps to be redone
+            if d.is_main:
+                print(f"resumed from {ckpt} at step {state.step}")
+        if continuing and d.is_main:  # only now that the checkpoint loaded: forget redone steps
             logger.rewind(state.step if ckpt else -1)
             rewind_findings(run_dir, state.step if ckpt else -1)
-        (run_dir / CONFIG_FILE).write_text(to_yaml(cfg))
-        first_step = state.step
-        monitor = attach_monitor(cfg, run_dir, logger, scale, state.step)
-        if state.step == 0:
-            logger.log(0, {vm.SCALE_FACTOR: scale})
-        if cfg.vitals.on_nonfinite == "rollback" and ckpt is None:
-            save_state(run_dir, cfg, state)  # something to roll back to
-        schedule = schedule_of(cfg)
+        if d.is_main:
+            (run_dir / CONFIG_FILE).write_text(to_yaml(cfg))
+            rt.monitor = attach_monitor(cfg, run_dir, logger, scale, state.step)
+            if state.step == 0:
+                logger.log(0, {vm.SCALE_FACTOR: scale})
+            if cfg.vitals.on_nonfinite == "rollback" and ckpt is None:
+                save_state(run_dir, cfg, state)  # something to roll back to
+        wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) \
+            if d.active else model
+        if tc.compile:
+            wrapped = torch.compile(wrapped)
+        net, params = forward_model(wrapped, rt), list(model.parameters())
+        schedule, first_step = schedule_of(cfg), state.step
         end = min(tc.steps, stop_at) if stop_at else tc.steps
         grid, vitals, stopped_by = None, {}, None
         bar = tqdm(total=tc.steps, initial=state.step, desc="diffusion", dynamic_ncols=True,
-                   mininterval=1.0)
+                   mininterval=1.0, disable=not d.is_main)
         model.train()
         while state.step < end:
             lr = lr_at(state.step, tc) * state.lr_scale
             set_lr(state.opt, lr)
-            index = state.order.next()
-            z = (scale * latents.sample(index, state.gen)).to(device)
+            index = state.order.next()  # the global batch; every rank draws the same
+            z = scale * latents.sample(index, state.gen)
             t = sample_t(len(index), cfg.diffusion.t_sampling, state.gen,
-                         cfg.diffusion.logit_normal_loc, cfg.diffusion.logit_normal_scale).to(device)
-            eps = torch.randn(z.shape, generator=state.gen).to(device)
-            applied, step_vitals = train_step(model, state.opt, schedule, z, t, eps, tc.grad_clip,
-                                              fault)
+                         cfg.diffusion.logit_normal_loc, cfg.diffusion.logit_normal_scale)
+            eps = torch.randn(z.shape, generator=state.gen)
+            z, t, eps = (shard(x, d).to(device, non_blocking=True) for x in (z, t, eps))
+            applied, step_vitals = train_step(net, params, state.opt, schedule, z, t, eps,
+                                              tc.grad_clip, fault)
+            step_vitals = global_vitals(step_vitals, z, d)
             if applied:
                 state.ema.update(model)
             else:
                 state.nonfinite += 1
                 if cfg.vitals.on_nonfinite != "skip":
-                    event = on_nonfinite(cfg, run_dir, state, float(step_vitals[vm.LOSS]),
-                                         logger, monitor)
+                    event = on_nonfinite(cfg, run_dir, state, float(step_vitals[vm.LOSS]), rt)
                     if event.severity == "critical":
                         stopped_by = event
                         break
@@ -300,33 +374,46 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False,
                 logger.log(step, vitals)
                 bar.set_postfix(loss=f"{vitals[vm.LOSS]:.4f}", cos=f"{vitals[vm.COS_EPS]:.2f}")
             if step % tc.sample_every == 0 and step < tc.steps:
-                sample_and_log(cfg, step, state.ema, ae, scale, logger,
+                sample_and_log(cfg, step, state.ema, ae, scale, rt,
                                run_dir / "samples" / f"step_{step:07d}",
                                cfg.sample.during_training_num, False)
-            stopped_by = monitor.stop_finding if monitor else None
-            if step % tc.checkpoint_every == 0 or step == end or stopped_by or stop.requested:
+            halt = should_stop(rt, step, tc, end)
+            stopped_by = rt.monitor.stop_finding if rt.monitor else None
+            if (step % tc.checkpoint_every == 0 or step == end or halt) and d.is_main:
                 save_state(run_dir, cfg, state)
-            if stopped_by:
-                tqdm.write(f"[vitals] stopping at step {step} (vitals.on_critical=stop): "
-                           f"{stopped_by.code}. Checkpoint saved; resume with `ldmkit train "
-                           f"--resume {run_dir}` after the fix: {stopped_by.fix}")
-                break
-            if stop.requested:
-                _preempted(run_dir, stop, step)
+            if halt:
+                _announce_stop(run_dir, step, stopped_by, stop, d)
                 break
         bar.close()
         final_missing = not (run_dir / "samples" / "final" / "grid.png").is_file()
         if state.step >= tc.steps and not stopped_by and (state.step > first_step or final_missing):
-            grid, sample_vitals = sample_and_log(cfg, state.step, state.ema, ae, scale, logger,
+            grid, sample_vitals = sample_and_log(cfg, state.step, state.ema, ae, scale, rt,
                                                  run_dir / "samples" / "final", cfg.sample.num,
                                                  True)
             vitals = {**vitals, **sample_vitals}
+        barrier(d)
+        monitor = rt.monitor
         findings = monitor.active() if monitor else []
         if stopped_by and stopped_by not in findings:
             findings.append(stopped_by)
         verdict = scenario(findings, monitor.series, monitor.ctx) if monitor else "unknown"
     return TrainResult(run_dir, state.step, scale, vitals, grid, time.time() - started,
-                       findings, verdict, stopped_by, stop.signal_name)
+                       findings, verdict, stopped_by, stop.signal_name if not stopped_by else None,
+                       d.rank)
+
+
+def _announce_stop(run_dir: Path, step: int, finding: Finding | None, stop: StopRequest,
+                   d: Dist) -> None:
+    if not d.is_main:
+        return
+    if finding is not None:
+        tqdm.write(f"[vitals] stopping at step {step} (vitals.on_critical=stop): {finding.code}. "
+                   f"Checkpoint saved; resume with `ldmkit train --resume {run_dir}` after the "
+                   f"fix: {finding.fix}")
+    else:
+        tqdm.write(f"[ldmkit] {stop.signal_name or 'stop'}: stopped after step {step} with a "
+                   f"checkpoint; resume with `ldmkit train --resume {run_dir}` (or rerun the "
+                   "same command)")
 
 
 def load_for_sampling(run_dir: Path) -> tuple[dict, int, nn.Module, Autoencoder, float]:

@@ -1,0 +1,206 @@
+"""Stage 1's output for stage 2: the autoencoder, the encoded dataset, and the latent scale.
+
+The dataset is encoded once by the frozen autoencoder into a memory-mapped cache (posterior mean
+and log-variance, ``.npy``), so stage 2 never runs the encoder and a restart or a second run on
+the same autoencoder does not even decode the images again. The cache records the SHA-256 of
+the autoencoder's weights and the data settings, and is rebuilt when either changes.
+``data.latent_cache``: ``auto`` (``RUN/latents``), ``off`` (encode in memory), or a directory
+shared between runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ldmkit.checkpoint import write_dir_atomically
+from ldmkit.config import Config, DataConfig
+from ldmkit.data import ImageData, load_data
+from ldmkit.distributed import SINGLE, Dist, barrier, broadcast_float
+from ldmkit.errors import CheckpointError
+from ldmkit.logging import MetricLogger
+from ldmkit.models.autoencoder import Autoencoder
+from ldmkit.preemption import Preempted, StopRequest
+from ldmkit.resume import load_run_config
+from ldmkit.stage1 import (
+    AE_DIR,
+    LatentPosteriors,
+    autoencoder_dir,
+    calibrate_latent_scale,
+    load_autoencoder,
+    train_autoencoder,
+)
+
+CACHE_DIR = "latents"
+ENCODE_BATCH = 256
+
+
+def autoencoder_hash(ae_dir: Path) -> str:
+    digest = hashlib.sha256()
+    for name in ("meta.json", "weights.safetensors"):
+        with (ae_dir / name).open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def cache_dir(cfg: Config, run_dir: Path) -> Path | None:
+    setting = cfg.data.latent_cache
+    if setting == "off":
+        return None
+    return run_dir / CACHE_DIR if setting == "auto" else Path(setting)
+
+
+def cache_meta(cfg: Config, ae_dir: Path) -> dict:
+    data = {k: v for k, v in asdict(cfg.data).items() if k != "latent_cache"}
+    return {"autoencoder_sha256": autoencoder_hash(ae_dir), "data": data}
+
+
+def read_cache(path: Path, expected: dict) -> LatentPosteriors | None:
+    """The cached posteriors, or None when absent or built from another autoencoder or data."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if {k: meta.get(k) for k in expected} != expected:
+        return None
+    try:  # copy-on-write maps: pages are shared and read lazily, never written back
+        mean = np.load(path / "mean.npy", mmap_mode="c", allow_pickle=False)
+        logvar = np.load(path / "logvar.npy", mmap_mode="c", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"latent cache '{path}' is unreadable ({exc}); delete it to "
+                              "rebuild") from None
+    return LatentPosteriors(torch.from_numpy(mean), torch.from_numpy(logvar))
+
+
+@torch.no_grad()
+def build_cache(ae: Autoencoder, cfg: Config, path: Path, meta: dict,
+                data: LazyData | None = None) -> LatentPosteriors:
+    """Encode ``cfg.data`` into ``path`` (written atomically) and return the mapped result."""
+    data = (data or LazyData(cfg.data)).get()
+    size = cfg.data.image_size // ae.downsample_factor
+    shape = (len(data), ae.latent_channels, size, size)
+
+    def write(tmp: Path) -> None:
+        mean = np.lib.format.open_memmap(tmp / "mean.npy", "w+", np.float32, shape)
+        logvar = np.lib.format.open_memmap(tmp / "logvar.npy", "w+", np.float32, shape)
+        for start in range(0, len(data), ENCODE_BATCH):
+            stop = min(start + ENCODE_BATCH, len(data))
+            post = ae.encode(data.batch(torch.arange(start, stop)))
+            mean[start:stop], logvar[start:stop] = post.mean.numpy(), post.logvar.numpy()
+        mean.flush()
+        logvar.flush()
+        del mean, logvar
+        (tmp / "meta.json").write_text(json.dumps({**meta, "shape": list(shape)}, indent=2))
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_dir_atomically(path, write)
+    return read_cache(path, meta)
+
+
+def encode_in_memory(ae: Autoencoder, data: ImageData) -> LatentPosteriors:
+    means, logvars = [], []
+    with torch.no_grad():
+        for start in range(0, len(data), ENCODE_BATCH):
+            post = ae.encode(data.batch(torch.arange(start, min(start + ENCODE_BATCH, len(data)))))
+            means.append(post.mean)
+            logvars.append(post.logvar)
+    return LatentPosteriors(torch.cat(means), torch.cat(logvars))
+
+
+def _report(data: ImageData) -> None:
+    print(f"data: {len(data)} images from {data.source}, {tuple(data.images.shape[1:])}")
+    if data.skipped:
+        print(f"data: skipped {data.skipped} unreadable images (first: {data.first_skipped})")
+
+
+class LazyData:
+    """The dataset, loaded (and reported) on first use only: a valid cache never needs it."""
+
+    def __init__(self, cfg: DataConfig):
+        self.cfg, self._data = cfg, None
+
+    def get(self) -> ImageData:
+        if self._data is None:
+            self._data = load_data(self.cfg)
+            _report(self._data)
+        return self._data
+
+
+def encoded_dataset(ae: Autoencoder, cfg: Config, run_dir: Path, data: LazyData,
+                    d: Dist = SINGLE, path: Path | None = None) -> LatentPosteriors:
+    """The dataset's posteriors: from the cache when it matches, else encoded (rank 0 builds)."""
+    path = path or cache_dir(cfg, run_dir)
+    if path is None:
+        return encode_in_memory(ae, data.get())
+    meta = cache_meta(cfg, run_dir / AE_DIR)
+    if d.is_main:
+        latents = read_cache(path, meta)
+        if latents is None:
+            print(f"latent cache: encoding the dataset into {path}")
+            latents = build_cache(ae, cfg, path, meta, data)
+        else:
+            print(f"latent cache: reusing {path} ({len(latents.mean)} latents)")
+    barrier(d)
+    if not d.is_main:
+        latents = read_cache(path, meta)
+        if latents is None:
+            raise CheckpointError(f"latent cache '{path}' is not visible from rank {d.rank}; "
+                                  "put the run directory on storage every node shares")
+    return latents
+
+
+def stage1_autoencoder(cfg: Config, run_dir: Path, logger: MetricLogger, data: LazyData,
+                       stop: StopRequest | None, d: Dist = SINGLE) -> Autoencoder:
+    """Reuse the run's autoencoder, copy a pretrained one in, or train it (rank 0; the other
+    ranks wait, and stop with it if it is preempted)."""
+    own, preempted = run_dir / AE_DIR, None
+    if d.is_main and not (own / "meta.json").is_file():
+        if cfg.autoencoder.pretrained:
+            load_autoencoder(cfg.autoencoder.pretrained)  # fails early on a broken one
+            # the run keeps its own copy, so sampling and resume never depend on an outside path
+            shutil.copytree(autoencoder_dir(cfg.autoencoder.pretrained), own)
+        else:
+            try:
+                train_autoencoder(cfg, data.get(), run_dir, logger, stop)
+            except Preempted as exc:
+                preempted = exc
+    barrier(d)
+    if broadcast_float(1.0 if preempted else 0.0, d):
+        raise preempted or Preempted("autoencoder", 0, "SIGTERM")
+    ae = load_autoencoder(own)
+    if ae.encoder.conv_in.in_channels != cfg.data.channels:
+        raise CheckpointError(f"the autoencoder takes {ae.encoder.conv_in.in_channels}-channel "
+                              f"images but data.channels is {cfg.data.channels}")
+    return ae
+
+
+def prepare_latents(cfg: Config, run_dir: Path, logger: MetricLogger,
+                    stop: StopRequest | None = None,
+                    d: Dist = SINGLE) -> tuple[Autoencoder, LatentPosteriors, float]:
+    """Stage 1 (reuse or train), the encoded dataset, and the latent scale (calibrated if null)."""
+    data = LazyData(cfg.data)
+    ae = stage1_autoencoder(cfg, run_dir, logger, data, stop, d)
+    latents = encoded_dataset(ae, cfg, run_dir, data, d)
+    scale = cfg.diffusion.latent_scale_factor
+    if scale is None:
+        scale = calibrate_latent_scale(latents, cfg.autoencoder.calibration_batches,
+                                       cfg.train.batch_size, cfg.seed + 3, d)
+        scale = broadcast_float(scale, d)
+        print(f"latent_scale_factor calibrated: {scale:.4f}")
+    return ae, latents, scale
+
+
+def encode_run(run_dir: Path, out: Path | None = None) -> Path:
+    """``ldmkit encode``: build (or verify) the latent cache of a trained run's autoencoder."""
+    cfg = load_run_config(run_dir)
+    ae = load_autoencoder(run_dir / AE_DIR)
+    path = out or cache_dir(cfg, run_dir) or run_dir / CACHE_DIR
+    encoded_dataset(ae, cfg, run_dir, LazyData(cfg.data), path=path)
+    return path
