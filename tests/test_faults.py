@@ -116,6 +116,14 @@ CASES = [
     ("input_disconnected", {},
      Fault(eps_model=lambda model, eps: (lambda x, t: model(torch.randn_like(x), t))),
      "cos_eps_random", {"loss_stuck_high"}, 12),
+    # an output head 1000x too large: gradients explode; Adam keeps the run finite but the
+    # model learns slowly, so its samples are off too
+    ("output_head_1000x", {},
+     Fault(eps_model=lambda model, eps: (lambda x, t: 1000 * model(x, t))),
+     "grad_norm_exploding", {"loss_stuck_high", "final_latent_std_off", "final_latent_extreme"}, 3),
+    # a biased regression target: the sampler drifts, judged at the first sampling (step 200)
+    ("biased_noise_target", {}, Fault(target=lambda eps: eps + 0.5), "final_latent_mean_shift",
+     set(), 20),
 ]
 
 
