@@ -83,6 +83,7 @@ def cache_speedup(tmp: Path) -> str:
 
 
 def throughput(tmp: Path, ae_run: Path, nproc: int, steps: int) -> float:
+    tmp.mkdir(parents=True, exist_ok=True)
     cfg = yaml.safe_load((ROOT / "configs/digits.yaml").read_text())
     cfg["autoencoder"]["pretrained"] = str(ae_run)
     cfg["run_dir"] = str(tmp / f"p{nproc}-{steps}")
