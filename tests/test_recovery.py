@@ -130,7 +130,8 @@ BAD_CONFIGS = [
 
 @pytest.mark.parametrize("sections, needle", BAD_CONFIGS, ids=[n for _, n in BAD_CONFIGS])
 def test_bad_config_values_exit_2_with_one_line(tmp_path, capsys, sections, needle):
-    cfg = {**TINY, **{k: {**TINY.get(k, {}), **v} for k, v in sections.items()}}
+    cfg = {**TINY, **{k: {**TINY.get(k, {}), **v} for k, v in sections.items()},
+           "run_dir": str(tmp_path / "run")}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["train", str(tmp_path / "c.yaml")]) == 2
     err = capsys.readouterr().err.strip()

@@ -41,6 +41,10 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--out", help="output directory (default RUN_DIR/samples/...)")
 
+    report = sub.add_parser("report", help="write a run's self-contained HTML report")
+    report.add_argument("run_dir")
+    report.add_argument("-o", "--out", help="output file (default RUN_DIR/report.html)")
+
     diagnose = sub.add_parser("diagnose", help="read any run's metrics and say what is wrong")
     diagnose.add_argument("path", help="run directory, metrics.jsonl, CSV (step,tag,value), "
                           "TensorBoard event file or directory")
@@ -54,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _train(args: argparse.Namespace, report: bool) -> int:
     from ldmkit.config import load_config
-    from ldmkit.report import write_report
+    from ldmkit.report import write_html_report, write_report
     from ldmkit.resume import load_run_config
     from ldmkit.train import train
 
@@ -73,6 +77,7 @@ def _train(args: argparse.Namespace, report: bool) -> int:
     if result.preempted_by or result.rank != 0:
         return 0  # the trainer printed how to resume; only rank 0 reports
     text = write_report(result)
+    write_html_report(result.run_dir)
     if report:
         print(text)
     else:
@@ -120,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args, report=args.command == "run")
         if args.command == "sample":
             _sample(args)
+        elif args.command == "report":
+            from ldmkit.report import write_html_report
+
+            print(f"report: {write_html_report(args.run_dir, args.out)}")
         elif args.command == "encode":
             _encode(args)
         elif args.command == "diagnose":

@@ -7,13 +7,10 @@ i.e. after dividing by the scale (guide: final_latent_stats).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
 from ldmkit.config import Config, from_dict
@@ -21,6 +18,7 @@ from ldmkit.data import to_uint8
 from ldmkit.diffusion.samplers import eps_denoiser, run_sampler
 from ldmkit.diffusion.schedule import CosineSchedule
 from ldmkit.distributed import SINGLE, Dist, all_gather_cat, shard, shard_size
+from ldmkit.images import image_grid, save_image
 from ldmkit.logging import MetricLogger
 from ldmkit.models.autoencoder import Autoencoder
 from ldmkit.vitals.metrics import sample_vitals
@@ -65,23 +63,6 @@ def generate(model: nn.Module, ae: Autoencoder, scale: float, cfg: Config, num: 
     images = (torch.cat([to_uint8(ae.decode(z)) for z in latents.split(batch_size)])
               if d.is_main else torch.empty(0, dtype=torch.uint8))
     return Samples(latents, images, sample_vitals(latents))
-
-
-def image_grid(images: torch.Tensor, pad: int = 2) -> Image.Image:
-    """Tile uint8 ``[N, C, H, W]`` into a near-square grid on a white background."""
-    n, c, h, w = images.shape
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, dtype=np.uint8)
-    for i, img in enumerate(images.permute(0, 2, 3, 1).numpy()):
-        r, q = divmod(i, cols)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = img
-    return Image.fromarray(grid[..., 0] if c == 1 else grid)
-
-
-def save_image(image: torch.Tensor, path: Path) -> None:
-    array = image.permute(1, 2, 0).numpy()
-    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(path)
 
 
 def save_samples(samples: Samples, out_dir: Path, singles: bool = True) -> Path:

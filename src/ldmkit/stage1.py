@@ -19,9 +19,10 @@ from tqdm import tqdm
 
 from ldmkit.checkpoint import write_dir_atomically
 from ldmkit.config import AutoencoderConfig, Config
-from ldmkit.data import BatchOrder, ImageData
+from ldmkit.data import BatchOrder, ImageData, to_uint8
 from ldmkit.distributed import SINGLE, Dist, all_sum
 from ldmkit.errors import CheckpointError
+from ldmkit.images import image_grid
 from ldmkit.logging import MetricLogger
 from ldmkit.models.autoencoder import Autoencoder
 from ldmkit.preemption import Preempted, StopRequest
@@ -76,11 +77,16 @@ def train_autoencoder(cfg: Config, data: ImageData, run_dir: Path, logger: Metri
             bar.set_postfix(mse=f"{mse_v:.4f}", psnr=f"{psnr_v:.1f}")
             sums.zero_()
     ae.eval().requires_grad_(False)
-    save_autoencoder(ae, ae_cfg, cfg.data.channels, run_dir / AE_DIR)
+    with torch.no_grad():
+        x = data.batch(torch.arange(min(8, len(data))))
+        pairs = to_uint8(torch.cat([x, ae.decode(ae.encode(x).mean)]))
+    save_autoencoder(ae, ae_cfg, cfg.data.channels, run_dir / AE_DIR, pairs)
     return ae
 
 
-def save_autoencoder(ae: Autoencoder, cfg: AutoencoderConfig, channels: int, path: Path) -> None:
+def save_autoencoder(ae: Autoencoder, cfg: AutoencoderConfig, channels: int, path: Path,
+                     reconstructions: torch.Tensor | None = None) -> None:
+    """Weights, architecture, and (for the report) data over reconstructions as a PNG."""
     arch = {"channels": channels, "base_channels": cfg.base_channels,
             "channel_mult": cfg.channel_mult, "latent_channels": cfg.latent_channels}
 
@@ -88,6 +94,9 @@ def save_autoencoder(ae: Autoencoder, cfg: AutoencoderConfig, channels: int, pat
         save_file({k: v.contiguous() for k, v in ae.state_dict().items()},
                   str(tmp / "weights.safetensors"))
         (tmp / "meta.json").write_text(json.dumps(arch, indent=2))
+        if reconstructions is not None:
+            image_grid(reconstructions, columns=len(reconstructions) // 2).save(
+                tmp / "reconstructions.png")
 
     write_dir_atomically(path, write)
 

@@ -54,7 +54,7 @@ def summary_text(result: TrainResult) -> str:
               f"- metrics: {run_dir / 'metrics.jsonl'} (TensorBoard: {run_dir / 'tensorboard'})",
               f"- findings: {run_dir / 'findings.jsonl'}",
               f"- checkpoints: {run_dir / 'checkpoints'}",
-              f"- report: {run_dir / 'report.md'}"]
+              f"- report: {run_dir / 'report.md'} and {run_dir / 'report.html'}"]
     return "\n".join(lines) + "\n"
 
 

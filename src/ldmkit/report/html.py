@@ -1,0 +1,154 @@
+"""``ldmkit report``: one self-contained HTML file per run, to look at rather than read.
+
+A plot per vital sign with the guide's good and bad ranges shaded and a marker where each
+finding was raised, the scenario and the findings with their fixes, sample grids over training,
+the autoencoder's reconstructions, eval figures when present, and the config. Images are
+embedded (base64) and plots are inline SVG, so the file can be mailed or attached to an issue.
+A small script marks ``body[data-plots-rendered]`` once the browser has laid the plots out,
+which the end-to-end test reads from headless Chromium.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from html import escape
+from pathlib import Path
+
+from ldmkit.vitals import metrics as vm
+from ldmkit.vitals.bands import bands
+from ldmkit.vitals.diagnose import Context
+from ldmkit.vitals.offline import diagnose_log
+from ldmkit.vitals.readers import read_log
+from ldmkit.vitals.rules import threshold_defaults
+
+from .svg import Marker, line_plot
+
+REPORT_FILE = "report.html"
+PLOTTED = (*vm.TRAIN_TAGS, *(vm.PAIRWISE_PREFIX + s for s in ("mean", "std", "min", "max")),
+           *(vm.FINAL_PREFIX + s for s in ("mean", "std", "min", "max")),
+           "vae/recon_mse", "vae/psnr")
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:24px;max-width:1200px;color:#222}
+h1{font-size:22px} h2{font-size:18px;margin-top:28px;border-bottom:1px solid #ddd}
+.scenario{display:inline-block;padding:2px 10px;border-radius:10px;color:#fff}
+.healthy{background:#2e7d32} .other{background:#c62828} .too_early{background:#757575}
+table{border-collapse:collapse;font-size:13px} td,th{border:1px solid #ddd;padding:4px 8px;
+vertical-align:top} .plots{display:flex;flex-wrap:wrap;gap:8px}
+.critical{color:#b71c1c;font-weight:bold} .warning{color:#ef6c00;font-weight:bold}
+figure{display:inline-block;margin:6px} figcaption{font-size:12px;text-align:center}
+img{image-rendering:pixelated;width:256px} pre{background:#f6f6f6;padding:8px;font-size:12px}
+"""
+CHECK = """
+addEventListener("load", () => {
+  const plots = [...document.querySelectorAll("svg.plot")];
+  const drawn = plots.filter(p => p.getBBox().width > 0 &&
+    [...p.querySelectorAll(".series")].some(e => e.getBoundingClientRect().width > 0 ||
+                                              e.getBoundingClientRect().height > 0));
+  const images = [...document.images];
+  document.body.dataset.plotsTotal = plots.length;
+  document.body.dataset.plotsRendered = drawn.length;
+  document.body.dataset.imagesTotal = images.length;
+  document.body.dataset.imagesRendered = images.filter(i => i.complete && i.naturalWidth > 0).length;
+});
+"""
+
+
+def _img(path: Path, caption: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return (f'<figure><img src="data:image/png;base64,{data}" alt="{escape(caption)}">'
+            f"<figcaption>{escape(caption)}</figcaption></figure>")
+
+
+def _raised(run_dir: Path) -> list[dict]:
+    path = run_dir / "findings.jsonl"
+    if not path.is_file():
+        return []
+    events = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(event, dict) and event.get("event") == "raised":
+            events.append(event)
+    return events
+
+
+def _grids(run_dir: Path) -> list[tuple[Path, str]]:
+    samples = run_dir / "samples"
+    if not samples.is_dir():
+        return []
+    during = sorted(samples.glob("step_*/grid.png"))
+    other = sorted(p for p in samples.glob("*/grid.png") if not p.parent.name.startswith("step_"))
+    return [(p, p.parent.name.replace("_", " ")) for p in [*during, *other]]
+
+
+def _findings_table(findings: list, title: str) -> str:
+    if not findings:
+        return f"<p>{escape(title)}: none.</p>"
+    rows = "".join(
+        f'<tr><td class="{escape(f["severity"])}">{escape(f["severity"])}</td>'
+        f'<td><code>{escape(f["code"])}</code></td><td>{f["step"]}</td>'
+        f'<td>{f["value"]:.4g}</td><td>{escape(f["message"])}</td><td>{escape(f["fix"])}</td></tr>'
+        for f in findings)
+    return (f"<p>{escape(title)}:</p><table><tr><th>severity</th><th>code</th><th>step</th>"
+            f"<th>value</th><th>diagnosis</th><th>fix</th></tr>{rows}</table>")
+
+
+def render_html(run_dir: Path) -> str:
+    log = read_log(run_dir)
+    diagnosis = diagnose_log(run_dir)
+    thresholds = {**threshold_defaults(), **(log.config.vitals.thresholds if log.config else {})}
+    ctx = Context(thresholds, log.latent_scale_factor, log.config.train if log.config else None)
+    raised = _raised(run_dir)
+    plots = []
+    for tag in [t for t in PLOTTED if t in log.series] + sorted(
+            t for t in log.series if t.startswith("eval/")):
+        markers = [Marker(e["step"], f'{e["severity"]} {e["code"]}: {e["message"]}', e["severity"])
+                   for e in raised if e.get("metric") == tag]
+        plots.append(line_plot(tag, log.series[tag], bands(tag, ctx), markers))
+    evals = {t: v[-1][1] for t, v in log.series.items() if t.startswith("eval/") and v}
+    recon = run_dir / "autoencoder" / "reconstructions.png"
+    config = run_dir / "config.yaml"
+    css = "healthy" if diagnosis.scenario == "healthy" else (
+        "too_early" if diagnosis.scenario == "too_early" else "other")
+    scale = "unknown" if log.latent_scale_factor is None else f"{log.latent_scale_factor:.4g}"
+    sections = [
+        f"<h1>ldmkit run {escape(run_dir.name)}</h1>",
+        f'<p>scenario: <span class="scenario {css}">{escape(diagnosis.scenario)}</span> · '
+        f"latent_scale_factor {scale} · last step "
+        f"{max((s for v in log.series.values() for s, _ in v), default=0)}</p>",
+        "<h2>Findings</h2>",
+        _findings_table([f.to_dict() for f in diagnosis.findings], "Open at the end of the log"),
+        _findings_table(raised, "Raised during training (findings.jsonl)"),
+        "<h2>Vital signs</h2><p>Green: the guide's good range; red: its bad range; dashed "
+        "lines: where a finding was raised (hover for the diagnosis).</p>",
+        f'<div class="plots">{"".join(plots)}</div>',
+    ]
+    if evals:
+        rows = "".join(f"<tr><td><code>{escape(t)}</code></td><td>{v:.4g}</td></tr>"
+                       for t, v in sorted(evals.items()))
+        sections.append(f"<h2>Evaluation</h2><table>{rows}</table>")
+    grids = _grids(run_dir)
+    if grids:
+        sections.append("<h2>Samples over training</h2>" + "".join(_img(p, c) for p, c in grids))
+    if recon.is_file():
+        sections.append("<h2>Autoencoder reconstructions</h2><p>Top: data; bottom: "
+                        "reconstruction.</p>" + _img(recon, "reconstructions"))
+    if config.is_file():
+        sections.append(f"<h2>Config</h2><pre>{escape(config.read_text())}</pre>")
+    return (f'<!doctype html><html><head><meta charset="utf-8"><title>ldmkit '
+            f"{escape(run_dir.name)}</title><style>{STYLE}</style></head><body>"
+            f'{"".join(sections)}<script>{CHECK}</script></body></html>')
+
+
+def write_html_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Render ``run_dir``'s report to ``out`` (default ``run_dir/report.html``)."""
+    run_dir = Path(run_dir)
+    path = Path(out) if out else run_dir / REPORT_FILE
+    html = render_html(run_dir)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(html, encoding="utf-8")
+    tmp.replace(path)
+    return path
