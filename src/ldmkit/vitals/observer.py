@@ -1,0 +1,108 @@
+"""``VitalsMonitor``: the guide's vital signs and live diagnosis for any training loop.
+
+Most users already have a loop (diffusers' examples, their own). Handing this object the tensors
+each step already has gives the same metrics, logs (``metrics.jsonl``, TensorBoard) and
+findings (printed once, ``findings.jsonl``) as ``ldmkit train``, and ``ldmkit diagnose``,
+``ldmkit report`` and ``ldmkit watch`` work on its directory. See ``examples/diffusers_loop.py``.
+
+    monitor = VitalsMonitor("runs/mine", latent_scale_factor=vae.config.scaling_factor)
+    ...
+    monitor.observe_train_step(step, loss, noise_pred, noise, timesteps / 999, latents,
+                               grad_norm=grad_norm, lr=scheduler.get_last_lr()[0])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+
+import torch
+
+from ldmkit.logging import MetricLogger
+from ldmkit.vitals import metrics as vm
+from ldmkit.vitals.diagnose import Context, Finding, scenario
+from ldmkit.vitals.monitor import LiveMonitor
+from ldmkit.vitals.rules import THRESHOLDS, threshold_defaults
+
+
+def normalize_timesteps(timesteps: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:
+    """Discrete timesteps ``0..T-1`` (diffusers' schedulers) as ``t`` in [0, 1]."""
+    return timesteps.float() / max(num_train_timesteps - 1, 1)
+
+
+class VitalsMonitor:
+    """Measure, log and diagnose a diffusion training loop from the tensors of its steps.
+
+    ``latent_scale_factor`` is the scale the loop multiplies the encoder's latents by (None if
+    unknown: the sample checks that need it are skipped). Train vitals are averaged over
+    ``log_every`` steps on the device and read once per interval, so observing costs no host
+    sync per step.
+    """
+
+    def __init__(self, log_dir: str | Path, latent_scale_factor: float | None = None,
+                 log_every: int = 50, thresholds: dict[str, float] | None = None,
+                 tensorboard: bool = True, on_critical: str = "warn",
+                 echo: Callable[[str], None] = print) -> None:
+        unknown = sorted(set(thresholds or {}) - set(THRESHOLDS))
+        if unknown:
+            raise ValueError(f"unknown threshold '{unknown[0]}'; allowed: {', '.join(THRESHOLDS)}")
+        if log_every < 1:
+            raise ValueError("log_every must be >= 1")
+        self.log_every = log_every
+        self.logger = MetricLogger(log_dir, tensorboard)
+        ctx = Context({**threshold_defaults(), **(thresholds or {})}, latent_scale_factor)
+        self.live = LiveMonitor(Path(log_dir), ctx, on_critical, echo)
+        self.live.text_sink = self.logger.log_text
+        self.logger.observers.append(self.live)
+        self.acc = vm.StepAccumulator()
+        if latent_scale_factor is not None:
+            self.logger.log(0, {vm.SCALE_FACTOR: latent_scale_factor})
+
+    def observe_train_step(self, step: int, loss: torch.Tensor, eps_pred: torch.Tensor,
+                           eps: torch.Tensor, t: torch.Tensor, z: torch.Tensor,
+                           grad_norm: torch.Tensor | float | None = None,
+                           lr: float | None = None) -> None:
+        """One optimizer step: its loss, predicted and true noise ``[B, ...]``, ``t`` in [0, 1]
+        ``[B]``, the scaled clean latents ``z`` fed to the model, the gradient norm before
+        clipping and the learning rate. Logged every ``log_every`` steps."""
+        vitals = {vm.LOSS: loss.detach().float(), vm.T_MEAN: t.detach().float().mean(),
+                  vm.COS_EPS: vm.cos_eps_mean(eps_pred.detach().float(), eps.float()),
+                  vm.Z_STD: vm.latent_std(z.detach())}
+        if grad_norm is not None:
+            vitals[vm.GRAD_NORM] = torch.as_tensor(grad_norm).detach().float()
+        self.acc.add(vitals)
+        if step % self.log_every == 0:
+            values = self.acc.read()
+            if lr is not None:
+                values[vm.LEARNING_RATE] = float(lr)
+            self.logger.log(step, values)
+
+    def observe_samples(self, step: int, latents: torch.Tensor) -> dict[str, float]:
+        """Generated latents as handed to the decoder (divided by the scale), ``[N, ...]``."""
+        values = vm.sample_vitals(latents.detach().float().cpu())
+        self.logger.log(step, values)
+        return values
+
+    @property
+    def findings(self) -> list[Finding]:
+        """The findings active now, most severe first."""
+        return self.live.active()
+
+    @property
+    def should_stop(self) -> bool:
+        """True once a critical finding was raised with ``on_critical='stop'``."""
+        return self.live.stop_finding is not None
+
+    def scenario(self) -> str:
+        return scenario(self.findings, self.live.series, self.live.ctx)
+
+    def close(self) -> None:
+        self.logger.close()
+
+    def __enter__(self) -> VitalsMonitor:
+        return self
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
