@@ -45,6 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir")
     report.add_argument("-o", "--out", help="output file (default RUN_DIR/report.html)")
 
+    watch = sub.add_parser("watch", help="live terminal view of a running run's vital signs")
+    watch.add_argument("run_dir")
+    watch.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    watch.add_argument("--once", action="store_true", help="print one frame and exit")
+
     diagnose = sub.add_parser("diagnose", help="read any run's metrics and say what is wrong")
     diagnose.add_argument("path", help="run directory, metrics.jsonl, CSV (step,tag,value), "
                           "TensorBoard event file or directory")
@@ -129,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
             from ldmkit.report import write_html_report
 
             print(f"report: {write_html_report(args.run_dir, args.out)}")
+        elif args.command == "watch":
+            from ldmkit.watch import watch
+
+            watch(args.run_dir, args.interval, args.once)
         elif args.command == "encode":
             _encode(args)
         elif args.command == "diagnose":

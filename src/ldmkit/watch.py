@@ -1,0 +1,139 @@
+"""``ldmkit watch``: a live terminal view of a run's vital signs and open findings.
+
+Follows ``metrics.jsonl`` as it grows (complete lines only, so a line being written is read on
+the next refresh) and re-evaluates the guide's rules on each refresh, so what it shows is what
+``ldmkit diagnose`` would say at that moment. Works on any directory a ``VitalsMonitor`` writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from ldmkit.config import load_config
+from ldmkit.errors import LdmkitError
+from ldmkit.logging import METRICS_FILE
+from ldmkit.report.html import PLOTTED
+from ldmkit.vitals import metrics as vm
+from ldmkit.vitals.bands import bands
+from ldmkit.vitals.diagnose import Context, Series, evaluate, scenario
+from ldmkit.vitals.monitor import TAIL
+from ldmkit.vitals.rules import threshold_defaults
+
+SPARK = "▁▂▃▄▅▆▇█"
+STYLE = {"good": "green", "bad": "bold red", None: "white"}
+
+
+class MetricsFollower:
+    """Reads the records appended to a ``metrics.jsonl`` since the last call."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset = path, 0
+        self.series: Series = {}
+
+    def poll(self) -> int:
+        """Add new complete records to ``series``; returns how many were read."""
+        if not self.path.is_file():
+            return 0
+        with self.path.open("rb") as fh:
+            fh.seek(self.offset)
+            chunk = fh.read()
+        end = chunk.rfind(b"\n") + 1  # a line still being written waits for the next poll
+        count = 0
+        for line in chunk[:end].decode("utf-8", errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+                self.series.setdefault(str(rec["tag"]), []).append(
+                    (int(rec["step"]), float(rec["value"])))
+                count += 1
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                continue
+        self.offset += end
+        return count
+
+
+def sparkline(values: list[float], width: int = 20) -> str:
+    finite = [v for v in values[-width:] if math.isfinite(v)]
+    if not finite:
+        return ""
+    lo, hi = min(finite), max(finite)
+    return "".join(SPARK[int((v - lo) / (hi - lo) * (len(SPARK) - 1)) if hi > lo else 0]
+                   for v in finite)
+
+
+def _status(value: float, tag: str, ctx: Context) -> str | None:
+    """'bad' if any bad band holds ``value``, else 'good' if a good band does."""
+    found = None
+    for band in bands(tag, ctx):
+        inside = (band.low is None or value >= band.low) and (band.high is None or value <= band.high)
+        if inside and band.kind == "bad":
+            return "bad"
+        if inside:
+            found = "good"
+    return found
+
+
+def context_of(run_dir: Path) -> Context:
+    config = None
+    if (run_dir / "config.yaml").is_file():
+        try:
+            config = load_config(run_dir / "config.yaml")
+        except LdmkitError:
+            config = None
+    thresholds = {**threshold_defaults(), **(config.vitals.thresholds if config else {})}
+    scale = config.diffusion.latent_scale_factor if config else None
+    return Context(thresholds, scale, config.train if config else None)
+
+
+def render(run_dir: Path, series: Series, ctx: Context) -> Group:
+    logged = [v for _, v in series.get(vm.SCALE_FACTOR, []) if math.isfinite(v)]
+    if logged:
+        ctx.latent_scale_factor = logged[-1]
+    tail = {tag: recs[-TAIL:] for tag, recs in series.items()}
+    findings = evaluate(tail, ctx)
+    step = max((s for recs in series.values() for s, _ in recs), default=0)
+    table = Table(title=f"{run_dir.name} · step {step} · scenario "
+                        f"{scenario(findings, tail, ctx)}", expand=False)
+    for column in ("vital sign", "step", "value", "trend"):
+        table.add_column(column)
+    for tag in [t for t in PLOTTED if t in series] + sorted(t for t in series if t.startswith("eval/")):
+        last_step, value = series[tag][-1]
+        style = STYLE[_status(value, tag, ctx)]
+        table.add_row(tag, str(last_step), Text(f"{value:.4g}", style=style),
+                      sparkline([v for _, v in series[tag]]))
+    lines = [Text(f"{f.severity.upper()} {f.code} (step {f.step}): {f.message}. Fix: {f.fix}",
+                  style="bold red" if f.severity == "critical" else "yellow") for f in findings]
+    if not series:
+        lines = [Text(f"waiting for {run_dir / METRICS_FILE} ...", style="dim")]
+    elif not findings:
+        lines = [Text("no open findings", style="green")]
+    return Group(table, *lines)
+
+
+def watch(run_dir: str | Path, interval: float = 2.0, once: bool = False,
+          console: Console | None = None) -> None:
+    """Refresh every ``interval`` seconds until Ctrl-C (or print one frame with ``once``)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise LdmkitError(f"'{run_dir}' is not a directory; pass a run directory")
+    console = console or Console()
+    follower, ctx = MetricsFollower(run_dir / METRICS_FILE), context_of(run_dir)
+    follower.poll()
+    if once:
+        console.print(render(run_dir, follower.series, ctx))
+        return
+    with Live(render(run_dir, follower.series, ctx), console=console, refresh_per_second=4) as live:
+        try:
+            while True:
+                time.sleep(interval)
+                if follower.poll():
+                    live.update(render(run_dir, follower.series, ctx))
+        except KeyboardInterrupt:
+            pass
