@@ -33,6 +33,7 @@ from ldmkit.stage1 import (
     LatentPosteriors,
     autoencoder_dir,
     calibrate_latent_scale,
+    is_autoencoder_dir,
     load_autoencoder,
     train_autoencoder,
 )
@@ -42,9 +43,11 @@ ENCODE_BATCH = 256
 
 
 def autoencoder_hash(ae_dir: Path) -> str:
+    """SHA-256 over the autoencoder's config and weights (ldmkit's or a diffusers VAE's)."""
     digest = hashlib.sha256()
-    for name in ("meta.json", "weights.safetensors"):
-        with (ae_dir / name).open("rb") as fh:
+    for path in sorted(p for p in ae_dir.iterdir() if p.suffix in (".json", ".safetensors")):
+        digest.update(path.name.encode())
+        with path.open("rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
@@ -161,7 +164,7 @@ def stage1_autoencoder(cfg: Config, run_dir: Path, logger: MetricLogger, data: L
     """Reuse the run's autoencoder, copy a pretrained one in, or train it (rank 0; the other
     ranks wait, and stop with it if it is preempted)."""
     own, preempted = run_dir / AE_DIR, None
-    if d.is_main and not (own / "meta.json").is_file():
+    if d.is_main and not is_autoencoder_dir(own):
         if cfg.autoencoder.pretrained:
             load_autoencoder(cfg.autoencoder.pretrained)  # fails early on a broken one
             # the run keeps its own copy, so sampling and resume never depend on an outside path
@@ -175,9 +178,9 @@ def stage1_autoencoder(cfg: Config, run_dir: Path, logger: MetricLogger, data: L
     if broadcast_float(1.0 if preempted else 0.0, d):
         raise preempted or Preempted("autoencoder", 0, "SIGTERM")
     ae = load_autoencoder(own)
-    if ae.encoder.conv_in.in_channels != cfg.data.channels:
-        raise CheckpointError(f"the autoencoder takes {ae.encoder.conv_in.in_channels}-channel "
-                              f"images but data.channels is {cfg.data.channels}")
+    if ae.in_channels != cfg.data.channels:
+        raise CheckpointError(f"the autoencoder takes {ae.in_channels}-channel images but "
+                              f"data.channels is {cfg.data.channels}; set data.channels")
     return ae
 
 

@@ -25,6 +25,7 @@ from ldmkit.errors import CheckpointError
 from ldmkit.images import image_grid
 from ldmkit.logging import MetricLogger
 from ldmkit.models.autoencoder import Autoencoder
+from ldmkit.models.diffusers_vae import DiffusersAutoencoder, is_diffusers_vae, load_diffusers_vae
 from ldmkit.preemption import Preempted, StopRequest
 
 AE_DIR = "autoencoder"
@@ -101,18 +102,26 @@ def save_autoencoder(ae: Autoencoder, cfg: AutoencoderConfig, channels: int, pat
     write_dir_atomically(path, write)
 
 
+def is_autoencoder_dir(path: Path) -> bool:
+    """An ldmkit autoencoder (``meta.json``) or a diffusers AutoencoderKL (``config.json``)."""
+    return (path / "meta.json").is_file() or is_diffusers_vae(path)
+
+
 def autoencoder_dir(path: str | Path) -> Path:
     """The autoencoder folder of ``path``: itself, or the ``autoencoder/`` of a run directory."""
     path = Path(path)
-    return path / AE_DIR if (path / AE_DIR / "meta.json").is_file() else path
+    return path / AE_DIR if is_autoencoder_dir(path / AE_DIR) else path
 
 
-def load_autoencoder(path: str | Path) -> Autoencoder:
+def load_autoencoder(path: str | Path) -> Autoencoder | DiffusersAutoencoder:
     """Load from an autoencoder directory or from a run directory that holds one."""
     path = autoencoder_dir(path)
+    if is_diffusers_vae(path):
+        return load_diffusers_vae(path)
     if not (path / "meta.json").is_file() or not (path / "weights.safetensors").is_file():
         raise CheckpointError(f"no trained autoencoder at '{path}'; point autoencoder.pretrained "
-                              "at a run directory or its autoencoder/ folder")
+                              "at a run directory, its autoencoder/ folder, or a diffusers "
+                              "AutoencoderKL directory")
     try:
         arch = json.loads((path / "meta.json").read_text())
         ae = Autoencoder(arch["channels"], arch["base_channels"], arch["channel_mult"],

@@ -241,6 +241,15 @@ def on_nonfinite(cfg: Config, run_dir: Path, state: LoopState, value: float,
     return finding
 
 
+def check_vae_scale(ae: nn.Module, scale: float, monitor: LiveMonitor) -> None:
+    """A pretrained VAE's own ``scaling_factor`` (diffusers) against the calibrated scale."""
+    own = getattr(ae, "scaling_factor", None)
+    if own is None or abs(own / scale - 1) <= monitor.ctx.thr("vae_scale_rel_tol"):
+        return
+    monitor.record(event_finding("vae_scale_mismatch", 0, own, scale=scale,
+                                 off=abs(own / scale - 1), z=own / scale), 0)
+
+
 def should_stop(rt: Runtime, step: int, tc: TrainConfig, end: int) -> bool:
     """A stop request or a stopping finding, agreed by all ranks. Under DDP this costs a
     collective, so it is asked at log and checkpoint steps only."""
@@ -304,6 +313,7 @@ def _train(cfg: Config, run_dir: Path | None, resume: bool, stop_at: int | None,
                            f"{run_dir}`")
             return TrainResult(run_dir, 0, float("nan"), {}, None, time.time() - started,
                                preempted_by=exc.signal_name, rank=d.rank)
+        calibrated = cfg.diffusion.latent_scale_factor is None
         cfg = dataclasses.replace(cfg, diffusion=dataclasses.replace(
             cfg.diffusion, latent_scale_factor=scale))
         model = build_unet(cfg, ae.latent_channels, latents.mean.shape[-1]).to(device)
@@ -325,6 +335,8 @@ def _train(cfg: Config, run_dir: Path | None, resume: bool, stop_at: int | None,
             rt.monitor = attach_monitor(cfg, run_dir, logger, scale, state.step)
             if state.step == 0:
                 logger.log(0, {vm.SCALE_FACTOR: scale})
+                if calibrated and rt.monitor is not None:
+                    check_vae_scale(ae, scale, rt.monitor)
             if cfg.vitals.on_nonfinite == "rollback" and ckpt is None:
                 save_state(run_dir, cfg, state)  # something to roll back to
         wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) \

@@ -76,6 +76,7 @@ class Autoencoder(nn.Module):
                  latent_channels: int):
         super().__init__()
         self.downsample_factor = 2 ** (len(channel_mult) - 1)
+        self.in_channels = channels
         self.latent_channels = latent_channels
         self.encoder = Encoder(channels, base_channels, channel_mult, latent_channels)
         self.decoder = Decoder(channels, base_channels, channel_mult, latent_channels)

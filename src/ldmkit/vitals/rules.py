@@ -42,6 +42,8 @@ THRESHOLDS: dict[str, tuple[float, str]] = {
     "final_extreme_warning": (3.0, "final_latent_stats/min,max 'within [-3.0, 3.0]'"),
     "final_extreme_critical": (20.0, "final_latent_stats/min,max 'extreme values (+-20)'"),
     "guide_example_scale": (1.86, "final_latent_stats/std example 'scale factor = 1.86'"),
+    "vae_scale_rel_tol": (0.2, "latent/z_std 'Fix: re-calculate latent_scale_factor': a VAE's "
+                          "own scaling_factor further than this from the calibrated one"),
 }
 
 
@@ -187,6 +189,12 @@ EVENTS: dict[str, Event] = {e.code: e for e in (
           "the loss or gradient was {value} at step {step} after {n} rollbacks: training "
           "diverges even at the learning rate x{lr_scale:.3g}",
           "check the data and latent/z_std, then retry with train.lr = {lr:.3g} or lower"),
+    Event("vae_scale_mismatch", "warning", vm.SCALE_FACTOR,
+          "latent/z_std 'Must be ~1.0 ... Fix: re-calculate latent_scale_factor'",
+          "the VAE's own scaling_factor {value:.5g} is {off:.0%} off the scale calibrated on this "
+          "data ({scale:.4g}): with it, latent/z_std would be {z:.2g} instead of ~1.0",
+          "nothing to do here: ldmkit trains with the calibrated {scale:.4g}; to use the VAE "
+          "elsewhere, set scaling_factor = {scale:.4g} in its config.json"),
     Event("nonfinite_stop", "critical", vm.LOSS, "loss: 'NaN or inf: training has collapsed'",
           "the loss or gradient was {value} at step {step} (the step was not applied); "
           "stopped as vitals.on_nonfinite = stop",
