@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from conftest import TINY, tiny_config
@@ -68,3 +69,47 @@ def test_a_pickled_diffusers_vae_is_refused(tmp_path, capsys):
     assert main(["train", str(tmp_path / "c.yaml")]) == 2
     err = capsys.readouterr().err
     assert "cannot be loaded" in err and "safetensors" in err
+
+
+def test_export_is_loaded_by_diffusers_and_reproduces_the_model(tmp_path):
+    from diffusers import DDIMScheduler
+
+    from ldmkit.diffusion.schedule import CosineSchedule
+    from ldmkit.models.diffusers_export import LdmkitAutoencoder, LdmkitUNet
+    from ldmkit.train import load_for_sampling
+
+    run = train(tiny_config(train={"steps": 4}), tmp_path / "run")
+    assert main(["export", str(run.run_dir), str(tmp_path / "out")]) == 0
+    unet = LdmkitUNet.from_pretrained(tmp_path / "out" / "unet")
+    scheduler = DDIMScheduler.from_pretrained(tmp_path / "out" / "scheduler")
+    vae = LdmkitAutoencoder.from_pretrained(tmp_path / "out" / "vae")
+    _, _, model, ae, scale = load_for_sampling(run.run_dir)
+    assert vae.config.scaling_factor == pytest.approx(scale)
+    size = unet.config.sample_size
+    x = torch.randn(3, 4, size, size)
+    k = torch.tensor([0, 500, 999])
+    with torch.no_grad():
+        assert torch.allclose(unet(x, k).sample, model(x, k / 999.0), atol=1e-5)
+        assert torch.allclose(vae.decode(x).sample, ae.decode(x), atol=1e-5)
+    t = torch.tensor([0, 500, 999], dtype=torch.float64) / 999
+    want = torch.sigmoid(CosineSchedule(-5.0, 10.0).logsnr(t)).float()
+    assert torch.allclose(scheduler.alphas_cumprod[[0, 500, 999]], want, rtol=1e-4)
+    # a plain diffusers DDIM loop over the exported parts gives finite, decodable samples
+    scheduler.set_timesteps(10)
+    z = torch.randn(4, 4, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for step in scheduler.timesteps:
+            z = scheduler.step(unet(z, step).sample, step, z).prev_sample
+        images = vae.decode(z / vae.config.scaling_factor).sample
+    assert torch.isfinite(images).all() and images.shape == (4, 1, 16, 16)
+
+
+def test_export_of_a_diffusers_vae_run_keeps_the_vae_and_sets_its_scale(tmp_path):
+    vae_dir = save_vae(tmp_path / "vae", scaling_factor=0.18215)
+    cfg = tiny_config(autoencoder={**TINY["autoencoder"], "pretrained": str(vae_dir)},
+                      train={"steps": 2})
+    run = train(cfg, tmp_path / "run")
+    assert main(["export", str(run.run_dir), str(tmp_path / "out")]) == 0
+    vae = AutoencoderKL.from_pretrained(tmp_path / "out" / "vae")
+    assert vae.config.scaling_factor == pytest.approx(run.latent_scale_factor)
+    assert main(["export", str(run.run_dir), str(tmp_path / "out")]) == 2  # never overwrites

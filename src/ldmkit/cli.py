@@ -45,6 +45,10 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir")
     report.add_argument("-o", "--out", help="output file (default RUN_DIR/report.html)")
 
+    export = sub.add_parser("export", help="write a run as diffusers model directories")
+    export.add_argument("run_dir")
+    export.add_argument("out")
+
     watch = sub.add_parser("watch", help="live terminal view of a running run's vital signs")
     watch.add_argument("run_dir")
     watch.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
@@ -134,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
             from ldmkit.report import write_html_report
 
             print(f"report: {write_html_report(args.run_dir, args.out)}")
+        elif args.command == "export":
+            from ldmkit.export import export_diffusers
+
+            print(f"exported: {export_diffusers(args.run_dir, args.out)}")
         elif args.command == "watch":
             from ldmkit.watch import watch
 

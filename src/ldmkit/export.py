@@ -1,0 +1,55 @@
+"""``ldmkit export RUN OUT``: a trained run as diffusers model directories.
+
+Writes ``OUT/unet`` (EMA weights, ``LdmkitUNet``), ``OUT/scheduler`` (``DDIMScheduler`` matching
+ldmkit's schedule), ``OUT/vae`` (the run's diffusers ``AutoencoderKL`` as it was, or ldmkit's own
+as ``LdmkitAutoencoder``), each loadable with diffusers' ``from_pretrained`` from safetensors,
+and the calibrated scale as the VAE's ``scaling_factor``, where diffusers users look for it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from ldmkit.config import from_dict
+from ldmkit.errors import CheckpointError, LdmkitError
+from ldmkit.models.diffusers_vae import CONFIG_FILE, is_diffusers_vae
+from ldmkit.sample import schedule_of
+from ldmkit.stage1 import AE_DIR
+
+
+def export_diffusers(run_dir: str | Path, out: str | Path) -> Path:
+    try:
+        from ldmkit.models.diffusers_export import LdmkitAutoencoder, LdmkitUNet, discrete_scheduler
+    except ImportError:
+        raise LdmkitError("export needs diffusers: pip install diffusers") from None
+    from ldmkit.train import load_for_sampling
+
+    run_dir, out = Path(run_dir), Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"'{out}' is not empty; choose a new directory for the export")
+    cfg_dict, step, model, ae, scale = load_for_sampling(run_dir)
+    cfg = from_dict(cfg_dict)
+    u = cfg.unet
+    unet = LdmkitUNet(ae.latent_channels, cfg.data.image_size // ae.downsample_factor,
+                      u.base_channels, tuple(u.channel_mult), u.num_res_blocks,
+                      tuple(u.attention_resolutions), u.num_heads, u.dropout)
+    unet.net.load_state_dict(model.state_dict())
+    unet.save_pretrained(out / "unet", safe_serialization=True)
+    discrete_scheduler(schedule_of(cfg)).save_pretrained(out / "scheduler")
+    source = run_dir / AE_DIR
+    if is_diffusers_vae(source):
+        shutil.copytree(source, out / "vae", ignore=shutil.ignore_patterns("*.bin", "*.png"))
+        config = json.loads((out / "vae" / CONFIG_FILE).read_text())
+        config["scaling_factor"] = scale
+        (out / "vae" / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    else:
+        a = cfg.autoencoder
+        vae = LdmkitAutoencoder(ae.in_channels, a.base_channels, tuple(a.channel_mult),
+                                a.latent_channels, scale)
+        vae.net.load_state_dict(ae.state_dict())
+        vae.save_pretrained(out / "vae", safe_serialization=True)
+    (out / "ldmkit.json").write_text(json.dumps({"source": str(run_dir), "step": step,
+                                                 "latent_scale_factor": scale}, indent=2))
+    return out

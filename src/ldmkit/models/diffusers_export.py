@@ -1,0 +1,76 @@
+"""ldmkit's networks as diffusers models, so diffusers' own ``from_pretrained`` loads a run.
+
+``LdmkitUNet`` takes diffusers' discrete timesteps ``0..T-1`` and maps them to ldmkit's
+continuous ``t = k / (T - 1)``; ``discrete_scheduler`` gives the DDIM scheduler whose
+``alphas_cumprod[k]`` is ldmkit's schedule at that ``t``, so a diffusers sampling loop reproduces
+ldmkit's model. ``LdmkitAutoencoder`` does the same for ldmkit's own stage 1 (a diffusers VAE is
+exported as itself). Importing this module needs diffusers.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import ConfigMixin, DDIMScheduler, ModelMixin
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKLOutput
+from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
+from diffusers.models.unets.unet_2d import UNet2DOutput
+
+from ldmkit.diffusion.schedule import CosineSchedule
+from ldmkit.models.autoencoder import Autoencoder
+from ldmkit.models.unet import UNet
+
+
+def discrete_alphas_cumprod(schedule: CosineSchedule, steps: int) -> torch.Tensor:
+    """``alpha_bar`` at ``t = k / (steps - 1)``, ``k = 0..steps-1`` (float64)."""
+    t = torch.linspace(0.0, 1.0, steps, dtype=torch.float64)
+    return torch.sigmoid(schedule.logsnr(t))
+
+
+def discrete_scheduler(schedule: CosineSchedule, steps: int = 1000) -> DDIMScheduler:
+    alphas_cumprod = discrete_alphas_cumprod(schedule, steps)
+    previous = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+    betas = (1 - alphas_cumprod / previous).tolist()
+    return DDIMScheduler(num_train_timesteps=steps, trained_betas=betas, clip_sample=False,
+                         prediction_type="epsilon", set_alpha_to_one=True,
+                         timestep_spacing="trailing")
+
+
+class LdmkitUNet(ModelMixin, ConfigMixin):
+    """ldmkit's UNet behind diffusers' ``UNet2DModel`` call convention."""
+
+    @register_to_config
+    def __init__(self, in_channels: int = 4, sample_size: int = 8, base_channels: int = 64,
+                 channel_mult: tuple[int, ...] = (1, 2), num_res_blocks: int = 2,
+                 attention_resolutions: tuple[int, ...] = (4,), num_heads: int = 4,
+                 dropout: float = 0.0, num_train_timesteps: int = 1000):
+        super().__init__()
+        self.net = UNet(in_channels, sample_size, base_channels, list(channel_mult),
+                        num_res_blocks, list(attention_resolutions), num_heads, dropout)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int,
+                return_dict: bool = True) -> UNet2DOutput | tuple[torch.Tensor]:
+        steps = torch.as_tensor(timestep, device=sample.device, dtype=torch.float32)
+        t = steps.expand(sample.shape[0]) / (self.config.num_train_timesteps - 1)
+        out = self.net(sample, t)
+        return UNet2DOutput(sample=out) if return_dict else (out,)
+
+
+class LdmkitAutoencoder(ModelMixin, ConfigMixin):
+    """ldmkit's KL autoencoder behind diffusers' ``AutoencoderKL`` encode/decode convention."""
+
+    @register_to_config
+    def __init__(self, in_channels: int = 1, base_channels: int = 32,
+                 channel_mult: tuple[int, ...] = (1, 2, 2), latent_channels: int = 4,
+                 scaling_factor: float = 1.0):
+        super().__init__()
+        self.net = Autoencoder(in_channels, base_channels, list(channel_mult), latent_channels)
+
+    def encode(self, x: torch.Tensor, return_dict: bool = True) -> AutoencoderKLOutput | tuple:
+        post = self.net.encode(x)
+        dist = DiagonalGaussianDistribution(torch.cat([post.mean, post.logvar], dim=1))
+        return AutoencoderKLOutput(latent_dist=dist) if return_dict else (dist,)
+
+    def decode(self, z: torch.Tensor, return_dict: bool = True) -> DecoderOutput | tuple:
+        out = self.net.decode(z)
+        return DecoderOutput(sample=out) if return_dict else (out,)
