@@ -25,9 +25,10 @@ from ldmkit.data import BatchOrder, load_data  # noqa: E402
 from ldmkit.diffusion.schedule import sample_t  # noqa: E402
 from ldmkit.latents import build_cache, cache_meta, encode_in_memory, read_cache  # noqa: E402
 from ldmkit.optim import build_optimizer  # noqa: E402
+from ldmkit.resume import build_unet  # noqa: E402
 from ldmkit.sample import schedule_of  # noqa: E402
 from ldmkit.stage1 import build_autoencoder, save_autoencoder  # noqa: E402
-from ldmkit.train import build_unet, train, train_step  # noqa: E402
+from ldmkit.train import train, train_step  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 REPEATS = 3

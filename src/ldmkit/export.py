@@ -24,7 +24,7 @@ def export_diffusers(run_dir: str | Path, out: str | Path) -> Path:
         from ldmkit.models.diffusers_export import LdmkitAutoencoder, LdmkitUNet, discrete_scheduler
     except ImportError:
         raise LdmkitError("export needs diffusers: pip install diffusers") from None
-    from ldmkit.train import load_for_sampling
+    from ldmkit.resume import load_for_sampling
 
     run_dir, out = Path(run_dir), Path(out)
     if out.exists() and any(out.iterdir()):

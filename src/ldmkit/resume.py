@@ -25,11 +25,14 @@ from ldmkit.checkpoint import (
     split_prefix,
     with_prefix,
 )
-from ldmkit.config import Config, load_config, to_dict
+from ldmkit.config import Config, from_dict, load_config, to_dict
 from ldmkit.data import BatchOrder
 from ldmkit.errors import CheckpointError
 from ldmkit.logging import rewind_jsonl
+from ldmkit.models.autoencoder import Autoencoder
+from ldmkit.models.unet import UNet
 from ldmkit.optim import EMA
+from ldmkit.stage1 import AE_DIR, load_autoencoder
 from ldmkit.vitals.metrics import StepAccumulator
 
 CONFIG_FILE = "config.yaml"
@@ -152,3 +155,25 @@ def last_checkpoint_or_none(run_dir: Path) -> Path | None:
         return latest_checkpoint(run_dir)
     except CheckpointError:
         return None
+
+
+def build_unet(cfg: Config, latent_channels: int, latent_size: int) -> UNet:
+    u = cfg.unet
+    return UNet(latent_channels, latent_size, u.base_channels, u.channel_mult, u.num_res_blocks,
+                u.attention_resolutions, u.num_heads, u.dropout)
+
+
+def load_for_sampling(run_dir: Path) -> tuple[dict, int, nn.Module, Autoencoder, float]:
+    """(config dict, step, EMA UNet, autoencoder, scale) of a run's last checkpoint."""
+    ckpt = latest_checkpoint(run_dir)
+    weights, _, meta = load_checkpoint(ckpt)
+    cfg = from_dict(meta["config"])
+    ae = load_autoencoder(run_dir / AE_DIR)
+    size = cfg.data.image_size // ae.downsample_factor
+    model = build_unet(cfg, ae.latent_channels, size)
+    try:
+        model.load_state_dict(split_prefix(weights, "ema."))
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint '{ckpt}' does not match its config: "
+                              f"{str(exc).splitlines()[0]}") from None
+    return meta["config"], meta["step"], model.eval(), ae, float(meta["latent_scale_factor"])

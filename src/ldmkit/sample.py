@@ -79,7 +79,7 @@ def save_samples(samples: Samples, out_dir: Path, singles: bool = True) -> Path:
 def sample_run(run_dir: str | Path, num: int, sampler: str, steps: int, seed: int,
                eta: float = 0.0, out_dir: str | Path | None = None) -> tuple[Path, Samples]:
     """``ldmkit sample``: EMA weights of the last checkpoint -> PNGs and logged sample vitals."""
-    from ldmkit.train import load_for_sampling
+    from ldmkit.resume import load_for_sampling
 
     run_dir = Path(run_dir)
     cfg_dict, step, model, ae, scale = load_for_sampling(run_dir)

@@ -22,8 +22,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from ldmkit.checkpoint import latest_checkpoint, load_checkpoint, split_prefix
-from ldmkit.config import Config, TrainConfig, from_dict, to_yaml
+from ldmkit.checkpoint import latest_checkpoint
+from ldmkit.config import Config, TrainConfig, to_yaml
 from ldmkit.data import BatchOrder
 from ldmkit.diffusion.losses import EpsModel, eps_mse_loss
 from ldmkit.diffusion.schedule import CosineSchedule, sample_t
@@ -39,16 +39,15 @@ from ldmkit.distributed import (
     shard_size,
     shutdown,
 )
-from ldmkit.errors import CheckpointError
 from ldmkit.latents import prepare_latents
 from ldmkit.logging import MetricLogger, read_metrics
 from ldmkit.models.autoencoder import Autoencoder
-from ldmkit.models.unet import UNet
 from ldmkit.optim import EMA, build_optimizer, lr_at, set_lr
 from ldmkit.preemption import Preempted, StopRequest
 from ldmkit.resume import (
     CONFIG_FILE,
     LoopState,
+    build_unet,
     last_checkpoint_or_none,
     open_run,
     restore_state,
@@ -56,7 +55,6 @@ from ldmkit.resume import (
     save_state,
 )
 from ldmkit.sample import generate, save_samples, schedule_of
-from ldmkit.stage1 import AE_DIR, load_autoencoder
 from ldmkit.vitals import metrics as vm
 from ldmkit.vitals.diagnose import Context, Finding, event_finding, scenario
 from ldmkit.vitals.monitor import LiveMonitor
@@ -97,12 +95,6 @@ def resolve_device(name: str, d: Dist = SINGLE) -> torch.device:
     if name == "cuda" and d.active:
         return torch.device("cuda", d.local_rank)
     return torch.device(name)
-
-
-def build_unet(cfg: Config, latent_channels: int, latent_size: int) -> UNet:
-    u = cfg.unet
-    return UNet(latent_channels, latent_size, u.base_channels, u.channel_mult, u.num_res_blocks,
-                u.attention_resolutions, u.num_heads, u.dropout)
 
 
 @dataclass
@@ -426,19 +418,3 @@ def _announce_stop(run_dir: Path, step: int, finding: Finding | None, stop: Stop
         tqdm.write(f"[ldmkit] {stop.signal_name or 'stop'}: stopped after step {step} with a "
                    f"checkpoint; resume with `ldmkit train --resume {run_dir}` (or rerun the "
                    "same command)")
-
-
-def load_for_sampling(run_dir: Path) -> tuple[dict, int, nn.Module, Autoencoder, float]:
-    """(config dict, step, EMA UNet, autoencoder, scale) of a run's last checkpoint."""
-    ckpt = latest_checkpoint(run_dir)
-    weights, _, meta = load_checkpoint(ckpt)
-    cfg = from_dict(meta["config"])
-    ae = load_autoencoder(run_dir / AE_DIR)
-    size = cfg.data.image_size // ae.downsample_factor
-    model = build_unet(cfg, ae.latent_channels, size)
-    try:
-        model.load_state_dict(split_prefix(weights, "ema."))
-    except RuntimeError as exc:
-        raise CheckpointError(f"checkpoint '{ckpt}' does not match its config: "
-                              f"{str(exc).splitlines()[0]}") from None
-    return meta["config"], meta["step"], model.eval(), ae, float(meta["latent_scale_factor"])
