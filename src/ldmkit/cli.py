@@ -35,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     sample = sub.add_parser("sample", help="sample a trained run with its EMA weights")
     sample.add_argument("run_dir")
     sample.add_argument("--num", type=int, default=64)
-    sample.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim")
+    sample.add_argument("--sampler", choices=("ddpm", "ddim", "dpmpp_2m"), default="ddim")
     sample.add_argument("--steps", type=int, default=50)
     sample.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic)")
     sample.add_argument("--seed", type=int, default=0)

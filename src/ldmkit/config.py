@@ -113,7 +113,7 @@ class SampleConfig:
     """Sampling during training (fixed noise, so grids are comparable) and at the end."""
 
     num: int = _num(64, lo=2)
-    sampler: Literal["ddpm", "ddim"] = "ddim"
+    sampler: Literal["ddpm", "ddim", "dpmpp_2m"] = "ddim"
     steps: int = _num(50, lo=1)
     eta: float = _num(0.0, lo=0.0)
     seed: int = 0

@@ -3,7 +3,9 @@
 ``denoise`` returns the *denoised* estimate; the noise estimate is derived from it, so the same
 samplers serve eps-, x0- or v-predicting models. DDIM (Song et al. 2021, eq. 12) with
 ``eta = 0`` is deterministic; ``eta = 1`` is the ancestral DDPM sampler (Ho et al. 2020), whose
-per-step variance DDIM's family contains (Song et al. 2021, sec. 4.1).
+per-step variance DDIM's family contains (Song et al. 2021, sec. 4.1). DPM-Solver++(2M)
+(Lu et al. 2022, Algorithm 2) is a second-order multistep solver of the same ODE in the
+half-log-SNR variable: as good at 10-20 steps as DDIM at several times more.
 """
 
 from __future__ import annotations
@@ -70,13 +72,44 @@ def sample_ddpm(denoise: Denoiser, noise: torch.Tensor, schedule: CosineSchedule
     return sample_ddim(denoise, noise, schedule, steps, 1.0, generator, callback)
 
 
-SAMPLER_NAMES = ("ddpm", "ddim")
+@torch.no_grad()
+def sample_dpmpp_2m(denoise: Denoiser, noise: torch.Tensor, schedule: CosineSchedule, steps: int,
+                    callback: StepCallback | None = None) -> torch.Tensor:
+    """DPM-Solver++(2M): ``x' = (sigma'/sigma) x - alpha' expm1(-h) D`` with
+    ``h = lambda' - lambda`` (``lambda = logsnr / 2``) and ``D`` the denoised estimate,
+    extrapolated linearly in ``lambda`` from the last two steps (the first step is DDIM's).
+    It integrates to t = 0 itself (sigma = exp(-logsnr_max / 2) there) with a first-order last
+    step, as k-diffusion does: extrapolating over that long last step in lambda is unstable."""
+    x = noise
+    grid = time_grid(steps, noise.device)
+    previous: tuple[torch.Tensor, torch.Tensor] | None = None  # (x0_hat, h) of the last step
+    for i in range(steps):
+        t = grid[i].expand(x.shape[0])
+        x0 = denoise(x, t)
+        if callback is not None:
+            callback(i, grid[i], x, x0)
+        lam = 0.5 * schedule.logsnr(grid[i : i + 2])
+        h = (lam[1] - lam[0]).float()
+        (_, a_next), (s, s_next) = schedule.alpha_sigma(grid[i : i + 2])
+        d = x0
+        if previous is not None and i < steps - 1:  # the last step, into t = 0, is first order
+            old_x0, h_prev = previous
+            r = h_prev / h
+            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * old_x0
+        x = (s_next / s) * x - a_next * torch.expm1(-h) * d
+        previous = (x0, h)
+    return x
+
+
+SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp_2m")
 
 
 def run_sampler(name: str, denoise: Denoiser, noise: torch.Tensor, schedule: CosineSchedule,
                 steps: int, eta: float = 0.0, generator: torch.Generator | None = None,
                 callback: StepCallback | None = None) -> torch.Tensor:
     """Dispatch by name; ``eta`` applies to DDIM only."""
+    if name == "dpmpp_2m":
+        return sample_dpmpp_2m(denoise, noise, schedule, steps, callback)
     if name == "ddim":
         return sample_ddim(denoise, noise, schedule, steps, eta, generator, callback)
     if name == "ddpm":
