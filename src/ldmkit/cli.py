@@ -45,6 +45,13 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir")
     report.add_argument("-o", "--out", help="output file (default RUN_DIR/report.html)")
 
+    evaluate = sub.add_parser("eval", help="sample quality: FD, precision/recall, class "
+                              "coverage, memorization (logged as eval/*)")
+    evaluate.add_argument("run_dir")
+    evaluate.add_argument("--num", type=int, default=1000)
+    evaluate.add_argument("--sampler", choices=("ddpm", "ddim", "dpmpp_2m"))
+    evaluate.add_argument("--steps", type=int)
+
     export = sub.add_parser("export", help="write a run as diffusers model directories")
     export.add_argument("run_dir")
     export.add_argument("out")
@@ -138,6 +145,13 @@ def main(argv: list[str] | None = None) -> int:
             from ldmkit.report import write_html_report
 
             print(f"report: {write_html_report(args.run_dir, args.out)}")
+        elif args.command == "eval":
+            from ldmkit.evaluate import eval_run
+
+            if args.num < 10:
+                raise LdmkitError("--num must be >= 10 for the metrics to mean anything")
+            for tag, value in eval_run(args.run_dir, args.num, args.sampler, args.steps).items():
+                print(f"{tag}: {value:.4g}")
         elif args.command == "export":
             from ldmkit.export import export_diffusers
 
