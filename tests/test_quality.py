@@ -47,13 +47,9 @@ def test_memorization_is_one_for_copies_and_low_for_new_samples():
 
 @pytest.fixture(scope="module")
 def digits_classifier(tmp_path_factory):
-    import os
-
-    os.environ["LDMKIT_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LDMKIT_CACHE", str(tmp_path_factory.mktemp("cache")))
         yield load_or_train(DataConfig(image_size=16))
-    finally:
-        os.environ.pop("LDMKIT_CACHE")
 
 
 def test_classifier_is_accurate_and_cached(digits_classifier):
@@ -76,9 +72,6 @@ def test_real_images_score_well_and_one_repeated_image_scores_as_collapse(digits
 
 
 def test_eval_command_logs_eval_metrics(tmp_path, digits_classifier, capsys):
-    import os
-
-    os.environ["LDMKIT_CACHE"] = str(cache_root().parent)
     run = train(tiny_config(train={"steps": 4}), tmp_path / "run")
     assert main(["eval", str(run.run_dir), "--num", "64", "--steps", "4"]) == 0
     out = capsys.readouterr().out
