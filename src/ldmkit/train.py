@@ -58,7 +58,6 @@ from ldmkit.sample import generate, save_samples, schedule_of
 from ldmkit.vitals import metrics as vm
 from ldmkit.vitals.diagnose import Context, Finding, event_finding, scenario
 from ldmkit.vitals.monitor import LiveMonitor
-from ldmkit.vitals.rules import threshold_defaults
 
 __all__ = ["Fault", "TrainResult", "train", "train_step"]
 
@@ -170,7 +169,7 @@ def attach_monitor(cfg: Config, run_dir: Path, logger: MetricLogger, scale: floa
     """Live diagnosis on every value the logger writes from here on (guide rules, vitals/)."""
     if not cfg.vitals.enabled:
         return None
-    ctx = Context({**threshold_defaults(), **cfg.vitals.thresholds}, scale, cfg.train)
+    ctx = Context.of(cfg, scale)
     monitor = LiveMonitor(run_dir, ctx, cfg.vitals.on_critical, echo=tqdm.write)
     if step > 0:
         monitor.prime(_series_until(logger, step))

@@ -25,7 +25,6 @@ from ldmkit.vitals import metrics as vm
 from ldmkit.vitals.bands import bands
 from ldmkit.vitals.diagnose import Context, Series, evaluate, scenario
 from ldmkit.vitals.monitor import TAIL
-from ldmkit.vitals.rules import threshold_defaults
 
 SPARK = "▁▂▃▄▅▆▇█"
 STYLE = {"good": "green", "bad": "bold red", None: "white"}
@@ -87,9 +86,7 @@ def context_of(run_dir: Path) -> Context:
             config = load_config(run_dir / "config.yaml")
         except LdmkitError:
             config = None
-    thresholds = {**threshold_defaults(), **(config.vitals.thresholds if config else {})}
-    scale = config.diffusion.latent_scale_factor if config else None
-    return Context(thresholds, scale, config.train if config else None)
+    return Context.of(config, config.diffusion.latent_scale_factor if config else None)
 
 
 def render(run_dir: Path, series: Series, ctx: Context) -> Group:

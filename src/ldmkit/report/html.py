@@ -18,9 +18,8 @@ from pathlib import Path
 from ldmkit.vitals import metrics as vm
 from ldmkit.vitals.bands import bands
 from ldmkit.vitals.diagnose import Context
-from ldmkit.vitals.offline import diagnose_log
+from ldmkit.vitals.offline import diagnose_loaded
 from ldmkit.vitals.readers import read_log
-from ldmkit.vitals.rules import threshold_defaults
 
 from .svg import Marker, line_plot
 
@@ -98,9 +97,8 @@ def _findings_table(findings: list, title: str) -> str:
 
 def render_html(run_dir: Path) -> str:
     log = read_log(run_dir)
-    diagnosis = diagnose_log(run_dir)
-    thresholds = {**threshold_defaults(), **(log.config.vitals.thresholds if log.config else {})}
-    ctx = Context(thresholds, log.latent_scale_factor, log.config.train if log.config else None)
+    ctx = Context.of(log.config, log.latent_scale_factor)
+    diagnosis = diagnose_loaded(log, ctx)
     raised = _raised(run_dir)
     plots = []
     for tag in [t for t in PLOTTED if t in log.series] + sorted(

@@ -13,7 +13,7 @@ import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from ldmkit.config import TrainConfig
+from ldmkit.config import Config, TrainConfig
 from ldmkit.optim import lr_at
 from ldmkit.vitals import metrics as vm
 from ldmkit.vitals.rules import ALWAYS, EVENTS, RULES, Rule, threshold_defaults
@@ -42,6 +42,14 @@ class Context:
     thresholds: dict[str, float] = field(default_factory=threshold_defaults)
     latent_scale_factor: float | None = None
     train: TrainConfig | None = None
+
+    @classmethod
+    def of(cls, config: Config | None, latent_scale_factor: float | None,
+           thresholds: dict[str, float] | None = None) -> Context:
+        """The guide's defaults, overridden by ``config.vitals.thresholds``, then ``thresholds``."""
+        merged = {**threshold_defaults(), **(config.vitals.thresholds if config else {}),
+                  **(thresholds or {})}
+        return cls(merged, latent_scale_factor, config.train if config else None)
 
     def thr(self, name: str) -> float:
         return self.thresholds[name]

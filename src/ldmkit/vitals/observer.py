@@ -23,7 +23,7 @@ from ldmkit.logging import MetricLogger
 from ldmkit.vitals import metrics as vm
 from ldmkit.vitals.diagnose import Context, Finding, scenario
 from ldmkit.vitals.monitor import LiveMonitor
-from ldmkit.vitals.rules import THRESHOLDS, threshold_defaults
+from ldmkit.vitals.rules import THRESHOLDS
 
 
 def normalize_timesteps(timesteps: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:
@@ -51,7 +51,7 @@ class VitalsMonitor:
             raise ValueError("log_every must be >= 1")
         self.log_every = log_every
         self.logger = MetricLogger(log_dir, tensorboard)
-        ctx = Context({**threshold_defaults(), **(thresholds or {})}, latent_scale_factor)
+        ctx = Context.of(None, latent_scale_factor, thresholds)
         self.live = LiveMonitor(Path(log_dir), ctx, on_critical, echo)
         self.live.text_sink = self.logger.log_text
         self.logger.observers.append(self.live)

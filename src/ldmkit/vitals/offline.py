@@ -8,8 +8,7 @@ from pathlib import Path
 
 from ldmkit.vitals.diagnose import Context, Finding, scenario
 from ldmkit.vitals.monitor import SEVERITY_RANK, replay
-from ldmkit.vitals.readers import read_log
-from ldmkit.vitals.rules import threshold_defaults
+from ldmkit.vitals.readers import LoadedLog, read_log
 
 
 @dataclass
@@ -32,9 +31,11 @@ def diagnose_log(path: str | Path, latent_scale_factor: float | None = None,
                  thresholds: dict[str, float] | None = None) -> Diagnosis:
     """Read ``path`` (run dir, JSONL, CSV, TensorBoard) and replay the rules over it."""
     log = read_log(path, latent_scale_factor)
-    merged = {**threshold_defaults(),
-              **(log.config.vitals.thresholds if log.config else {}), **(thresholds or {})}
-    ctx = Context(merged, log.latent_scale_factor, log.config.train if log.config else None)
+    return diagnose_loaded(log, Context.of(log.config, log.latent_scale_factor, thresholds))
+
+
+def diagnose_loaded(log: LoadedLog, ctx: Context) -> Diagnosis:
+    """The rules replayed over a log already read (``read_log``) under ``ctx``."""
     findings = replay(log.series, ctx)
     return Diagnosis(log.source, scenario(findings, log.series, ctx), findings,
                      log.latent_scale_factor)
