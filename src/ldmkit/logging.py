@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,18 @@ def stage_of(tag: str) -> str:
     return "autoencoder" if tag.startswith(STAGE1_PREFIX) else "diffusion"
 
 
+def json_objects(path: Path) -> Iterator[tuple[str, dict]]:
+    """(line, object) for each line of a JSONL file that holds a JSON object; torn or foreign
+    lines (a run killed mid-write) are skipped."""
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict):
+            yield line, obj
+
+
 def rewind_jsonl(path: Path, step: int, stage: str, step_key: str = "step") -> None:
     """Drop ``stage``'s records after ``step`` and any torn line, atomically (tmp + rename).
 
@@ -31,13 +44,7 @@ def rewind_jsonl(path: Path, step: int, stage: str, step_key: str = "step") -> N
     if not path.is_file():
         return
     kept = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(rec, dict):
-            continue
+    for line, rec in json_objects(path):
         tag, at = str(rec.get("tag", rec.get("metric", ""))), rec.get(step_key, 0)
         if stage_of(tag) != stage or (isinstance(at, int) and at <= step):
             kept.append(line)

@@ -34,9 +34,9 @@ from ldmkit.models.unet import UNet
 from ldmkit.optim import EMA
 from ldmkit.stage1 import AE_DIR, load_autoencoder
 from ldmkit.vitals.metrics import StepAccumulator
+from ldmkit.vitals.monitor import FINDINGS_FILE
 
 CONFIG_FILE = "config.yaml"
-FINDINGS_FILE = "findings.jsonl"
 # keys a user may change when continuing a run: its length, and where it lives
 CONTINUABLE = ("train.steps", "run_dir")
 

@@ -11,13 +11,14 @@ which the end-to-end test reads from headless Chromium.
 from __future__ import annotations
 
 import base64
-import json
 from html import escape
 from pathlib import Path
 
+from ldmkit.logging import json_objects
 from ldmkit.vitals import metrics as vm
 from ldmkit.vitals.bands import bands
 from ldmkit.vitals.diagnose import Context
+from ldmkit.vitals.monitor import FINDINGS_FILE
 from ldmkit.vitals.offline import diagnose_loaded
 from ldmkit.vitals.readers import read_log
 
@@ -60,18 +61,10 @@ def _img(path: Path, caption: str) -> str:
 
 
 def _raised(run_dir: Path) -> list[dict]:
-    path = run_dir / "findings.jsonl"
+    path = run_dir / FINDINGS_FILE
     if not path.is_file():
         return []
-    events = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(event, dict) and event.get("event") == "raised":
-            events.append(event)
-    return events
+    return [event for _, event in json_objects(path) if event.get("event") == "raised"]
 
 
 def _grids(run_dir: Path) -> list[tuple[Path, str]]:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ldmkit.vitals.diagnose import Context, Finding, Series, evaluate
 
+FINDINGS_FILE = "findings.jsonl"
 TAIL = 64  # records per tag a rule may look back on; keeps each evaluation O(tags * TAIL)
 SEVERITY_RANK = {"info": 0, "warning": 1, "critical": 2}
 
@@ -86,7 +87,7 @@ class LiveMonitor:
         self.on_critical = on_critical
         self.series: Series = {}
         self.tracker = FindingTracker()
-        self.path = Path(run_dir) / "findings.jsonl"
+        self.path = Path(run_dir) / FINDINGS_FILE
         self.echo = echo
         self.stop_finding: Finding | None = None
         self.text_sink = None  # callable(step, tag, text), e.g. TensorBoard add_text
