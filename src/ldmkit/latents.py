@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from ldmkit.data import ImageData, load_data
 from ldmkit.distributed import SINGLE, Dist, barrier, broadcast_float
 from ldmkit.errors import CheckpointError
 from ldmkit.logging import MetricLogger
-from ldmkit.models.autoencoder import Autoencoder
+from ldmkit.models.autoencoder import Autoencoder, Posterior
 from ldmkit.preemption import Preempted, StopRequest
 from ldmkit.resume import load_run_config
 from ldmkit.stage1 import (
@@ -83,6 +84,14 @@ def read_cache(path: Path, expected: dict) -> LatentPosteriors | None:
 
 
 @torch.no_grad()
+def encode_batches(ae: Autoencoder, data: ImageData) -> Iterator[tuple[slice, Posterior]]:
+    """(rows, posterior) of ``data`` encoded ``ENCODE_BATCH`` images at a time."""
+    for start in range(0, len(data), ENCODE_BATCH):
+        stop = min(start + ENCODE_BATCH, len(data))
+        yield slice(start, stop), ae.encode(data.batch(torch.arange(start, stop)))
+
+
+@torch.no_grad()
 def build_cache(ae: Autoencoder, cfg: Config, path: Path, meta: dict,
                 data: LazyData | None = None) -> LatentPosteriors:
     """Encode ``cfg.data`` into ``path`` (written atomically) and return the mapped result."""
@@ -93,10 +102,8 @@ def build_cache(ae: Autoencoder, cfg: Config, path: Path, meta: dict,
     def write(tmp: Path) -> None:
         mean = np.lib.format.open_memmap(tmp / "mean.npy", "w+", np.float32, shape)
         logvar = np.lib.format.open_memmap(tmp / "logvar.npy", "w+", np.float32, shape)
-        for start in range(0, len(data), ENCODE_BATCH):
-            stop = min(start + ENCODE_BATCH, len(data))
-            post = ae.encode(data.batch(torch.arange(start, stop)))
-            mean[start:stop], logvar[start:stop] = post.mean.numpy(), post.logvar.numpy()
+        for index, post in encode_batches(ae, data):
+            mean[index], logvar[index] = post.mean.numpy(), post.logvar.numpy()
         mean.flush()
         logvar.flush()
         del mean, logvar
@@ -108,13 +115,8 @@ def build_cache(ae: Autoencoder, cfg: Config, path: Path, meta: dict,
 
 
 def encode_in_memory(ae: Autoencoder, data: ImageData) -> LatentPosteriors:
-    means, logvars = [], []
-    with torch.no_grad():
-        for start in range(0, len(data), ENCODE_BATCH):
-            post = ae.encode(data.batch(torch.arange(start, min(start + ENCODE_BATCH, len(data)))))
-            means.append(post.mean)
-            logvars.append(post.logvar)
-    return LatentPosteriors(torch.cat(means), torch.cat(logvars))
+    posts = [post for _, post in encode_batches(ae, data)]
+    return LatentPosteriors(torch.cat([p.mean for p in posts]), torch.cat([p.logvar for p in posts]))
 
 
 def _report(data: ImageData) -> None:

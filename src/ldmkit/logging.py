@@ -62,11 +62,10 @@ class MetricLogger:
     def __init__(self, run_dir: str | Path, tensorboard: bool = True, enabled: bool = True):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / METRICS_FILE
-        self.enabled = enabled  # False on DDP ranks other than 0: they log nothing
         self.tensorboard = tensorboard and enabled
         self._tb: dict[str, Any] = {}
         self._purge: dict[str, int] = {}  # stage -> purge_step of its next TensorBoard writer
-        self._fh = None
+        self._fh = None  # stays None on DDP ranks other than 0: they log nothing
         if enabled:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._fh = self.path.open("a", encoding="utf-8")

@@ -53,10 +53,11 @@ def generate(model: nn.Module, ae: Autoencoder, scale: float, cfg: Config, num: 
     noise = shard(torch.randn((num, *shape), generator=gen), d)
     if d.active:  # ancestral noise must differ between shards
         gen = torch.Generator().manual_seed(seed * 1_000_003 + d.rank + 1)
-    denoise = eps_denoiser(model, schedule_of(cfg))
+    schedule = schedule_of(cfg)
+    denoise = eps_denoiser(model, schedule)
     was_training = model.training
     model.eval()
-    parts = [run_sampler(sampler, denoise, chunk.to(device), schedule_of(cfg), steps, eta, gen)
+    parts = [run_sampler(sampler, denoise, chunk.to(device), schedule, steps, eta, gen)
              for chunk in noise.split(batch_size)]
     model.train(was_training)
     latents = all_gather_cat(torch.cat(parts).float(), d).cpu() / scale
