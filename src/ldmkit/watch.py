@@ -20,7 +20,7 @@ from rich.text import Text
 from ldmkit.config import load_config
 from ldmkit.errors import LdmkitError
 from ldmkit.logging import METRICS_FILE
-from ldmkit.report.html import PLOTTED
+from ldmkit.report.html import shown_tags
 from ldmkit.vitals import metrics as vm
 from ldmkit.vitals.bands import bands
 from ldmkit.vitals.diagnose import Context, Series, evaluate, scenario
@@ -100,7 +100,7 @@ def render(run_dir: Path, series: Series, ctx: Context) -> Group:
                         f"{scenario(findings, tail, ctx)}", expand=False)
     for column in ("vital sign", "step", "value", "trend"):
         table.add_column(column)
-    for tag in [t for t in PLOTTED if t in series] + sorted(t for t in series if t.startswith("eval/")):
+    for tag in shown_tags(series):
         last_step, value = series[tag][-1]
         style = STYLE[_status(value, tag, ctx)]
         table.add_row(tag, str(last_step), Text(f"{value:.4g}", style=style),

@@ -28,6 +28,13 @@ REPORT_FILE = "report.html"
 PLOTTED = (*vm.TRAIN_TAGS, *(vm.PAIRWISE_PREFIX + s for s in ("mean", "std", "min", "max")),
            *(vm.FINAL_PREFIX + s for s in ("mean", "std", "min", "max")),
            "vae/recon_mse", "vae/psnr")
+
+
+def shown_tags(series: dict) -> list[str]:
+    """The vital signs present in ``series`` in the guide's order, then any ``eval/*``."""
+    return [t for t in PLOTTED if t in series] + sorted(t for t in series if t.startswith("eval/"))
+
+
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:24px;max-width:1200px;color:#222}
 h1{font-size:22px} h2{font-size:18px;margin-top:28px;border-bottom:1px solid #ddd}
@@ -94,8 +101,7 @@ def render_html(run_dir: Path) -> str:
     diagnosis = diagnose_loaded(log, ctx)
     raised = _raised(run_dir)
     plots = []
-    for tag in [t for t in PLOTTED if t in log.series] + sorted(
-            t for t in log.series if t.startswith("eval/")):
+    for tag in shown_tags(log.series):
         markers = [Marker(e["step"], f'{e["severity"]} {e["code"]}: {e["message"]}', e["severity"])
                    for e in raised if e.get("metric") == tag]
         plots.append(line_plot(tag, log.series[tag], bands(tag, ctx), markers))
