@@ -9,7 +9,7 @@ from conftest import tiny_config
 from ldmkit.classifier import cache_root, load_or_train
 from ldmkit.cli import main
 from ldmkit.config import DataConfig
-from ldmkit.evaluate import quality_metrics
+from ldmkit.evaluate import Reference, quality_metrics
 from ldmkit.logging import read_metrics
 from ldmkit.quality import class_coverage, frechet_distance, memorization_rate, precision_recall
 from ldmkit.train import train
@@ -62,11 +62,12 @@ def test_classifier_is_accurate_and_cached(digits_classifier):
 
 def test_real_images_score_well_and_one_repeated_image_scores_as_collapse(digits_classifier):
     clf, train_set, held_out = digits_classifier
-    good = quality_metrics(clf, held_out.images[:300], held_out.images[300:], train_set.images)
+    good = quality_metrics(Reference.of(clf, held_out.images[300:], train_set.images),
+                           held_out.images[:300])
     assert good["eval/class_coverage"] > 0.95 and good["eval/precision"] > 0.8
     assert good["eval/memorization"] < 0.15
     copies = train_set.images[:1].expand(300, -1, -1, -1)
-    bad = quality_metrics(clf, copies, held_out.images, train_set.images)
+    bad = quality_metrics(Reference.of(clf, held_out.images, train_set.images), copies)
     assert bad["eval/class_coverage"] == pytest.approx(1 / clf.classes)
     assert bad["eval/memorization"] == 1.0 and bad["eval/fd"] > 10 * good["eval/fd"]
 

@@ -8,6 +8,7 @@ computes the metrics of ``ldmkit.quality``. The values are appended to the run's
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,17 +22,32 @@ from ldmkit.resume import load_for_sampling
 from ldmkit.sample import generate
 
 
-def quality_metrics(clf: Classifier, fake_images: torch.Tensor, real_images: torch.Tensor,
-                    train_images: torch.Tensor) -> dict[str, float]:
-    """``eval/*`` of uint8 images ``[N, C, H, W]`` against held-out real and training images."""
-    fake, predicted = clf.embed(to_signed(fake_images))
-    real, _ = clf.embed(to_signed(real_images))
-    train, _ = clf.embed(to_signed(train_images))
-    precision, recall = precision_recall(real, fake)
-    return {"eval/fd": frechet_distance(fake, real), "eval/precision": precision,
-            "eval/recall": recall, "eval/class_coverage": class_coverage(predicted, clf.classes),
-            "eval/memorization": memorization_rate(fake, train),
-            "eval/classifier_accuracy": clf.held_out_accuracy}
+@dataclass
+class Reference:
+    """The real images a run is judged against, embedded once: held-out images (FD,
+    precision/recall) and the images the model trained on (memorization)."""
+
+    clf: Classifier
+    real: torch.Tensor  # [N, 128]
+    train: torch.Tensor  # [M, 128]
+
+    @classmethod
+    def of(cls, clf: Classifier, real_images: torch.Tensor,
+           train_images: torch.Tensor) -> Reference:
+        """From uint8 images ``[N, C, H, W]``."""
+        return cls(clf, clf.embed(to_signed(real_images))[0],
+                   clf.embed(to_signed(train_images))[0])
+
+
+def quality_metrics(ref: Reference, fake_images: torch.Tensor) -> dict[str, float]:
+    """``eval/*`` of uint8 images ``[N, C, H, W]`` against the reference sets."""
+    fake, predicted = ref.clf.embed(to_signed(fake_images))
+    precision, recall = precision_recall(ref.real, fake)
+    return {"eval/fd": frechet_distance(fake, ref.real), "eval/precision": precision,
+            "eval/recall": recall,
+            "eval/class_coverage": class_coverage(predicted, ref.clf.classes),
+            "eval/memorization": memorization_rate(fake, ref.train),
+            "eval/classifier_accuracy": ref.clf.held_out_accuracy}
 
 
 def eval_run(run_dir: str | Path, num: int = 1000, sampler: str | None = None,
@@ -44,8 +60,8 @@ def eval_run(run_dir: str | Path, num: int = 1000, sampler: str | None = None,
     s = cfg.sample
     samples = generate(model, ae, scale, cfg, num, sampler or s.sampler, steps or s.steps, seed,
                        s.eta)
-    real = held_out.images[:num]
-    values = quality_metrics(clf, samples.images, real, trained_on.images)
+    ref = Reference.of(clf, held_out.images[:num], trained_on.images)
+    values = quality_metrics(ref, samples.images)
     with MetricLogger(run_dir, tensorboard=cfg.tensorboard) as logger:
         logger.log(step, values)
     return values

@@ -163,9 +163,11 @@ def build_unet(cfg: Config, latent_channels: int, latent_size: int) -> UNet:
                 u.attention_resolutions, u.num_heads, u.dropout)
 
 
-def load_for_sampling(run_dir: Path) -> tuple[dict, int, nn.Module, Autoencoder, float]:
-    """(config dict, step, EMA UNet, autoencoder, scale) of a run's last checkpoint."""
-    ckpt = latest_checkpoint(run_dir)
+def load_for_sampling(run_dir: Path, ckpt: Path | None = None
+                      ) -> tuple[dict, int, nn.Module, Autoencoder, float]:
+    """(config dict, step, EMA UNet, autoencoder, scale) of a run's last checkpoint (or ``ckpt``,
+    one of its ``checkpoints/step_*``)."""
+    ckpt = ckpt or latest_checkpoint(run_dir)
     weights, _, meta = load_checkpoint(ckpt)
     cfg = from_dict(meta["config"])
     ae = load_autoencoder(run_dir / AE_DIR)
