@@ -1,0 +1,67 @@
+"""What the MNIST benchmarks share: one autoencoder and latent cache, and the quality reference.
+
+Stage 1 (``configs/mnist.yaml``'s autoencoder) is trained once into ``runs/bench-mnist/stage1``
+and its posteriors cached in ``runs/bench-mnist/latents``; every diffusion model of the
+benchmarks, ldmkit's and the diffusers reference alike, trains on those same cached latents
+with the same calibrated scale and is decoded by the same decoder, so only stage 2 differs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ldmkit.classifier import load_or_train
+from ldmkit.config import Config, load_config
+from ldmkit.data import load_data
+from ldmkit.evaluate import Reference
+from ldmkit.latents import prepare_latents
+from ldmkit.logging import MetricLogger
+from ldmkit.models.autoencoder import Autoencoder
+from ldmkit.stage1 import LatentPosteriors
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs/mnist.yaml"
+DATA = ROOT.parent / "shared/data/mnist"
+WORK = ROOT / "runs/bench-mnist"
+STAGE1, CACHE = WORK / "stage1", WORK / "latents"
+LDMKIT_20MIN = WORK / "ldmkit"  # the 20-minute ldmkit run that sampler_quality.py samples
+EVAL_SEED = 1  # the same starting noise for every model and sampler
+
+
+def config(*overrides: str) -> Config:
+    """configs/mnist.yaml reading ../shared/data/mnist, sharing the benchmarks' stage 1."""
+    if not DATA.is_dir():
+        raise SystemExit(f"MNIST not found at {DATA}; put ../shared/data beside the repository")
+    return load_config(CONFIG, [f"data.path={DATA}", f"data.latent_cache={CACHE}", *overrides])
+
+
+@dataclass
+class Setup:
+    cfg: Config
+    ae: Autoencoder
+    latents: LatentPosteriors
+    scale: float
+
+
+def stage1() -> Setup:
+    """Train (once) the autoencoder, encode MNIST into the cache, calibrate the scale."""
+    cfg = config(f"run_dir={STAGE1}")
+    STAGE1.mkdir(parents=True, exist_ok=True)
+    with MetricLogger(STAGE1, tensorboard=False) as logger:
+        ae, latents, scale = prepare_latents(cfg, STAGE1, logger)
+    return Setup(cfg, ae, latents, scale)
+
+
+def reference(cfg: Config, num: int) -> Reference:
+    """MNIST's classifier (trained once, cached) with ``num`` test images and the training set."""
+    clf, _, held_out = load_or_train(cfg.data)
+    print(f"classifier: {clf.held_out_accuracy:.1%} accurate on the test split")
+    return Reference.of(clf, held_out.images[:num], load_data(cfg.data).images)
+
+
+def eval_noise(num: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """The starting noise of ldmkit's ``generate`` with seed ``EVAL_SEED``."""
+    return torch.randn((num, *shape), generator=torch.Generator().manual_seed(EVAL_SEED))

@@ -1,0 +1,250 @@
+"""Time to quality on MNIST: ldmkit vs a diffusers reference loop with the same wall-clock budget.
+
+Run: ``.venv/bin/python benchmarks/time_to_quality.py`` (needs ``../shared/data/mnist`` and the
+``bench`` extra; about 55 minutes on 2 cores). Both loops train stage 2 on the same cached
+latents (``_mnist.py``), the same batch size and UNet size, one after the other (never side by
+side, so neither slows the other), for ``BUDGETS_MIN[-1]`` minutes, and are judged at each budget
+with the weights they had then:
+
+- ldmkit: ``python -m ldmkit train configs/mnist.yaml`` in a subprocess, its clock started at
+  launch (imports and start-up count against it), ``train.steps`` set so that the cosine decay
+  ends at the last budget, a checkpoint every ~30 s; at a budget, its newest checkpoint written
+  within the budget is evaluated (EMA weights).
+- reference: diffusers' ``UNet2DModel`` + ``DDPMScheduler`` with the recipe of diffusers'
+  ``train_unconditional.py`` example (AdamW 1e-4, betas 0.95/0.999, weight decay 1e-6, 500
+  warmup steps then cosine, EMAModel with warmup power 3/4, gradient clipping 1), except the
+  batch size, which is ldmkit's so that both see as many images per step; its EMA weights are
+  copied at each budget.
+
+Each is sampled with its own library's DPM-Solver++(2M), 20 steps, from the same noise, decoded
+by the shared decoder and scored with ``ldmkit.evaluate.quality_metrics``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
+from diffusers.optimization import get_cosine_schedule_with_warmup
+from diffusers.training_utils import EMAModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _mnist import CONFIG, LDMKIT_20MIN, STAGE1, WORK, Setup, eval_noise, reference, stage1  # noqa: E402
+from report import machine, write_section  # noqa: E402
+from throughput import diffusers_unet, seconds_per_step, step_fn  # noqa: E402
+
+from ldmkit.checkpoint import list_checkpoints  # noqa: E402
+from ldmkit.data import BatchOrder, to_uint8  # noqa: E402
+from ldmkit.evaluate import Reference, quality_metrics  # noqa: E402
+from ldmkit.resume import build_unet, load_for_sampling  # noqa: E402
+from ldmkit.sample import generate  # noqa: E402
+
+BUDGETS_MIN = (5, 10, 20)
+EVAL_NUM = 2000
+EVAL_STEPS = 20
+CHECKPOINTS_PER_RUN = 40
+RESULTS = WORK / "time_to_quality.json"
+
+
+@dataclass
+class Snapshot:
+    budget_s: float
+    elapsed_s: float  # when these weights existed, from the loop's start
+    step: int
+    weights: Path | dict[str, torch.Tensor]  # an ldmkit checkpoint, or reference EMA weights
+
+
+def calibrate(setup: Setup) -> dict[str, float]:
+    """Seconds per training step of each UNet at this batch (median of 3 alternating rounds)."""
+    latent = tuple(setup.latents.mean.shape[1:])
+    models = {"ldmkit": build_unet(setup.cfg, latent[0], latent[1]), "reference": diffusers_unet()}
+    steps = {"ldmkit": step_fn(models["ldmkit"], False), "reference": step_fn(models["reference"], True)}
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for step in steps.values():
+        step()
+    for _ in range(3):
+        for name, step in steps.items():
+            times[name].append(seconds_per_step(step, 10))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def train_ldmkit(setup: Setup, budgets_s: list[float], steps: int) -> list[Snapshot]:
+    """``ldmkit train`` in a subprocess, stopped (SIGTERM, it checkpoints) at the last budget."""
+    shutil.rmtree(LDMKIT_20MIN, ignore_errors=True)
+    sets = [f"run_dir={LDMKIT_20MIN}", f"data.path={setup.cfg.data.path}",
+            f"data.latent_cache={setup.cfg.data.latent_cache}", f"autoencoder.pretrained={STAGE1}",
+            f"diffusion.latent_scale_factor={setup.scale}", f"train.steps={steps}",
+            f"train.checkpoint_every={max(1, steps // CHECKPOINTS_PER_RUN)}",
+            f"train.checkpoint_keep={CHECKPOINTS_PER_RUN + 2}"]
+    cmd = [sys.executable, "-m", "ldmkit", "train", str(CONFIG)]
+    for s in sets:
+        cmd += ["--set", s]
+    LDMKIT_20MIN.parent.mkdir(parents=True, exist_ok=True)
+    with (WORK / "ldmkit-train.log").open("w") as log:
+        started = time.time()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            proc.wait(timeout=budgets_s[-1])
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait()
+    if proc.returncode != 0:
+        raise SystemExit(f"ldmkit train failed (exit {proc.returncode}); see {log.name}")
+    written = [((p / "meta.json").stat().st_mtime - started, p)
+               for p in list_checkpoints(LDMKIT_20MIN / "checkpoints")]
+    snaps = []
+    for budget in budgets_s:
+        elapsed, path = max((w for w in written if w[0] <= budget), key=lambda w: w[0])
+        snaps.append(Snapshot(budget, elapsed, int(path.name.split("_")[1]), path))
+    return snaps
+
+
+def train_reference(setup: Setup, budgets_s: list[float], steps: int) -> list[Snapshot]:
+    """diffusers' unconditional training recipe on the cached latents, EMA copied at budgets."""
+    started = time.monotonic()
+    torch.manual_seed(0)
+    model = diffusers_unet()
+    noise_scheduler = DDPMScheduler(num_train_timesteps=1000)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.95, 0.999),
+                            weight_decay=1e-6, eps=1e-8)
+    lr_schedule = get_cosine_schedule_with_warmup(opt, 500, steps)
+    ema = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=0.75)
+    order = BatchOrder(len(setup.latents.mean), setup.cfg.train.batch_size, 1)
+    gen = torch.Generator().manual_seed(2)
+    pending, snaps, step = list(budgets_s), [], 0
+    while pending:
+        elapsed = time.monotonic() - started
+        if elapsed >= pending[0] or step == steps:
+            ema_model = diffusers_unet()
+            ema.copy_to(ema_model.parameters())
+            snaps.append(Snapshot(pending.pop(0), elapsed, step, ema_model.state_dict()))
+            continue
+        z = setup.scale * setup.latents.sample(order.next(), gen)
+        noise = torch.randn(z.shape, generator=gen)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(z),), generator=gen)
+        loss = F.mse_loss(model(noise_scheduler.add_noise(z, noise, t), t).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        lr_schedule.step()
+        ema.step(model.parameters())
+        step += 1
+    return snaps
+
+
+@torch.no_grad()
+def sample_reference(model: UNet2DModel, noise: torch.Tensor, steps: int) -> torch.Tensor:
+    """diffusers' DPM-Solver++(2M) over the DDPM training schedule, 250 latents at a time."""
+    scheduler = DPMSolverMultistepScheduler.from_config(DDPMScheduler(num_train_timesteps=1000).config)
+    out = []
+    for x in noise.split(250):
+        scheduler.set_timesteps(steps)  # also resets the solver's history
+        for t in scheduler.timesteps:
+            x = scheduler.step(model(x, t).sample, t, x).prev_sample
+        out.append(x)
+    return torch.cat(out)
+
+
+def score_ldmkit(setup: Setup, ref: Reference, snap: Snapshot) -> dict[str, float]:
+    _, _, model, ae, scale = load_for_sampling(LDMKIT_20MIN, snap.weights)
+    samples = generate(model, ae, scale, setup.cfg, EVAL_NUM, "dpmpp_2m", EVAL_STEPS, 1)
+    return quality_metrics(ref, samples.images)
+
+
+def score_reference(setup: Setup, ref: Reference, snap: Snapshot) -> dict[str, float]:
+    model = diffusers_unet().eval()
+    model.load_state_dict(snap.weights)
+    noise = eval_noise(EVAL_NUM, tuple(setup.latents.mean.shape[1:]))
+    latents = sample_reference(model, noise, EVAL_STEPS) / setup.scale
+    with torch.no_grad():
+        images = torch.cat([to_uint8(setup.ae.decode(z)) for z in latents.split(250)])
+    return quality_metrics(ref, images)
+
+
+def section(results: dict) -> str:
+    rows, verdicts = [], []
+    for ours, theirs in zip(results["ldmkit"], results["reference"], strict=True):
+        ratio = theirs["eval/fd"] / max(ours["eval/fd"], 1e-9)
+        ok = ratio >= 1.5 and ours["eval/class_coverage"] >= 0.95
+        verdicts.append(ok)
+        for name, r in (("ldmkit", ours), ("diffusers reference", theirs)):
+            rows.append(f"| {r['budget_min']:g} min | {name} | {r['elapsed_s'] / 60:.1f} min | "
+                        f"{r['step']} | {r['eval/fd']:.2f} | {r['eval/precision']:.3f} | "
+                        f"{r['eval/recall']:.3f} | {r['eval/class_coverage']:.3f} | "
+                        f"{r['eval/memorization']:.3f} |")
+        rows.append(f"| | FD ratio reference / ldmkit | | | **{ratio:.2f}x** | | | | "
+                    f"{'met' if ok else 'missed'} |")
+    sec = results["seconds_per_step"]
+    return f"""## Time to quality on MNIST (`benchmarks/time_to_quality.py`)
+
+Machine: {results['machine']}. Command: `.venv/bin/python benchmarks/time_to_quality.py`.
+MNIST train split (60000 images at 32x32) through one shared autoencoder into a latent cache
+(4x8x8, scale {results['scale']:.4f}); stage 2 only is timed. Both loops: batch 128, UNets of
+1.08 M (ldmkit) and 1.00 M (diffusers) parameters, measured here at {sec['ldmkit'] * 1e3:.0f} and
+{sec['reference'] * 1e3:.0f} ms per step. ldmkit is `ldmkit train configs/mnist.yaml` (lr 1e-3,
+100 warmup steps, cosine to 5 %, EMA 0.999, uniform t, cosine log-SNR schedule, vital signs,
+TensorBoard and checkpoints on) run as a subprocess whose clock includes its start-up; the
+reference follows diffusers' `train_unconditional.py` recipe (UNet2DModel + DDPMScheduler with
+linear betas, AdamW 1e-4, 500 warmup steps, cosine, EMAModel power 3/4, clipping 1) with the
+batch size matched. One {results['budgets_min'][-1]}-minute run each, evaluated with the EMA
+weights it had at each budget (so at 5 and 10 minutes the learning rate has not decayed yet, for
+both); ldmkit at its newest checkpoint written within the budget. {results['eval_num']} samples
+each, DPM-Solver++(2M) {results['eval_steps']} steps of its own library from the same noise,
+against {results['eval_num']} MNIST test images; features of the in-project MNIST classifier
+({results['classifier_accuracy']:.1%} test accuracy). One run per loop, not repeated (a repeat
+costs {2 * results['budgets_min'][-1]:g} minutes), so the run-to-run spread is not measured here.
+
+Target: ldmkit's FD at least 1.5x lower than the reference's at every budget, class coverage at
+least 0.95: **{'met' if all(verdicts) else 'missed'}**.
+
+| budget | loop | weights from | steps | FD | precision | recall | class coverage | memorization |
+|---|---|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budgets", type=float, nargs="+", default=BUDGETS_MIN,
+                        help="minutes (a short smoke run: --budgets 0.5 1 --dry)")
+    parser.add_argument("--dry", action="store_true", help="print, write nothing to BENCHMARKS.md")
+    args = parser.parse_args()
+    budgets_s = [m * 60 for m in args.budgets]
+    setup = stage1()
+    ref = reference(setup.cfg, EVAL_NUM)
+    sec = calibrate(setup)
+    print(f"seconds per step: {sec}")
+    results = {"machine": machine(), "scale": setup.scale, "budgets_min": list(args.budgets),
+               "seconds_per_step": sec, "eval_num": EVAL_NUM, "eval_steps": EVAL_STEPS,
+               "classifier_accuracy": ref.clf.held_out_accuracy}
+    loops = (("ldmkit", train_ldmkit, score_ldmkit), ("reference", train_reference, score_reference))
+    for name, train, score in loops:
+        snaps = train(setup, budgets_s, int(0.9 * budgets_s[-1] / sec[name]))
+        results[name] = []
+        for snap in snaps:
+            values = {"budget_min": snap.budget_s / 60, "elapsed_s": snap.elapsed_s,
+                      "step": snap.step, **score(setup, ref, snap)}
+            print(name, json.dumps(values))
+            results[name].append(values)
+        if not args.dry:
+            RESULTS.write_text(json.dumps(results, indent=2))
+    body = section(results)
+    print(body)
+    if not args.dry:
+        write_section("time_to_quality", body)
+
+
+if __name__ == "__main__":
+    main()
