@@ -11,8 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from ldmkit.classifier import load_or_train
 from ldmkit.config import Config, load_config
 from ldmkit.data import load_data
@@ -60,8 +58,3 @@ def reference(cfg: Config, num: int) -> Reference:
     clf, _, held_out = load_or_train(cfg.data)
     print(f"classifier: {clf.held_out_accuracy:.1%} accurate on the test split")
     return Reference.of(clf, held_out.images[:num], load_data(cfg.data).images)
-
-
-def eval_noise(num: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """The starting noise of ldmkit's ``generate`` with seed ``EVAL_SEED``."""
-    return torch.randn((num, *shape), generator=torch.Generator().manual_seed(EVAL_SEED))

@@ -40,15 +40,15 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _mnist import CONFIG, LDMKIT_20MIN, STAGE1, WORK, Setup, eval_noise, reference, stage1  # noqa: E402
+from _mnist import CONFIG, EVAL_SEED, LDMKIT_20MIN, STAGE1, WORK, Setup, reference, stage1  # noqa: E402
 from report import machine, write_section  # noqa: E402
 from throughput import diffusers_unet, seconds_per_step, step_fn  # noqa: E402
 
 from ldmkit.checkpoint import list_checkpoints  # noqa: E402
-from ldmkit.data import BatchOrder, to_uint8  # noqa: E402
+from ldmkit.data import BatchOrder  # noqa: E402
 from ldmkit.evaluate import Reference, quality_metrics  # noqa: E402
 from ldmkit.resume import build_unet, load_for_sampling  # noqa: E402
-from ldmkit.sample import generate  # noqa: E402
+from ldmkit.sample import decode_images, generate, start_noise  # noqa: E402
 
 BUDGETS_MIN = (5, 10, 20)
 EVAL_NUM = 2000
@@ -110,12 +110,17 @@ def train_ldmkit(setup: Setup, budgets_s: list[float], steps: int) -> list[Snaps
     return snaps
 
 
+def ddpm_schedule() -> DDPMScheduler:
+    """The reference's training noise schedule (the example's default: 1000 linear betas)."""
+    return DDPMScheduler(num_train_timesteps=1000)
+
+
 def train_reference(setup: Setup, budgets_s: list[float], steps: int) -> list[Snapshot]:
     """diffusers' unconditional training recipe on the cached latents, EMA copied at budgets."""
     started = time.monotonic()
     torch.manual_seed(0)
     model = diffusers_unet()
-    noise_scheduler = DDPMScheduler(num_train_timesteps=1000)
+    noise_scheduler = ddpm_schedule()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.95, 0.999),
                             weight_decay=1e-6, eps=1e-8)
     lr_schedule = get_cosine_schedule_with_warmup(opt, 500, steps)
@@ -147,7 +152,7 @@ def train_reference(setup: Setup, budgets_s: list[float], steps: int) -> list[Sn
 @torch.no_grad()
 def sample_reference(model: UNet2DModel, noise: torch.Tensor, steps: int) -> torch.Tensor:
     """diffusers' DPM-Solver++(2M) over the DDPM training schedule, 250 latents at a time."""
-    scheduler = DPMSolverMultistepScheduler.from_config(DDPMScheduler(num_train_timesteps=1000).config)
+    scheduler = DPMSolverMultistepScheduler.from_config(ddpm_schedule().config)
     out = []
     for x in noise.split(250):
         scheduler.set_timesteps(steps)  # also resets the solver's history
@@ -159,18 +164,16 @@ def sample_reference(model: UNet2DModel, noise: torch.Tensor, steps: int) -> tor
 
 def score_ldmkit(setup: Setup, ref: Reference, snap: Snapshot) -> dict[str, float]:
     _, _, model, ae, scale = load_for_sampling(LDMKIT_20MIN, snap.weights)
-    samples = generate(model, ae, scale, setup.cfg, EVAL_NUM, "dpmpp_2m", EVAL_STEPS, 1)
+    samples = generate(model, ae, scale, setup.cfg, EVAL_NUM, "dpmpp_2m", EVAL_STEPS, EVAL_SEED)
     return quality_metrics(ref, samples.images)
 
 
 def score_reference(setup: Setup, ref: Reference, snap: Snapshot) -> dict[str, float]:
     model = diffusers_unet().eval()
     model.load_state_dict(snap.weights)
-    noise = eval_noise(EVAL_NUM, tuple(setup.latents.mean.shape[1:]))
+    noise, _ = start_noise(EVAL_NUM, tuple(setup.latents.mean.shape[1:]), EVAL_SEED)
     latents = sample_reference(model, noise, EVAL_STEPS) / setup.scale
-    with torch.no_grad():
-        images = torch.cat([to_uint8(setup.ae.decode(z)) for z in latents.split(250)])
-    return quality_metrics(ref, images)
+    return quality_metrics(ref, decode_images(setup.ae, latents))
 
 
 def section(results: dict) -> str:

@@ -15,11 +15,11 @@ def test_default_experiment_loads_with_guide_key_names():
     assert cfg.train.log_every > 0 and cfg.train.grad_clip > 0
 
 
-
 def test_mnist_experiment_reads_the_shared_idx_files_with_the_same_model_as_the_demo():
     mnist, digits = (load_config(ROOT / "configs" / f"{n}.yaml") for n in ("mnist", "digits"))
     assert mnist.data.source == "idx" and mnist.data.path == "../shared/data/mnist"
     assert mnist.unet == digits.unet and mnist.autoencoder.channel_mult == digits.autoencoder.channel_mult
+
 
 def test_overrides_are_typed_and_yaml_scientific_notation_is_a_float(tmp_path):
     path = tmp_path / "c.yaml"

@@ -17,7 +17,13 @@ from ldmkit.classifier import Classifier, load_or_train
 from ldmkit.config import from_dict
 from ldmkit.data import load_data, to_signed
 from ldmkit.logging import MetricLogger
-from ldmkit.quality import class_coverage, frechet_distance, memorization_rate, precision_recall
+from ldmkit.quality import (
+    class_coverage,
+    copy_distance,
+    frechet_distance,
+    memorization_rate,
+    precision_recall,
+)
 from ldmkit.resume import load_for_sampling
 from ldmkit.sample import generate
 
@@ -30,13 +36,14 @@ class Reference:
     clf: Classifier
     real: torch.Tensor  # [N, 128]
     train: torch.Tensor  # [M, 128]
+    copy_distance: float  # memorization's threshold, from the training set alone
 
     @classmethod
     def of(cls, clf: Classifier, real_images: torch.Tensor,
            train_images: torch.Tensor) -> Reference:
         """From uint8 images ``[N, C, H, W]``."""
-        return cls(clf, clf.embed(to_signed(real_images))[0],
-                   clf.embed(to_signed(train_images))[0])
+        train = clf.embed(to_signed(train_images))[0]
+        return cls(clf, clf.embed(to_signed(real_images))[0], train, copy_distance(train))
 
 
 def quality_metrics(ref: Reference, fake_images: torch.Tensor) -> dict[str, float]:
@@ -46,7 +53,8 @@ def quality_metrics(ref: Reference, fake_images: torch.Tensor) -> dict[str, floa
     return {"eval/fd": frechet_distance(fake, ref.real), "eval/precision": precision,
             "eval/recall": recall,
             "eval/class_coverage": class_coverage(predicted, ref.clf.classes),
-            "eval/memorization": memorization_rate(fake, ref.train),
+            "eval/memorization": memorization_rate(fake, ref.train,
+                                                    threshold=ref.copy_distance),
             "eval/classifier_accuracy": ref.clf.held_out_accuracy}
 
 

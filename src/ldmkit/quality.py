@@ -80,6 +80,17 @@ def class_coverage(predicted: torch.Tensor, classes: int) -> float:
     return math.exp(entropy) / classes
 
 
-def memorization_rate(fake: torch.Tensor, train: torch.Tensor, quantile: float = 0.05) -> float:
-    threshold = torch.quantile(_min_distances(train, train, exclude_self=True), quantile)
+def copy_distance(train: torch.Tensor, quantile: float = 0.05) -> float:
+    """The ``quantile`` of train-to-nearest-other-train distances: nearer than this is a copy.
+
+    It depends on the training set only, so it is computed once per set (``evaluate.Reference``).
+    """
+    return torch.quantile(_min_distances(train, train, exclude_self=True), quantile).item()
+
+
+def memorization_rate(fake: torch.Tensor, train: torch.Tensor, quantile: float = 0.05,
+                      threshold: float | None = None) -> float:
+    """Share of ``fake`` within ``threshold`` (default ``copy_distance(train, quantile)``) of
+    a training feature."""
+    threshold = copy_distance(train, quantile) if threshold is None else threshold
     return (_min_distances(fake, train) <= threshold).float().mean().item()

@@ -35,6 +35,20 @@ def schedule_of(cfg: Config) -> CosineSchedule:
     return CosineSchedule(cfg.diffusion.logsnr_min, cfg.diffusion.logsnr_max)
 
 
+def start_noise(num: int, shape: tuple[int, ...], seed: int
+                ) -> tuple[torch.Tensor, torch.Generator]:
+    """``num`` draws of ``N(0, I)`` of ``shape`` from ``seed``, and the generator after them
+    (which an ancestral sampler goes on drawing from)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn((num, *shape), generator=gen), gen
+
+
+@torch.no_grad()
+def decode_images(ae: Autoencoder, latents: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Decoder-space latents ``[N, C, h, w]`` -> uint8 images ``[N, C, H, W]``, in batches."""
+    return torch.cat([to_uint8(ae.decode(z)) for z in latents.split(batch_size)])
+
+
 @torch.no_grad()
 def generate(model: nn.Module, ae: Autoencoder, scale: float, cfg: Config, num: int,
              sampler: str, steps: int, seed: int, eta: float = 0.0,
@@ -46,11 +60,11 @@ def generate(model: nn.Module, ae: Autoencoder, scale: float, cfg: Config, num: 
     images).
     """
     device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(seed)
     shape = (ae.latent_channels, cfg.data.image_size // ae.downsample_factor,
              cfg.data.image_size // ae.downsample_factor)
     shard_size(num, d, "the number of samples")
-    noise = shard(torch.randn((num, *shape), generator=gen), d)
+    noise, gen = start_noise(num, shape, seed)
+    noise = shard(noise, d)
     if d.active:  # ancestral noise must differ between shards
         gen = torch.Generator().manual_seed(seed * 1_000_003 + d.rank + 1)
     schedule = schedule_of(cfg)
@@ -61,8 +75,8 @@ def generate(model: nn.Module, ae: Autoencoder, scale: float, cfg: Config, num: 
              for chunk in noise.split(batch_size)]
     model.train(was_training)
     latents = all_gather_cat(torch.cat(parts).float(), d).cpu() / scale
-    images = (torch.cat([to_uint8(ae.decode(z)) for z in latents.split(batch_size)])
-              if d.is_main else torch.empty(0, dtype=torch.uint8))
+    images = (decode_images(ae, latents, batch_size) if d.is_main
+              else torch.empty(0, dtype=torch.uint8))
     return Samples(latents, images, sample_vitals(latents))
 
 
