@@ -111,3 +111,21 @@ def test_image_loader_on_random_bytes(tmp_path_factory, blobs, keep_valid, prefi
         return
     assert len(data) + data.skipped == len(blobs) + keep_valid
     assert data.images.shape[1:] == (1, 8, 8)
+
+
+@FAST
+@given(header=st.binary(min_size=0, max_size=24), body=st.binary(max_size=64),
+       labels=st.none() | st.binary(max_size=24))
+def test_idx_reader_on_random_headers(tmp_path_factory, header, body, labels):
+    from ldmkit.config import DataConfig
+
+    folder: Path = tmp_path_factory.mktemp("idx")
+    (folder / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08" + header + body)
+    if labels is not None:
+        (folder / "train-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01" + labels)
+    try:
+        data = load_data(DataConfig(source="idx", path=str(folder), image_size=8))
+    except LdmkitError as exc:
+        assert "\n" not in str(exc)
+        return
+    assert data.images.shape[1:] == (1, 8, 8) and len(data) > 0

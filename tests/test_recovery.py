@@ -73,13 +73,19 @@ def test_rollbacks_give_up_after_max_rollbacks_with_a_diagnosis(tmp_path):
     assert "train.lr" in result.stopped_by.fix
 
 
-def test_on_nonfinite_stop_saves_the_clean_weights_and_stops(tmp_path):
+def test_on_nonfinite_stop_goes_back_before_the_divergence_and_stops(tmp_path):
     cfg = tiny_config(vitals={"on_nonfinite": "stop"})
     result = train(cfg, tmp_path / "run", fault=Fault(eps_model=NanAt({5})))
     assert result.stopped_by.code == "nonfinite_stop" and result.step == 4
     assert result.scenario == "diverged"
-    assert (tmp_path / "run" / "checkpoints" / "step_0000004" / "meta.json").is_file()
-    assert [e["code"] for e in events(tmp_path / "run")] == ["nonfinite_stop"]
+    # the weights of step 4 produced the non-finite step 5: kept aside, never resumed from
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert (ckpts / "diverged" / "step_0000004" / "meta.json").is_file()
+    assert [p.name for p in ckpts.glob("step_*")] == ["step_0000000"]
+    assert [e["code"] for e in events(tmp_path / "run")][-1] == "nonfinite_stop"
+    losses = {r["step"]: r["value"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")
+              if r["tag"] == vm.LOSS}
+    assert losses[4] < 2 and not torch.isfinite(torch.tensor(losses[5]))
 
 
 def test_a_malicious_pickle_in_place_of_a_checkpoint_is_never_executed(tmp_path, capsys):
@@ -143,7 +149,7 @@ def test_truncated_checkpoint_and_incompatible_config_exit_2_and_touch_nothing(t
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     assert main(["train", "--resume", str(run_dir), "--set", "unet.base_channels=24",
                  "--set", "train.steps=8"]) == 2
-    assert "does not match" in capsys.readouterr().err
+    assert "cannot change unet.base_channels when resuming" in capsys.readouterr().err
     weights = run_dir / "checkpoints" / "step_0000004" / "weights.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     before[weights] = weights.read_bytes()

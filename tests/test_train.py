@@ -121,7 +121,7 @@ def test_cli_run_then_sample_is_deterministic(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, needle", [
     (["run", "missing.yaml"], "config file 'missing.yaml' not found"),
-    (["sample", "/nonexistent-run"], "no checkpoint in '/nonexistent-run/checkpoints'"),
+    (["sample", "/nonexistent-run"], "'/nonexistent-run' is not an ldmkit run directory"),
     (["train", "--resume", "/nonexistent-run"], "not an ldmkit run directory"),
 ])
 def test_cli_errors_are_one_line_with_exit_code_2(argv, needle, capsys):

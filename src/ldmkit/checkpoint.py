@@ -12,9 +12,7 @@ one stays loadable.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-from collections.abc import Callable
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +21,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ldmkit.errors import CheckpointError
+from ldmkit.files import remove_owned, write_dir_atomically
 
 FORMAT_VERSION = 1
+CHECKPOINT = "checkpoint"
+STEP_DIR = re.compile(r"step_\d{1,12}")
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -57,41 +58,6 @@ def optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, tor
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_dir_atomically(final: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp_dir)``, fsync its files, then rename it to ``final``.
-
-    On any I/O error (a full disk, a quota) the temporary directory is removed and what was
-    saved before is left as it was.
-    """
-    tmp = final.parent / f".tmp_{final.name}"
-    old = final.parent / f".old_{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-        write(tmp)
-        for path in tmp.iterdir():
-            _fsync(path)
-        if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-        tmp.rename(final)
-        _fsync(final.parent)
-    except (OSError, SafetensorError) as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        reason = getattr(exc, "strerror", None) or str(exc)
-        raise CheckpointError(f"could not write '{final}' ({reason}); everything saved before is "
-                              "intact: free disk space, then resume") from None
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def save_checkpoint(ckpt_root: Path, step: int, weights: dict[str, torch.Tensor],
                     training: dict[str, torch.Tensor], meta: dict, keep: int) -> Path:
     """Write ``step_XXXXXXX`` atomically and delete all but the newest ``keep``."""
@@ -104,9 +70,9 @@ def save_checkpoint(ckpt_root: Path, step: int, weights: dict[str, torch.Tensor]
                   str(tmp / "training.safetensors"))
         _write_json(tmp / "meta.json", {"format_version": FORMAT_VERSION, "step": step, **meta})
 
-    write_dir_atomically(final, write)
+    write_dir_atomically(final, write, CHECKPOINT)
     for old in list_checkpoints(ckpt_root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_owned(old, CHECKPOINT)
     return final
 
 
@@ -114,7 +80,8 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     if not ckpt_root.is_dir():
         return []
-    found = [p for p in ckpt_root.glob("step_*") if (p / "meta.json").is_file()]
+    found = [p for p in ckpt_root.glob("step_*") if STEP_DIR.fullmatch(p.name)
+             and not p.is_symlink() and (p / "meta.json").is_file()]
     return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
 

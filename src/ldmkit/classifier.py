@@ -18,13 +18,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ldmkit.checkpoint import write_dir_atomically
 from ldmkit.config import DataConfig
 from ldmkit.data import ImageData, load_data
 from ldmkit.errors import DataError
+from ldmkit.files import write_dir_atomically
 
 FEATURES = 128
 EPOCHS = 4
@@ -119,8 +120,8 @@ def load_or_train(cfg: DataConfig) -> tuple[Classifier, ImageData, ImageData]:
         net = FeatureNet(meta["channels"], meta["classes"])
         net.load_state_dict(load_file(str(path / "weights.safetensors")))
         return Classifier(net, meta["classes"], meta["held_out_accuracy"]), train, held_out
-    except (OSError, ValueError, KeyError, RuntimeError):
-        pass
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError):
+        pass  # absent or damaged: trained again and rewritten
     clf = train_classifier(train, held_out)
     meta = {"channels": train.images.shape[1], "classes": clf.classes,
             "held_out_accuracy": clf.held_out_accuracy, "data": dataclasses.asdict(cfg)}
@@ -130,5 +131,5 @@ def load_or_train(cfg: DataConfig) -> tuple[Classifier, ImageData, ImageData]:
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_dir_atomically(path, write)
+    write_dir_atomically(path, write, "classifier")
     return clf, train, held_out

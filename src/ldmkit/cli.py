@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from ldmkit.errors import LdmkitError
+from ldmkit.preemption import Preempted
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -90,15 +91,15 @@ def _train(args: argparse.Namespace, report: bool) -> int:
         raise LdmkitError("missing config: ldmkit train configs/digits.yaml")
     else:
         result = train(load_config(args.config, args.overrides), stop_at=until)
-    if result.preempted_by or result.rank != 0:
-        return 0  # the trainer printed how to resume; only rank 0 reports
+    if result.rank != 0 or (result.preempted_by and result.step == 0):
+        return 0  # the trainer printed how to resume; only rank 0 reports, after stage 1
     text = write_report(result)
-    write_html_report(result.run_dir)
-    if report:
+    html = write_html_report(result.run_dir)
+    if report and not result.preempted_by:
         print(text)
     else:
         print(f"trained {result.step} steps; scenario: {result.scenario}; "
-              f"run directory: {result.run_dir}")
+              f"run directory: {result.run_dir}; report: {html}")
     return 1 if result.stopped_by else 0
 
 
@@ -153,8 +154,12 @@ def main(argv: list[str] | None = None) -> int:
             for tag, value in eval_run(args.run_dir, args.num, args.sampler, args.steps).items():
                 print(f"{tag}: {value:.4g}")
         elif args.command == "export":
-            from ldmkit.export import export_diffusers
+            from pathlib import Path
 
+            from ldmkit.export import export_diffusers
+            from ldmkit.files import check_output
+
+            check_output(Path(args.out), "OUT", directory=True)
             print(f"exported: {export_diffusers(args.run_dir, args.out)}")
         elif args.command == "watch":
             from ldmkit.watch import watch
@@ -167,6 +172,18 @@ def main(argv: list[str] | None = None) -> int:
     except LdmkitError as exc:
         print(f"ldmkit: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a read-only directory, a full disk, a path that is not a directory
+        where = f"'{exc.filename}': " if exc.filename else ""
+        print(f"ldmkit: error: {where}{exc.strerror or exc}; check that the path exists, is "
+              "writable and has free space (files saved before are intact)", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("ldmkit: error: out of memory; lower train.batch_size, data.image_size or the "
+              "model's base_channels (files saved before are intact)", file=sys.stderr)
+        return 2
+    except Preempted as exc:
+        print(f"ldmkit: {exc}: stopped; files saved before are intact", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("ldmkit: interrupted; checkpoints already written are intact", file=sys.stderr)
         return 130

@@ -9,6 +9,8 @@ naming the key, instead of silently training with a default. Key names the metri
 from __future__ import annotations
 
 import dataclasses
+import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,10 +21,40 @@ import yaml
 
 from ldmkit.errors import ConfigError
 
+MAX_CONFIG_BYTES = 1 << 20  # a config is a page of YAML; a larger file is not one
+MAX_CONFIG_VALUES = 10_000  # values after expanding YAML aliases (a "billion laughs" has 1e9)
+_BRIEF = reprlib.Repr()
+_BRIEF.maxlevel, _BRIEF.maxlist, _BRIEF.maxdict = 2, 4, 4
+_BRIEF.maxstring = _BRIEF.maxother = 60
 
-def _check(lo: float | None = None, *, strict: bool = False, hi: float | None = None) -> dict:
-    """Field metadata: allowed numeric range (``strict`` makes the lower bound exclusive)."""
-    return {"lo": lo, "strict": strict, "hi": hi}
+
+def brief(value: Any) -> str:
+    """A bounded ``repr`` for error messages: a huge or deeply nested value never floods them."""
+    return _BRIEF.repr(value)
+
+
+def check_size(data: Any, where: str) -> None:
+    """Refuse YAML whose aliases expand past ``MAX_CONFIG_VALUES`` values, counting each use of
+    an alias (PyYAML shares the objects, but printing or copying them expands them)."""
+    stack, count = [data], 0
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > MAX_CONFIG_VALUES:
+            raise ConfigError(f"{where} expands to more than {MAX_CONFIG_VALUES} values (YAML "
+                              "aliases?); a config is a few dozen keys: remove the aliases")
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+
+
+def _check(lo: float | None = None, *, strict: bool = False, hi: float | None = None,
+           min_len: int | None = None) -> dict:
+    """Field metadata: allowed numeric range (``strict`` makes the lower bound exclusive); for a
+    list, the range of every item and its least length."""
+    return {"lo": lo, "strict": strict, "hi": hi, "min_len": min_len}
 
 
 def _num(default: Any, **rng: Any) -> Any:
@@ -36,7 +68,7 @@ class DataConfig:
     source: Literal["digits", "folder", "idx"] = "digits"
     path: str | None = None
     split: Literal["train", "test"] = "train"
-    image_size: int = _num(32, lo=4)
+    image_size: int = _num(32, lo=4, hi=4096)
     channels: Literal[1, 3] = 1
     limit: int | None = _num(None, lo=1)
     latent_cache: str = "auto"  # auto (RUN/latents), off, or a directory shared between runs
@@ -47,9 +79,10 @@ class AutoencoderConfig:
     """Stage 1: a KL autoencoder (Rombach et al. 2022, sec. 3) with downsampling 2**(len(mult)-1)."""
 
     pretrained: str | None = None
-    base_channels: int = _num(32, lo=1)
-    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])
-    latent_channels: int = _num(4, lo=1)
+    base_channels: int = _num(32, lo=1, hi=4096)
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2],
+                                    metadata=_check(1, hi=64, min_len=1))
+    latent_channels: int = _num(4, lo=1, hi=256)
     kl_weight: float = _num(1e-4, lo=0.0)
     steps: int = _num(1500, lo=0)
     batch_size: int = _num(64, lo=1)
@@ -62,11 +95,11 @@ class AutoencoderConfig:
 class UNetConfig:
     """Stage 2 backbone: ADM-style UNet (Dhariwal & Nichol 2021) predicting the noise."""
 
-    base_channels: int = _num(64, lo=1)
-    channel_mult: list[int] = field(default_factory=lambda: [1, 2])
-    num_res_blocks: int = _num(2, lo=1)
-    attention_resolutions: list[int] = field(default_factory=lambda: [4])
-    num_heads: int = _num(4, lo=1)
+    base_channels: int = _num(64, lo=1, hi=4096)
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2], metadata=_check(1, hi=64, min_len=1))
+    num_res_blocks: int = _num(2, lo=1, hi=32)
+    attention_resolutions: list[int] = field(default_factory=lambda: [4], metadata=_check(1))
+    num_heads: int = _num(4, lo=1, hi=256)
     dropout: float = _num(0.0, lo=0.0, hi=1.0)
 
 
@@ -82,8 +115,8 @@ class DiffusionConfig:
     t_sampling: Literal["uniform", "logit_normal"] = "uniform"
     logit_normal_loc: float = 0.0
     logit_normal_scale: float = _num(1.0, lo=0.0, strict=True)
-    logsnr_min: float = -5.0
-    logsnr_max: float = 10.0
+    logsnr_min: float = _num(-5.0, lo=-30.0, hi=30.0)
+    logsnr_max: float = _num(10.0, lo=-30.0, hi=30.0)
 
 
 @dataclass
@@ -115,7 +148,7 @@ class SampleConfig:
     num: int = _num(64, lo=2)
     sampler: Literal["ddpm", "ddim", "dpmpp_2m"] = "ddim"
     steps: int = _num(50, lo=1)
-    eta: float = _num(0.0, lo=0.0)
+    eta: float = _num(0.0, lo=0.0, hi=1.0)
     seed: int = 0
     during_training_num: int = _num(16, lo=2)
 
@@ -134,7 +167,8 @@ class VitalsConfig:
     on_nonfinite: Literal["skip", "rollback", "stop"] = "skip"
     rollback_lr_factor: float = _num(0.5, lo=0.0, strict=True, hi=1.0)
     max_rollbacks: int = _num(3, lo=0)
-    thresholds: dict[str, float] = field(default_factory=dict)
+    # inf is allowed: a threshold no value reaches turns its rule off
+    thresholds: dict[str, float] = field(default_factory=dict, metadata={"any_float": True})
 
 
 @dataclass
@@ -177,7 +211,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+            raise ConfigError(f"config key '{key}' must be a mapping, got {brief(value)}")
         return _build(tp, value, key + ".")
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
@@ -215,10 +249,23 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 pass
     elif tp is str and isinstance(value, str):
         return value
-    raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+    raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {brief(value)}")
 
 
 def _check_range(value: Any, meta: typing.Mapping, key: str) -> None:
+    if isinstance(value, float) and not math.isfinite(value) and not meta.get("any_float"):
+        raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
+    if isinstance(value, list):
+        if meta.get("min_len") and len(value) < meta["min_len"]:
+            raise ConfigError(f"config key '{key}' needs at least {meta['min_len']} item(s), "
+                              f"got {brief(value)}")
+        for i, item in enumerate(value):
+            _check_range(item, meta, f"{key}[{i}]")
+        return
+    if isinstance(value, dict):
+        for name, item in value.items():
+            _check_range(item, meta, f"{key}.{name}")
+        return
     lo, hi, strict = meta.get("lo"), meta.get("hi"), meta.get("strict", False)
     if value is None or (lo is None and hi is None):
         return
@@ -228,16 +275,16 @@ def _check_range(value: Any, meta: typing.Mapping, key: str) -> None:
         bound = f"> {lo}" if strict else f">= {lo}" if lo is not None else ""
         if hi is not None:
             bound = f"{bound} and <= {hi}" if bound else f"<= {hi}"
-        raise ConfigError(f"config key '{key}' must be {bound}, got {value!r}")
+        raise ConfigError(f"config key '{key}' must be {bound}, got {brief(value)}")
 
 
 def _build(cls: type, data: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(str(k) for k in set(data) - set(fields))
     if unknown:
         raise ConfigError(
-            f"unknown config key '{prefix}{unknown[0]}'; allowed keys"
+            f"unknown config key '{prefix}{brief(unknown[0])[1:-1]}'; allowed keys"
             f"{' in ' + prefix.rstrip('.') if prefix else ''}: {', '.join(fields)}"
         )
     kwargs = {}
@@ -265,26 +312,55 @@ def _validate(cfg: Config) -> Config:
         raise ConfigError(
             f"latent size {latent} must be divisible by {levels} (from unet.channel_mult)"
         )
+    _check_attention_heads(cfg.unet, latent)
+    _check_device(cfg.device)
     from ldmkit.vitals.rules import THRESHOLDS
 
     unknown = sorted(set(cfg.vitals.thresholds) - set(THRESHOLDS))
     if unknown:
-        raise ConfigError(f"unknown threshold 'vitals.thresholds.{unknown[0]}'; allowed: "
+        raise ConfigError(f"unknown threshold 'vitals.thresholds.{brief(unknown[0])[1:-1]}'; allowed: "
                           f"{', '.join(THRESHOLDS)}")
     if len(cfg.train.betas) != 2 or not all(0 <= b < 1 for b in cfg.train.betas):
         raise ConfigError(f"train.betas must be two numbers in [0, 1), got {cfg.train.betas}")
     return cfg
 
 
+def _check_attention_heads(u: UNetConfig, latent: int) -> None:
+    """Every self-attention layer splits its channels into ``num_heads`` equal heads."""
+    size, widths = latent, []
+    for i, mult in enumerate(u.channel_mult):
+        if size in u.attention_resolutions:
+            widths.append((u.base_channels * mult, f"at {size}x{size}"))
+        size = size // 2 if i < len(u.channel_mult) - 1 else size
+    widths.append((u.base_channels * u.channel_mult[-1], "in the middle block"))
+    for width, where in widths:
+        if width % u.num_heads:
+            raise ConfigError(f"unet.num_heads {u.num_heads} does not divide the {width} channels "
+                              f"of the attention {where} (unet.base_channels x channel_mult); "
+                              "choose a num_heads that divides them")
+
+
+def _check_device(name: str) -> None:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (``mps`` on Apple); availability is checked
+    when training starts, where the hardware is known."""
+    kind, _, index = name.partition(":")
+    if kind not in ("auto", "cpu", "cuda", "mps") or (index and not (kind == "cuda"
+                                                                     and index.isdigit())):
+        raise ConfigError(f"config key 'device' must be auto, cpu, cuda, cuda:N or mps, got "
+                          f"{brief(name)}")
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"train.lr=1e-4"`` -> (["train", "lr"], 1e-4); values are read as YAML."""
     if "=" not in text:
-        raise ConfigError(f"override '{text}' must look like section.key=value")
+        raise ConfigError(f"override '{brief(text)[1:-1]}' must look like section.key=value")
     key, raw = text.split("=", 1)
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override '{text}': value is not valid YAML ({exc.problem})") from None
+        raise ConfigError(f"override '{brief(text)[1:-1]}': value is not valid YAML "
+                          f"({exc.problem})") from None
+    check_size(value, f"override '{key.strip()[:60]}'")
     return key.strip().split("."), value
 
 
@@ -296,7 +372,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         for part in path[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"override '{text}': '{part}' is not a section")
+                raise ConfigError(f"override '{brief(text)[1:-1]}': '{brief(part)[1:-1]}' is "
+                                  "not a section")
             node = child
         node[path[-1]] = value
     return data
@@ -306,6 +383,7 @@ def from_dict(data: dict) -> Config:
     """Validate a raw mapping and build a Config."""
     if not isinstance(data, dict):
         raise ConfigError("a config must be a YAML mapping of sections (data, train, ...)")
+    check_size(data, "the config")
     return _validate(_build(Config, data))
 
 
@@ -316,12 +394,22 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file '{path}' not found; pass a YAML file like configs/digits.yaml")
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file '{path}' is larger than {MAX_CONFIG_BYTES >> 20} MiB; "
+                              "a config is a page of YAML: pass the right file")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
+            where = getattr(exc, "problem_mark", None)
+            line = f" at line {where.line + 1}" if where else ""
+            raise ConfigError(f"config file '{path}' is not valid YAML{line}: "
+                              f"{getattr(exc, 'problem', None) or type(exc).__name__}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file '{path}' cannot be read ({exc}); pass a UTF-8 YAML "
+                              "file") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping of sections")
+        check_size(data, f"config file '{path}'")
     return from_dict(apply_overrides(data, overrides or []))
 
 

@@ -8,6 +8,7 @@ a folder of PNG/JPEG/WebP files, and MNIST-format IDX files.
 from __future__ import annotations
 
 import gzip
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,9 +79,12 @@ def _read_idx(path: Path) -> np.ndarray:
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise DataError(f"'{path}' is not an unsigned-byte IDX file (bad magic number)")
     ndim = raw[3]
+    if ndim == 0 or len(raw) < 4 + 4 * ndim:
+        raise DataError(f"IDX file '{path}' has a truncated header ({ndim} dimensions); "
+                        "re-download or fix the file")
     dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(dims)):
+    if body.size != math.prod(dims):
         raise DataError(f"IDX file '{path}' is truncated: header says {dims}, found {body.size} bytes")
     return body.reshape(dims)
 
@@ -112,11 +116,16 @@ def load_idx_data(cfg: DataConfig) -> ImageData:
     array = _read_idx(images_path)
     if array.ndim != 3:
         raise DataError(f"'{images_path}' holds {array.ndim}-D data; expected images [N, H, W]")
+    if 0 in array.shape:
+        raise DataError(f"'{images_path}' holds no images (shape {array.shape}); check data.path")
     images = torch.from_numpy(array.copy()).unsqueeze(1)
     labels_path = Path(str(images_path).replace("-images-idx3", "-labels-idx1"))
     labels = None
     if labels_path != images_path and labels_path.is_file():
         labels = torch.from_numpy(_read_idx(labels_path).astype(np.int64))
+        if labels.shape != (len(images),):
+            raise DataError(f"'{labels_path}' holds {tuple(labels.shape)} labels for "
+                            f"{len(images)} images; use the matching labels file")
     return ImageData(_resize_uint8(images, cfg.image_size), labels, f"IDX {images_path}")
 
 

@@ -17,6 +17,7 @@ from ldmkit.classifier import Classifier, load_or_train
 from ldmkit.config import from_dict
 from ldmkit.data import load_data, to_signed
 from ldmkit.logging import MetricLogger
+from ldmkit.preemption import StopRequest
 from ldmkit.quality import (
     class_coverage,
     copy_distance,
@@ -25,6 +26,7 @@ from ldmkit.quality import (
     precision_recall,
 )
 from ldmkit.resume import load_for_sampling
+from ldmkit.rundir import writing_run
 from ldmkit.sample import generate
 
 
@@ -61,15 +63,16 @@ def quality_metrics(ref: Reference, fake_images: torch.Tensor) -> dict[str, floa
 def eval_run(run_dir: str | Path, num: int = 1000, sampler: str | None = None,
              steps: int | None = None, seed: int = 1) -> dict[str, float]:
     run_dir = Path(run_dir)
-    cfg_dict, step, model, ae, scale = load_for_sampling(run_dir)
-    cfg = from_dict(cfg_dict)
-    clf, _, held_out = load_or_train(cfg.data)
-    trained_on = load_data(cfg.data)  # what the diffusion model saw: memorization's reference
-    s = cfg.sample
-    samples = generate(model, ae, scale, cfg, num, sampler or s.sampler, steps or s.steps, seed,
-                       s.eta)
-    ref = Reference.of(clf, held_out.images[:num], trained_on.images)
-    values = quality_metrics(ref, samples.images)
-    with MetricLogger(run_dir, tensorboard=cfg.tensorboard) as logger:
-        logger.log(step, values)
+    with writing_run(run_dir), StopRequest() as stop:
+        cfg_dict, step, model, ae, scale = load_for_sampling(run_dir)
+        cfg = from_dict(cfg_dict)
+        clf, _, held_out = load_or_train(cfg.data)
+        trained_on = load_data(cfg.data)  # what the diffusion model saw: memorization's reference
+        s = cfg.sample
+        samples = generate(model, ae, scale, cfg, num, sampler or s.sampler, steps or s.steps,
+                           seed, s.eta, interrupt=lambda: stop.requested)
+        ref = Reference.of(clf, held_out.images[:num], trained_on.images)
+        values = quality_metrics(ref, samples.images)
+        with MetricLogger(run_dir, tensorboard=cfg.tensorboard) as logger:
+            logger.log(step, values)
     return values

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from ldmkit.files import write_bytes_atomic
 
 
 def image_grid(images: torch.Tensor, pad: int = 2, columns: int | None = None) -> Image.Image:
@@ -22,6 +25,14 @@ def image_grid(images: torch.Tensor, pad: int = 2, columns: int | None = None) -
     return Image.fromarray(grid[..., 0] if c == 1 else grid)
 
 
-def save_image(image: torch.Tensor, path: Path) -> None:
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """uint8 ``[C, H, W]`` -> a grayscale or RGB PIL image."""
     array = image.permute(1, 2, 0).numpy()
-    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(path)
+    return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+
+
+def save_png(image: Image.Image, path: Path) -> None:
+    """Write a PNG atomically; a link at ``path`` is replaced, never written through."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    write_bytes_atomic(path, buffer.getvalue())

@@ -20,17 +20,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ldmkit.checkpoint import write_dir_atomically
 from ldmkit.config import Config, DataConfig
 from ldmkit.data import ImageData, load_data
 from ldmkit.distributed import SINGLE, Dist, barrier, broadcast_float
 from ldmkit.errors import CheckpointError
+from ldmkit.files import check_output, check_replaceable, write_dir_atomically
 from ldmkit.logging import MetricLogger
 from ldmkit.models.autoencoder import Autoencoder, Posterior
 from ldmkit.preemption import Preempted, StopRequest
 from ldmkit.resume import load_run_config
 from ldmkit.stage1 import (
     AE_DIR,
+    AE_KIND,
     LatentPosteriors,
     autoencoder_dir,
     calibrate_latent_scale,
@@ -40,6 +41,7 @@ from ldmkit.stage1 import (
 )
 
 CACHE_DIR = "latents"
+CACHE_KIND = "latent_cache"
 ENCODE_BATCH = 256
 
 
@@ -110,7 +112,7 @@ def build_cache(ae: Autoencoder, cfg: Config, path: Path, meta: dict,
         (tmp / "meta.json").write_text(json.dumps({**meta, "shape": list(shape)}, indent=2))
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_dir_atomically(path, write)
+    write_dir_atomically(path, write, CACHE_KIND)
     return read_cache(path, meta)
 
 
@@ -144,6 +146,7 @@ def encoded_dataset(ae: Autoencoder, cfg: Config, run_dir: Path, data: LazyData,
     path = path or cache_dir(cfg, run_dir)
     if path is None:
         return encode_in_memory(ae, data.get())
+    check_replaceable(path, CACHE_KIND)
     meta = cache_meta(cfg, run_dir / AE_DIR)
     if d.is_main:
         latents = read_cache(path, meta)
@@ -170,7 +173,9 @@ def stage1_autoencoder(cfg: Config, run_dir: Path, logger: MetricLogger, data: L
         if cfg.autoencoder.pretrained:
             load_autoencoder(cfg.autoencoder.pretrained)  # fails early on a broken one
             # the run keeps its own copy, so sampling and resume never depend on an outside path
-            shutil.copytree(autoencoder_dir(cfg.autoencoder.pretrained), own)
+            source = autoencoder_dir(cfg.autoencoder.pretrained)
+            write_dir_atomically(own, lambda tmp: shutil.copytree(source, tmp, dirs_exist_ok=True),
+                                 AE_KIND)
         else:
             try:
                 train_autoencoder(cfg, data.get(), run_dir, logger, stop)
@@ -187,10 +192,10 @@ def stage1_autoencoder(cfg: Config, run_dir: Path, logger: MetricLogger, data: L
 
 
 def prepare_latents(cfg: Config, run_dir: Path, logger: MetricLogger,
-                    stop: StopRequest | None = None,
-                    d: Dist = SINGLE) -> tuple[Autoencoder, LatentPosteriors, float]:
+                    stop: StopRequest | None = None, d: Dist = SINGLE,
+                    data: LazyData | None = None) -> tuple[Autoencoder, LatentPosteriors, float]:
     """Stage 1 (reuse or train), the encoded dataset, and the latent scale (calibrated if null)."""
-    data = LazyData(cfg.data)
+    data = data or LazyData(cfg.data)
     ae = stage1_autoencoder(cfg, run_dir, logger, data, stop, d)
     latents = encoded_dataset(ae, cfg, run_dir, data, d)
     scale = cfg.diffusion.latent_scale_factor
@@ -202,10 +207,37 @@ def prepare_latents(cfg: Config, run_dir: Path, logger: MetricLogger,
     return ae, latents, scale
 
 
+def data_needed(cfg: Config, run_dir: Path) -> bool:
+    """Whether the run will read the images: to train stage 1, or to encode them because no
+    cache of this autoencoder and data exists yet."""
+    own = run_dir / AE_DIR
+    ae_dir = own if is_autoencoder_dir(own) else (
+        autoencoder_dir(cfg.autoencoder.pretrained) if cfg.autoencoder.pretrained else None)
+    path = cache_dir(cfg, run_dir)
+    if ae_dir is None or path is None or not (path / "meta.json").is_file():
+        return True
+    return read_cache(path, cache_meta(cfg, ae_dir)) is None
+
+
+def check_stage1_paths(cfg: Config, run_dir: Path, cache: Path | None) -> None:
+    """Before a run writes anything: the autoencoder and cache directories it would write are
+    absent or ldmkit's own (``files.check_replaceable``)."""
+    if not is_autoencoder_dir(run_dir / AE_DIR):
+        check_replaceable(run_dir / AE_DIR, AE_KIND)
+    if cache is not None:
+        check_replaceable(cache, CACHE_KIND)
+
+
 def encode_run(run_dir: Path, out: Path | None = None) -> Path:
     """``ldmkit encode``: build (or verify) the latent cache of a trained run's autoencoder."""
+    from ldmkit.rundir import writing_run
+
     cfg = load_run_config(run_dir)
-    ae = load_autoencoder(run_dir / AE_DIR)
     path = out or cache_dir(cfg, run_dir) or run_dir / CACHE_DIR
-    encoded_dataset(ae, cfg, run_dir, LazyData(cfg.data), path=path)
+    if out is not None:
+        check_output(out, "--out", directory=True)
+    check_replaceable(path, CACHE_KIND)
+    with writing_run(run_dir):
+        ae = load_autoencoder(run_dir / AE_DIR)
+        encoded_dataset(ae, cfg, run_dir, LazyData(cfg.data), path=path)
     return path

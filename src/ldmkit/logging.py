@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from ldmkit.files import open_append, write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
 STAGE1_PREFIX = "vae/"
@@ -48,12 +49,7 @@ def rewind_jsonl(path: Path, step: int, stage: str, step_key: str = "step") -> N
         tag, at = str(rec.get("tag", rec.get("metric", ""))), rec.get(step_key, 0)
         if stage_of(tag) != stage or (isinstance(at, int) and at <= step):
             kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        fh.write("".join(line + "\n" for line in kept))
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 class MetricLogger:
@@ -68,7 +64,7 @@ class MetricLogger:
         self._fh = None  # stays None on DDP ranks other than 0: they log nothing
         if enabled:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._fh = self.path.open("a", encoding="utf-8")
+            self._fh = open_append(self.path)
         self.observers: list = []  # objects with observe(step, values), e.g. LiveMonitor
 
     def _writer(self, stage: str) -> Any:
@@ -87,7 +83,7 @@ class MetricLogger:
             return
         self._fh.close()
         rewind_jsonl(self.path, step, stage)
-        self._fh = self.path.open("a", encoding="utf-8")
+        self._fh = open_append(self.path)
         if stage in self._tb:
             self._tb.pop(stage).close()
         self._purge[stage] = step + 1
@@ -106,6 +102,15 @@ class MetricLogger:
         self._fh.flush()
         for observer in self.observers:
             observer.observe(step, values)
+
+    def series_until(self, step: int) -> dict[str, list[tuple[int, float]]]:
+        """``{tag: [(step, value), ...]}`` of the records up to ``step`` (priming a monitor)."""
+        earlier: dict[str, list[tuple[int, float]]] = {}
+        if self.path.is_file():
+            for rec in read_metrics(self.path):
+                if rec["step"] <= step:
+                    earlier.setdefault(rec["tag"], []).append((rec["step"], rec["value"]))
+        return earlier
 
     def log_text(self, step: int, tag: str, text: str) -> None:
         writer = self._writer("diffusion")
@@ -126,12 +131,14 @@ class MetricLogger:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """Records of a ``metrics.jsonl``; non-finite values come back as floats."""
+    """Records of a ``metrics.jsonl``; non-finite values come back as floats. Lines that are not
+    ``{step, tag, value}`` records (torn or edited by hand) are skipped, as a rewind drops them."""
     records = []
-    with Path(path).open(encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                rec = json.loads(line)
-                rec["value"] = float(rec["value"])
-                records.append(rec)
+    for _, rec in json_objects(Path(path)):
+        try:
+            rec["step"], rec["tag"], rec["value"] = int(rec["step"]), str(rec["tag"]), \
+                float(rec["value"])
+        except (KeyError, TypeError, ValueError, OverflowError):
+            continue
+        records.append(rec)
     return records

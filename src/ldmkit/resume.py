@@ -9,6 +9,7 @@ with the same values an uninterrupted run would have logged.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,20 +26,32 @@ from ldmkit.checkpoint import (
     split_prefix,
     with_prefix,
 )
-from ldmkit.config import Config, from_dict, load_config, to_dict
+from ldmkit.config import Config, brief, from_dict, load_config, to_dict
 from ldmkit.data import BatchOrder
 from ldmkit.errors import CheckpointError
+from ldmkit.files import check_no_links, open_append
 from ldmkit.logging import rewind_jsonl
 from ldmkit.models.autoencoder import Autoencoder
 from ldmkit.models.unet import UNet
 from ldmkit.optim import EMA
+from ldmkit.rundir import CONFIG_FILE, check_new_run_dir, is_run
 from ldmkit.stage1 import AE_DIR, load_autoencoder
 from ldmkit.vitals.metrics import StepAccumulator
 from ldmkit.vitals.monitor import FINDINGS_FILE
 
-CONFIG_FILE = "config.yaml"
-# keys a user may change when continuing a run: its length, and where it lives
-CONTINUABLE = ("train.steps", "run_dir")
+CHANGES_FILE = "changes.jsonl"
+# what rerunning the same command may change: the run's length
+CONTINUABLE = ("train.steps",)
+# what --resume may not change, and why; the rest (train.*, diffusion.*, sample.*, vitals.*,
+# device, ...) alters the run from the checkpoint on, as the findings' fixes advise (a lower
+# train.lr, another latent_scale_factor or t_sampling), and is recorded in RUN/changes.jsonl
+FIXED_ON_RESUME = (
+    ("data", "the latent cache, the data order and the checkpoint's data position belong to "
+             "this dataset"),
+    ("autoencoder", "stage 1 is trained and the latents are encoded with it"),
+    ("unet", "the checkpoint holds this architecture's weights"),
+    ("seed", "the data order and noise of the run follow from it"),
+)
 
 
 @dataclass
@@ -55,6 +68,7 @@ class LoopState:
     nonfinite: int = 0
     rollbacks: int = 0
     lr_scale: float = 1.0
+    sick_since: int | None = None  # first step of the current run of abnormal steps (divergence)
 
 
 def save_state(run_dir: Path, cfg: Config, state: LoopState) -> Path:
@@ -67,7 +81,8 @@ def save_state(run_dir: Path, cfg: Config, state: LoopState) -> Path:
     meta = {"config": to_dict(cfg), "latent_scale_factor": cfg.diffusion.latent_scale_factor,
             "optimizer": optim_meta, "data_order": state.order.state(),
             "ema_updates": state.ema.updates, "nonfinite_steps": state.nonfinite,
-            "rollbacks": state.rollbacks, "lr_scale": state.lr_scale, "acc_count": count}
+            "rollbacks": state.rollbacks, "lr_scale": state.lr_scale, "acc_count": count,
+            "sick_since": state.sick_since}
     return save_checkpoint(run_dir / "checkpoints", state.step, weights, training, meta,
                            cfg.train.checkpoint_keep)
 
@@ -88,6 +103,7 @@ def restore_state(path: Path, state: LoopState) -> None:
     state.acc.load(split_prefix(training, "acc."), meta.get("acc_count", 0))
     state.step, state.nonfinite = meta["step"], meta["nonfinite_steps"]
     state.rollbacks, state.lr_scale = meta.get("rollbacks", 0), meta.get("lr_scale", 1.0)
+    state.sick_since = meta.get("sick_since")
 
 
 def rewind_findings(run_dir: Path, step: int) -> None:
@@ -100,17 +116,39 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
         name = prefix + key
         if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
             keys += _differences(a[key], b[key], name + ".")
-        elif a.get(key) != b.get(key) and name not in CONTINUABLE:
+        elif a.get(key) != b.get(key) and name != "run_dir":
             keys.append(name)
     return keys
 
 
-def open_run(cfg: Config, run_dir: Path | None, resume: bool) -> tuple[Path, Config, bool]:
-    """(directory, config, continuing) for a training command.
+def _fixed_on_resume(key: str) -> str | None:
+    """Why ``key`` cannot change when a run continues, or None when it may."""
+    for prefix, why in FIXED_ON_RESUME:
+        if key == prefix or key.startswith(prefix + "."):
+            return why
+    return None
+
+
+@dataclass
+class OpenedRun:
+    """What a training command works on: the directory, the config, whether it continues a
+    run, its checkpoint, and the keys changed on resume (``{key: [before, now]}``)."""
+
+    run_dir: Path
+    cfg: Config
+    continuing: bool
+    ckpt: Path | None = None
+    changes: dict[str, list] = dataclasses.field(default_factory=dict)
+
+
+def open_run(cfg: Config, run_dir: Path | None, resume: bool) -> OpenedRun:
+    """Validate where a training command writes, before it writes anything.
 
     ``resume``, or the same config pointed at a directory that already holds its run (rerunning
-    a preempted command), continues that run; a different config there is refused rather than
-    mixed into it. Otherwise a fresh ``runs/<name>-<timestamp>`` is made.
+    a preempted command), continues that run. Rerunning may change only ``train.steps``;
+    ``--resume`` may change what does not alter what the checkpoint means (``FIXED_ON_RESUME``
+    lists what it may not), and the changes are printed and recorded in the run. A fresh run
+    goes into a new or empty directory only (``rundir.check_new_run_dir``).
     """
     chosen = run_dir or (Path(cfg.run_dir) if cfg.run_dir else None)
     if chosen is None:
@@ -118,21 +156,57 @@ def open_run(cfg: Config, run_dir: Path | None, resume: bool) -> tuple[Path, Con
         chosen, i = stem, 1
         while chosen.exists():
             chosen, i = Path(f"{stem}-{i}"), i + 1
-        return chosen, cfg, False
-    if not (chosen / CONFIG_FILE).is_file():
+        check_new_run_dir(chosen)
+        return OpenedRun(chosen, cfg, False)
+    if not is_run(chosen) or not (chosen / CONFIG_FILE).is_file():
         if resume:
             raise CheckpointError(f"'{chosen}' is not an ldmkit run directory (no {CONFIG_FILE})")
-        return chosen, cfg, False
+        check_new_run_dir(chosen)
+        return OpenedRun(chosen, cfg, False)
+    check_no_links(chosen)
     saved = load_config(chosen / CONFIG_FILE)
     if cfg.diffusion.latent_scale_factor is None:  # calibrated when the run started
         cfg = dataclasses.replace(cfg, diffusion=dataclasses.replace(
             cfg.diffusion, latent_scale_factor=saved.diffusion.latent_scale_factor))
-    if not resume and (diff := _differences(to_dict(saved), to_dict(cfg))):
+    diff = _differences(to_dict(saved), to_dict(cfg))
+    refused = [k for k in diff if (_fixed_on_resume(k) if resume else k not in CONTINUABLE)]
+    if refused:
+        key = refused[0]
+        there, here = brief(_get(saved, key)), brief(_get(cfg, key))
+        if resume:
+            raise CheckpointError(f"cannot change {key} when resuming ({there} -> {here}): "
+                                  f"{_fixed_on_resume(key)}; start a new run instead "
+                                  f"(autoencoder.pretrained: {chosen} reuses its stage 1)")
         raise CheckpointError(f"run directory '{chosen}' already holds a run with another config "
-                              f"({diff[0]}: {_get(saved, diff[0])!r} there, "
-                              f"{_get(cfg, diff[0])!r} here); continue it with `ldmkit train "
-                              f"--resume {chosen}` or choose another run_dir")
-    return chosen, cfg, True
+                              f"({key}: {there} there, {here} here); continue it with `ldmkit "
+                              f"train --resume {chosen}` or choose another run_dir")
+    changes = {k: [_get(saved, k), _get(cfg, k)] for k in diff}
+    return OpenedRun(chosen, cfg, True, last_checkpoint_or_none(chosen), changes)
+
+
+def record_changes(opened: OpenedRun) -> None:
+    """Print and append to ``RUN/changes.jsonl`` what ``--resume --set`` changed."""
+    if not opened.changes:
+        return
+    step = int(opened.ckpt.name.split("_")[1]) if opened.ckpt else 0
+    print("resume: changed " + ", ".join(f"{k} {brief(a)} -> {brief(b)}"
+                                         for k, (a, b) in opened.changes.items()))
+    with open_append(opened.run_dir / CHANGES_FILE) as fh:
+        fh.write(json.dumps({"at_step": step, "changed": opened.changes}) + "\n")
+
+
+def check_checkpoint(cfg: Config, run_dir: Path, ckpt: Path) -> None:
+    """Before a resume writes anything: the checkpoint is readable and fits this config's model."""
+    weights, _, meta = load_checkpoint(ckpt)
+    ae = load_autoencoder(run_dir / AE_DIR)
+    model = build_unet(cfg, ae.latent_channels, cfg.data.image_size // ae.downsample_factor)
+    try:
+        model.load_state_dict(split_prefix(weights, "model."))
+        int(meta["step"]), meta["data_order"]["epoch"], meta["optimizer"]["param_groups"]
+    except (RuntimeError, KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint '{ckpt}' does not match this config's model "
+                              f"({str(exc).splitlines()[0][:200]}); resume with the run's own "
+                              "config") from None
 
 
 def _get(cfg: Config, dotted: str) -> object:

@@ -7,6 +7,7 @@ i.e. after dividing by the scale (guide: final_latent_stats).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,9 +19,12 @@ from ldmkit.data import to_uint8
 from ldmkit.diffusion.samplers import eps_denoiser, run_sampler
 from ldmkit.diffusion.schedule import CosineSchedule
 from ldmkit.distributed import SINGLE, Dist, all_gather_cat, shard, shard_size
-from ldmkit.images import image_grid, save_image
+from ldmkit.files import check_output
+from ldmkit.images import image_grid, save_png, to_pil
 from ldmkit.logging import MetricLogger
 from ldmkit.models.autoencoder import Autoencoder
+from ldmkit.preemption import Preempted, StopRequest
+from ldmkit.rundir import writing_run
 from ldmkit.vitals.metrics import sample_vitals
 
 
@@ -52,12 +56,14 @@ def decode_images(ae: Autoencoder, latents: torch.Tensor, batch_size: int = 256)
 @torch.no_grad()
 def generate(model: nn.Module, ae: Autoencoder, scale: float, cfg: Config, num: int,
              sampler: str, steps: int, seed: int, eta: float = 0.0,
-             batch_size: int = 256, d: Dist = SINGLE) -> Samples:
+             batch_size: int = 256, d: Dist = SINGLE,
+             interrupt: Callable[[], bool] | None = None) -> Samples:
     """Sample ``num`` latents in batches from ``N(0, I)`` drawn with ``seed``, then decode.
 
     Under DDP each rank samples its shard of the same noise and the latents are gathered, so
     the sample vitals are those of all ``num`` samples; rank 0 alone decodes (others get no
-    images).
+    images). ``interrupt`` is asked at every sampler step; when it says yes, sampling ends with
+    ``Preempted`` (a SIGTERM must not wait for a whole sampling).
     """
     device = next(model.parameters()).device
     shape = (ae.latent_channels, cfg.data.image_size // ae.downsample_factor,
@@ -71,9 +77,16 @@ def generate(model: nn.Module, ae: Autoencoder, scale: float, cfg: Config, num: 
     denoise = eps_denoiser(model, schedule)
     was_training = model.training
     model.eval()
-    parts = [run_sampler(sampler, denoise, chunk.to(device), schedule, steps, eta, gen)
-             for chunk in noise.split(batch_size)]
-    model.train(was_training)
+
+    def check(i: int, *_: torch.Tensor) -> None:
+        if interrupt is not None and interrupt():
+            raise Preempted("sampling", i, "stop")
+
+    try:
+        parts = [run_sampler(sampler, denoise, chunk.to(device), schedule, steps, eta, gen, check)
+                 for chunk in noise.split(batch_size)]
+    finally:
+        model.train(was_training)
     latents = all_gather_cat(torch.cat(parts).float(), d).cpu() / scale
     images = (decode_images(ae, latents, batch_size) if d.is_main
               else torch.empty(0, dtype=torch.uint8))
@@ -84,10 +97,10 @@ def save_samples(samples: Samples, out_dir: Path, singles: bool = True) -> Path:
     """Write ``grid.png`` (and ``000000.png``... for each sample) into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     grid_path = out_dir / "grid.png"
-    image_grid(samples.images).save(grid_path)
+    save_png(image_grid(samples.images), grid_path)
     if singles:
         for i, img in enumerate(samples.images):
-            save_image(img, out_dir / f"{i:06d}.png")
+            save_png(to_pil(img), out_dir / f"{i:06d}.png")
     return grid_path
 
 
@@ -97,11 +110,16 @@ def sample_run(run_dir: str | Path, num: int, sampler: str, steps: int, seed: in
     from ldmkit.resume import load_for_sampling
 
     run_dir = Path(run_dir)
-    cfg_dict, step, model, ae, scale = load_for_sampling(run_dir)
-    cfg = from_dict(cfg_dict)
-    samples = generate(model, ae, scale, cfg, num, sampler, steps, seed, eta)
-    out = Path(out_dir) if out_dir else run_dir / "samples" / f"{sampler}{steps}-seed{seed}-n{num}"
-    grid = save_samples(samples, out)
-    with MetricLogger(run_dir, tensorboard=cfg.tensorboard) as logger:
-        logger.log(step, samples.vitals)
+    if out_dir is not None:
+        check_output(Path(out_dir), "--out", directory=True)
+    with writing_run(run_dir), StopRequest() as stop:
+        cfg_dict, step, model, ae, scale = load_for_sampling(run_dir)
+        cfg = from_dict(cfg_dict)
+        samples = generate(model, ae, scale, cfg, num, sampler, steps, seed, eta,
+                           interrupt=lambda: stop.requested)
+        out = Path(out_dir) if out_dir else \
+            run_dir / "samples" / f"{sampler}{steps}-seed{seed}-n{num}"
+        grid = save_samples(samples, out)
+        with MetricLogger(run_dir, tensorboard=cfg.tensorboard) as logger:
+            logger.log(step, samples.vitals)
     return grid, samples

@@ -17,11 +17,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from ldmkit.checkpoint import write_dir_atomically
 from ldmkit.config import AutoencoderConfig, Config
 from ldmkit.data import BatchOrder, ImageData, to_uint8
 from ldmkit.distributed import SINGLE, Dist, all_sum
 from ldmkit.errors import CheckpointError
+from ldmkit.files import write_dir_atomically
 from ldmkit.images import image_grid
 from ldmkit.logging import MetricLogger
 from ldmkit.models.autoencoder import Autoencoder
@@ -29,6 +29,7 @@ from ldmkit.models.diffusers_vae import DiffusersAutoencoder, is_diffusers_vae, 
 from ldmkit.preemption import Preempted, StopRequest
 
 AE_DIR = "autoencoder"
+AE_KIND = "autoencoder"
 
 
 def build_autoencoder(cfg: AutoencoderConfig, channels: int) -> Autoencoder:
@@ -99,7 +100,7 @@ def save_autoencoder(ae: Autoencoder, cfg: AutoencoderConfig, channels: int, pat
             image_grid(reconstructions, columns=len(reconstructions) // 2).save(
                 tmp / "reconstructions.png")
 
-    write_dir_atomically(path, write)
+    write_dir_atomically(path, write, AE_KIND)
 
 
 def is_autoencoder_dir(path: Path) -> bool:

@@ -11,6 +11,7 @@ current step with a checkpoint (``ldmkit.preemption``); checkpoints and resume a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable
@@ -22,39 +23,39 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from ldmkit.checkpoint import latest_checkpoint
 from ldmkit.config import Config, TrainConfig, to_yaml
 from ldmkit.data import BatchOrder
 from ldmkit.diffusion.losses import EpsModel, eps_mse_loss
 from ldmkit.diffusion.schedule import CosineSchedule, sample_t
 from ldmkit.distributed import (
-    SINGLE,
     Dist,
     all_sum,
     any_rank,
     barrier,
-    broadcast_text,
     init_distributed,
     shard,
     shard_size,
     shutdown,
 )
-from ldmkit.latents import prepare_latents
-from ldmkit.logging import MetricLogger, read_metrics
+from ldmkit.divergence import is_abnormal, on_nonfinite
+from ldmkit.files import write_text_atomic
+from ldmkit.latents import LazyData, prepare_latents
+from ldmkit.logging import MetricLogger
 from ldmkit.models.autoencoder import Autoencoder
 from ldmkit.optim import EMA, build_optimizer, lr_at, set_lr
 from ldmkit.preemption import Preempted, StopRequest
 from ldmkit.resume import (
-    CONFIG_FILE,
     LoopState,
+    OpenedRun,
     build_unet,
-    last_checkpoint_or_none,
-    open_run,
     restore_state,
     rewind_findings,
     save_state,
 )
+from ldmkit.rundir import CONFIG_FILE
 from ldmkit.sample import generate, save_samples, schedule_of
+from ldmkit.stage1 import LatentPosteriors
+from ldmkit.start import resolve_device, start_run
 from ldmkit.vitals import metrics as vm
 from ldmkit.vitals.diagnose import Context, Finding, event_finding, scenario
 from ldmkit.vitals.monitor import LiveMonitor
@@ -85,15 +86,6 @@ class TrainResult:
     stopped_by: Finding | None = None
     preempted_by: str | None = None
     rank: int = 0
-
-
-def resolve_device(name: str, d: Dist = SINGLE) -> torch.device:
-    """``auto``: this process's GPU when there is one (``cuda:LOCAL_RANK`` under torchrun)."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and d.active:
-        return torch.device("cuda", d.local_rank)
-    return torch.device(name)
 
 
 @dataclass
@@ -172,64 +164,22 @@ def attach_monitor(cfg: Config, run_dir: Path, logger: MetricLogger, scale: floa
     ctx = Context.of(cfg, scale)
     monitor = LiveMonitor(run_dir, ctx, cfg.vitals.on_critical, echo=tqdm.write)
     if step > 0:
-        monitor.prime(_series_until(logger, step))
+        monitor.prime(logger.series_until(step))
     monitor.text_sink = logger.log_text
     logger.observers.append(monitor)
     return monitor
 
 
-def _series_until(logger: MetricLogger, step: int) -> dict[str, list[tuple[int, float]]]:
-    earlier: dict[str, list[tuple[int, float]]] = {}
-    for rec in read_metrics(logger.path):
-        if rec["step"] <= step:
-            earlier.setdefault(rec["tag"], []).append((rec["step"], rec["value"]))
-    return earlier
-
-
 def sample_and_log(cfg: Config, step: int, ema: EMA, ae: Autoencoder, scale: float, rt: Runtime,
                    out: Path, num: int, singles: bool) -> tuple[Path | None, dict]:
+    """Sample with the EMA weights, log the sample vitals, save the grid. A stop request
+    (SIGTERM/SIGINT) ends the sampling at its next step with ``Preempted``."""
     s = cfg.sample
-    samples = generate(ema.model, ae, scale, cfg, num, s.sampler, s.steps, s.seed, s.eta, d=rt.d)
+    samples = generate(ema.model, ae, scale, cfg, num, s.sampler, s.steps, s.seed, s.eta, d=rt.d,
+                       interrupt=lambda: any_rank(rt.stop.requested, rt.d, rt.device))
     rt.logger.log(step, samples.vitals)
     grid = save_samples(samples, out, singles) if rt.d.is_main else None
     return grid, samples.vitals
-
-
-def on_nonfinite(cfg: Config, run_dir: Path, state: LoopState, value: float,
-                 rt: Runtime) -> Finding:
-    """Act on a step that was not applied (``vitals.on_nonfinite`` = rollback or stop).
-
-    Rollback restores the last checkpoint, rewinds the logs to it and scales the learning rate;
-    the event is recorded at the checkpoint's step so a later rewind keeps it. Returns the
-    event's finding: critical when training must stop.
-    """
-    vc, diverged_at = cfg.vitals, state.step + 1
-    fields = {"n": state.rollbacks, "max": vc.max_rollbacks, "lr_scale": state.lr_scale,
-              "lr": cfg.train.lr * state.lr_scale * 0.1}
-    if vc.on_nonfinite == "stop":
-        if rt.d.is_main:
-            save_state(run_dir, cfg, state)
-        finding = event_finding("nonfinite_stop", diverged_at, value, **fields)
-    elif state.rollbacks >= vc.max_rollbacks:
-        finding = event_finding("rollback_exhausted", diverged_at, value, **fields)
-    else:
-        ckpt = latest_checkpoint(run_dir)
-        rollbacks, lr_scale = state.rollbacks + 1, state.lr_scale * vc.rollback_lr_factor
-        restore_state(ckpt, state)
-        state.rollbacks, state.lr_scale = rollbacks, lr_scale
-        if rt.d.is_main:
-            rt.logger.rewind(state.step)
-            rewind_findings(run_dir, state.step)
-        if rt.monitor is not None:
-            rt.monitor.prime(_series_until(rt.logger, state.step))
-        finding = event_finding("nonfinite_rollback", diverged_at, value, to=state.step,
-                                n=rollbacks, max=vc.max_rollbacks, lr_scale=lr_scale,
-                                lr=cfg.train.lr * lr_scale)
-    if rt.monitor is not None:
-        rt.monitor.record(finding, state.step)
-    elif rt.d.is_main:
-        tqdm.write(f"[vitals] {finding.severity.upper()} {finding.code}: {finding.message}")
-    return finding
 
 
 def check_vae_scale(ae: nn.Module, scale: float, monitor: LiveMonitor) -> None:
@@ -252,23 +202,6 @@ def should_stop(rt: Runtime, step: int, tc: TrainConfig, end: int) -> bool:
     return any_rank(local, rt.d, rt.device)
 
 
-def setup_run(cfg: Config, run_dir: Path | None, resume: bool,
-              d: Dist) -> tuple[Path, Config, Path | None, bool]:
-    """(run directory, config, checkpoint to resume, continuing), agreed by all ranks."""
-    run_dir, cfg, continuing = open_run(cfg, run_dir and Path(run_dir), resume)
-    run_dir = Path(broadcast_text(str(run_dir), d))
-    if d.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not continuing:
-            (run_dir / CONFIG_FILE).write_text(to_yaml(cfg))
-        print(f"run directory: {run_dir}\n--- config ---\n{to_yaml(cfg)}--------------")
-        if d.active:
-            print(f"distributed: {d.world} processes, global batch {cfg.train.batch_size}")
-    barrier(d)
-    ckpt = last_checkpoint_or_none(run_dir) if continuing else None
-    return run_dir, cfg, ckpt, continuing
-
-
 def train(cfg: Config, run_dir: Path | None = None, resume: bool = False,
           stop_at: int | None = None, fault: Fault | None = None) -> TrainResult:
     """Train stage 2 (and stage 1 unless reused), or continue ``run_dir`` from its last checkpoint.
@@ -286,133 +219,162 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False,
 
 def _train(cfg: Config, run_dir: Path | None, resume: bool, stop_at: int | None,
            fault: Fault | None, d: Dist) -> TrainResult:
-    started = time.time()
-    run_dir, cfg, ckpt, continuing = setup_run(cfg, run_dir, resume, d)
-    device = resolve_device(cfg.device, d)
-    torch.manual_seed(cfg.seed)
-    tc = cfg.train
-    shard_size(tc.batch_size, d, "train.batch_size")  # fails early when not divisible
-    with MetricLogger(run_dir, cfg.tensorboard, enabled=d.is_main) as logger, \
+    started, data = time.time(), LazyData(cfg.data)
+    shard_size(cfg.train.batch_size, d, "train.batch_size")  # fails early when not divisible
+    with start_run(cfg, run_dir, resume, data, d) as opened, \
+            MetricLogger(opened.run_dir, cfg.tensorboard, enabled=d.is_main) as logger, \
             StopRequest() as stop:
-        rt = Runtime(d, device, logger, stop, bf16=tc.precision == "bf16",
-                     channels_last=tc.channels_last)
+        rt = Runtime(d, resolve_device(opened.cfg.device, d), logger, stop,
+                     bf16=cfg.train.precision == "bf16", channels_last=cfg.train.channels_last)
+        torch.manual_seed(opened.cfg.seed)
         try:
-            ae, latents, scale = prepare_latents(cfg, run_dir, logger, stop, d)
+            ae, latents, scale = prepare_latents(opened.cfg, opened.run_dir, logger, stop, d, data)
         except Preempted as exc:
             if d.is_main:
                 tqdm.write(f"[ldmkit] {exc}; stage 1 restarts on resume: `ldmkit train --resume "
-                           f"{run_dir}`")
-            return TrainResult(run_dir, 0, float("nan"), {}, None, time.time() - started,
+                           f"{opened.run_dir}`")
+            return TrainResult(opened.run_dir, 0, float("nan"), {}, None, time.time() - started,
                                preempted_by=exc.signal_name, rank=d.rank)
-        calibrated = cfg.diffusion.latent_scale_factor is None
-        cfg = dataclasses.replace(cfg, diffusion=dataclasses.replace(
-            cfg.diffusion, latent_scale_factor=scale))
-        model = build_unet(cfg, ae.latent_channels, latents.mean.shape[-1]).to(device)
-        if tc.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        state = LoopState(model, EMA(model, tc.ema_decay), build_optimizer(model, tc),
-                          torch.Generator().manual_seed(cfg.seed + 4),
-                          BatchOrder(len(latents.mean), tc.batch_size, cfg.seed + 5),
-                          vm.StepAccumulator())
-        if ckpt is not None:
-            restore_state(ckpt, state)
-            if d.is_main:
-                print(f"resumed from {ckpt} at step {state.step}")
-        if continuing and d.is_main:  # only now that the checkpoint loaded: forget redone steps
-            logger.rewind(state.step if ckpt else -1)
-            rewind_findings(run_dir, state.step if ckpt else -1)
-        if d.is_main:
-            (run_dir / CONFIG_FILE).write_text(to_yaml(cfg))
-            rt.monitor = attach_monitor(cfg, run_dir, logger, scale, state.step)
-            if state.step == 0:
-                logger.log(0, {vm.SCALE_FACTOR: scale})
-                if calibrated and rt.monitor is not None:
-                    check_vae_scale(ae, scale, rt.monitor)
-            if cfg.vitals.on_nonfinite == "rollback" and ckpt is None:
-                save_state(run_dir, cfg, state)  # something to roll back to
-        wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) \
-            if d.active else model
-        if tc.compile:
-            wrapped = torch.compile(wrapped)
-        net, params = forward_model(wrapped, rt), list(model.parameters())
-        schedule, first_step = schedule_of(cfg), state.step
-        end = min(tc.steps, stop_at) if stop_at else tc.steps
-        grid, vitals, stopped_by = None, {}, None
-        bar = tqdm(total=tc.steps, initial=state.step, desc="diffusion", dynamic_ncols=True,
-                   mininterval=1.0, disable=not d.is_main)
-        model.train()
-        while state.step < end:
-            lr = lr_at(state.step, tc) * state.lr_scale
-            set_lr(state.opt, lr)
-            index = state.order.next()  # the global batch; every rank draws the same
-            z = scale * latents.sample(index, state.gen)
-            t = sample_t(len(index), cfg.diffusion.t_sampling, state.gen,
-                         cfg.diffusion.logit_normal_loc, cfg.diffusion.logit_normal_scale)
-            eps = torch.randn(z.shape, generator=state.gen)
-            z, t, eps = (shard(x, d).to(device, non_blocking=True) for x in (z, t, eps))
-            applied, step_vitals = train_step(net, params, state.opt, schedule, z, t, eps,
-                                              tc.grad_clip, fault)
-            step_vitals = global_vitals(step_vitals, z, d)
-            if applied:
-                state.ema.update(model)
-            else:
-                state.nonfinite += 1
-                if cfg.vitals.on_nonfinite != "skip":
-                    event = on_nonfinite(cfg, run_dir, state, float(step_vitals[vm.LOSS]), rt)
-                    if event.severity == "critical":
-                        stopped_by = event
-                        break
-                    bar.reset(total=tc.steps)
-                    bar.update(state.step)
-                    continue
-            state.acc.add(step_vitals)
-            state.step += 1
-            bar.update(1)
-            step = state.step
-            if step % tc.log_every == 0 or step == end:
-                vitals = {**state.acc.read(), vm.LEARNING_RATE: lr,
-                          vm.NONFINITE_STEPS: state.nonfinite}
-                if state.lr_scale != 1.0:
-                    vitals[vm.LR_SCALE] = state.lr_scale
-                logger.log(step, vitals)
-                bar.set_postfix(loss=f"{vitals[vm.LOSS]:.4f}", cos=f"{vitals[vm.COS_EPS]:.2f}")
-            if step % tc.sample_every == 0 and step < tc.steps:
+        return _diffusion(opened, ae, latents, scale, rt, stop_at, fault, started)
+
+
+def _start_state(opened: OpenedRun, cfg: Config, ae: Autoencoder, latents: LatentPosteriors,
+                 calibrated: bool, rt: Runtime) -> LoopState:
+    """A fresh loop state, or the checkpoint's; logs rewound to it and the monitor attached."""
+    tc, run_dir, scale = cfg.train, opened.run_dir, cfg.diffusion.latent_scale_factor
+    model = build_unet(cfg, ae.latent_channels, latents.mean.shape[-1]).to(rt.device)
+    if tc.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    state = LoopState(model, EMA(model, tc.ema_decay), build_optimizer(model, tc),
+                      torch.Generator().manual_seed(cfg.seed + 4),
+                      BatchOrder(len(latents.mean), tc.batch_size, cfg.seed + 5),
+                      vm.StepAccumulator())
+    if opened.ckpt is not None:
+        restore_state(opened.ckpt, state)
+        if rt.d.is_main:
+            print(f"resumed from {opened.ckpt} at step {state.step}")
+    if not rt.d.is_main:
+        return state
+    if opened.continuing:  # only now that the checkpoint loaded: forget redone steps
+        rt.logger.rewind(state.step if opened.ckpt else -1)
+        rewind_findings(run_dir, state.step if opened.ckpt else -1)
+    write_text_atomic(run_dir / CONFIG_FILE, to_yaml(cfg))
+    rt.monitor = attach_monitor(cfg, run_dir, rt.logger, scale, state.step)
+    if state.step == 0:
+        rt.logger.log(0, {vm.SCALE_FACTOR: scale})
+        if calibrated and rt.monitor is not None:
+            check_vae_scale(ae, scale, rt.monitor)
+    if cfg.vitals.on_nonfinite != "skip" and opened.ckpt is None:
+        save_state(run_dir, cfg, state)  # the run's start: healthy weights to go back to
+    return state
+
+
+def _diffusion(opened: OpenedRun, ae: Autoencoder, latents: LatentPosteriors, scale: float,
+               rt: Runtime, stop_at: int | None, fault: Fault | None,
+               started: float) -> TrainResult:
+    """Stage 2: the loop, then the final samples."""
+    d, run_dir = rt.d, opened.run_dir
+    calibrated = opened.cfg.diffusion.latent_scale_factor is None
+    cfg = dataclasses.replace(opened.cfg, diffusion=dataclasses.replace(
+        opened.cfg.diffusion, latent_scale_factor=scale))
+    tc = cfg.train
+    state = _start_state(opened, cfg, ae, latents, calibrated, rt)
+    model = state.model
+    wrapped = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None) \
+        if d.active else model
+    if tc.compile:
+        wrapped = torch.compile(wrapped)
+    net, params = forward_model(wrapped, rt), list(model.parameters())
+    schedule, first_step = schedule_of(cfg), state.step
+    explode = Context.of(cfg, scale).thr("grad_norm_high")
+    end = min(tc.steps, stop_at) if stop_at else tc.steps
+    grid, vitals, stopped_by = None, {}, None
+    bar = tqdm(total=tc.steps, initial=state.step, desc="diffusion", dynamic_ncols=True,
+               mininterval=1.0, disable=not d.is_main)
+    model.train()
+    while state.step < end:
+        lr = lr_at(state.step, tc) * state.lr_scale
+        set_lr(state.opt, lr)
+        index = state.order.next()  # the global batch; every rank draws the same
+        z = scale * latents.sample(index, state.gen)
+        t = sample_t(len(index), cfg.diffusion.t_sampling, state.gen,
+                     cfg.diffusion.logit_normal_loc, cfg.diffusion.logit_normal_scale)
+        eps = torch.randn(z.shape, generator=state.gen)
+        z, t, eps = (shard(x, d).to(rt.device, non_blocking=True) for x in (z, t, eps))
+        applied, step_vitals = train_step(net, params, state.opt, schedule, z, t, eps,
+                                          tc.grad_clip, fault)
+        step_vitals = global_vitals(step_vitals, z, d)
+        abnormal = is_abnormal(applied, step_vitals[vm.GRAD_NORM], explode)
+        state.sick_since = (state.sick_since or state.step + 1) if abnormal else None
+        if applied:
+            state.ema.update(model)
+        else:
+            state.nonfinite += 1
+            if cfg.vitals.on_nonfinite != "skip":
+                event = on_nonfinite(cfg, run_dir, state, step_vitals, lr, rt)
+                if event.severity == "critical":
+                    stopped_by = event
+                    break
+                bar.reset(total=tc.steps)
+                bar.update(state.step)
+                continue
+        state.acc.add(step_vitals)
+        state.step += 1
+        bar.update(1)
+        step = state.step
+        if step % tc.log_every == 0 or step == end:
+            vitals = {**state.acc.read(), vm.LEARNING_RATE: lr,
+                      vm.NONFINITE_STEPS: state.nonfinite}
+            if state.lr_scale != 1.0:
+                vitals[vm.LR_SCALE] = state.lr_scale
+            rt.logger.log(step, vitals)
+            bar.set_postfix(loss=f"{vitals[vm.LOSS]:.4f}", cos=f"{vitals[vm.COS_EPS]:.2f}")
+        if step % tc.sample_every == 0 and step < tc.steps:
+            with contextlib.suppress(Preempted):  # a stop request: the checkpoint comes next
                 sample_and_log(cfg, step, state.ema, ae, scale, rt,
                                run_dir / "samples" / f"step_{step:07d}",
                                cfg.sample.during_training_num, False)
-            halt = should_stop(rt, step, tc, end)
-            stopped_by = rt.monitor.stop_finding if rt.monitor else None
-            if (step % tc.checkpoint_every == 0 or step == end or halt) and d.is_main:
-                save_state(run_dir, cfg, state)
-            if halt:
-                _announce_stop(run_dir, step, stopped_by, stop, d)
-                break
-        bar.close()
-        final_missing = not (run_dir / "samples" / "final" / "grid.png").is_file()
-        if state.step >= tc.steps and not stopped_by and (state.step > first_step or final_missing):
+        halt = should_stop(rt, step, tc, end)
+        stopped_by = rt.monitor.stop_finding if rt.monitor else None
+        if (step % tc.checkpoint_every == 0 or step == end or halt) and d.is_main:
+            save_state(run_dir, cfg, state)
+        if halt:
+            _announce_stop(run_dir, step, stopped_by, rt.stop, d)
+            break
+    bar.close()
+    final_missing = not (run_dir / "samples" / "final" / "grid.png").is_file()
+    if state.step >= tc.steps and not stopped_by and not rt.stop.requested \
+            and (state.step > first_step or final_missing):
+        try:
             grid, sample_vitals = sample_and_log(cfg, state.step, state.ema, ae, scale, rt,
                                                  run_dir / "samples" / "final", cfg.sample.num,
                                                  True)
             vitals = {**vitals, **sample_vitals}
-        barrier(d)
-        monitor = rt.monitor
-        findings = monitor.active() if monitor else []
-        if stopped_by and stopped_by not in findings:
-            findings.append(stopped_by)
-        verdict = scenario(findings, monitor.series, monitor.ctx) if monitor else "unknown"
+        except Preempted:
+            _announce_stop(run_dir, state.step, None, rt.stop, d, "during the final sampling")
+    barrier(d)
+    monitor = rt.monitor
+    findings = monitor.active() if monitor else []
+    if stopped_by and stopped_by not in findings:
+        findings.append(stopped_by)
+    verdict = scenario(findings, monitor.series, monitor.ctx) if monitor else "unknown"
     return TrainResult(run_dir, state.step, scale, vitals, grid, time.time() - started,
-                       findings, verdict, stopped_by, stop.signal_name if not stopped_by else None,
-                       d.rank)
+                       findings, verdict, stopped_by,
+                       rt.stop.signal_name if not stopped_by else None, d.rank)
 
 
 def _announce_stop(run_dir: Path, step: int, finding: Finding | None, stop: StopRequest,
-                   d: Dist) -> None:
+                   d: Dist, when: str = "") -> None:
     if not d.is_main:
         return
     if finding is not None:
         tqdm.write(f"[vitals] stopping at step {step} (vitals.on_critical=stop): {finding.code}. "
                    f"Checkpoint saved; resume with `ldmkit train --resume {run_dir}` after the "
                    f"fix: {finding.fix}")
+    elif when:
+        tqdm.write(f"[ldmkit] {stop.signal_name or 'stop'} {when}: training is complete and "
+                   f"saved at step {step}; `ldmkit sample {run_dir}` samples it, and `ldmkit train "
+                   f"--resume {run_dir}` redoes the final samples")
     else:
         tqdm.write(f"[ldmkit] {stop.signal_name or 'stop'}: stopped after step {step} with a "
                    f"checkpoint; resume with `ldmkit train --resume {run_dir}` (or rerun the "

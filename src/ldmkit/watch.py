@@ -52,7 +52,7 @@ class MetricsFollower:
                 self.series.setdefault(str(rec["tag"]), []).append(
                     (int(rec["step"]), float(rec["value"])))
                 count += 1
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError, OverflowError):
                 continue
         self.offset += end
         return count

@@ -14,6 +14,7 @@ import base64
 from html import escape
 from pathlib import Path
 
+from ldmkit.files import check_no_links, check_output, read_regular, write_text_atomic
 from ldmkit.logging import json_objects
 from ldmkit.vitals import metrics as vm
 from ldmkit.vitals.bands import bands
@@ -62,7 +63,7 @@ addEventListener("load", () => {
 
 
 def _img(path: Path, caption: str) -> str:
-    data = base64.b64encode(path.read_bytes()).decode()
+    data = base64.b64encode(read_regular(path)).decode()
     return (f'<figure><img src="data:image/png;base64,{data}" alt="{escape(caption)}">'
             f"<figcaption>{escape(caption)}</figcaption></figure>")
 
@@ -96,7 +97,7 @@ def _findings_table(findings: list, title: str) -> str:
 
 
 def render_html(run_dir: Path) -> str:
-    log = read_log(run_dir)
+    log = read_log(run_dir, require_values=False)
     ctx = Context.of(log.config, log.latent_scale_factor)
     diagnosis = diagnose_loaded(log, ctx)
     raised = _raised(run_dir)
@@ -134,7 +135,8 @@ def render_html(run_dir: Path) -> str:
         sections.append("<h2>Autoencoder reconstructions</h2><p>Top: data; bottom: "
                         "reconstruction.</p>" + _img(recon, "reconstructions"))
     if config.is_file():
-        sections.append(f"<h2>Config</h2><pre>{escape(config.read_text())}</pre>")
+        text = read_regular(config).decode("utf-8", "replace")
+        sections.append(f"<h2>Config</h2><pre>{escape(text)}</pre>")
     return (f'<!doctype html><html><head><meta charset="utf-8"><title>ldmkit '
             f"{escape(run_dir.name)}</title><style>{STYLE}</style></head><body>"
             f'{"".join(sections)}<script>{CHECK}</script></body></html>')
@@ -143,9 +145,9 @@ def render_html(run_dir: Path) -> str:
 def write_html_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Render ``run_dir``'s report to ``out`` (default ``run_dir/report.html``)."""
     run_dir = Path(run_dir)
+    if out is not None:
+        check_output(Path(out), "--out", directory=False)
     path = Path(out) if out else run_dir / REPORT_FILE
-    html = render_html(run_dir)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(html, encoding="utf-8")
-    tmp.replace(path)
+    check_no_links(run_dir)  # what the report embeds stays inside the run
+    write_text_atomic(path, render_html(run_dir))
     return path

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ldmkit.files import write_text_atomic
 from ldmkit.vitals import metrics as vm
 
 if TYPE_CHECKING:
@@ -60,5 +61,5 @@ def summary_text(result: TrainResult) -> str:
 
 def write_report(result: TrainResult) -> str:
     text = summary_text(result)
-    (result.run_dir / "report.md").write_text(text)
+    write_text_atomic(result.run_dir / "report.md", text)
     return text

@@ -284,7 +284,16 @@ def _fix_fields(verdict: Verdict, series: Series, ctx: Context) -> dict:
     else:
         scale_fix = (f"multiply latent_scale_factor by {1 / z:.3g} (1 / z_std), or "
                      "set it to null so ldmkit calibrates it from the data")
-    return {"lr": lr, "lr_retry": lr / 10, "lr_up": lr * 10, "scale_fix": scale_fix}
+    return {"lr": lr, "lr_retry": retry_lr(lr), "lr_up": lr * 10, "scale_fix": scale_fix}
+
+
+STABLE_LR = 1e-3  # AdamW's step is ~lr per weight; LDM backbones train at 1e-4 to 1e-3
+
+
+def retry_lr(lr: float) -> float:
+    """The learning rate to retry a diverged run with: a tenth, and never above ``STABLE_LR``,
+    so that the advice after a wildly wrong rate (1e6) is one that trains."""
+    return min(lr / 10, STABLE_LR) if math.isfinite(lr) else STABLE_LR
 
 
 def evaluate(series: Series, ctx: Context) -> list[Finding]:

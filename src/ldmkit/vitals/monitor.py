@@ -12,6 +12,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from ldmkit.files import open_append
 from ldmkit.vitals.diagnose import Context, Finding, Series, evaluate
 
 FINDINGS_FILE = "findings.jsonl"
@@ -119,7 +120,7 @@ class LiveMonitor:
 
     def _record(self, event: dict, line: str) -> None:
         self.echo(line)
-        with self.path.open("a", encoding="utf-8") as fh:
+        with open_append(self.path) as fh:
             fh.write(json.dumps(event) + "\n")
         if self.text_sink is not None:
             self.text_sink(event["at_step"], "vitals/findings", line)

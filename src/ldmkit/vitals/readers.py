@@ -123,8 +123,12 @@ def _event_files(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*") if "tfevents" in p.name and p.is_file())
 
 
-def read_log(path: str | Path, latent_scale_factor: float | None = None) -> LoadedLog:
-    """Series and context of ``path``; raises UnreadableLog with a one-line reason."""
+def read_log(path: str | Path, latent_scale_factor: float | None = None,
+             require_values: bool = True) -> LoadedLog:
+    """Series and context of ``path``; raises UnreadableLog with a one-line reason.
+
+    ``require_values=False`` accepts a log without loss or sample values (a run's report after
+    it stopped before its first log interval)."""
     path = Path(path)
     config = None
     if not path.exists():
@@ -152,7 +156,7 @@ def read_log(path: str | Path, latent_scale_factor: float | None = None) -> Load
         raise UnreadableLog(f"'{path}': unknown format; expected .jsonl, .csv or a TensorBoard "
                             "events.out.tfevents.* file")
     series = _to_series(records)
-    if not any(tag in series for tag in (vm.LOSS, vm.PAIRWISE_PREFIX + "mean")):
+    if require_values and not any(tag in series for tag in (vm.LOSS, vm.PAIRWISE_PREFIX + "mean")):
         raise UnreadableLog(f"'{path}' has no loss or sample-diversity values to diagnose "
                             f"(tags found: {', '.join(sorted(series)[:8]) or 'none'})")
     logged = [v for _, v in series.get(vm.SCALE_FACTOR, []) if math.isfinite(v)]

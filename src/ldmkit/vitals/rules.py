@@ -181,14 +181,17 @@ class Event:
 # likely due to a learning rate that is too high')
 EVENTS: dict[str, Event] = {e.code: e for e in (
     Event("nonfinite_rollback", "warning", vm.LOSS, "loss: 'NaN or inf: training has collapsed'",
-          "the loss or gradient was {value} at step {step}: rolled back to the checkpoint of step "
-          "{to} with the learning rate x{lr_scale:.3g} (rollback {n} of {max})",
+          "the loss or gradient was {value} at step {step} (abnormal since step {began}): rolled "
+          "back to the checkpoint of step {to} with the learning rate x{lr_scale:.3g} "
+          "(rollback {n} of {max})",
           "nothing to do if it does not recur; otherwise lower train.lr (effective now "
           "{lr:.3g}) or lengthen warmup_steps"),
     Event("rollback_exhausted", "critical", vm.LOSS, "loss: 'NaN or inf: training has collapsed'",
           "the loss or gradient was {value} at step {step} after {n} rollbacks: training "
-          "diverges even at the learning rate x{lr_scale:.3g}",
-          "check the data and latent/z_std, then retry with train.lr = {lr:.3g} or lower"),
+          "diverges even at the learning rate x{lr_scale:.3g}; checkpoints after step {to}, "
+          "saved once the divergence had begun (step {began}), moved to checkpoints/diverged",
+          "check the data and latent/z_std, then continue from step {to} with "
+          "`ldmkit train --resume {run} --set train.lr={lr:.3g}`"),
     Event("vae_scale_mismatch", "warning", vm.SCALE_FACTOR,
           "latent/z_std 'Must be ~1.0 ... Fix: re-calculate latent_scale_factor'",
           "the VAE's own scaling_factor {value:.5g} is {off:.0%} off the scale calibrated on this "
@@ -196,7 +199,9 @@ EVENTS: dict[str, Event] = {e.code: e for e in (
           "nothing to do here: ldmkit trains with the calibrated {scale:.4g}; to use the VAE "
           "elsewhere, set scaling_factor = {scale:.4g} in its config.json"),
     Event("nonfinite_stop", "critical", vm.LOSS, "loss: 'NaN or inf: training has collapsed'",
-          "the loss or gradient was {value} at step {step} (the step was not applied); "
-          "stopped as vitals.on_nonfinite = stop",
-          "resume with train.lr = {lr:.3g} (a tenth), or set vitals.on_nonfinite = rollback"),
+          "the loss or gradient was {value} at step {step} (the step was not applied; abnormal "
+          "since step {began}): stopped as vitals.on_nonfinite = stop; checkpoints after step "
+          "{to}, saved once the divergence had begun, moved to checkpoints/diverged",
+          "continue from step {to} with a lower learning rate: `ldmkit train --resume {run} "
+          "--set train.lr={lr:.3g}`, or set vitals.on_nonfinite = rollback"),
 )}

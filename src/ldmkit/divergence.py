@@ -1,0 +1,112 @@
+"""What a run does about a step that is not finite: never apply it, and go back to healthy weights.
+
+A non-finite loss is the end of a divergence that began earlier: a learning rate too high
+blows the weights up over a few steps before the loss overflows (guide: loss "NaN or inf:
+training has collapsed, likely due to a learning rate that is too high"; grad_norm "> 100:
+exploding gradients"). So the weights to go back to are not the newest checkpoint's but those
+saved before the divergence began. ``LoopState.sick_since`` is the first step of the current run
+of abnormal steps (a non-finite loss or gradient, or a pre-clipping gradient norm above the
+``grad_norm_high`` threshold). The weights saved at step c produced step c + 1's gradient,
+so checkpoint c is known healthy when c + 1 < sick_since, or when it is the run's start.
+Newer checkpoints move to ``checkpoints/diverged/``: kept for inspection, never resumed from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from tqdm import tqdm
+
+from ldmkit.checkpoint import list_checkpoints
+from ldmkit.config import Config
+from ldmkit.distributed import barrier
+from ldmkit.resume import LoopState, restore_state, rewind_findings
+from ldmkit.vitals import metrics as vm
+from ldmkit.vitals.diagnose import Finding, event_finding, retry_lr
+
+if TYPE_CHECKING:
+    from ldmkit.train import Runtime
+
+QUARANTINE_DIR = "diverged"
+
+
+def is_abnormal(applied: bool, grad_norm: torch.Tensor, explode: float) -> bool:
+    """A step that was not applied, or whose gradient norm is past the guide's > 100."""
+    return not applied or not float(grad_norm) <= explode
+
+
+def healthy_bound(sick_since: int) -> int:
+    """The newest step whose saved weights are known to predate the divergence."""
+    return max(sick_since - 2, 0)
+
+
+def quarantine_after(run_dir: Path, bound: int) -> None:
+    """Move checkpoints newer than ``bound`` to ``checkpoints/diverged/`` (never deleted)."""
+    root = run_dir / "checkpoints"
+    for ckpt in list_checkpoints(root):
+        if _step_of(ckpt) <= bound:
+            continue
+        target = root / QUARANTINE_DIR / ckpt.name
+        target.parent.mkdir(exist_ok=True)
+        suffix = 1
+        while target.exists():
+            target, suffix = root / QUARANTINE_DIR / f"{ckpt.name}.{suffix}", suffix + 1
+        ckpt.rename(target)
+
+
+def newest_at_most(run_dir: Path, bound: int) -> Path | None:
+    kept = [c for c in list_checkpoints(run_dir / "checkpoints") if _step_of(c) <= bound]
+    return kept[-1] if kept else None
+
+
+def _step_of(ckpt: Path | None) -> int:
+    return int(ckpt.name.split("_")[1]) if ckpt else 0
+
+
+def on_nonfinite(cfg: Config, run_dir: Path, state: LoopState, step_vitals: dict,
+                 lr: float, rt: Runtime) -> Finding:
+    """Act on a step that was not applied (``vitals.on_nonfinite`` = rollback or stop).
+
+    Both go back to the last healthy checkpoint. Rollback restores it, rewinds the logs to it
+    and scales the learning rate by ``rollback_lr_factor``. Stop (or rollbacks exhausted) logs
+    the interval that diverged, so the report and ``diagnose`` show it, and leaves the healthy
+    checkpoint as the one ``--resume`` continues from. The event is recorded at the healthy
+    checkpoint's step, so a later rewind keeps it. Returns the event's finding: critical when
+    training must stop.
+    """
+    vc, diverged_at = cfg.vitals, state.step + 1
+    began = state.sick_since or diverged_at
+    value = float(step_vitals[vm.LOSS])
+    if rt.d.is_main:
+        quarantine_after(run_dir, healthy_bound(began))
+    barrier(rt.d)
+    ckpt = newest_at_most(run_dir, healthy_bound(began))
+    effective = cfg.train.lr * state.lr_scale
+    common = {"began": began, "to": _step_of(ckpt), "n": state.rollbacks, "max": vc.max_rollbacks,
+              "lr_scale": state.lr_scale, "lr": retry_lr(effective), "run": str(run_dir)}
+    if vc.on_nonfinite == "stop" or state.rollbacks >= vc.max_rollbacks or ckpt is None:
+        code = "nonfinite_stop" if vc.on_nonfinite == "stop" or ckpt is None \
+            else "rollback_exhausted"
+        state.acc.add(step_vitals)
+        rt.logger.log(diverged_at, {**state.acc.read(), vm.LEARNING_RATE: lr,
+                                    vm.NONFINITE_STEPS: state.nonfinite})
+        finding = event_finding(code, diverged_at, value, **common)
+    else:
+        rollbacks, lr_scale = state.rollbacks + 1, state.lr_scale * vc.rollback_lr_factor
+        restore_state(ckpt, state)
+        state.rollbacks, state.lr_scale = rollbacks, lr_scale
+        if rt.d.is_main:
+            rt.logger.rewind(state.step)
+            rewind_findings(run_dir, state.step)
+        if rt.monitor is not None:
+            rt.monitor.prime(rt.logger.series_until(state.step))
+        finding = event_finding("nonfinite_rollback", diverged_at, value,
+                                **{**common, "n": rollbacks, "lr_scale": lr_scale,
+                                   "lr": cfg.train.lr * lr_scale})
+    if rt.monitor is not None:
+        rt.monitor.record(finding, _step_of(ckpt))
+    elif rt.d.is_main:
+        tqdm.write(f"[vitals] {finding.severity.upper()} {finding.code}: {finding.message}")
+    return finding

@@ -1,0 +1,207 @@
+"""How ldmkit writes files: atomically, never through a link, never over what it did not make.
+
+Every directory ldmkit replaces as a whole (a checkpoint, the autoencoder, a latent cache, a
+classifier cache) is written to a fresh temporary directory, fsynced and renamed into place, and
+carries an owner file naming its kind. An existing directory is replaced or removed only when
+it is ldmkit's own: it has that owner file, or it was made before owner files existed and holds
+nothing but the files ldmkit writes there. Anything else (an image folder, a home directory, a
+run directory given as a cache) is refused with a one-line error, so no setting can make
+ldmkit delete a user's data.
+
+Single files inside a run are written through a temporary file and ``os.replace`` (which
+replaces a link rather than writing through it) or opened with ``O_NOFOLLOW``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO
+
+from safetensors import SafetensorError
+
+from ldmkit.errors import CheckpointError, LdmkitError
+
+OWNER_FILE = ".ldmkit"
+# what each kind of directory held before owner files existed (runs made by ldmkit <= 0.1)
+LEGACY_FILES: dict[str, frozenset[str]] = {
+    "checkpoint": frozenset({"weights.safetensors", "training.safetensors", "meta.json"}),
+    "autoencoder": frozenset({"weights.safetensors", "meta.json", "reconstructions.png"}),
+    "latent_cache": frozenset({"meta.json", "mean.npy", "logvar.npy"}),
+    "classifier": frozenset({"weights.safetensors", "meta.json"}),
+}
+
+
+class LinkRefused(LdmkitError):
+    """A symbolic link where ldmkit reads or writes a run's files."""
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def owner_of(path: Path) -> str | None:
+    """The kind written in ``path``'s owner file, ``"legacy:<kind>"`` for an ldmkit directory
+    from before owner files, ``""`` for an empty directory, None for anything else."""
+    if path.is_symlink() or not path.is_dir():
+        return None
+    marker = path / OWNER_FILE
+    if marker.is_file() and not marker.is_symlink():
+        return marker.read_text(encoding="utf-8", errors="replace").strip()
+    names = {p.name for p in path.iterdir()}
+    if not names:
+        return ""
+    for kind, files in LEGACY_FILES.items():
+        if names <= files and "meta.json" in names:
+            return f"legacy:{kind}"
+    return None
+
+
+def check_replaceable(path: Path, kind: str) -> None:
+    """Raise unless ``path`` is absent, empty, or an ldmkit directory of ``kind``."""
+    if not path.exists() and not path.is_symlink():
+        return
+    owner = owner_of(path)
+    if owner in ("", kind, f"legacy:{kind}"):
+        return
+    what = ("a symbolic link" if path.is_symlink() else "a file" if not path.is_dir()
+            else f"an ldmkit {owner.removeprefix('legacy:').replace('_', ' ')}" if owner
+            else "a directory ldmkit did not create")
+    raise CheckpointError(f"'{path}' is {what}, not an ldmkit {kind.replace('_', ' ')}; ldmkit "
+                          "never replaces it: choose a new path (or move it away yourself)")
+
+
+def remove_owned(path: Path, kind: str) -> bool:
+    """Delete ``path`` if it is an ldmkit directory of ``kind``; leave anything else alone."""
+    owner = owner_of(path)
+    if owner not in (kind, f"legacy:{kind}"):
+        return False
+    shutil.rmtree(path, ignore_errors=True)
+    return True
+
+
+def write_dir_atomically(final: Path, write: Callable[[Path], None], kind: str) -> None:
+    """Call ``write(tmp_dir)``, fsync its files, then rename it to ``final``.
+
+    ``final`` may only replace an ldmkit directory of the same ``kind`` (``check_replaceable``).
+    The temporary and the displaced directories get names no other process uses, so nothing but
+    what this call made is ever removed. On an I/O error (a full disk, a quota) the temporary
+    directory is removed and what was saved before is left as it was.
+    """
+    check_replaceable(final, kind)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = old = None
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp_{final.name}.", dir=final.parent))
+        write(tmp)
+        (tmp / OWNER_FILE).write_text(kind + "\n", encoding="utf-8")
+        for path in tmp.iterdir():
+            _fsync(path)
+        if final.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".old_{final.name}.", dir=final.parent))
+            final.rename(old / final.name)
+        tmp.rename(final)
+        tmp = None
+        _fsync(final.parent)
+    except (OSError, SafetensorError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise CheckpointError(f"could not write '{final}' ({reason}); everything saved before is "
+                              "intact: free disk space or fix permissions, then resume") from None
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _refuse_link(path: Path) -> None:
+    if path.is_symlink():
+        raise LinkRefused(f"'{path}' is a symbolic link; ldmkit never reads or writes a run's "
+                          "files through a link: replace it with a regular file or remove it")
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``path`` through a fresh temporary file and ``os.replace``: a link at ``path`` is
+    replaced, never written through, and a crash leaves the old file or the new one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def open_append(path: Path) -> IO[str]:
+    """Open a log for appending; refuses a link instead of writing where it points."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        _refuse_link(path)
+        raise exc
+    return os.fdopen(fd, "a", encoding="utf-8")
+
+
+def read_regular(path: Path) -> bytes:
+    """The bytes of a regular file that is not a link (for what a report embeds)."""
+    _refuse_link(path)
+    return path.read_bytes()
+
+
+def links_under(root: Path, limit: int = 1) -> list[Path]:
+    """Symbolic links below ``root`` (not following any), at most ``limit`` of them."""
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for name in (*dirnames, *filenames):
+            if os.path.islink(os.path.join(dirpath, name)):
+                found.append(Path(dirpath) / name)
+                if len(found) >= limit:
+                    return found
+    return found
+
+
+def check_no_links(root: Path) -> None:
+    """Refuse a run directory that holds a symbolic link anywhere below it: ldmkit writes and
+    embeds files there, and must never reach outside the run through one."""
+    for link in links_under(root):
+        raise LinkRefused(f"'{link}' is a symbolic link inside the run directory '{root}'; "
+                          "ldmkit never follows links in a run: replace it with the file or "
+                          "directory itself, or remove it")
+
+
+def check_output(path: Path, flag: str, directory: bool) -> None:
+    """An output path given on the command line: its parent must be an existing directory, and
+    ``path`` itself absent or of the right kind (a directory or a file)."""
+    if path.is_symlink():
+        raise LdmkitError(f"{flag} '{path}' is a symbolic link; give the real path")
+    parent = path.parent
+    if not parent.is_dir():
+        raise LdmkitError(f"{flag} '{path}': the directory '{parent}' does not exist; create it "
+                          "first")
+    if not os.access(parent, os.W_OK):
+        raise LdmkitError(f"{flag} '{path}': '{parent}' is not writable; choose another path")
+    if path.exists() and path.is_dir() != directory:
+        raise LdmkitError(f"{flag} '{path}' is {'a file' if directory else 'a directory'}; "
+                          f"give {'a directory' if directory else 'a file path'}")
+
+
+def iter_lines(path: Path) -> Iterator[str]:
+    """Lines of a text log that is not a link."""
+    _refuse_link(path)
+    yield from path.read_text(encoding="utf-8", errors="replace").splitlines()
