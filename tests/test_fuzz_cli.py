@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import os
 import string
 import subprocess
 import typing
@@ -24,7 +25,8 @@ from ldmkit.config import Config
 from ldmkit.train import train
 
 pytestmark = pytest.mark.slow
-SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,
+SETTINGS = settings(max_examples=int(os.environ.get("LDMKIT_FUZZ_EXAMPLES", 120)), deadline=None,
+                    derandomize=not os.environ.get("LDMKIT_FUZZ_RANDOM"),
                     suppress_health_check=[HealthCheck.function_scoped_fixture,
                                            HealthCheck.too_slow])
 QUICK = {**TINY, "data": {**TINY["data"], "limit": 64},

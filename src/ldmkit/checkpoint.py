@@ -12,7 +12,9 @@ one stays loadable.
 from __future__ import annotations
 
 import json
+import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -100,10 +102,45 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torc
         weights = load_file(str(path / "weights.safetensors"))
         training = (load_file(str(path / "training.safetensors"))
                     if (path / "training.safetensors").is_file() else {})
-    except (OSError, json.JSONDecodeError, SafetensorError) as exc:
-        raise CheckpointError(f"checkpoint '{path}' is unreadable ({exc}); resume from an "
-                              "older one by deleting this directory") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, SafetensorError) as exc:
+        raise CheckpointError(f"checkpoint '{path}' is unreadable ({str(exc)[:200]}); resume "
+                              "from an older one by moving this directory away") from None
+    problem = meta_problem(meta)
+    if problem:
+        raise CheckpointError(f"checkpoint '{path}' has a damaged meta.json ({problem}); resume "
+                              "from an older one by moving this directory away")
     return weights, training, meta
+
+
+def _is_int(value: Any, lo: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= lo
+
+
+# meta.json field -> check; the fields every reader of a checkpoint relies on
+_META_CHECKS: dict[str, Callable[[Any], bool]] = {
+    "step": _is_int,
+    "config": lambda v: isinstance(v, dict),
+    "latent_scale_factor": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    and math.isfinite(v) and v > 0,
+    "optimizer": lambda v: isinstance(v, dict) and isinstance(v.get("param_groups"), list)
+    and isinstance(v.get("scalars"), dict),
+    "data_order": lambda v: isinstance(v, dict) and _is_int(v.get("epoch"))
+    and _is_int(v.get("cursor")),
+    "ema_updates": _is_int,
+    "nonfinite_steps": _is_int,
+}
+
+
+def meta_problem(meta: Any) -> str | None:
+    """What is wrong with a checkpoint's ``meta.json`` (None when nothing is)."""
+    if not isinstance(meta, dict):
+        return "not a JSON object"
+    for key, ok in _META_CHECKS.items():
+        if key not in meta:
+            return f"no '{key}'"
+        if not ok(meta[key]):
+            return f"'{key}' is {str(meta[key])[:40]!r}"
+    return None
 
 
 def split_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

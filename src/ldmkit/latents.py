@@ -69,19 +69,22 @@ def cache_meta(cfg: Config, ae_dir: Path) -> dict:
 
 
 def read_cache(path: Path, expected: dict) -> LatentPosteriors | None:
-    """The cached posteriors, or None when absent or built from another autoencoder or data."""
+    """The cached posteriors, or None when absent, damaged, or built from another autoencoder
+    or data (then the cache, being ldmkit's own, is rebuilt)."""
     try:
         meta = json.loads((path / "meta.json").read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return None
-    if {k: meta.get(k) for k in expected} != expected:
+    if not isinstance(meta, dict) or {k: meta.get(k) for k in expected} != expected:
         return None
     try:  # copy-on-write maps: pages are shared and read lazily, never written back
         mean = np.load(path / "mean.npy", mmap_mode="c", allow_pickle=False)
         logvar = np.load(path / "logvar.npy", mmap_mode="c", allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"latent cache '{path}' is unreadable ({exc}); delete it to "
-                              "rebuild") from None
+    except (OSError, ValueError, EOFError):
+        return None
+    if mean.dtype != np.float32 or mean.shape != logvar.shape or mean.ndim != 4 \
+            or list(mean.shape) != meta.get("shape"):
+        return None
     return LatentPosteriors(torch.from_numpy(mean), torch.from_numpy(logvar))
 
 

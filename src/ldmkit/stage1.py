@@ -125,10 +125,14 @@ def load_autoencoder(path: str | Path) -> Autoencoder | DiffusersAutoencoder:
                               "AutoencoderKL directory")
     try:
         arch = json.loads((path / "meta.json").read_text())
+        sizes = [arch["channels"], arch["base_channels"], arch["latent_channels"],
+                 *arch["channel_mult"]]
+        if not all(type(v) is int and 1 <= v <= 4096 for v in sizes) or not arch["channel_mult"]:
+            raise ValueError(f"meta.json holds no architecture ({str(arch)[:80]})")
         ae = Autoencoder(arch["channels"], arch["base_channels"], arch["channel_mult"],
                          arch["latent_channels"])
         ae.load_state_dict(load_file(str(path / "weights.safetensors")))
-    except (OSError, KeyError, ValueError, RuntimeError, SafetensorError) as exc:
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError, SafetensorError) as exc:
         raise CheckpointError(f"autoencoder at '{path}' cannot be loaded: "
                               f"{str(exc).splitlines()[0]}") from None
     return ae.eval().requires_grad_(False)
