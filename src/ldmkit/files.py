@@ -18,7 +18,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -199,9 +199,3 @@ def check_output(path: Path, flag: str, directory: bool) -> None:
     if path.exists() and path.is_dir() != directory:
         raise LdmkitError(f"{flag} '{path}' is {'a file' if directory else 'a directory'}; "
                           f"give {'a directory' if directory else 'a file path'}")
-
-
-def iter_lines(path: Path) -> Iterator[str]:
-    """Lines of a text log that is not a link."""
-    _refuse_link(path)
-    yield from path.read_text(encoding="utf-8", errors="replace").splitlines()
