@@ -127,7 +127,8 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers(-10, 10**12)
                            lambda inner: st.lists(inner, max_size=3)
                            | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=8)
 META_KEYS = ["step", "config", "latent_scale_factor", "optimizer", "data_order", "ema_updates",
-             "nonfinite_steps", "acc_count", "format_version"]
+             "nonfinite_steps", "acc_count", "format_version", "rollbacks", "lr_scale",
+             "sick_since"]
 
 
 def _damage(kind: str, data: st.DataObject, run: Path) -> None:

@@ -129,16 +129,25 @@ _META_CHECKS: dict[str, Callable[[Any], bool]] = {
     "ema_updates": _is_int,
     "nonfinite_steps": _is_int,
 }
+# fields added later: checked when present
+_OPTIONAL_CHECKS: dict[str, Callable[[Any], bool]] = {
+    "acc_count": _is_int,
+    "rollbacks": _is_int,
+    "lr_scale": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    and math.isfinite(v) and v > 0,
+    "sick_since": lambda v: v is None or _is_int(v, 1),
+}
 
 
 def meta_problem(meta: Any) -> str | None:
     """What is wrong with a checkpoint's ``meta.json`` (None when nothing is)."""
     if not isinstance(meta, dict):
         return "not a JSON object"
-    for key, ok in _META_CHECKS.items():
+    for key, ok in (*_META_CHECKS.items(), *_OPTIONAL_CHECKS.items()):
         if key not in meta:
-            return f"no '{key}'"
-        if not ok(meta[key]):
+            if key in _META_CHECKS:
+                return f"no '{key}'"
+        elif not ok(meta[key]):
             return f"'{key}' is {str(meta[key])[:40]!r}"
     return None
 

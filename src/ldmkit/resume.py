@@ -96,7 +96,7 @@ def restore_state(path: Path, state: LoopState) -> None:
         state.gen.set_state(training["rng.train"])
         torch.set_rng_state(training["rng.torch"])
         state.order.load(meta["data_order"])
-    except (RuntimeError, ValueError, KeyError) as exc:
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
         raise CheckpointError(f"checkpoint '{path}' does not match this config's model "
                               f"({str(exc).splitlines()[0]}); resume with the run's own config") from None
     state.ema.updates = meta["ema_updates"]
