@@ -146,39 +146,52 @@ def overhead_section() -> str:
     with tempfile.TemporaryDirectory() as tmp, MetricLogger(tmp, tensorboard=True) as logger:
         attach_monitor(CFG, Path(tmp), logger, 1.0, 0)
         acc, counter = vm.StepAccumulator(), [0]
+        scratch = [torch.empty_like(p) for p in params_list]
 
-        def full() -> None:
-            t, eps = batch()
-            _, vitals = train_step(model, params_list, opt, schedule, z, t, eps, 1.0)
-            acc.add(vitals)
-            counter[0] += 1
-            if counter[0] % CFG.train.log_every == 0:
-                logger.log(counter[0], {**acc.read(), vm.LEARNING_RATE: 1e-4})
+        def full_step(with_ratio: bool):
+            def step() -> None:
+                t, eps = batch()
+                _, vitals = train_step(model, params_list, opt, schedule, z, t, eps, 1.0,
+                                       scratch=scratch if with_ratio else None)
+                acc.add(vitals)
+                counter[0] += 1
+                if counter[0] % CFG.train.log_every == 0:
+                    logger.log(counter[0], {**acc.read(), vm.LEARNING_RATE: 1e-4})
+            return step
 
-        bare(), full()
-        runs = {"bare": [], "full": []}
+        variants = {"bare": bare, "no_ratio": full_step(False), "full": full_step(True)}
+        for step in variants.values():
+            step()
+        runs: dict[str, list[float]] = {name: [] for name in variants}
         steps = CFG.train.log_every  # a whole log interval, so logging and rules are included
-        for _ in range(3):
-            runs["bare"].append(seconds_per_step(bare, steps))
-            runs["full"].append(seconds_per_step(full, steps))
-    b, f = statistics.median(runs["bare"]), statistics.median(runs["full"])
+        for _ in range(ROUNDS):
+            for name, step in variants.items():
+                runs[name].append(seconds_per_step(step, steps))
+    b, n, f = (statistics.median(runs[k]) for k in ("bare", "no_ratio", "full"))
     verdict = "met" if f / b - 1 <= 0.02 else "missed"
-    return f"""## Vital-sign overhead (`benchmarks/throughput.py`)
+    ratio_verdict = "met" if f / n - 1 <= 0.005 else "missed"
+    return f"""## Vital-sign overhead (`benchmarks/throughput.py overhead`)
 
 Machine: {machine()}. Demo UNet, batch {BATCH}, {steps}-step intervals (one log interval each,
-so metrics.jsonl + TensorBoard writes and the rule evaluation are included), median of 3,
-alternating. Bare step: loss, backward, clipping, AdamW. Full step: ldmkit's `train_step`
-(grad norm before clipping, non-finite guard, loss/t_mean/cos_eps/z_std kept on the device),
-the accumulator, and at the interval's end the log write and the live diagnosis.
+so metrics.jsonl + TensorBoard writes and the rule evaluation are included), median of
+{ROUNDS}, the three variants alternating. Bare step: loss, backward, clipping, AdamW. Full
+step: ldmkit's `train_step` (grad norm before clipping, non-finite guard,
+loss/t_mean/cos_eps/z_std kept on the device, and `optimization/update_ratio`: a copy of the
+weights before the update and two norms), the accumulator, and at the interval's end the log
+write and the live diagnosis. "No ratio" is the full step without the update ratio.
 
-| bare step | with all vitals and live diagnosis | overhead | target (<= 2 %) |
-|---|---|---|---|
-| {b * 1e3:.1f} ms | {f * 1e3:.1f} ms | {f / b - 1:+.1%} | {verdict} |
+| bare | no ratio | full | all vitals vs bare (<= 2 %) | update ratio vs no ratio (<= 0.5 %) |
+|---|---|---|---|---|
+| {b * 1e3:.1f} ms | {n * 1e3:.1f} ms | {f * 1e3:.1f} ms | {f / b - 1:+.1%} ({verdict}) | \
+{f / n - 1:+.2%} ({ratio_verdict}) |
 """
 
 
 def main() -> None:
-    for name, body in (("throughput", throughput_section()), ("overhead", overhead_section())):
+    """All sections, or those named on the command line (``throughput``, ``overhead``)."""
+    sections = {"throughput": throughput_section, "overhead": overhead_section}
+    for name in sys.argv[1:] or list(sections):
+        body = sections[name]()
         write_section(name, body)
         print(body)
 

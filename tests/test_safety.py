@@ -319,3 +319,14 @@ def test_sigint_during_the_final_sampling_says_so_and_writes_the_report(tmp_path
     assert "SIGINT during the final sampling" in out
     assert (tmp_path / "run" / "report.html").is_file()
     assert not (tmp_path / "run" / "samples" / "final" / "grid.png").exists()
+
+
+def test_written_files_and_directories_keep_the_usual_modes(finished):
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in (finished / "config.yaml", finished / ".ldmkit", finished / "samples" / "final"
+                 / "grid.png", finished / "latents" / "meta.json"):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~mask, path
+    for path in (finished / "latents", finished / "autoencoder", finished / "checkpoints"
+                 / "step_0000004"):
+        assert path.stat().st_mode & 0o777 == 0o777 & ~mask, path

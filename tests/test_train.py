@@ -143,3 +143,43 @@ def test_bf16_autocast_and_channels_last_paths_train_on_cpu(tmp_path):
     result = train(cfg, tmp_path / "run")
     assert result.step == 8
     assert 0.0 < result.vitals[vm.LOSS] < 1.5 and result.vitals[vm.GRAD_NORM] > 0
+
+
+def test_update_ratio_is_the_relative_size_of_the_applied_update():
+    before = [torch.tensor([3.0, 4.0]), torch.zeros(2)]
+    after = [torch.tensor([3.0, 4.0]) * 1.01, torch.zeros(2)]
+    assert vm.update_ratio([b.clone() for b in before], after).item() == pytest.approx(0.01)
+    model = UNet(4, 4, 16, [1, 2], 1, [2])
+    params = list(model.parameters())
+    scratch = [torch.empty_like(p) for p in params]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    old = torch.cat([p.detach().flatten().clone() for p in params])
+    z = torch.randn(4, 4, 4, 4)
+    _, vitals = train_step(model, params, opt, CosineSchedule(), z, torch.rand(4),
+                           torch.randn_like(z), 1.0, scratch=scratch)
+    new = torch.cat([p.detach().flatten() for p in params])
+    expected = (new - old).norm() / old.norm()
+    assert vitals[vm.UPDATE_RATIO].item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_interval_median_survives_a_checkpoint_between_log_steps():
+    acc = vm.StepAccumulator()
+    for value in (1e-3, 5.0, 2e-3):
+        acc.add({vm.UPDATE_RATIO: torch.tensor(value), vm.LOSS: torch.tensor(value)})
+    resumed = vm.StepAccumulator()
+    resumed.load(*acc.state())
+    out = resumed.read()
+    assert out[vm.UPDATE_RATIO] == pytest.approx(2e-3)  # one outlier does not move a median
+    assert out[vm.LOSS] == pytest.approx((1e-3 + 5.0 + 2e-3) / 3)
+
+
+@pytest.mark.slow
+def test_no_update_is_raised_when_training_has_no_effect_and_not_otherwise(tmp_path):
+    healthy = train(tiny_config(), tmp_path / "healthy")
+    assert "no_update" not in {f.code for f in healthy.findings}
+    ratios = [r["value"] for r in read_metrics(tmp_path / "healthy" / "metrics.jsonl")
+              if r["tag"] == vm.UPDATE_RATIO]
+    assert len(ratios) == 3 and all(1e-5 < r < 0.1 for r in ratios)
+    frozen = train(tiny_config(train={"lr": 1e-30}), tmp_path / "frozen")
+    (finding,) = [f for f in frozen.findings if f.code == "no_update"]
+    assert finding.severity == "critical" and frozen.scenario == "not_learning"

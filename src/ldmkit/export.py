@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ldmkit.config import from_dict
 from ldmkit.errors import CheckpointError, LdmkitError
+from ldmkit.files import check_no_links
 from ldmkit.models.diffusers_vae import CONFIG_FILE, is_diffusers_vae
 from ldmkit.sample import schedule_of
 from ldmkit.stage1 import AE_DIR
@@ -27,6 +28,7 @@ def export_diffusers(run_dir: str | Path, out: str | Path) -> Path:
     from ldmkit.resume import load_for_sampling
 
     run_dir, out = Path(run_dir), Path(out)
+    check_no_links(run_dir)  # what is exported comes from inside the run
     if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"'{out}' is not empty; choose a new directory for the export")
     cfg_dict, step, model, ae, scale = load_for_sampling(run_dir)

@@ -36,6 +36,17 @@ LEGACY_FILES: dict[str, frozenset[str]] = {
 }
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp/mkdtemp create private (0600/0700) entries; what ldmkit writes gets the modes a plain
+# open()/mkdir() would give, so colleagues and TensorBoard servers can read a run as before
+FILE_MODE, DIR_MODE = 0o666 & ~_umask(), 0o777 & ~_umask()
+
+
 class LinkRefused(LdmkitError):
     """A symbolic link where ldmkit reads or writes a run's files."""
 
@@ -101,6 +112,7 @@ def write_dir_atomically(final: Path, write: Callable[[Path], None], kind: str) 
     tmp = old = None
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp_{final.name}.", dir=final.parent))
+        os.chmod(tmp, DIR_MODE)
         write(tmp)
         (tmp / OWNER_FILE).write_text(kind + "\n", encoding="utf-8")
         for path in tmp.iterdir():
@@ -133,6 +145,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     replaced, never written through, and a crash leaves the old file or the new one."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

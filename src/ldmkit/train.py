@@ -116,11 +116,13 @@ def forward_model(model: nn.Module, rt: Runtime) -> EpsModel:
 def train_step(model: nn.Module | EpsModel, params: list[nn.Parameter],
                opt: torch.optim.Optimizer, schedule: CosineSchedule, z: torch.Tensor,
                t: torch.Tensor, eps: torch.Tensor, grad_clip: float,
-               fault: Fault | None = None) -> tuple[bool, dict[str, torch.Tensor]]:
+               fault: Fault | None = None, scratch: list[torch.Tensor] | None = None
+               ) -> tuple[bool, dict[str, torch.Tensor]]:
     """One update; returns whether it was applied and the step's vitals (device tensors).
 
     Under DDP ``backward`` all-reduces the gradients, so the norm (before clipping) is that of
-    the synchronized gradient and every rank takes the same decision.
+    the synchronized gradient and every rank takes the same decision. With ``scratch`` (one
+    buffer per parameter) the relative size of the applied update is measured too.
     """
     eps_model = fault.eps_model(model, eps) if fault and fault.eps_model else model
     target = fault.target(eps) if fault and fault.target else None
@@ -129,11 +131,16 @@ def train_step(model: nn.Module | EpsModel, params: list[nn.Parameter],
     out.loss.backward()
     grad_norm = nn.utils.clip_grad_norm_(params, grad_clip)
     finite = bool(torch.isfinite(out.loss) & torch.isfinite(grad_norm))
+    weights = [p.detach() for p in params]
+    if finite and scratch is not None:
+        torch._foreach_copy_(scratch, weights)
     if finite:
         opt.step()
     vitals = {vm.LOSS: out.loss.detach(), vm.GRAD_NORM: grad_norm.detach(),
               vm.T_MEAN: t.mean(), vm.COS_EPS: vm.cos_eps_mean(out.eps_pred.detach().float(), eps),
               vm.Z_STD: vm.latent_std(z)}
+    if finite and scratch is not None:  # a skipped step is no update: it has no ratio
+        vitals[vm.UPDATE_RATIO] = vm.update_ratio(scratch, weights)
     return finite, vitals
 
 
@@ -285,6 +292,7 @@ def _diffusion(opened: OpenedRun, ae: Autoencoder, latents: LatentPosteriors, sc
     if tc.compile:
         wrapped = torch.compile(wrapped)
     net, params = forward_model(wrapped, rt), list(model.parameters())
+    scratch = [torch.empty_like(p) for p in params]  # the weights before each update
     schedule, first_step = schedule_of(cfg), state.step
     explode = Context.of(cfg, scale).thr("grad_norm_high")
     end = min(tc.steps, stop_at) if stop_at else tc.steps
@@ -302,7 +310,7 @@ def _diffusion(opened: OpenedRun, ae: Autoencoder, latents: LatentPosteriors, sc
         eps = torch.randn(z.shape, generator=state.gen)
         z, t, eps = (shard(x, d).to(rt.device, non_blocking=True) for x in (z, t, eps))
         applied, step_vitals = train_step(net, params, state.opt, schedule, z, t, eps,
-                                          tc.grad_clip, fault)
+                                          tc.grad_clip, fault, scratch)
         step_vitals = global_vitals(step_vitals, z, d)
         abnormal = is_abnormal(applied, step_vitals[vm.GRAD_NORM], explode)
         state.sick_since = (state.sick_since or state.step + 1) if abnormal else None

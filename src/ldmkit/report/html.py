@@ -26,7 +26,7 @@ from ldmkit.vitals.readers import read_log
 from .svg import Marker, line_plot
 
 REPORT_FILE = "report.html"
-PLOTTED = (*vm.TRAIN_TAGS, *(vm.PAIRWISE_PREFIX + s for s in ("mean", "std", "min", "max")),
+PLOTTED = (*vm.TRAIN_TAGS, vm.UPDATE_RATIO, *(vm.PAIRWISE_PREFIX + s for s in ("mean", "std", "min", "max")),
            *(vm.FINAL_PREFIX + s for s in ("mean", "std", "min", "max")),
            "vae/recon_mse", "vae/psnr")
 

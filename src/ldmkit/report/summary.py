@@ -19,6 +19,7 @@ _ROWS = (
     (vm.LOSS, "starts ~1.0, decreases to 0.1-0.4"),
     (vm.GRAD_NORM, "stable, 0.1-10"),
     (vm.LEARNING_RATE, "as configured"),
+    (vm.UPDATE_RATIO, "well above 1e-8 (weights change)"),
     (vm.T_MEAN, "~0.5 on average"),
     (vm.COS_EPS, "climbs above 0.5"),
     (vm.Z_STD, "~1.0"),

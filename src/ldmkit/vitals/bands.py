@@ -36,6 +36,8 @@ def bands(metric: str, ctx: Context) -> list[Band]:
         out += [Band("bad", thr("loss_stuck_high"), None), Band("bad", None, thr("loss_too_low"))]
     elif metric == vm.GRAD_NORM:
         out += [Band("bad", thr("grad_norm_high"), None), Band("bad", None, thr("grad_norm_low"))]
+    elif metric == vm.UPDATE_RATIO:
+        out += [Band("bad", None, thr("update_ratio_low"))]
     elif metric == vm.T_MEAN:
         warn, crit = thr("t_mean_dev_warning"), thr("t_mean_dev_critical")
         out += [Band("good", 0.5 - warn, 0.5 + warn), Band("bad", None, 0.5 - crit),

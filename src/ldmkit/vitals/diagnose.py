@@ -255,6 +255,15 @@ def _final_extreme(rule: Rule, series: Series, ctx: Context) -> Verdict | None:
     return Verdict(level, value, hi[0], {"limit": ctx.thr(level) * convert})
 
 
+def _no_update(rule: Rule, series: Series, ctx: Context) -> Verdict | None:
+    """Updates of ~0 while the gradient is not vanishing: the optimizer does not apply it (a
+    zero learning rate, frozen or foreign parameters). With vanishing gradients the update is
+    ~0 too, and ``grad_norm_vanishing`` already names that cause."""
+    if CHECKS["median_below"](RULES_BY_CODE["grad_norm_vanishing"], series, ctx):
+        return None
+    return CHECKS["median_below"](rule, series, ctx)
+
+
 CHECKS: dict[str, Check] = {
     "nonfinite": _nonfinite,
     "median_above": _median_check(above=True),
@@ -268,7 +277,9 @@ CHECKS: dict[str, Check] = {
     "final_mean": _final_mean,
     "final_std": _final_std,
     "final_extreme": _final_extreme,
+    "no_update": _no_update,
 }
+RULES_BY_CODE = {rule.code: rule for rule in RULES}
 
 
 def _fix_fields(verdict: Verdict, series: Series, ctx: Context) -> dict:

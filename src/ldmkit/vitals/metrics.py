@@ -19,8 +19,12 @@ PAIRWISE_PREFIX = "sample_diversity/pairwise_mse_"
 FINAL_PREFIX = "final_latent_stats/"
 NONFINITE_STEPS = "optimization/nonfinite_steps"
 LR_SCALE = "optimization/lr_scale"  # < 1 after divergence rollbacks
+UPDATE_RATIO = "optimization/update_ratio"
 
 TRAIN_TAGS = (LOSS, GRAD_NORM, LEARNING_RATE, T_MEAN, COS_EPS, Z_STD)
+# logged as the interval's median instead of its mean: a ratio spans decades, and one
+# skipped or warm-up step must not move it
+MEDIAN_TAGS = (UPDATE_RATIO,)
 
 
 def cos_eps_mean(eps_pred: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -29,6 +33,18 @@ def cos_eps_mean(eps_pred: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     0 for a random guess, 1 for a perfect one, negative if the model predicts ``-eps``.
     """
     return F.cosine_similarity(eps_pred.flatten(1).float(), eps.flatten(1).float(), dim=1).mean()
+
+
+@torch.no_grad()
+def update_ratio(before: list[torch.Tensor], after: list[torch.Tensor]) -> torch.Tensor:
+    """``||after - before|| / ||before||`` over all parameters: the relative size of the update
+    the optimizer applied. Typical healthy values are 1e-4 to 1e-2 per step; ~0 means training
+    has no effect (a zero learning rate, frozen or orphaned parameters), which the gradient norm
+    alone cannot show. ``before`` is overwritten with the difference (it is a scratch copy)."""
+    size = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(before)))
+    torch._foreach_sub_(before, after)
+    delta = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(before)))
+    return (delta / size.clamp(min=1e-12)).float()
 
 
 def latent_std(z: torch.Tensor) -> torch.Tensor:
@@ -79,29 +95,39 @@ def sample_vitals(decoder_latents: torch.Tensor) -> dict[str, float]:
 
 
 class StepAccumulator:
-    """Sums the per-step vitals on the device; read (one host sync) once per ``log_every``."""
+    """Sums the per-step vitals on the device (keeps ``MEDIAN_TAGS`` per step); read (one host
+    sync) once per ``log_every``."""
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
+        self.kept: dict[str, list[torch.Tensor]] = {}
         self.count = 0
 
     def add(self, values: dict[str, torch.Tensor]) -> None:
         for tag, value in values.items():
             v = value.detach().float()
-            self.sums[tag] = self.sums[tag] + v if tag in self.sums else v
+            if tag in MEDIAN_TAGS:
+                self.kept.setdefault(tag, []).append(v.reshape(()))
+            else:
+                self.sums[tag] = self.sums[tag] + v if tag in self.sums else v
         self.count += 1
 
     def state(self) -> tuple[dict[str, torch.Tensor], int]:
-        """(sums, count) of a partial interval, for a checkpoint between two log steps."""
-        return dict(self.sums), self.count
+        """(tensors, count) of a partial interval, for a checkpoint between two log steps."""
+        kept = {f"{tag}#steps": torch.stack(v) for tag, v in self.kept.items() if v}
+        return {**self.sums, **kept}, self.count
 
-    def load(self, sums: dict[str, torch.Tensor], count: int) -> None:
-        self.sums, self.count = dict(sums), count
+    def load(self, tensors: dict[str, torch.Tensor], count: int) -> None:
+        self.sums = {k: v for k, v in tensors.items() if not k.endswith("#steps")}
+        self.kept = {k.removesuffix("#steps"): list(v.unbind()) for k, v in tensors.items()
+                     if k.endswith("#steps")}
+        self.count = count
 
     def read(self) -> dict[str, float]:
-        """Interval means, then reset."""
+        """Interval means (medians for ``MEDIAN_TAGS``), then reset."""
         if not self.count:
             return {}
         out = {tag: (s / self.count).item() for tag, s in self.sums.items()}
-        self.sums, self.count = {}, 0
+        out |= {tag: torch.stack(v).median().item() for tag, v in self.kept.items() if v}
+        self.sums, self.kept, self.count = {}, {}, 0
         return out

@@ -21,6 +21,8 @@ THRESHOLDS: dict[str, tuple[float, str]] = {
     "loss_too_low": (0.01, "loss/total_loss bad trend '< 0.01: overfitting or data leakage'"),
     "grad_norm_high": (100.0, "optimization/grad_norm '> 100: exploding gradients'"),
     "grad_norm_low": (1e-6, "optimization/grad_norm '< 1e-6: vanishing gradients'"),
+    "update_ratio_low": (1e-8, "optimization/grad_norm '< 1e-6: gradients too weak to update "
+                         "weights', measured on the update itself: ||delta w|| / ||w|| below this"),
     "lr_rel_tol": (0.01, "learning_rate 'should match the value you set' (relative tolerance)"),
     "t_mean_dev_warning": (0.1, "diffusion/t_mean 'must average ~0.5' (|mean - 0.5| above this)"),
     "t_mean_dev_critical": (0.3, "diffusion/t_mean 'stuck at 0.0 or 1.0: biased sampling'"),
@@ -129,6 +131,13 @@ RULES: tuple[Rule, ...] = (
          "grad_norm: '< 1e-6: vanishing gradients'", "not_learning",
          "gradient norm is {value:.3g}, below {thr:g}: the weights no longer change (dead network)",
          "check that the loss depends on the model output; re-initialise, or raise train.lr"),
+    Rule("no_update", vm.UPDATE_RATIO, "no_update", None, "update_ratio_low",
+         "grad_norm: 'Model isn't learning; gradients too weak to update weights'",
+         "not_learning",
+         "the optimizer changes the weights by {value:.3g} of their size per step: training has "
+         "no effect",
+         "check that the learning rate is not 0 (train.lr, warmup, the schedule), that the "
+         "parameters require grad and that the optimizer holds the model's parameters"),
     Rule("loss_stuck_high", vm.LOSS, "stays_above", "loss_stuck_high", None,
          "loss/total_loss: 'Stays ~1.0: model isn't learning (check LR)'", "not_learning",
          "the loss stays at {value:.3f} after {step} steps: the model is not learning the noise",
