@@ -147,12 +147,14 @@ def overhead_section() -> str:
         attach_monitor(CFG, Path(tmp), logger, 1.0, 0)
         acc, counter = vm.StepAccumulator(), [0]
         scratch = [torch.empty_like(p) for p in params_list]
+        every = vm.update_ratio_every(CFG.train.log_every)
 
         def full_step(with_ratio: bool):
             def step() -> None:
                 t, eps = batch()
+                measure = with_ratio and counter[0] % every == 0
                 _, vitals = train_step(model, params_list, opt, schedule, z, t, eps, 1.0,
-                                       scratch=scratch if with_ratio else None)
+                                       scratch=scratch if measure else None)
                 acc.add(vitals)
                 counter[0] += 1
                 if counter[0] % CFG.train.log_every == 0:
@@ -169,7 +171,9 @@ def overhead_section() -> str:
                 runs[name].append(seconds_per_step(step, steps))
     b, n, f = (statistics.median(runs[k]) for k in ("bare", "no_ratio", "full"))
     verdict = "met" if f / b - 1 <= 0.02 else "missed"
-    ratio_verdict = "met" if f / n - 1 <= 0.005 else "missed"
+    measured = ratio_seconds(params_list, scratch)
+    share = measured / every / b
+    ratio_verdict = "met" if share <= 0.005 else "missed"
     return f"""## Vital-sign overhead (`benchmarks/throughput.py overhead`)
 
 Machine: {machine()}. Demo UNet, batch {BATCH}, {steps}-step intervals (one log interval each,
@@ -177,14 +181,30 @@ so metrics.jsonl + TensorBoard writes and the rule evaluation are included), med
 {ROUNDS}, the three variants alternating. Bare step: loss, backward, clipping, AdamW. Full
 step: ldmkit's `train_step` (grad norm before clipping, non-finite guard,
 loss/t_mean/cos_eps/z_std kept on the device, and `optimization/update_ratio`: a copy of the
-weights before the update and two norms), the accumulator, and at the interval's end the log
-write and the live diagnosis. "No ratio" is the full step without the update ratio.
+weights before the update and two norms, on every {every}th step as in training), the
+accumulator, and at the interval's end the log write and the live diagnosis. "No ratio" is the
+full step without the update ratio.
 
-| bare | no ratio | full | all vitals vs bare (<= 2 %) | update ratio vs no ratio (<= 0.5 %) |
+| bare | no ratio | full | all vitals vs bare (<= 2 %) | full vs no ratio |
 |---|---|---|---|---|
 | {b * 1e3:.1f} ms | {n * 1e3:.1f} ms | {f * 1e3:.1f} ms | {f / b - 1:+.1%} ({verdict}) | \
-{f / n - 1:+.2%} ({ratio_verdict}) |
+{f / n - 1:+.2%} |
+
+Step-to-step noise here is about 2 %, more than the update ratio costs, so its cost is also
+timed alone: copying the weights and the two norms take {measured * 1e3:.2f} ms (median of 50),
+paid on every {every}th step: {share:.2%} of a bare step (target <= 0.5 %: {ratio_verdict}).
 """
+
+
+def ratio_seconds(params_list: list[torch.Tensor], scratch: list[torch.Tensor]) -> float:
+    """The update ratio's own work on one measured step: the copy before the update, the norms."""
+    times = []
+    for _ in range(50):
+        start = time.perf_counter()
+        torch._foreach_copy_(scratch, [p.detach() for p in params_list])
+        vm.update_ratio(scratch, [p.detach() for p in params_list]).item()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def main() -> None:

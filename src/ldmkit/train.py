@@ -292,7 +292,8 @@ def _diffusion(opened: OpenedRun, ae: Autoencoder, latents: LatentPosteriors, sc
     if tc.compile:
         wrapped = torch.compile(wrapped)
     net, params = forward_model(wrapped, rt), list(model.parameters())
-    scratch = [torch.empty_like(p) for p in params]  # the weights before each update
+    scratch = [torch.empty_like(p) for p in params]  # the weights before a measured update
+    ratio_every = vm.update_ratio_every(tc.log_every)
     schedule, first_step = schedule_of(cfg), state.step
     explode = Context.of(cfg, scale).thr("grad_norm_high")
     end = min(tc.steps, stop_at) if stop_at else tc.steps
@@ -309,8 +310,9 @@ def _diffusion(opened: OpenedRun, ae: Autoencoder, latents: LatentPosteriors, sc
                      cfg.diffusion.logit_normal_loc, cfg.diffusion.logit_normal_scale)
         eps = torch.randn(z.shape, generator=state.gen)
         z, t, eps = (shard(x, d).to(rt.device, non_blocking=True) for x in (z, t, eps))
+        measure = scratch if state.step % ratio_every == 0 else None
         applied, step_vitals = train_step(net, params, state.opt, schedule, z, t, eps,
-                                          tc.grad_clip, fault, scratch)
+                                          tc.grad_clip, fault, measure)
         step_vitals = global_vitals(step_vitals, z, d)
         abnormal = is_abnormal(applied, step_vitals[vm.GRAD_NORM], explode)
         state.sick_since = (state.sick_since or state.step + 1) if abnormal else None
