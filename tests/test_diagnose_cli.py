@@ -31,7 +31,8 @@ def run_json(argv, capsys):
 def test_json_output_has_exactly_the_documented_shape(tmp_path, capsys):
     code, out = run_json([str(write_jsonl(tmp_path / "metrics.jsonl", SCALE_BUG))], capsys)
     assert code == 1  # a critical finding, default --fail-on critical
-    assert set(out) == {"scenario", "findings"} and out["scenario"] == "scale_factor_bug"
+    assert set(out) == {"scenario", "verdict", "findings"} and out["scenario"] == "scale_factor_bug"
+    assert out["verdict"] == "scale_factor_bug"
     finding = out["findings"][0]
     assert set(finding) == {"code", "severity", "metric", "step", "value", "message", "fix"}
     assert finding["code"] == "z_std_low" and finding["severity"] == "critical"
@@ -117,3 +118,15 @@ def test_missing_path_and_empty_directory(tmp_path, capsys):
     assert main(["diagnose", str(tmp_path / "nope")]) == 2
     assert main(["diagnose", str(tmp_path)]) == 2
     assert "neither metrics.jsonl nor TensorBoard" in capsys.readouterr().err
+
+
+def test_a_healthy_verdict_says_whether_sample_quality_was_measured(tmp_path, capsys):
+    series = healthy_series()
+    code, out = run_json([str(write_jsonl(tmp_path / "a.jsonl", series))], capsys)
+    assert out["scenario"] == "healthy"
+    assert out["verdict"] == "healthy dynamics; sample quality not measured (`ldmkit eval RUN`)"
+    last = max(s for recs in series.values() for s, _ in recs)
+    series = {**series, "eval/fd": [(last, 21.5)], "eval/precision": [(last, 0.8)]}
+    code, out = run_json([str(write_jsonl(tmp_path / "b.jsonl", series))], capsys)
+    assert out["verdict"] == (f"healthy dynamics; sample quality measured at step {last} "
+                              "(fd 21.5, precision 0.8)")

@@ -98,7 +98,7 @@ def _train(args: argparse.Namespace, report: bool) -> int:
     if report and not result.preempted_by:
         print(text)
     else:
-        print(f"trained {result.step} steps; scenario: {result.scenario}; "
+        print(f"trained {result.step} steps; scenario: {result.verdict}; "
               f"run directory: {result.run_dir}; report: {html}")
     return 1 if result.stopped_by else 0
 

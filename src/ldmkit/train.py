@@ -57,7 +57,7 @@ from ldmkit.sample import generate, save_samples, schedule_of
 from ldmkit.stage1 import LatentPosteriors
 from ldmkit.start import resolve_device, start_run
 from ldmkit.vitals import metrics as vm
-from ldmkit.vitals.diagnose import Context, Finding, event_finding, scenario
+from ldmkit.vitals.diagnose import Context, Finding, coverage, event_finding, scenario
 from ldmkit.vitals.monitor import LiveMonitor
 
 __all__ = ["Fault", "TrainResult", "train", "train_step"]
@@ -86,6 +86,11 @@ class TrainResult:
     stopped_by: Finding | None = None
     preempted_by: str | None = None
     rank: int = 0
+    covers: str | None = None  # the scenario in words, saying what it covers
+
+    @property
+    def verdict(self) -> str:
+        return self.covers or self.scenario
 
 
 @dataclass
@@ -370,7 +375,8 @@ def _diffusion(opened: OpenedRun, ae: Autoencoder, latents: LatentPosteriors, sc
     verdict = scenario(findings, monitor.series, monitor.ctx) if monitor else "unknown"
     return TrainResult(run_dir, state.step, scale, vitals, grid, time.time() - started,
                        findings, verdict, stopped_by,
-                       rt.stop.signal_name if not stopped_by else None, d.rank)
+                       rt.stop.signal_name if not stopped_by else None, d.rank,
+                       coverage(verdict, monitor.series) if monitor else None)
 
 
 def _announce_stop(run_dir: Path, step: int, finding: Finding | None, stop: StopRequest,

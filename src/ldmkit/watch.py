@@ -23,7 +23,7 @@ from ldmkit.logging import METRICS_FILE
 from ldmkit.report.html import shown_tags
 from ldmkit.vitals import metrics as vm
 from ldmkit.vitals.bands import bands
-from ldmkit.vitals.diagnose import Context, Series, evaluate, scenario
+from ldmkit.vitals.diagnose import Context, Series, coverage, evaluate, scenario
 from ldmkit.vitals.monitor import TAIL
 
 SPARK = "▁▂▃▄▅▆▇█"
@@ -97,7 +97,7 @@ def render(run_dir: Path, series: Series, ctx: Context) -> Group:
     findings = evaluate(tail, ctx)
     step = max((s for recs in series.values() for s, _ in recs), default=0)
     table = Table(title=f"{run_dir.name} · step {step} · scenario "
-                        f"{scenario(findings, tail, ctx)}", expand=False)
+                        f"{coverage(scenario(findings, tail, ctx), tail)}", expand=False)
     for column in ("vital sign", "step", "value", "trend"):
         table.add_column(column)
     for tag in shown_tags(series):

@@ -114,7 +114,7 @@ def render_html(run_dir: Path) -> str:
     scale = "unknown" if log.latent_scale_factor is None else f"{log.latent_scale_factor:.4g}"
     sections = [
         f"<h1>ldmkit run {escape(run_dir.name)}</h1>",
-        f'<p>scenario: <span class="scenario {css}">{escape(diagnosis.scenario)}</span> · '
+        f'<p>scenario: <span class="scenario {css}">{escape(diagnosis.verdict)}</span> · '
         f"latent_scale_factor {scale} · last step "
         f"{max((s for v in log.series.values() for s, _ in v), default=0)}</p>",
         "<h2>Findings</h2>",

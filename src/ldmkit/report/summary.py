@@ -39,7 +39,7 @@ def summary_text(result: TrainResult) -> str:
     lines = [f"# ldmkit run {run_dir.name}", "",
              f"- steps: {result.step}, wall time: {result.seconds / 60:.1f} min",
              f"- latent_scale_factor: {scale:.4f} (healthy final_latent_stats/std ~ "
-             f"{1 / scale:.3f})", f"- scenario: **{result.scenario}**", "",
+             f"{1 / scale:.3f})", f"- scenario: **{result.verdict}**", "",
              "| vital sign | final | guide's healthy range |", "|---|---|---|"]
     for tag, healthy in _ROWS:
         if tag in vitals:

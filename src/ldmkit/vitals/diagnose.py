@@ -344,3 +344,19 @@ def scenario(findings: list[Finding], series: Series, ctx: Context) -> str:
     if len(series.get(vm.LOSS, [])) < int(ctx.thr("window")):
         return "too_early"
     return "healthy"
+
+
+QUALITY_TAGS = ("eval/fd", "eval/precision", "eval/recall")
+
+
+def coverage(scenario_name: str, series: Series) -> str:
+    """What a verdict covers, in words: the vital signs judge training dynamics, not whether
+    the samples look like the data, so "healthy" says so until an ``eval/*`` figure exists."""
+    if scenario_name != "healthy":
+        return scenario_name
+    measured = [t for t in QUALITY_TAGS if series.get(t)]
+    if not measured:
+        return "healthy dynamics; sample quality not measured (`ldmkit eval RUN`)"
+    figures = ", ".join(f"{t.split('/')[1]} {series[t][-1][1]:.3g}" for t in measured)
+    return f"healthy dynamics; sample quality measured at step {series[measured[0]][-1][0]} " \
+           f"({figures})"

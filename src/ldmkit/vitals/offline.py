@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ldmkit.vitals.diagnose import Context, Finding, scenario
+from ldmkit.vitals.diagnose import Context, Finding, coverage, scenario
 from ldmkit.vitals.monitor import SEVERITY_RANK, replay
 from ldmkit.vitals.readers import LoadedLog, read_log
 
@@ -15,6 +15,7 @@ from ldmkit.vitals.readers import LoadedLog, read_log
 class Diagnosis:
     source: str
     scenario: str
+    verdict: str
     findings: list[Finding]
     latent_scale_factor: float | None
 
@@ -23,7 +24,7 @@ class Diagnosis:
         return max((SEVERITY_RANK[f.severity] for f in self.findings), default=-1)
 
     def to_json(self) -> str:
-        return json.dumps({"scenario": self.scenario,
+        return json.dumps({"scenario": self.scenario, "verdict": self.verdict,
                            "findings": [f.to_dict() for f in self.findings]}, indent=2)
 
 
@@ -37,7 +38,8 @@ def diagnose_log(path: str | Path, latent_scale_factor: float | None = None,
 def diagnose_loaded(log: LoadedLog, ctx: Context) -> Diagnosis:
     """The rules replayed over a log already read (``read_log``) under ``ctx``."""
     findings = replay(log.series, ctx)
-    return Diagnosis(log.source, scenario(findings, log.series, ctx), findings,
+    name = scenario(findings, log.series, ctx)
+    return Diagnosis(log.source, name, coverage(name, log.series), findings,
                      log.latent_scale_factor)
 
 
@@ -46,7 +48,7 @@ def format_table(diagnosis: Diagnosis) -> str:
     scale = ("unknown (pass --latent-scale-factor)" if diagnosis.latent_scale_factor is None
              else f"{diagnosis.latent_scale_factor:.4g}")
     lines = [f"diagnosis of {diagnosis.source}", f"latent_scale_factor: {scale}",
-             f"scenario: {diagnosis.scenario}", ""]
+             f"scenario: {diagnosis.verdict}", ""]
     if not diagnosis.findings:
         lines.append("no findings: every vital sign is within the guide's healthy range")
     for f in diagnosis.findings:
