@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,34 +19,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from ldmkit.errors import ConfigError
-
-MAX_CONFIG_BYTES = 1 << 20  # a config is a page of YAML; a larger file is not one
-MAX_CONFIG_VALUES = 10_000  # values after expanding YAML aliases (a "billion laughs" has 1e9)
-_BRIEF = reprlib.Repr()
-_BRIEF.maxlevel, _BRIEF.maxlist, _BRIEF.maxdict = 2, 4, 4
-_BRIEF.maxstring = _BRIEF.maxother = 60
-
-
-def brief(value: Any) -> str:
-    """A bounded ``repr`` for error messages: a huge or deeply nested value never floods them."""
-    return _BRIEF.repr(value)
-
-
-def check_size(data: Any, where: str) -> None:
-    """Refuse YAML whose aliases expand past ``MAX_CONFIG_VALUES`` values, counting each use of
-    an alias (PyYAML shares the objects, but printing or copying them expands them)."""
-    stack, count = [data], 0
-    while stack:
-        node = stack.pop()
-        count += 1
-        if count > MAX_CONFIG_VALUES:
-            raise ConfigError(f"{where} expands to more than {MAX_CONFIG_VALUES} values (YAML "
-                              "aliases?); a config is a few dozen keys: remove the aliases")
-        if isinstance(node, dict):
-            stack.extend(node.keys())
-            stack.extend(node.values())
-        elif isinstance(node, (list, tuple)):
-            stack.extend(node)
+from ldmkit.untrusted import MAX_CONFIG_BYTES, brief, check_size
 
 
 def _check(lo: float | None = None, *, strict: bool = False, hi: float | None = None,

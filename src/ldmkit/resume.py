@@ -26,7 +26,7 @@ from ldmkit.checkpoint import (
     split_prefix,
     with_prefix,
 )
-from ldmkit.config import Config, brief, from_dict, load_config, to_dict
+from ldmkit.config import Config, from_dict, load_config, to_dict
 from ldmkit.data import BatchOrder
 from ldmkit.errors import CheckpointError
 from ldmkit.files import check_no_links, open_append
@@ -36,6 +36,7 @@ from ldmkit.models.unet import UNet
 from ldmkit.optim import EMA
 from ldmkit.rundir import CONFIG_FILE, check_new_run_dir, is_run
 from ldmkit.stage1 import AE_DIR, load_autoencoder
+from ldmkit.untrusted import brief
 from ldmkit.vitals.metrics import StepAccumulator
 from ldmkit.vitals.monitor import FINDINGS_FILE
 

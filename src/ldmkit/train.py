@@ -302,7 +302,7 @@ def _diffusion(opened: OpenedRun, ae: Autoencoder, latents: LatentPosteriors, sc
     schedule, first_step = schedule_of(cfg), state.step
     explode = Context.of(cfg, scale).thr("grad_norm_high")
     end = min(tc.steps, stop_at) if stop_at else tc.steps
-    grid, vitals, stopped_by = None, {}, None
+    grid, vitals, stopped_by, halted = None, {}, None, False
     bar = tqdm(total=tc.steps, initial=state.step, desc="diffusion", dynamic_ncols=True,
                mininterval=1.0, disable=not d.is_main)
     model.train()
@@ -355,10 +355,11 @@ def _diffusion(opened: OpenedRun, ae: Autoencoder, latents: LatentPosteriors, sc
             save_state(run_dir, cfg, state)
         if halt:
             _announce_stop(run_dir, step, stopped_by, rt.stop, d)
+            halted = True
             break
     bar.close()
     final_missing = not (run_dir / "samples" / "final" / "grid.png").is_file()
-    if state.step >= tc.steps and not stopped_by and not rt.stop.requested \
+    if state.step >= tc.steps and not (stopped_by or halted) \
             and (state.step > first_step or final_missing):
         try:
             grid, sample_vitals = sample_and_log(cfg, state.step, state.ema, ae, scale, rt,
