@@ -181,3 +181,41 @@ def test_folder_of_mixed_modes_sizes_and_broken_files_trains(tmp_path, capsys):
     out = capsys.readouterr().out
     assert result.step == 4
     assert "skipped 3 unreadable images" in out
+
+
+def test_a_nan_from_one_module_is_traced_to_that_module(tmp_path, monkeypatch):
+    from ldmkit.models import layers, unet
+
+    attention, build = layers.SelfAttention.forward, unet.UNet.__init__
+
+    def poisoned(self, x):
+        out = attention(self, x)
+        return out * float("nan") if getattr(self, "poisoned", False) else out
+
+    def build_and_poison(self, *args, **kwargs):
+        build(self, *args, **kwargs)
+        self.mid[0].attn.poisoned = True  # the planted fault: one layer's forward
+
+    monkeypatch.setattr(layers.SelfAttention, "forward", poisoned)
+    monkeypatch.setattr(unet.UNet, "__init__", build_and_poison)
+    train(tiny_config(train={"steps": 4, "sample_every": 100}), tmp_path / "run")
+    (origin,) = [e for e in events(tmp_path / "run") if e["code"].startswith("nonfinite_")]
+    assert origin["code"] == "nonfinite_forward" and origin["step"] == 1
+    assert "'mid.0.attn'" in origin["message"] and "fp32" in origin["message"]
+
+
+def test_a_nan_in_the_data_is_traced_to_its_dataset_index(tmp_path):
+    import numpy as np
+
+    run = tmp_path / "run"
+    train(tiny_config(train={"steps": 2, "sample_every": 100}), run)
+    mean = np.load(run / "latents" / "mean.npy", mmap_mode="r+")
+    mean[7] = np.nan  # one image's latents
+    mean.flush()
+    del mean
+    cfg = tiny_config(train={"steps": 20, "sample_every": 100})
+    result = train(cfg, run, resume=True)
+    origins = [e for e in events(run) if e["code"].startswith("nonfinite_")]
+    assert origins and all(e["code"] == "nonfinite_batch" for e in origins)
+    assert "dataset indices [7]" in origins[0]["message"]
+    assert result.step == 20  # skipped, never applied

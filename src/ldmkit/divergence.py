@@ -13,10 +13,13 @@ Newer checkpoints move to ``checkpoints/diverged/``: kept for inspection, never 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from ldmkit.checkpoint import list_checkpoints
@@ -30,6 +33,60 @@ if TYPE_CHECKING:
     from ldmkit.train import Runtime
 
 QUARANTINE_DIR = "diverged"
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a non-finite step first went wrong: ``batch`` (the data), ``forward`` (the first
+    module whose output is not finite from finite inputs), ``backward`` (a finite loss with a
+    non-finite gradient), or ``unknown``; ``name`` says which indices, module or parameter."""
+
+    where: str
+    name: str
+    bf16: bool
+
+
+def locate_nonfinite(model: nn.Module, forward: Callable, z: torch.Tensor, t: torch.Tensor,
+                     index: torch.Tensor, bf16: bool) -> Origin:
+    """Find the origin of a non-finite step: its batch is checked, then its forward pass is run
+    again with a hook on every module (in execution order), then the gradients the step left
+    on the parameters are read. Costs one forward, and only on a non-finite step."""
+    bad = ~torch.isfinite(z.detach().flatten(1)).all(1).cpu()
+    if bad.any():
+        rows = index[: len(bad)][bad][:8].tolist()
+        return Origin("batch", f"dataset indices {rows}", bf16)
+    found: list[str] = []
+
+    def hook(name: str) -> Callable:
+        def check(module: nn.Module, inputs: tuple, output: object) -> None:
+            outs = output if isinstance(output, tuple) else (output,)
+            if found or all(torch.isfinite(o).all() for o in outs if torch.is_tensor(o)):
+                return
+            if all(torch.isfinite(i).all() for i in inputs if torch.is_tensor(i)):
+                found.append(name)
+        return check
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
+    try:
+        with torch.no_grad():
+            forward(z, t)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if found:
+        return Origin("forward", found[0], bf16)
+    grads = [n for n, p in model.named_parameters()
+             if p.grad is not None and not torch.isfinite(p.grad).all()]
+    if grads:  # backward runs from the output: the last in module order went first
+        return Origin("backward", f"{grads[-1]} (and {len(grads) - 1} more)", bf16)
+    return Origin("unknown", "the loss", bf16)
+
+
+def origin_finding(origin: Origin, step: int, value: float, lr: float) -> Finding:
+    """The event that names a non-finite step's origin, with the fix that matches it."""
+    return event_finding(f"nonfinite_{origin.where}", step, value, name=origin.name,
+                         precision="bf16 autocast" if origin.bf16 else "fp32",
+                         lr=retry_lr(lr))
 
 
 def is_abnormal(applied: bool, grad_norm: torch.Tensor, explode: float) -> bool:
@@ -105,8 +162,13 @@ def on_nonfinite(cfg: Config, run_dir: Path, state: LoopState, step_vitals: dict
         finding = event_finding("nonfinite_rollback", diverged_at, value,
                                 **{**common, "n": rollbacks, "lr_scale": lr_scale,
                                    "lr": cfg.train.lr * lr_scale})
+    announce(rt, finding, _step_of(ckpt))
+    return finding
+
+
+def announce(rt: Runtime, finding: Finding, at_step: int) -> None:
+    """Print and record a finding the trainer raised itself."""
     if rt.monitor is not None:
-        rt.monitor.record(finding, _step_of(ckpt))
+        rt.monitor.record(finding, at_step)
     elif rt.d.is_main:
         tqdm.write(f"[vitals] {finding.severity.upper()} {finding.code}: {finding.message}")
-    return finding

@@ -37,7 +37,13 @@ from ldmkit.distributed import (
     shard_size,
     shutdown,
 )
-from ldmkit.divergence import is_abnormal, on_nonfinite
+from ldmkit.divergence import (
+    announce,
+    is_abnormal,
+    locate_nonfinite,
+    on_nonfinite,
+    origin_finding,
+)
 from ldmkit.files import write_text_atomic
 from ldmkit.latents import LazyData, prepare_latents
 from ldmkit.logging import MetricLogger
@@ -302,7 +308,7 @@ def _diffusion(opened: OpenedRun, ae: Autoencoder, latents: LatentPosteriors, sc
     schedule, first_step = schedule_of(cfg), state.step
     explode = Context.of(cfg, scale).thr("grad_norm_high")
     end = min(tc.steps, stop_at) if stop_at else tc.steps
-    grid, vitals, stopped_by, halted = None, {}, None, False
+    grid, vitals, stopped_by, halted, previous_applied = None, {}, None, False, True
     bar = tqdm(total=tc.steps, initial=state.step, desc="diffusion", dynamic_ncols=True,
                mininterval=1.0, disable=not d.is_main)
     model.train()
@@ -319,12 +325,17 @@ def _diffusion(opened: OpenedRun, ae: Autoencoder, latents: LatentPosteriors, sc
         applied, step_vitals = train_step(net, params, state.opt, schedule, z, t, eps,
                                           tc.grad_clip, fault, measure)
         step_vitals = global_vitals(step_vitals, z, d)
+        first_bad, previous_applied = not applied and previous_applied, applied
         abnormal = is_abnormal(applied, step_vitals[vm.GRAD_NORM], explode)
         state.sick_since = (state.sick_since or state.step + 1) if abnormal else None
         if applied:
             state.ema.update(model)
         else:
             state.nonfinite += 1
+            if first_bad and d.is_main:  # the first of a run of non-finite steps: where from?
+                origin = locate_nonfinite(model, forward_model(model, rt), z, t, index, rt.bf16)
+                announce(rt, origin_finding(origin, state.step + 1,
+                                            float(step_vitals[vm.LOSS]), lr), state.step)
             if cfg.vitals.on_nonfinite != "skip":
                 event = on_nonfinite(cfg, run_dir, state, step_vitals, lr, rt)
                 if event.severity == "critical":

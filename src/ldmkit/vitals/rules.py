@@ -201,6 +201,28 @@ EVENTS: dict[str, Event] = {e.code: e for e in (
           "saved once the divergence had begun (step {began}), moved to checkpoints/diverged",
           "check the data and latent/z_std, then continue from step {to} with "
           "`ldmkit train --resume {run} --set train.lr={lr:.3g}`"),
+    # where a non-finite step began (the trainer re-runs that step to find out)
+    Event("nonfinite_batch", "critical", vm.LOSS,
+          "loss: 'NaN or inf: training has collapsed' / 'could be caused by poor data quality'",
+          "the step at {step} was not finite because its batch was: {name} hold non-finite "
+          "latents ({precision})",
+          "check those images and the latent cache (`ldmkit encode RUN` rebuilds a damaged "
+          "cache); a learning rate cannot fix bad data"),
+    Event("nonfinite_forward", "critical", vm.LOSS, "loss: 'NaN or inf: training has collapsed'",
+          "the step at {step} first went non-finite in the forward pass, in module '{name}' "
+          "(finite inputs, non-finite output; {precision})",
+          "lower train.lr to {lr:.3g} or lengthen warmup_steps; with bf16 autocast, try "
+          "train.precision fp32 to see whether that module overflows in bf16"),
+    Event("nonfinite_backward", "critical", vm.LOSS, "loss: 'NaN or inf: training has collapsed'",
+          "the step at {step} had a finite loss but a non-finite gradient, first at parameter "
+          "{name} ({precision})",
+          "lower train.lr to {lr:.3g}, keep grad_clip; with bf16 autocast try "
+          "train.precision fp32"),
+    Event("nonfinite_unknown", "warning", vm.LOSS, "loss: 'NaN or inf: training has collapsed'",
+          "the step at {step} was not finite, but its batch, forward pass and gradients are "
+          "finite when run again ({precision}): the fault is outside the model or not "
+          "repeatable",
+          "check the loss and any custom code around the model; lower train.lr to {lr:.3g}"),
     Event("vae_scale_mismatch", "warning", vm.SCALE_FACTOR,
           "latent/z_std 'Must be ~1.0 ... Fix: re-calculate latent_scale_factor'",
           "the VAE's own scaling_factor {value:.5g} is {off:.0%} off the scale calibrated on this "
