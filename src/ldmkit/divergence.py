@@ -67,8 +67,9 @@ def locate_nonfinite(model: nn.Module, forward: Callable, z: torch.Tensor, t: to
         return check
 
     handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
-    try:
-        with torch.no_grad():
+    devices = [z.device] if z.device.type == "cuda" else []
+    try:  # the re-run must not move the RNG that dropout and the next steps draw from
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
             forward(z, t)
     finally:
         for handle in handles:
