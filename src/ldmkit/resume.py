@@ -197,17 +197,12 @@ def record_changes(opened: OpenedRun) -> None:
 
 
 def check_checkpoint(cfg: Config, run_dir: Path, ckpt: Path) -> None:
-    """Before a resume writes anything: the checkpoint is readable and fits this config's model."""
-    weights, _, meta = load_checkpoint(ckpt)
-    ae = load_autoencoder(run_dir / AE_DIR)
-    model = build_unet(cfg, ae.latent_channels, cfg.data.image_size // ae.downsample_factor)
-    try:
-        model.load_state_dict(split_prefix(weights, "model."))
-        int(meta["step"]), meta["data_order"]["epoch"], meta["optimizer"]["param_groups"]
-    except (RuntimeError, KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint '{ckpt}' does not match this config's model "
-                              f"({str(exc).splitlines()[0][:200]}); resume with the run's own "
-                              "config") from None
+    """Before a resume writes anything: the checkpoint is readable (``load_checkpoint`` checks
+    its meta.json) and its weights fit this config's model."""
+    weights, _, _ = load_checkpoint(ckpt)
+    unet_from(cfg, load_autoencoder(run_dir / AE_DIR), weights, "model.",
+              f"checkpoint '{ckpt}' does not match this config's model", "resume with the "
+              "run's own config")
 
 
 def _get(cfg: Config, dotted: str) -> object:
@@ -246,11 +241,17 @@ def load_for_sampling(run_dir: Path, ckpt: Path | None = None
     weights, _, meta = load_checkpoint(ckpt)
     cfg = from_dict(meta["config"])
     ae = load_autoencoder(run_dir / AE_DIR)
-    size = cfg.data.image_size // ae.downsample_factor
-    model = build_unet(cfg, ae.latent_channels, size)
-    try:
-        model.load_state_dict(split_prefix(weights, "ema."))
-    except RuntimeError as exc:
-        raise CheckpointError(f"checkpoint '{ckpt}' does not match its config: "
-                              f"{str(exc).splitlines()[0]}") from None
+    model = unet_from(cfg, ae, weights, "ema.", f"checkpoint '{ckpt}' does not match its config",
+                      "the checkpoint is damaged: sample an older one")
     return meta["config"], meta["step"], model.eval(), ae, float(meta["latent_scale_factor"])
+
+
+def unet_from(cfg: Config, ae: Autoencoder, weights: dict[str, torch.Tensor], prefix: str,
+              mismatch: str, fix: str) -> nn.Module:
+    """The config's UNet holding the ``prefix`` weights, or a one-line CheckpointError."""
+    model = build_unet(cfg, ae.latent_channels, cfg.data.image_size // ae.downsample_factor)
+    try:
+        model.load_state_dict(split_prefix(weights, prefix))
+    except RuntimeError as exc:
+        raise CheckpointError(f"{mismatch} ({str(exc).splitlines()[0][:200]}); {fix}") from None
+    return model
