@@ -116,12 +116,16 @@ def _is_int(value: Any, lo: int = 0) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= lo
 
 
+def _is_positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value) and value > 0
+
+
 # meta.json field -> check; the fields every reader of a checkpoint relies on
 _META_CHECKS: dict[str, Callable[[Any], bool]] = {
     "step": _is_int,
     "config": lambda v: isinstance(v, dict),
-    "latent_scale_factor": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-    and math.isfinite(v) and v > 0,
+    "latent_scale_factor": _is_positive,
     "optimizer": lambda v: isinstance(v, dict) and isinstance(v.get("param_groups"), list)
     and isinstance(v.get("scalars"), dict),
     "data_order": lambda v: isinstance(v, dict) and _is_int(v.get("epoch"))
@@ -133,8 +137,7 @@ _META_CHECKS: dict[str, Callable[[Any], bool]] = {
 _OPTIONAL_CHECKS: dict[str, Callable[[Any], bool]] = {
     "acc_count": _is_int,
     "rollbacks": _is_int,
-    "lr_scale": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-    and math.isfinite(v) and v > 0,
+    "lr_scale": _is_positive,
     "sick_since": lambda v: v is None or _is_int(v, 1),
 }
 
