@@ -25,7 +25,8 @@ from ldmkit.diffusion.losses import eps_mse_loss  # noqa: E402
 from ldmkit.diffusion.schedule import CosineSchedule, sample_t  # noqa: E402
 from ldmkit.logging import MetricLogger  # noqa: E402
 from ldmkit.resume import build_unet  # noqa: E402
-from ldmkit.train import attach_monitor, train_step  # noqa: E402
+from ldmkit.runtime import attach_monitor  # noqa: E402
+from ldmkit.train import train_step  # noqa: E402
 from ldmkit.vitals import metrics as vm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

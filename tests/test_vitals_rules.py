@@ -40,7 +40,25 @@ def healthy_series(seed: int = 0, steps: int = 2000, every: int = 50) -> dict:
         s.setdefault(vm.FINAL_PREFIX + "std", []).append((step, spread * target))
         s.setdefault(vm.FINAL_PREFIX + "max", []).append((step, 5.5 * spread * target))
         s.setdefault(vm.FINAL_PREFIX + "min", []).append((step, -5.0 * spread * target))
+        s.setdefault(vm.COPY_SHARE, []).append((step, 0.0))
+        s.setdefault(vm.NEAREST_PREFIX + "median", []).append((step, 1.3))
+    for step in range(0, steps + 1, 250):
+        for tag, value in validation_record(step / steps, rng).items():
+            s.setdefault(tag, []).append((step, value))
     return s
+
+
+def validation_record(progress: float, rng: random.Random, gap: float = 0.0,
+                      stuck: range = range(0)) -> dict[str, float]:
+    """A validation of a healthy run (the digits demo's measured shape: eps-MSE stays high at
+    low noise), held-out loss ``gap`` above the training images', buckets in ``stuck`` at ~1."""
+    learned = 1 - math.exp(-8 * progress) if progress else 0.0
+    final = (0.76, 0.36, 0.2, 0.13, 0.1, 0.08, 0.07, 0.06, 0.05, 0.03)
+    buckets = [1.0 if k in stuck else 1 - learned * (1 - f) for k, f in enumerate(final)]
+    train = sum(buckets) / len(buckets) * (1 + rng.gauss(0, 0.003))
+    record = {vm.VAL_LOSS: train * (1 + gap + rng.gauss(0, 0.003)), vm.VAL_TRAIN_LOSS: train}
+    record |= {f"{vm.VAL_PREFIX}loss_t{k}": b * (1 + gap) for k, b in enumerate(buckets)}
+    return record
 
 
 def ctx(**thresholds) -> Context:
@@ -71,7 +89,7 @@ def test_too_little_to_judge():
 
 
 def test_every_code_has_one_rule_and_every_threshold_cites_the_guide():
-    assert len(CODES) == len(set(CODES)) == len(RULES) == 16
+    assert len(CODES) == len(set(CODES)) == len(RULES) == 20
     for rule in RULES:
         assert rule.guide and rule.message and rule.fix
         for level in (rule.warning, rule.critical):
@@ -222,3 +240,74 @@ def test_a_cleared_critical_is_still_reported_offline():
                          lambda s, v: float("inf") if s == 600 else v)
     finding = {f.code: f for f in replay(series, ctx())}["loss_nonfinite"]
     assert "cleared by step" in finding.message
+
+
+def with_validations(series: dict, records: list[dict[str, float]], every: int = 250) -> dict:
+    """``series`` whose last validations are replaced by ``records``."""
+    out = {k: list(v) for k, v in series.items()}
+    last = out[vm.VAL_LOSS][-1][0]
+    for i, record in enumerate(reversed(records)):
+        step = last - i * every
+        for tag, value in record.items():
+            out[tag] = [(s, value if s == step else v) for s, v in out[tag]]
+    return out
+
+
+def test_overfitting_by_the_gap_between_held_out_and_training_images():
+    rng = random.Random(1)
+    sick = with_validations(healthy_series(), [validation_record(p, rng, gap=0.5)
+                                               for p in (0.875, 1.0)])
+    (finding,) = [f for f in replay(sick, ctx()) if f.code == "overfitting"]
+    assert finding.severity == "warning" and "above the same noise on training" in finding.message
+    assert scenario([finding], sick, ctx()) == "memorization"
+    one = with_validations(healthy_series(), [validation_record(1.0, rng, gap=0.5)])
+    assert "overfitting" not in codes(one)  # one validation is not a trend
+
+
+def test_overfitting_by_a_rising_held_out_loss_names_the_noise_levels():
+    rng = random.Random(2)
+    base = validation_record(1.0, rng)
+    rising = []
+    for i, worse in enumerate((0.0, 0.1, 0.2)):
+        record = dict(base)
+        for k in range(3):  # the least noisy levels lose what they had learned
+            record[f"{vm.VAL_PREFIX}loss_t{k}"] *= 1 + worse
+        record[vm.VAL_LOSS] = base[vm.VAL_LOSS] * (1 + worse / 3)
+        record[vm.VAL_TRAIN_LOSS] = base[vm.VAL_LOSS] * (1 - 0.05 * i)
+        rising.append(record)
+    (finding,) = [f for f in replay(with_validations(healthy_series(), rising), ctx())
+                  if f.code == "overfitting"]
+    assert "while the training loss fell" in finding.message
+    assert "t in [0.0, 0.3) (low noise: the detail)" in finding.message
+    both = [dict(r, **{vm.VAL_TRAIN_LOSS: r[vm.VAL_LOSS]}) for r in rising]  # both get worse
+    assert "overfitting" not in codes(with_validations(healthy_series(), both))
+
+
+def test_validation_stuck_names_the_noise_levels_not_learned():
+    rng = random.Random(3)
+    stuck = with_validations(healthy_series(), [validation_record(p, rng, stuck=range(5, 10))
+                                                for p in (0.875, 1.0)])
+    for k in range(2):
+        stuck[vm.VAL_LOSS][-1 - k] = (stuck[vm.VAL_LOSS][-1 - k][0], 0.95)
+    (finding,) = [f for f in replay(stuck, ctx()) if f.code == "validation_stuck"]
+    assert "t in [0.5, 1.0) (high noise: the structure)" in finding.message
+    assert finding.severity == "warning"
+    early = {k: [(s, v) for s, v in recs if s < 200] for k, recs in stuck.items()}
+    assert "validation_stuck" not in codes(early)  # min_steps
+
+
+def test_memorization_by_the_share_of_samples_copying_a_training_latent():
+    sick = with_values(healthy_series(), vm.COPY_SHARE, lambda s, v: 0.75 if s == 2000 else v)
+    (finding,) = [f for f in replay(sick, ctx()) if f.code == "memorization"]
+    assert "75% of the samples are copies" in finding.message
+    assert scenario([finding], sick, ctx()) == "memorization"
+
+
+def test_memorization_rising_over_three_evaluations():
+    rising = healthy_series()
+    rising[vm.EVAL_MEMORIZATION] = [(1000, 0.01), (1500, 0.03), (2000, 0.09)]
+    (finding,) = [f for f in replay(rising, ctx()) if f.code == "memorization_rising"]
+    assert "rose to 9% (from 1%)" in finding.message
+    flat = healthy_series()
+    flat[vm.EVAL_MEMORIZATION] = [(1000, 0.02), (1500, 0.03), (2000, 0.04)]  # + 0.02 < 0.05
+    assert "memorization_rising" not in codes(flat)

@@ -44,6 +44,9 @@ class DataConfig:
     channels: Literal[1, 3] = 1
     limit: int | None = _num(None, lo=1)
     latent_cache: str = "auto"  # auto (RUN/latents), off, or a directory shared between runs
+    # held out of stage 2 for the validation loss (an IDX test file is used instead when present)
+    val_fraction: float = _num(0.02, lo=0.0, hi=0.5)
+    val_max: int = _num(512, lo=1)
 
 
 @dataclass
@@ -108,6 +111,8 @@ class TrainConfig:
     sample_every: int = _num(1000, lo=1)
     checkpoint_every: int = _num(1000, lo=1)
     checkpoint_keep: int = _num(3, lo=1)
+    val_every: int = _num(250, lo=0)  # deterministic validation loss (0: off); ldmkit.validation
+    eval_every: int = _num(0, lo=0)  # eval/* on 256 samples during training (0: off; labels)
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast of the UNet forward
     compile: bool = False  # torch.compile the UNet (GPU; slow to start on CPU)
     channels_last: bool = False  # NHWC memory format (faster convolutions on recent GPUs)
@@ -359,8 +364,16 @@ def from_dict(data: dict) -> Config:
     return _validate(_build(Config, data))
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML experiment file (or only defaults if ``path`` is None), then apply overrides."""
+# keys added after runs were saved without them: the value such a run had (not the new default)
+SAVED_DEFAULTS = {("data", "val_fraction"): 0.0}
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None,
+                saved: bool = False) -> Config:
+    """Read a YAML experiment file (or only defaults if ``path`` is None), then apply overrides.
+
+    ``saved``: the file is a run's own ``config.yaml``; keys it lacks take ``SAVED_DEFAULTS``.
+    """
     data: dict = {}
     if path is not None:
         path = Path(path)
@@ -382,6 +395,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not isinstance(data, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping of sections")
         check_size(data, f"config file '{path}'")
+    if saved:
+        for (section, key), value in SAVED_DEFAULTS.items():
+            if isinstance(data.get(section, {}), dict):
+                data.setdefault(section, {}).setdefault(key, value)
     return from_dict(apply_overrides(data, overrides or []))
 
 

@@ -89,7 +89,7 @@ def _read_idx(path: Path) -> np.ndarray:
     return body.reshape(dims)
 
 
-def _find_idx(directory: Path, split: str, kind: str) -> Path | None:
+def find_idx(directory: Path, split: str, kind: str) -> Path | None:
     prefix = "train" if split == "train" else "t10k"
     for pattern in (f"{prefix}-{kind}-idx*-ubyte.gz", f"{prefix}-{kind}-idx*-ubyte",
                     f"*{split}*-{kind}-idx*-ubyte*"):
@@ -103,7 +103,7 @@ def load_idx_data(cfg: DataConfig) -> ImageData:
     """MNIST-format files: a directory holding ``*-images-idx3-ubyte[.gz]`` or that file itself."""
     path = Path(cfg.path or "")
     if path.is_dir():
-        images_path = _find_idx(path, cfg.split, "images")
+        images_path = find_idx(path, cfg.split, "images")
         if images_path is None:
             raise DataError(
                 f"no '*-images-idx3-ubyte[.gz]' file for split '{cfg.split}' in '{path}'; "

@@ -30,7 +30,7 @@ from ldmkit.vitals import metrics as vm
 from ldmkit.vitals.diagnose import Finding, event_finding, retry_lr
 
 if TYPE_CHECKING:
-    from ldmkit.train import Runtime
+    from ldmkit.runtime import Runtime
 
 QUARANTINE_DIR = "diverged"
 

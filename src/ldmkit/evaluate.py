@@ -8,15 +8,19 @@ computes the metrics of ``ldmkit.quality``. The values are appended to the run's
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ldmkit.classifier import Classifier, load_or_train
-from ldmkit.config import from_dict
+from ldmkit.config import Config, DataConfig, from_dict
 from ldmkit.data import load_data, to_signed
+from ldmkit.distributed import SINGLE, Dist, broadcast_float
+from ldmkit.errors import DataError
 from ldmkit.logging import MetricLogger
+from ldmkit.models.autoencoder import Autoencoder
 from ldmkit.preemption import StopRequest
 from ldmkit.quality import (
     class_coverage,
@@ -58,6 +62,42 @@ def quality_metrics(ref: Reference, fake_images: torch.Tensor) -> dict[str, floa
             "eval/memorization": memorization_rate(fake, ref.train,
                                                     threshold=ref.copy_distance),
             "eval/classifier_accuracy": ref.clf.held_out_accuracy}
+
+
+EVAL_NUM, EVAL_SAMPLER, EVAL_STEPS = 256, "dpmpp_2m", 20  # the in-loop budget
+
+
+@dataclass
+class InLoopEval:
+    """``train.eval_every``: the ``eval/*`` metrics on a small budget during training (EVAL_NUM
+    samples, DPM-Solver++(2M) with EVAL_STEPS steps), against references embedded once. The
+    memorization reference is the images stage 2 trains on (the validation split excluded)."""
+
+    ref: Reference | None  # rank 0's; the other ranks only help sampling
+
+    @classmethod
+    def of(cls, data: DataConfig, train_index: torch.Tensor, d: Dist = SINGLE
+           ) -> InLoopEval | None:
+        """None (rank 0 says why) when the dataset has no labels for the classifier."""
+        ref = None
+        if d.is_main:
+            try:
+                clf, _, held_out = load_or_train(data)
+                trained_on = load_data(data).images[train_index]
+                ref = Reference.of(clf, held_out.images[:EVAL_NUM * 4], trained_on)
+            except DataError as exc:
+                print(f"eval during training: off ({exc})")
+        if not broadcast_float(1.0 if ref is not None else 0.0, d):
+            return None
+        return cls(ref)
+
+    def measure(self, model: torch.nn.Module, ae: Autoencoder, scale: float, cfg: Config,
+                d: Dist = SINGLE, interrupt: Callable[[], bool] | None = None
+                ) -> dict[str, float]:
+        """Every rank samples its shard; rank 0 gets the images and the metrics."""
+        samples = generate(model, ae, scale, cfg, EVAL_NUM, EVAL_SAMPLER, EVAL_STEPS,
+                           cfg.sample.seed + 1, d=d, interrupt=interrupt)
+        return quality_metrics(self.ref, samples.images) if self.ref is not None else {}
 
 
 def eval_run(run_dir: str | Path, num: int = 1000, sampler: str | None = None,

@@ -43,6 +43,8 @@ from ldmkit.stage1 import (
 CACHE_DIR = "latents"
 CACHE_KIND = "latent_cache"
 ENCODE_BATCH = 256
+# data settings that do not change what is encoded (the cache holds every image)
+NOT_ENCODED = ("latent_cache", "val_fraction", "val_max")
 
 
 def autoencoder_hash(ae_dir: Path) -> str:
@@ -64,7 +66,7 @@ def cache_dir(cfg: Config, run_dir: Path) -> Path | None:
 
 
 def cache_meta(cfg: Config, ae_dir: Path) -> dict:
-    data = {k: v for k, v in asdict(cfg.data).items() if k != "latent_cache"}
+    data = {k: v for k, v in asdict(cfg.data).items() if k not in NOT_ENCODED}
     return {"autoencoder_sha256": autoencoder_hash(ae_dir), "data": data}
 
 

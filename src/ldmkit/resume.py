@@ -165,7 +165,7 @@ def open_run(cfg: Config, run_dir: Path | None, resume: bool) -> OpenedRun:
         check_new_run_dir(chosen)
         return OpenedRun(chosen, cfg, False)
     check_no_links(chosen)
-    saved = load_config(chosen / CONFIG_FILE)
+    saved = load_config(chosen / CONFIG_FILE, saved=True)
     if cfg.diffusion.latent_scale_factor is None:  # calibrated when the run started
         cfg = dataclasses.replace(cfg, diffusion=dataclasses.replace(
             cfg.diffusion, latent_scale_factor=saved.diffusion.latent_scale_factor))
@@ -217,7 +217,7 @@ def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> 
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"'{run_dir}' is not an ldmkit run directory (no {CONFIG_FILE})")
-    return load_config(path, overrides)
+    return load_config(path, overrides, saved=True)
 
 
 def last_checkpoint_or_none(run_dir: Path) -> Path | None:

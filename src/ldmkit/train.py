@@ -23,7 +23,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from ldmkit.config import Config, TrainConfig, to_yaml
+from ldmkit import validation
+from ldmkit.config import Config, to_yaml
 from ldmkit.data import BatchOrder
 from ldmkit.diffusion.losses import EpsModel, eps_mse_loss
 from ldmkit.diffusion.schedule import CosineSchedule, sample_t
@@ -44,6 +45,7 @@ from ldmkit.divergence import (
     on_nonfinite,
     origin_finding,
 )
+from ldmkit.evaluate import InLoopEval
 from ldmkit.files import write_text_atomic
 from ldmkit.latents import LazyData, prepare_latents
 from ldmkit.logging import MetricLogger
@@ -59,12 +61,19 @@ from ldmkit.resume import (
     save_state,
 )
 from ldmkit.rundir import CONFIG_FILE
+from ldmkit.runtime import (
+    Runtime,
+    announce_stop,
+    attach_monitor,
+    check_vae_scale,
+    forward_model,
+    should_stop,
+)
 from ldmkit.sample import generate, save_samples, schedule_of
 from ldmkit.stage1 import LatentPosteriors
 from ldmkit.start import resolve_device, start_run
 from ldmkit.vitals import metrics as vm
-from ldmkit.vitals.diagnose import Context, Finding, coverage, event_finding, scenario
-from ldmkit.vitals.monitor import LiveMonitor
+from ldmkit.vitals.diagnose import Context, Finding, coverage, scenario
 
 __all__ = ["Fault", "TrainResult", "train", "train_step"]
 
@@ -97,31 +106,6 @@ class TrainResult:
     @property
     def verdict(self) -> str:
         return self.covers or self.scenario
-
-
-@dataclass
-class Runtime:
-    """Where and how this process trains: its rank, device, logs, live monitor, stop flag."""
-
-    d: Dist
-    device: torch.device
-    logger: MetricLogger
-    stop: StopRequest
-    monitor: LiveMonitor | None = None
-    bf16: bool = False
-    channels_last: bool = False
-
-
-def forward_model(model: nn.Module, rt: Runtime) -> EpsModel:
-    """The backbone as the loss calls it: bf16 autocast and NHWC inputs when configured."""
-
-    def forward(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if rt.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(rt.device.type, torch.bfloat16, enabled=rt.bf16):
-            return model(x, t)
-
-    return forward
 
 
 def train_step(model: nn.Module | EpsModel, params: list[nn.Parameter],
@@ -174,50 +158,20 @@ def global_vitals(vitals: dict[str, torch.Tensor], z: torch.Tensor,
             vm.Z_STD: var.clamp(min=0).sqrt().float()}
 
 
-def attach_monitor(cfg: Config, run_dir: Path, logger: MetricLogger, scale: float,
-                   step: int) -> LiveMonitor | None:
-    """Live diagnosis on every value the logger writes from here on (guide rules, vitals/)."""
-    if not cfg.vitals.enabled:
-        return None
-    ctx = Context.of(cfg, scale)
-    monitor = LiveMonitor(run_dir, ctx, cfg.vitals.on_critical, echo=tqdm.write)
-    if step > 0:
-        monitor.prime(logger.series_until(step))
-    monitor.text_sink = logger.log_text
-    logger.observers.append(monitor)
-    return monitor
-
-
 def sample_and_log(cfg: Config, step: int, ema: EMA, ae: Autoencoder, scale: float, rt: Runtime,
-                   out: Path, num: int, singles: bool) -> tuple[Path | None, dict]:
-    """Sample with the EMA weights, log the sample vitals, save the grid. A stop request
-    (SIGTERM/SIGINT) ends the sampling at its next step with ``Preempted``."""
+                   out: Path, num: int, singles: bool,
+                   reference: vm.CopyReference | None) -> tuple[Path | None, dict]:
+    """Sample with the EMA weights, log the sample vitals (with how near the samples are to
+    the ``reference`` training latents), save the grid. A stop request (SIGTERM/SIGINT) ends
+    the sampling at its next step with ``Preempted``."""
     s = cfg.sample
     samples = generate(ema.model, ae, scale, cfg, num, s.sampler, s.steps, s.seed, s.eta, d=rt.d,
                        interrupt=lambda: any_rank(rt.stop.requested, rt.d, rt.device))
+    if reference is not None and rt.d.is_main:
+        samples.vitals.update(vm.copy_vitals(samples.images, reference))
     rt.logger.log(step, samples.vitals)
     grid = save_samples(samples, out, singles) if rt.d.is_main else None
     return grid, samples.vitals
-
-
-def check_vae_scale(ae: nn.Module, scale: float, monitor: LiveMonitor) -> None:
-    """A pretrained VAE's own ``scaling_factor`` (diffusers) against the calibrated scale."""
-    own = getattr(ae, "scaling_factor", None)
-    if own is None or abs(own / scale - 1) <= monitor.ctx.thr("vae_scale_rel_tol"):
-        return
-    monitor.record(event_finding("vae_scale_mismatch", 0, own, scale=scale,
-                                 off=abs(own / scale - 1), z=own / scale), 0)
-
-
-def should_stop(rt: Runtime, step: int, tc: TrainConfig, end: int) -> bool:
-    """A stop request or a stopping finding, agreed by all ranks. Under DDP this costs a
-    collective, so it is asked at log and checkpoint steps only."""
-    local = rt.stop.requested or bool(rt.monitor and rt.monitor.stop_finding)
-    if not rt.d.active:
-        return local
-    if step % tc.log_every and step % tc.checkpoint_every and step != end:
-        return False
-    return any_rank(local, rt.d, rt.device)
 
 
 def train(cfg: Config, run_dir: Path | None = None, resume: bool = False,
@@ -257,7 +211,7 @@ def _train(cfg: Config, run_dir: Path | None, resume: bool, stop_at: int | None,
 
 
 def _start_state(opened: OpenedRun, cfg: Config, ae: Autoencoder, latents: LatentPosteriors,
-                 calibrated: bool, rt: Runtime) -> LoopState:
+                 n_train: int, calibrated: bool, rt: Runtime) -> LoopState:
     """A fresh loop state, or the checkpoint's; logs rewound to it and the monitor attached."""
     tc, run_dir, scale = cfg.train, opened.run_dir, cfg.diffusion.latent_scale_factor
     model = build_unet(cfg, ae.latent_channels, latents.mean.shape[-1]).to(rt.device)
@@ -265,7 +219,7 @@ def _start_state(opened: OpenedRun, cfg: Config, ae: Autoencoder, latents: Laten
         model = model.to(memory_format=torch.channels_last)
     state = LoopState(model, EMA(model, tc.ema_decay), build_optimizer(model, tc),
                       torch.Generator().manual_seed(cfg.seed + 4),
-                      BatchOrder(len(latents.mean), tc.batch_size, cfg.seed + 5),
+                      BatchOrder(n_train, tc.batch_size, cfg.seed + 5),
                       vm.StepAccumulator())
     if opened.ckpt is not None:
         restore_state(opened.ckpt, state)
@@ -287,6 +241,15 @@ def _start_state(opened: OpenedRun, cfg: Config, ae: Autoencoder, latents: Laten
     return state
 
 
+def _validate(state: LoopState, vset: validation.ValidationSet | None, rt: Runtime,
+              schedule: CosineSchedule, scale: float) -> None:
+    """Log the deterministic validation loss of the current raw and EMA weights (rank 0)."""
+    if vset is not None:
+        rt.logger.log(state.step, validation.measure(
+            state.model, state.ema.model, lambda net: forward_model(net, rt), schedule, vset,
+            scale))
+
+
 def _diffusion(opened: OpenedRun, ae: Autoencoder, latents: LatentPosteriors, scale: float,
                rt: Runtime, stop_at: int | None, fault: Fault | None,
                started: float) -> TrainResult:
@@ -296,7 +259,12 @@ def _diffusion(opened: OpenedRun, ae: Autoencoder, latents: LatentPosteriors, sc
     cfg = dataclasses.replace(opened.cfg, diffusion=dataclasses.replace(
         opened.cfg.diffusion, latent_scale_factor=scale))
     tc = cfg.train
-    state = _start_state(opened, cfg, ae, latents, calibrated, rt)
+    parts = validation.split(len(latents.mean), cfg)
+    state = _start_state(opened, cfg, ae, latents, len(parts.train), calibrated, rt)
+    vset = validation.prepare(cfg, run_dir, parts, latents, ae) if d.is_main else None
+    reference = vm.CopyReference.of(ae.decode, latents.mean, parts.train, cfg.seed) \
+        if d.is_main else None
+    evaluator = InLoopEval.of(cfg.data, parts.train, d) if tc.eval_every else None
     model = state.model
     wrapped = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None) \
         if d.active else model
@@ -312,10 +280,12 @@ def _diffusion(opened: OpenedRun, ae: Autoencoder, latents: LatentPosteriors, sc
     bar = tqdm(total=tc.steps, initial=state.step, desc="diffusion", dynamic_ncols=True,
                mininterval=1.0, disable=not d.is_main)
     model.train()
+    if state.step == 0:  # the untrained model's: where each noise level starts from
+        _validate(state, vset, rt, schedule, scale)
     while state.step < end:
         lr = lr_at(state.step, tc) * state.lr_scale
         set_lr(state.opt, lr)
-        index = state.order.next()  # the global batch; every rank draws the same
+        index = parts.train[state.order.next()]  # the global batch; every rank draws the same
         z = scale * latents.sample(index, state.gen)
         t = sample_t(len(index), cfg.diffusion.t_sampling, state.gen,
                      cfg.diffusion.logit_normal_loc, cfg.diffusion.logit_normal_scale)
@@ -355,17 +325,24 @@ def _diffusion(opened: OpenedRun, ae: Autoencoder, latents: LatentPosteriors, sc
                 vitals[vm.LR_SCALE] = state.lr_scale
             rt.logger.log(step, vitals)
             bar.set_postfix(loss=f"{vitals[vm.LOSS]:.4f}", cos=f"{vitals[vm.COS_EPS]:.2f}")
+        if tc.val_every and (step % tc.val_every == 0 or step == tc.steps):
+            _validate(state, vset, rt, schedule, scale)
         if step % tc.sample_every == 0 and step < tc.steps:
             with contextlib.suppress(Preempted):  # a stop request: the checkpoint comes next
                 sample_and_log(cfg, step, state.ema, ae, scale, rt,
                                run_dir / "samples" / f"step_{step:07d}",
-                               cfg.sample.during_training_num, False)
+                               cfg.sample.during_training_num, False, reference)
+        if evaluator is not None and (step % tc.eval_every == 0 or step == tc.steps):
+            with contextlib.suppress(Preempted):  # a stop request: the checkpoint comes next
+                rt.logger.log(step, evaluator.measure(state.ema.model, ae, scale, cfg, d,
+                                                      lambda: any_rank(rt.stop.requested, d,
+                                                                       rt.device)))
         halt = should_stop(rt, step, tc, end)
         stopped_by = rt.monitor.stop_finding if rt.monitor else None
         if (step % tc.checkpoint_every == 0 or step == end or halt) and d.is_main:
             save_state(run_dir, cfg, state)
         if halt:
-            _announce_stop(run_dir, step, stopped_by, rt.stop, d)
+            announce_stop(run_dir, step, stopped_by, rt.stop, d)
             halted = True
             break
     bar.close()
@@ -375,10 +352,10 @@ def _diffusion(opened: OpenedRun, ae: Autoencoder, latents: LatentPosteriors, sc
         try:
             grid, sample_vitals = sample_and_log(cfg, state.step, state.ema, ae, scale, rt,
                                                  run_dir / "samples" / "final", cfg.sample.num,
-                                                 True)
+                                                 True, reference)
             vitals = {**vitals, **sample_vitals}
         except Preempted:
-            _announce_stop(run_dir, state.step, None, rt.stop, d, "during the final sampling")
+            announce_stop(run_dir, state.step, None, rt.stop, d, "during the final sampling")
     barrier(d)
     monitor = rt.monitor
     findings = monitor.active() if monitor else []
@@ -389,21 +366,3 @@ def _diffusion(opened: OpenedRun, ae: Autoencoder, latents: LatentPosteriors, sc
                        findings, verdict, stopped_by,
                        rt.stop.signal_name if not stopped_by else None, d.rank,
                        coverage(verdict, monitor.series) if monitor else None)
-
-
-def _announce_stop(run_dir: Path, step: int, finding: Finding | None, stop: StopRequest,
-                   d: Dist, when: str = "") -> None:
-    if not d.is_main:
-        return
-    if finding is not None:
-        tqdm.write(f"[vitals] stopping at step {step} (vitals.on_critical=stop): {finding.code}. "
-                   f"Checkpoint saved; resume with `ldmkit train --resume {run_dir}` after the "
-                   f"fix: {finding.fix}")
-    elif when:
-        tqdm.write(f"[ldmkit] {stop.signal_name or 'stop'} {when}: training is complete and "
-                   f"saved at step {step}; `ldmkit sample {run_dir}` samples it, and `ldmkit train "
-                   f"--resume {run_dir}` redoes the final samples")
-    else:
-        tqdm.write(f"[ldmkit] {stop.signal_name or 'stop'}: stopped after step {step} with a "
-                   f"checkpoint; resume with `ldmkit train --resume {run_dir}` (or rerun the "
-                   "same command)")

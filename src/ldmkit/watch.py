@@ -21,6 +21,7 @@ from ldmkit.config import load_config
 from ldmkit.errors import LdmkitError
 from ldmkit.logging import METRICS_FILE
 from ldmkit.report.html import shown_tags
+from ldmkit.report.svg import heat_color
 from ldmkit.vitals import metrics as vm
 from ldmkit.vitals.bands import bands
 from ldmkit.vitals.diagnose import Context, Series, coverage, evaluate, scenario
@@ -83,10 +84,29 @@ def context_of(run_dir: Path) -> Context:
     config = None
     if (run_dir / "config.yaml").is_file():
         try:
-            config = load_config(run_dir / "config.yaml")
+            config = load_config(run_dir / "config.yaml", saved=True)
         except LdmkitError:
             config = None
     return Context.of(config, config.diffusion.latent_scale_factor if config else None)
+
+
+def noise_level_rows(series: Series, width: int = 40) -> list[Text]:
+    """The validation loss per noise level as coloured cells, noisiest level on top, one
+    column per validation (the last ``width``): blue learned, white as untrained, red worse."""
+    rows = [series.get(f"{vm.VAL_PREFIX}loss_t{k}", []) for k in range(vm.VAL_BUCKETS)]
+    if not any(rows):
+        return []
+    out = [Text("validation loss per noise level (each row over its first value; blue: "
+                "learned, white: as untrained, red: worse)", style="bold")]
+    for k in reversed(range(vm.VAL_BUCKETS)):
+        finite = [v for _, v in rows[k] if math.isfinite(v) and v > 0]
+        line = Text(f"t {k / vm.VAL_BUCKETS:.1f}-{(k + 1) / vm.VAL_BUCKETS:.1f} ")
+        for _, v in rows[k][-width:]:
+            line.append("█", style=heat_color(v / finite[0]) if finite else "black")
+        if rows[k]:
+            line.append(f" {rows[k][-1][1]:.3g}")
+        out.append(line)
+    return out
 
 
 def render(run_dir: Path, series: Series, ctx: Context) -> Group:
@@ -111,7 +131,7 @@ def render(run_dir: Path, series: Series, ctx: Context) -> Group:
         lines = [Text(f"waiting for {run_dir / METRICS_FILE} ...", style="dim")]
     elif not findings:
         lines = [Text("no open findings", style="green")]
-    return Group(table, *lines)
+    return Group(table, *noise_level_rows(series), *lines)
 
 
 def watch(run_dir: str | Path, interval: float = 2.0, once: bool = False,

@@ -23,12 +23,14 @@ from ldmkit.vitals.monitor import FINDINGS_FILE
 from ldmkit.vitals.offline import diagnose_loaded
 from ldmkit.vitals.readers import read_log
 
-from .svg import Marker, line_plot
+from .svg import Marker, heat_map, line_plot
 
 REPORT_FILE = "report.html"
-PLOTTED = (*vm.TRAIN_TAGS, vm.UPDATE_RATIO, *(vm.PAIRWISE_PREFIX + s for s in ("mean", "std", "min", "max")),
+PLOTTED = (*vm.TRAIN_TAGS, vm.UPDATE_RATIO, vm.VAL_LOSS, vm.VAL_TRAIN_LOSS,
+           vm.VAL_EMA_PREFIX + "loss", vm.VAL_PREFIX + "cos_eps_mean",
+           *(vm.PAIRWISE_PREFIX + s for s in ("mean", "std", "min", "max")),
            *(vm.FINAL_PREFIX + s for s in ("mean", "std", "min", "max")),
-           "vae/recon_mse", "vae/psnr")
+           vm.COPY_SHARE, vm.NEAREST_PREFIX + "median", "vae/recon_mse", "vae/psnr")
 
 
 def shown_tags(series: dict) -> list[str]:
@@ -96,6 +98,16 @@ def _findings_table(findings: list, title: str) -> str:
             f"<th>value</th><th>diagnosis</th><th>fix</th></tr>{rows}</table>")
 
 
+def noise_level_map(series: dict) -> str:
+    """The validation loss over step x noise level (``validation/loss_t{k}``), or ''."""
+    rows = [series.get(f"{vm.VAL_PREFIX}loss_t{k}", []) for k in range(vm.VAL_BUCKETS)]
+    if not any(rows):
+        return ""
+    labels = [f"t {k / vm.VAL_BUCKETS:.1f}-{(k + 1) / vm.VAL_BUCKETS:.1f}"
+              for k in range(vm.VAL_BUCKETS)]
+    return heat_map("validation loss per noise level", rows, labels)
+
+
 def render_html(run_dir: Path) -> str:
     log = read_log(run_dir, require_values=False)
     ctx = Context.of(log.config, log.latent_scale_factor)
@@ -124,6 +136,14 @@ def render_html(run_dir: Path) -> str:
         "lines: where a finding was raised (hover for the diagnosis).</p>",
         f'<div class="plots">{"".join(plots)}</div>',
     ]
+    heat = noise_level_map(log.series)
+    if heat:
+        sections.append("<h2>Validation loss per noise level</h2><p>Fixed held-out points "
+                        "(ldmkit.validation), raw weights; each row is coloured by its loss "
+                        "over its first validation. High t (top) is where an image's "
+                        "structure is decided, low t (bottom) its detail; the least noisy "
+                        "levels stay pale even in healthy runs (noise is hard to tell from "
+                        f"detail there).</p>{heat}")
     if evals:
         rows = "".join(f"<tr><td><code>{escape(t)}</code></td><td>{v:.4g}</td></tr>"
                        for t, v in sorted(evals.items()))

@@ -1,7 +1,8 @@
-"""Line plots as inline SVG: no plotting dependency, and the HTML report stays one file.
+"""Plots as inline SVG: no plotting dependency, and the HTML report stays one file.
 
-Each plot shows a series over training steps, the guide's good (green) and bad (red) ranges as
-shaded bands, and a marker at each step where a finding was raised.
+A line plot shows a series over training steps, the guide's good (green) and bad (red) ranges
+as shaded bands, and a marker at each step where a finding was raised. A heat map shows the
+validation loss over step x noise level.
 """
 
 from __future__ import annotations
@@ -95,5 +96,55 @@ def line_plot(title: str, points: list[tuple[int, float]], bands: list[Band],
         parts.append(f'<line class="finding" x1="{x(m.step):.1f}" x2="{x(m.step):.1f}" '
                      f'y1="{TOP}" y2="{TOP + h}" stroke="{color}" stroke-dasharray="4 3">'
                      f'<title>{escape(m.label)}</title></line>')
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def heat_color(ratio: float) -> str:
+    """Blue (loss gone) through white (as untrained) to red (worse than untrained)."""
+    if not math.isfinite(ratio):
+        return "#000000"
+    if ratio <= 1:
+        r = g = round(255 * min(max(ratio, 0.0), 1.0) ** 0.7)
+        return f"#{r:02x}{g:02x}ff"
+    fade = round(255 * (1 - min(ratio - 1, 0.5) * 2))
+    return f"#ff{fade:02x}{fade:02x}"
+
+
+def heat_map(title: str, rows: list[list[tuple[int, float]]], row_labels: list[str]) -> str:
+    """An ``<svg class="plot heatmap">``: one row per noise level (``rows[0]`` at the bottom),
+    one column per validation, each cell coloured by its loss over the row's first value, so a
+    noise level that lags stays pale while the learned ones turn blue."""
+    steps = sorted({s for row in rows for s, _ in row})
+    if not steps:
+        return ""
+    w, h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
+    cw, ch = w / len(steps), h / len(rows)
+    parts = [f'<svg class="plot heatmap" xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" '
+             f'height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" '
+             f'aria-label="{escape(title)}">',
+             f'<text x="{LEFT}" y="18" font-size="13" font-weight="bold">{escape(title)}</text>']
+    for i, (row, label) in enumerate(zip(rows, row_labels, strict=True)):
+        values = dict(row)
+        first = next((v for _, v in row if math.isfinite(v) and v > 0), float("nan"))
+        y = TOP + (len(rows) - 1 - i) * ch
+        parts.append(f'<text x="{LEFT - 6}" y="{y + ch / 2 + 3:.1f}" font-size="9" '
+                     f'text-anchor="end">{escape(label)}</text>')
+        for j, step in enumerate(steps):
+            if step not in values:
+                continue
+            v = values[step]
+            parts.append(f'<rect class="series" x="{LEFT + j * cw:.1f}" y="{y:.1f}" '
+                         f'width="{cw + 0.3:.1f}" height="{ch + 0.3:.1f}" '
+                         f'fill="{heat_color(v / first)}"><title>{escape(label)} step {step}: '
+                         f'loss {v:.4g} ({v / first:.0%} of its first)</title></rect>')
+    parts.append(f'<rect x="{LEFT}" y="{TOP}" width="{w}" height="{h}" fill="none" '
+                 'stroke="#888"/>')
+    for step, anchor, x in ((steps[0], "start", LEFT), (steps[-1], "end", LEFT + w)):
+        parts.append(f'<text x="{x}" y="{HEIGHT - 18}" font-size="10" '
+                     f'text-anchor="{anchor}">{step}</text>')
+    parts.append(f'<text x="{LEFT + w / 2}" y="{HEIGHT - 4}" font-size="10" '
+                 'text-anchor="middle">step (blue: learned, white: as untrained, red: worse)'
+                 '</text>')
     parts.append("</svg>")
     return "\n".join(parts)

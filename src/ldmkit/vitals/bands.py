@@ -36,6 +36,10 @@ def bands(metric: str, ctx: Context) -> list[Band]:
         out += [Band("bad", thr("loss_stuck_high"), None), Band("bad", None, thr("loss_too_low"))]
     elif metric == vm.GRAD_NORM:
         out += [Band("bad", thr("grad_norm_high"), None), Band("bad", None, thr("grad_norm_low"))]
+    elif metric == vm.VAL_LOSS:
+        out += [Band("bad", thr("val_stuck_high"), None)]
+    elif metric == vm.COPY_SHARE:
+        out += [Band("bad", thr("copy_share_high"), None)]
     elif metric == vm.UPDATE_RATIO:
         out += [Band("bad", None, thr("update_ratio_low"))]
     elif metric == vm.T_MEAN:

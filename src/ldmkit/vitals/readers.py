@@ -137,7 +137,7 @@ def read_log(path: str | Path, latent_scale_factor: float | None = None,
     if path.is_dir():
         if (path / "config.yaml").is_file():
             try:
-                config = load_config(path / "config.yaml")
+                config = load_config(path / "config.yaml", saved=True)
             except LdmkitError:
                 config = None
         if (path / "metrics.jsonl").is_file():

@@ -44,6 +44,20 @@ THRESHOLDS: dict[str, tuple[float, str]] = {
     "final_extreme_warning": (3.0, "final_latent_stats/min,max 'within [-3.0, 3.0]'"),
     "final_extreme_critical": (20.0, "final_latent_stats/min,max 'extreme values (+-20)'"),
     "guide_example_scale": (1.86, "final_latent_stats/std example 'scale factor = 1.86'"),
+    "val_stuck_high": (0.9, "loss/total_loss 'Stays ~1.0: model isn't learning', judged on the "
+                       "deterministic validation loss (no timestep lottery)"),
+    "val_bucket_learned": (0.1, "diffusion/t_mean 'some noise levels are barely trained': a "
+                           "noise level that lost less than this share of its untrained "
+                           "validation loss is not learned"),
+    "overfit_gap": (0.15, "loss/total_loss '< 0.01: overfitting': held-out loss above the same "
+                    "points' loss on training images by more than this share"),
+    "overfit_rise": (0.05, "loss/total_loss 'overfitting': held-out loss risen by this share "
+                     "above its minimum over three validations while the training loss fell"),
+    "copy_share_high": (0.25, "scenario C 'Memorization': share of samples that are copies "
+                        "(nearest training image < 1/3 of the distance to the second nearest)"),
+    "memorization_rise": (0.05, "scenario C 'Memorization': eval/memorization (share of samples "
+                          "that are near-copies of training images) up by this much over three "
+                          "evaluations"),
     "vae_scale_rel_tol": (0.2, "latent/z_std 'Fix: re-calculate latent_scale_factor': a VAE's "
                           "own scaling_factor further than this from the calibrated one"),
 }
@@ -60,7 +74,7 @@ def threshold_defaults() -> dict[str, float]:
 class Rule:
     """One 'bad sign' row of the guide.
 
-    ``check`` names a predicate in ``ldmkit.vitals.diagnose.CHECKS``; ``warning`` and
+    ``check`` names a predicate in ``ldmkit.vitals.checks.CHECKS``; ``warning`` and
     ``critical`` name thresholds (None: that severity does not exist for this code; ALWAYS: the
     check alone decides).
     ``message`` and ``fix`` are format strings filled with the evaluation's numbers.
@@ -122,6 +136,21 @@ RULES: tuple[Rule, ...] = (
          "regardless of the noise",
          "use more data or a smaller model, sample with the EMA weights, train fewer steps",
          about_samples=True),
+    Rule("memorization", vm.COPY_SHARE, "memorization", "copy_share_high", None,
+         "scenario C: 'Status: Memorization ... Fix: Increase dataset, use EMA, or reduce model "
+         "size'", "memorization",
+         "{value:.0%} of the samples are copies of training images: each is nearer to one "
+         "training image than a third of its distance to the next (median ratio {median:.2f}; "
+         "new images sit between training images, ~1)",
+         "use more data, the EMA weights, a smaller model or fewer steps",
+         about_samples=True),
+    Rule("memorization_rising", vm.EVAL_MEMORIZATION, "memorization_rising", "memorization_rise",
+         None, "scenario C: 'Status: Memorization ... Fix: Increase dataset, use EMA, or reduce "
+         "model size'", "memorization",
+         "the share of samples that are near-copies of training images rose to {value:.0%} "
+         "(from {low:.0%}) over the last evaluations: the model drifts toward its training set",
+         "stop at an earlier checkpoint, or use more data, the EMA weights, a smaller model",
+         about_samples=True),
     Rule("loss_too_low", vm.LOSS, "stays_below", "loss_too_low", None,
          "loss/total_loss: '< 0.01: overfitting or data leakage'", "suspicious_loss",
          "the loss is {value:.4f}, below {thr:g}: a noise prediction this good means the model "
@@ -138,6 +167,11 @@ RULES: tuple[Rule, ...] = (
          "no effect",
          "check that the learning rate is not 0 (train.lr, warmup, the schedule), that the "
          "parameters require grad and that the optimizer holds the model's parameters"),
+    Rule("validation_stuck", vm.VAL_LOSS, "validation_stuck", "val_stuck_high", None,
+         "loss/total_loss: 'Stays ~1.0: model isn't learning (check LR)'; which noise levels: "
+         "diffusion/t_mean 'some noise levels are barely trained'", "not_learning",
+         "the held-out validation loss stays at {value:.3f} after {step} steps{where}",
+         "raise train.lr (now {lr:.3g}) to about {lr_up:.3g}; check the data and latent/z_std"),
     Rule("loss_stuck_high", vm.LOSS, "stays_above", "loss_stuck_high", None,
          "loss/total_loss: 'Stays ~1.0: model isn't learning (check LR)'", "not_learning",
          "the loss stays at {value:.3f} after {step} steps: the model is not learning the noise",
@@ -147,6 +181,13 @@ RULES: tuple[Rule, ...] = (
          "the cosine of predicted and true noise stays at {value:.3f} after {step} steps: "
          "the predictions are random",
          "raise train.lr (now {lr:.3g}) to about {lr_up:.3g}; check latent/z_std and the data"),
+    Rule("overfitting", vm.VAL_LOSS, "overfitting", "overfit_gap", None,
+         "loss/total_loss: '< 0.01: overfitting'; scenario C 'Memorization ... Increase dataset, "
+         "use EMA, or reduce model size'", "memorization",
+         "the held-out validation loss {value:.3f} is {gap:.0%} above the same noise on "
+         "training images ({train:.3f}){rising}: the model memorises its training images{where}",
+         "use more data (or data.val_fraction to check with more held-out images), fewer steps, "
+         "the EMA weights, or a smaller model / unet.dropout 0.1"),
     Rule("final_latent_std_off", vm.FINAL_PREFIX + "std", "final_std", "final_std_ratio_warning",
          "final_std_ratio_critical",
          "final_latent_stats/std: 'close to 1/latent_scale_factor'", "unstable_sampling",

@@ -1,0 +1,206 @@
+"""A deterministic validation loss, per noise level.
+
+The training loss of a diffusion model says little from one interval to the next: it is
+dominated by which noise levels a batch happened to draw (the guide's diffusion/t_mean row says
+why: low and high t are not equally hard). So a fixed set is drawn once per run and stored in
+``RUN/validation.safetensors``: held-out images (``data.val_fraction``, at most ``data.val_max``;
+an IDX test file instead when there is one), ``POINTS`` timesteps stratified over [0, 1], one
+noise tensor per point. Every ``train.val_every`` steps the same points are scored with the raw
+and the EMA weights, and with the same noise and timesteps on a fixed sample of training images
+(``validation/train_loss``), so the gap between training and held-out loss is not blurred by
+different noise levels (kohya's sd-scripts, OneTrainer and SimpleTuner added such a loss in
+2025). Rank 0 evaluates in fixed chunks: the values depend on the weights only, not on the
+number of processes, and are the same after a resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from ldmkit.config import Config, DataConfig
+from ldmkit.data import find_idx, load_data
+from ldmkit.diffusion.losses import EpsModel, eps_mse_loss
+from ldmkit.diffusion.schedule import CosineSchedule
+from ldmkit.errors import DataError
+from ldmkit.files import read_regular, write_bytes_atomic
+from ldmkit.models.autoencoder import Autoencoder
+from ldmkit.stage1 import LatentPosteriors
+from ldmkit.vitals import metrics as vm
+
+VAL_FILE = "validation.safetensors"
+POINTS = 1000  # fixed (image, t, noise) points: 100 per noise-level bucket
+PROBE_MIN = 64  # training images the train_loss probe uses (all when fewer)
+CHUNK = 250
+VERSION = "1"
+
+
+@dataclass(frozen=True)
+class Split:
+    """Dataset indices stage 2 trains on, and those held out for validation."""
+
+    train: torch.Tensor  # [n_train] int64, sorted
+    held_out: torch.Tensor  # [n_val] int64, sorted; empty when a test file validates
+
+
+def test_images_path(cfg: DataConfig) -> Path | None:
+    """An IDX test file beside a training file: the natural validation set."""
+    if cfg.source != "idx" or cfg.split != "train" or not cfg.path or not Path(cfg.path).is_dir():
+        return None
+    return find_idx(Path(cfg.path), "test", "images")
+
+
+def split(n: int, cfg: Config) -> Split:
+    """Hold out ``min(val_max, floor(val_fraction * n))`` images by a permutation of the seed,
+    or none when the IDX test file is the validation set or validation is off."""
+    everything = torch.arange(n)
+    k = min(cfg.data.val_max, int(cfg.data.val_fraction * n))
+    if cfg.train.val_every == 0 or test_images_path(cfg.data) is not None or k == 0 or k >= n:
+        return Split(everything, everything[:0])
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7))
+    return Split(perm[k:].sort().values, perm[:k].sort().values)
+
+
+@dataclass
+class ValidationSet:
+    """The fixed points: row ``k`` scores image ``image[k] % len(latents)`` at ``t[k]``."""
+
+    latents: torch.Tensor  # [N, C, h, w] posterior means of the validation images (unscaled)
+    probe: torch.Tensor  # [M, C, h, w] posterior means of a fixed sample of training images
+    image: torch.Tensor  # [K] int64
+    t: torch.Tensor  # [K] stratified: one point in each of K equal strata of [0, 1]
+    eps: torch.Tensor  # [K, C, h, w]
+    held_out: torch.Tensor  # [N] dataset indices (empty for a test file)
+    source: str
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name).contiguous() for f in dataclasses.fields(self)
+                if f.name != "source"}
+
+
+@torch.no_grad()
+def draw(cfg: Config, parts: Split, latents: LatentPosteriors, ae: Autoencoder
+         ) -> ValidationSet | None:
+    """Draw the fixed points (own generator: the training draws are unchanged)."""
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 8)
+    test_path = test_images_path(cfg.data)
+    if test_path is not None:
+        test = load_data(dataclasses.replace(cfg.data, split="test", limit=cfg.data.val_max))
+        images = test.batch(torch.arange(min(len(test), cfg.data.val_max)))
+        val = torch.cat([ae.encode(x).mean for x in images.split(256)])
+        source = f"{len(val)} images of the test file {test_path.name}"
+    elif len(parts.held_out):
+        val = latents.mean[parts.held_out].clone()
+        source = f"{len(val)} of {len(latents.mean)} images held out (data.val_fraction)"
+    else:
+        return None
+    pick = torch.randperm(len(parts.train), generator=gen)[:max(PROBE_MIN, len(val))]
+    probe = latents.mean[parts.train[pick.sort().values]].clone()
+    t = (torch.arange(POINTS, dtype=torch.float64) + torch.rand(POINTS, generator=gen,
+                                                                 dtype=torch.float64)) / POINTS
+    eps = torch.randn((POINTS, *val.shape[1:]), generator=gen)
+    return ValidationSet(val, probe, torch.arange(POINTS), t.float(), eps, parts.held_out, source)
+
+
+def save(vset: ValidationSet, path: Path) -> None:
+    write_bytes_atomic(path, save_safetensors(vset.tensors(), {"source": vset.source,
+                                                               "version": VERSION}))
+
+
+def load(path: Path, expected: ValidationSet | None) -> ValidationSet | None:
+    """The stored set, or None when it is absent, unreadable or not drawn for this split and
+    shape (it is ldmkit's own and is drawn again, identically from the seed)."""
+    try:
+        raw = read_regular(path)
+        tensors = load_safetensors(raw)
+        meta = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")]).get("__metadata__", {})
+    except (OSError, SafetensorError, ValueError, UnicodeDecodeError):
+        return None
+    names = {f.name for f in dataclasses.fields(ValidationSet)} - {"source"}
+    if set(tensors) != names or meta.get("version") != VERSION or expected is None:
+        return None
+    vset = ValidationSet(**tensors, source=str(meta.get("source", "")))
+    same = all(getattr(vset, n).shape == getattr(expected, n).shape for n in names) \
+        and torch.equal(vset.held_out, expected.held_out)
+    finite = all(torch.isfinite(v.float()).all() for v in vset.tensors().values())
+    return vset if same and finite else None
+
+
+def prepare(cfg: Config, run_dir: Path, parts: Split, latents: LatentPosteriors,
+            ae: Autoencoder) -> ValidationSet | None:
+    """The run's validation set: the stored one, or drawn and stored now (rank 0 only)."""
+    if cfg.train.val_every == 0:
+        return None
+    try:
+        drawn = draw(cfg, parts, latents, ae)
+    except DataError as exc:
+        print(f"validation: off ({exc})")
+        return None
+    if drawn is None:
+        print(f"validation: off (data.val_fraction {cfg.data.val_fraction} of "
+              f"{len(latents.mean)} images holds out none; raise it)")
+        return None
+    path = run_dir / VAL_FILE
+    stored = load(path, drawn) if path.exists() else None
+    if stored is None:
+        save(drawn, path)
+    print(f"validation: {drawn.source}, {POINTS} fixed points, every {cfg.train.val_every} steps")
+    return stored or drawn
+
+
+def bucket_tag(prefix: str, k: int) -> str:
+    return f"{prefix}loss_t{k}"
+
+
+@torch.no_grad()
+def _score(forward: EpsModel, schedule: CosineSchedule, x0: torch.Tensor, vset: ValidationSet,
+           scale: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-point loss ``[K]``, per-point cosine of predicted and true noise ``[K]``)."""
+    losses, cosines = [], []
+    for rows in torch.arange(len(vset.t)).split(CHUNK):
+        z0 = scale * x0[vset.image[rows] % len(x0)].to(device)
+        t, eps = vset.t[rows].to(device), vset.eps[rows].to(device)
+        out = eps_mse_loss(forward, schedule, z0, t, eps)
+        err = (out.eps_pred.float() - eps).pow(2).flatten(1).mean(1)
+        cos = torch.nn.functional.cosine_similarity(out.eps_pred.float().flatten(1),
+                                                    eps.flatten(1), dim=1)
+        losses.append(err.double().cpu())
+        cosines.append(cos.double().cpu())
+    return torch.cat(losses), torch.cat(cosines)
+
+
+def measure(model: nn.Module, ema_model: nn.Module, wrap: Callable[[nn.Module], EpsModel],
+            schedule: CosineSchedule, vset: ValidationSet, scale: float) -> dict[str, float]:
+    """``validation/*`` (raw weights) and ``validation_ema/*`` (EMA weights) of the fixed set.
+
+    Eval mode (no dropout) and no RNG draw: training continues exactly as without it.
+    """
+    device = next(model.parameters()).device
+    bucket = (vset.t * vm.VAL_BUCKETS).long().clamp(max=vm.VAL_BUCKETS - 1)
+    values: dict[str, float] = {}
+    for prefix, net in ((vm.VAL_PREFIX, model), (vm.VAL_EMA_PREFIX, ema_model)):
+        was_training = net.training
+        net.eval()
+        try:
+            loss, cos = _score(wrap(net), schedule, vset.latents, vset, scale, device)
+            if prefix == vm.VAL_PREFIX:
+                values[vm.VAL_TRAIN_LOSS] = _score(wrap(net), schedule, vset.probe, vset, scale,
+                                                   device)[0].mean().item()
+        finally:
+            net.train(was_training)
+        # eps-prediction: the objective's loss is the noise MSE (both tags, so that other
+        # objectives can differ)
+        values[prefix + "loss"] = values[prefix + "eps_mse"] = loss.mean().item()
+        values[prefix + "cos_eps_mean"] = cos.mean().item()
+        for k in range(vm.VAL_BUCKETS):
+            values[bucket_tag(prefix, k)] = loss[bucket == k].mean().item()
+    return values

@@ -1,0 +1,328 @@
+"""The predicates of the rule table (``rules.Rule.check`` names one): each reads a window of
+the logged series and returns a ``Verdict`` (the level reached, the value, format fields) or
+None. Train metrics are judged with medians or means over ``window`` records; sampling metrics
+on the latest sampling; validation metrics on the latest validations.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable
+
+from ldmkit.optim import lr_at
+from ldmkit.vitals import metrics as vm
+from ldmkit.vitals.context import Check, Context, Series, Verdict
+from ldmkit.vitals.rules import ALWAYS, RULES, Rule
+
+
+def _window(series: Series, tag: str, ctx: Context) -> list[tuple[int, float]]:
+    return series.get(tag, [])[-int(ctx.thr("window")):]
+
+
+def _level(rule: Rule, ctx: Context, passes: Callable[[float], bool]) -> str | None:
+    """The most severe of the rule's levels whose threshold ``passes``."""
+    for level in (rule.critical, rule.warning):
+        if level and level != ALWAYS and passes(ctx.thr(level)):
+            return level
+    return None
+
+
+def _median_check(above: bool, min_records: int = 3, wait: bool = False,
+                  absolute: bool = False) -> Check:
+    """Median of the window's finite values against the rule's thresholds."""
+
+    def check(rule: Rule, series: Series, ctx: Context) -> Verdict | None:
+        recent = [(s, v) for s, v in _window(series, rule.metric, ctx) if math.isfinite(v)]
+        if len(recent) < min_records or (wait and recent[-1][0] < ctx.thr("min_steps")):
+            return None
+        value = statistics.median(abs(v) if absolute else v for _, v in recent)
+        level = _level(rule, ctx, (lambda t: value > t) if above else (lambda t: value < t))
+        return Verdict(level, value, recent[-1][0]) if level else None
+
+    return check
+
+
+def _nonfinite(rule: Rule, series: Series, ctx: Context) -> Verdict | None:
+    bad = [(s, v) for s, v in _window(series, rule.metric, ctx) if not math.isfinite(v)]
+    return Verdict(ALWAYS, bad[0][1], bad[0][0]) if bad else None
+
+
+def _t_mean(rule: Rule, series: Series, ctx: Context) -> Verdict | None:
+    recent = [(s, v) for s, v in _window(series, rule.metric, ctx) if math.isfinite(v)]
+    if len(recent) < 3:
+        return None
+    value = statistics.fmean(v for _, v in recent)
+    level = _level(rule, ctx, lambda t: abs(value - 0.5) > t)
+    return Verdict(level, value, recent[-1][0]) if level else None
+
+
+def _lr_mismatch(rule: Rule, series: Series, ctx: Context) -> Verdict | None:
+    """The LR logged at step s was used for update s (0-based s - 1) of the configured schedule."""
+    if ctx.train is None:
+        return None
+    recent = _window(series, rule.metric, ctx)[-3:]
+    tol = ctx.thr("lr_rel_tol")
+
+    scales = series.get(vm.LR_SCALE, [])  # rollbacks multiply the schedule (vitals.on_nonfinite)
+
+    def expected(step: int) -> float:
+        factor = next((v for s, v in reversed(scales) if s <= step), 1.0)
+        return lr_at(max(step - 1, 0), ctx.train) * factor
+
+    flags = [abs(v - expected(s)) > tol * expected(s) for s, v in recent]
+    if len(recent) < 2 or not flags[-1] or sum(flags) < 2:
+        return None
+    step, value = recent[-1]
+    return Verdict(rule.warning, value, step, {"expected": expected(step)})
+
+
+def _mode_collapse(rule: Rule, series: Series, ctx: Context) -> Verdict | None:
+    """Pairwise MSE in normalized-latent units (x scale^2), as the guide's thresholds assume,
+    its share of the samples' variance, its closest pair, and its trend."""
+    means = series.get(rule.metric, [])
+    if not means:
+        return None
+    norm = (ctx.latent_scale_factor or 1.0) ** 2
+    step, raw = means[-1]
+    value = raw * norm
+    level = _level(rule, ctx, lambda t: value < t)
+    detail = f"pairwise MSE mean {value:.3g} in normalized units"
+    mins = series.get(vm.PAIRWISE_PREFIX + "min", [])
+    if level is None and mins and mins[-1][1] * norm < ctx.thr("pairwise_min_zero"):
+        level, detail = rule.warning, f"the closest pair has MSE {mins[-1][1] * norm:.2g}"
+    stds = series.get(vm.FINAL_PREFIX + "std", [])
+    if level is None and stds and stds[-1][0] == step and stds[-1][1] > 0:
+        # pairwise MSE ~ 2 x between-sample variance; std^2 is the total: scale-free, and
+        # ~0.7-0.9 for healthy samples however over-dispersed (measured), -> 0 for one image
+        share = raw / (2 * stds[-1][1] ** 2)
+        if share < ctx.thr("diversity_share"):
+            level, detail = rule.warning, (f"only {share:.0%} of the samples' variance differs "
+                                           "between samples")
+    values = [v * norm for _, v in means]
+    trending = (len(values) >= 3 and values[-1] < values[-2] < values[-3]
+                and values[-1] < ctx.thr("pairwise_trend_ratio") * max(values))
+    if level is None and trending:
+        level, detail = rule.warning, f"pairwise MSE fell to {values[-1]:.3g}, under " \
+                                      f"{ctx.thr('pairwise_trend_ratio'):.0%} of its peak"
+    return Verdict(level, raw, step, {"detail": detail}) if level else None
+
+
+def _last(series: Series, tag: str) -> tuple[int, float] | None:
+    records = series.get(tag)
+    return records[-1] if records else None
+
+
+def _model_has_learned(series: Series, ctx: Context, step: int) -> bool:
+    """Whether sample quality can be blamed on sampling rather than on an untrained model.
+
+    Samples of a model before ``min_steps``, or whose loss still sits at the 'stays ~1.0'
+    level, are bad because the model is untrained: loss_stuck_high says that, not the sampler.
+    A log without a loss series (sampling only) is judged as it is.
+    """
+    window = int(ctx.thr("window"))
+    loss = [v for s, v in series.get(vm.LOSS, []) if s <= step][-window:]
+    if not loss:
+        return True
+    finite = [v for v in loss if math.isfinite(v)]
+    cos = [v for s, v in series.get(vm.COS_EPS, []) if s <= step and math.isfinite(v)][-window:]
+    return (step >= ctx.thr("min_steps") and len(finite) == len(loss)
+            and statistics.median(finite) < ctx.thr("loss_stuck_high")
+            and (not cos or statistics.median(cos) > ctx.thr("cos_eps_random")))
+
+
+def samples_judgeable(rule: Rule, series: Series, ctx: Context) -> bool:
+    """Samples are judged only from a model that learned, at a right scale (rules.Rule)."""
+    last = _last(series, rule.metric)
+    return (last is not None and _model_has_learned(series, ctx, last[0])
+            and _scale_is_right(series, ctx))
+
+
+def _scale_is_right(series: Series, ctx: Context) -> bool:
+    """False when latent/z_std is outside its warning band: the scale itself is wrong."""
+    z = [v for _, v in _window(series, vm.Z_STD, ctx) if math.isfinite(v)]
+    if not z:
+        return True
+    median = statistics.median(z)
+    return ctx.thr("z_std_low_warning") <= median <= ctx.thr("z_std_high_warning")
+
+
+def _settle(rule: Rule, level: str | None, badness: list[float]) -> str | None:
+    """Drop a warning while the sample statistic is still improving sampling after sampling.
+
+    Early in a healthy run samples are over-dispersed and converge with training (measured:
+    extremes 12.9, 10.5, 9.1, 8.3 at steps 200..800); a warning is for a value that is off and
+    no longer getting better, so it needs two samplings. Critical levels are raised at once.
+    """
+    if level == rule.warning and (len(badness) < 2 or badness[-1] < badness[-2]):
+        return None
+    return level
+
+
+def _final_mean(rule: Rule, series: Series, ctx: Context) -> Verdict | None:
+    last = _last(series, rule.metric)
+    if last is None:
+        return None
+    units = abs(last[1]) * (ctx.latent_scale_factor or 1.0)
+    level = _level(rule, ctx, lambda t: units > t)
+    return Verdict(level, last[1], last[0], {"units": units}) if level else None
+
+
+def _final_std(rule: Rule, series: Series, ctx: Context) -> Verdict | None:
+    last = _last(series, rule.metric)
+    if last is None or not ctx.latent_scale_factor:
+        return None
+    target = 1.0 / ctx.latent_scale_factor
+    ratio = last[1] / target
+    level = _level(rule, ctx, lambda t: not (1.0 / t <= ratio <= t))
+    off = [abs(math.log(max(v, 1e-12) / target)) for _, v in series[rule.metric][-2:]]
+    level = _settle(rule, level, off)
+    if level is None:
+        return None
+    low = ratio < 1.0
+    direction = ("too low: samples are too similar (mode collapse)" if low
+                 else "too high: the sampler is unstable or too noisy")
+    fix = ("check sample_diversity and mode_collapse; train with more data or EMA" if low else
+           "sample with more steps or DDIM (eta=0); check latent/z_std during training")
+    return Verdict(level, last[1], last[0], {"ratio": ratio, "target": target,
+                                              "direction": direction, "std_fix": fix})
+
+
+def _final_extreme(rule: Rule, series: Series, ctx: Context) -> Verdict | None:
+    """The guide's +-3 / +-20 hold for its example scale (1.86); other scales are converted."""
+    hi, lo = _last(series, vm.FINAL_PREFIX + "max"), _last(series, vm.FINAL_PREFIX + "min")
+    if hi is None or lo is None:
+        return None
+    value = max(abs(hi[1]), abs(lo[1]))
+    convert = ctx.thr("guide_example_scale") / ctx.latent_scale_factor if ctx.latent_scale_factor else 1.0
+    level = _level(rule, ctx, lambda t: value > t * convert)
+    highs, lows = series[vm.FINAL_PREFIX + "max"][-2:], series[vm.FINAL_PREFIX + "min"][-2:]
+    level = _settle(rule, level, [max(abs(h), abs(lo)) for (_, h), (_, lo) in zip(highs, lows, strict=False)])
+    if level is None:
+        return None
+    return Verdict(level, value, hi[0], {"limit": ctx.thr(level) * convert})
+
+
+def _no_update(rule: Rule, series: Series, ctx: Context) -> Verdict | None:
+    """Updates of ~0 while the gradient is not vanishing: the optimizer does not apply it (a
+    zero learning rate, frozen or foreign parameters). With vanishing gradients the update is
+    ~0 too, and ``grad_norm_vanishing`` already names that cause."""
+    if CHECKS["median_below"](RULES_BY_CODE["grad_norm_vanishing"], series, ctx):
+        return None
+    return CHECKS["median_below"](rule, series, ctx)
+
+
+def _at(series: Series, tag: str, step: int) -> float | None:
+    return next((v for s, v in reversed(series.get(tag, [])) if s == step), None)
+
+
+def noise_levels(buckets: list[int]) -> str:
+    """Buckets of t as ranges, and what they hold: the noisiest levels decide the structure
+    of an image, the least noisy its detail (guide: diffusion/t_mean)."""
+    ranges, start = [], None
+    for k in range(vm.VAL_BUCKETS + 1):
+        if k in buckets and start is None:
+            start = k
+        elif k not in buckets and start is not None:
+            ranges.append(f"[{start / vm.VAL_BUCKETS:.1f}, {k / vm.VAL_BUCKETS:.1f})")
+            start = None
+    high = sum(k >= vm.VAL_BUCKETS // 2 for k in buckets)
+    meaning = ("every noise level" if len(buckets) == vm.VAL_BUCKETS else
+               "high noise: the structure" if high == len(buckets) else
+               "low noise: the detail" if high == 0 else "structure and detail")
+    return f"t in {' and '.join(ranges)} ({meaning})"
+
+
+def _validation_stuck(rule: Rule, series: Series, ctx: Context) -> Verdict | None:
+    """The last two validations after ``min_steps`` above the threshold, naming the noise
+    levels (``validation/loss_t{k}``) that have not learned: the eps-MSE of a healthy model
+    stays high at the least noisy levels (0.76 at t < 0.1 on the digits demo), so a level is
+    judged against its own first (untrained) validation, not against the threshold."""
+    recent = [(s, v) for s, v in series.get(rule.metric, [])
+              if s >= ctx.thr("min_steps") and math.isfinite(v)][-2:]
+    thr = ctx.thr(rule.warning)
+    if len(recent) < 2 or not all(v > thr for _, v in recent):
+        return None
+    step, value = recent[-1]
+    stuck = []
+    for k in range(vm.VAL_BUCKETS):  # learned: lost a share of its first (untrained) value
+        history = series.get(f"{vm.VAL_PREFIX}loss_t{k}", [])
+        now = _at(series, f"{vm.VAL_PREFIX}loss_t{k}", step)
+        if history and now is not None and now > (1 - ctx.thr("val_bucket_learned")) * history[0][1]:
+            stuck.append(k)
+    where = f": not learned at {noise_levels(stuck)}" if stuck else ""
+    return Verdict(rule.warning, value, step, {"where": where})
+
+
+def _overfitting(rule: Rule, series: Series, ctx: Context) -> Verdict | None:
+    """Held-out loss well above the training images' loss at the same fixed points (two
+    validations running), or rising over three validations while the training images' fell.
+    Names the noise levels whose held-out loss rose most from its minimum."""
+    val = {s: v for s, v in series.get(vm.VAL_LOSS, []) if math.isfinite(v)}
+    train = {s: v for s, v in series.get(vm.VAL_TRAIN_LOSS, []) if math.isfinite(v)}
+    steps = [s for s in sorted(val) if s in train and s >= ctx.thr("min_steps") and train[s] > 0]
+    if len(steps) < 2:
+        return None
+    gap = val[steps[-1]] / train[steps[-1]] - 1
+    wide = all(val[s] / train[s] - 1 > ctx.thr("overfit_gap") for s in steps[-2:])
+    a, b, c = ([None] * 3 + steps)[-3:]
+    step_up = 1 + ctx.thr("overfit_rise") / 4  # each validation clearly above the one before
+    rising = a is not None and val[a] * step_up < val[b] and val[b] * step_up < val[c] \
+        and train[c] < train[a] and val[c] > (1 + ctx.thr("overfit_rise")) * min(val.values())
+    if not (wide or rising):
+        return None
+    step = steps[-1]
+    rise = {}
+    for k in range(vm.VAL_BUCKETS):
+        history = [v for s, v in series.get(f"{vm.VAL_PREFIX}loss_t{k}", []) if math.isfinite(v)]
+        if history and min(history) > 0:
+            rise[k] = history[-1] / min(history) - 1
+    worst = sorted(k for k, r in rise.items() if r > ctx.thr("overfit_rise")
+                   and r >= 0.5 * max(rise.values()))
+    return Verdict(rule.warning, val[step], step, {
+        "gap": gap, "train": train[step],
+        "rising": f", and it rose {val[c] / min(val.values()) - 1:.0%} above its minimum while "
+                  "the training loss fell" if rising else "",
+        "where": f"; held-out loss rose most at {noise_levels(worst)}" if worst else ""})
+
+
+def _memorization(rule: Rule, series: Series, ctx: Context) -> Verdict | None:
+    last = _last(series, rule.metric)
+    if last is None or not last[1] >= ctx.thr(rule.warning):
+        return None
+    return Verdict(rule.warning, last[1], last[0],
+                   {"median": _at(series, vm.NEAREST_PREFIX + "median", last[0]) or 0.0})
+
+
+def _memorization_rising(rule: Rule, series: Series, ctx: Context) -> Verdict | None:
+    """The last three evaluations rising, and by ``memorization_rise`` in all."""
+    recent = [(s, v) for s, v in series.get(rule.metric, []) if math.isfinite(v)][-3:]
+    if len(recent) < 3:
+        return None
+    (_, a), (_, b), (step, c) = recent
+    if not (a < b < c and c - a >= ctx.thr(rule.warning)):
+        return None
+    return Verdict(rule.warning, c, step, {"low": a})
+
+
+CHECKS: dict[str, Check] = {
+    "nonfinite": _nonfinite,
+    "median_above": _median_check(above=True),
+    "median_below": _median_check(above=False),
+    "stays_above": _median_check(above=True, min_records=5, wait=True),
+    "stays_below": _median_check(above=False, min_records=5),
+    "stays_abs_below": _median_check(above=False, min_records=5, wait=True, absolute=True),
+    "t_mean": _t_mean,
+    "lr_mismatch": _lr_mismatch,
+    "mode_collapse": _mode_collapse,
+    "final_mean": _final_mean,
+    "final_std": _final_std,
+    "final_extreme": _final_extreme,
+    "no_update": _no_update,
+    "validation_stuck": _validation_stuck,
+    "overfitting": _overfitting,
+    "memorization": _memorization,
+    "memorization_rising": _memorization_rising,
+}
+RULES_BY_CODE = {rule.code: rule for rule in RULES}
+

@@ -1,0 +1,116 @@
+"""The deterministic validation loss: a fixed held-out split and fixed points, stored in the run,
+the same values after a resume, held-out images never trained on; and what the report and
+`ldmkit watch` show of it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import SHARED_DATA, tiny_config
+from rich.console import Console
+from safetensors.torch import load as load_bytes
+
+from ldmkit import validation
+from ldmkit.config import load_config, to_dict
+from ldmkit.logging import read_metrics
+from ldmkit.report.html import noise_level_map
+from ldmkit.resume import load_run_config
+from ldmkit.train import train
+from ldmkit.vitals import metrics as vm
+from ldmkit.watch import watch
+
+
+def validation_records(run_dir) -> dict[tuple[int, str], float]:
+    return {(r["step"], r["tag"]): r["value"] for r in read_metrics(run_dir / "metrics.jsonl")
+            if r["tag"].startswith(("validation/", "validation_ema/"))}
+
+
+def test_split_holds_out_a_fixed_capped_share_disjoint_from_training():
+    cfg = tiny_config(data={"val_fraction": 0.02, "val_max": 15})
+    parts = validation.split(1000, cfg)
+    assert len(parts.held_out) == 15  # 2 % of 1000 = 20, capped by val_max
+    assert set(parts.held_out.tolist()).isdisjoint(parts.train.tolist())
+    assert sorted(parts.held_out.tolist() + parts.train.tolist()) == list(range(1000))
+    assert torch.equal(validation.split(1000, cfg).held_out, parts.held_out)
+    assert len(validation.split(1000, tiny_config(train={"val_every": 0})).held_out) == 0
+    assert len(validation.split(10, cfg).held_out) == 0  # 2 % of 10 images is none
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "mnist").is_dir(), reason="needs ../shared/data/mnist")
+def test_an_idx_test_file_is_the_validation_set_and_nothing_is_held_out():
+    cfg = tiny_config(data={"source": "idx", "path": str(SHARED_DATA / "mnist")})
+    assert validation.test_images_path(cfg.data).name.startswith("t10k-images")
+    assert len(validation.split(60000, cfg).held_out) == 0
+
+
+def test_validation_is_the_same_after_a_resume_and_never_trains_on_held_out_images(tmp_path):
+    cfg = tiny_config(train={"steps": 12, "val_every": 4, "sample_every": 100})
+    train(cfg, tmp_path / "straight")
+    train(cfg, tmp_path / "sliced", stop_at=6)
+    train(cfg, tmp_path / "sliced", resume=True)
+    straight = validation_records(tmp_path / "straight")
+    assert straight == validation_records(tmp_path / "sliced")  # bitwise: same points, weights
+    steps = sorted({s for s, _ in straight})
+    assert steps == [0, 4, 8, 12]
+    tags = {t for _, t in straight}
+    assert {vm.VAL_LOSS, vm.VAL_TRAIN_LOSS, vm.VAL_PREFIX + "eps_mse",
+            vm.VAL_PREFIX + "cos_eps_mean", vm.VAL_EMA_PREFIX + "loss"} <= tags
+    assert {f"{vm.VAL_PREFIX}loss_t{k}" for k in range(vm.VAL_BUCKETS)} <= tags
+    assert straight[(12, vm.VAL_LOSS)] < straight[(0, vm.VAL_LOSS)]
+    # a NaN planted in a held-out image's cached latents: training never draws it
+    run = tmp_path / "straight"
+    held = load_bytes((run / validation.VAL_FILE).read_bytes())["held_out"].tolist()
+    assert len(held) == 5
+    mean = np.load(run / "latents" / "mean.npy", mmap_mode="r+")
+    mean[held] = np.nan
+    mean.flush()
+    del mean
+    result = train(tiny_config(train={"steps": 40, "val_every": 4, "sample_every": 100}), run,
+                   resume=True)
+    assert result.step == 40
+    nonfinite = [r for r in read_metrics(run / "metrics.jsonl") if r["tag"] == vm.NONFINITE_STEPS]
+    assert nonfinite and all(r["value"] == 0 for r in nonfinite)
+    assert np.isfinite(validation_records(run)[(40, vm.VAL_LOSS)])  # the stored points
+
+
+def test_a_damaged_validation_file_is_drawn_again_identically(tmp_path, capsys):
+    cfg = tiny_config(train={"steps": 4, "val_every": 4, "sample_every": 100})
+    train(cfg, tmp_path / "run")
+    path = tmp_path / "run" / validation.VAL_FILE
+    before = load_bytes(path.read_bytes())
+    path.write_bytes(path.read_bytes()[:100])
+    train(tiny_config(train={"steps": 8, "val_every": 4, "sample_every": 100}), tmp_path / "run",
+          resume=True)
+    after = load_bytes(path.read_bytes())
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in after)
+
+
+def test_a_run_saved_before_validation_keeps_training_on_every_image(tmp_path):
+    text = tmp_path / "config.yaml"
+    old = to_dict(tiny_config())
+    del old["data"]["val_fraction"]  # what a run saved before validation existed holds
+    text.write_text(yaml.safe_dump(old))
+    assert load_run_config(tmp_path).data.val_fraction == 0.0
+    assert load_config(text).data.val_fraction == 0.02  # a new experiment file: the default
+
+
+def test_report_and_watch_show_the_loss_per_noise_level(tmp_path):
+    with (tmp_path / "metrics.jsonl").open("w") as fh:
+        for step in (0, 250, 500):
+            for k in range(vm.VAL_BUCKETS):
+                value = 1.0 if k >= 5 or step == 0 else 0.3
+                fh.write(json.dumps({"step": step, "tag": f"{vm.VAL_PREFIX}loss_t{k}",
+                                     "value": value}) + "\n")
+    series = {f"{vm.VAL_PREFIX}loss_t{k}": [(s, 1.0 if k >= 5 or s == 0 else 0.3)
+                                           for s in (0, 250, 500)] for k in range(10)}
+    svg = noise_level_map(series)
+    assert svg.count("<rect class=\"series\"") == 30
+    assert "#ffffff" in svg and "t 0.9-1.0 step 500: loss 1" in svg  # stuck levels stay white
+    console = Console(record=True, width=200)
+    watch(tmp_path, once=True, console=console)
+    text = console.export_text()
+    assert "validation loss per noise level" in text and "t 0.9-1.0 ███ 1" in text
