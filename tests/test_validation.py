@@ -114,3 +114,55 @@ def test_report_and_watch_show_the_loss_per_noise_level(tmp_path):
     watch(tmp_path, once=True, console=console)
     text = console.export_text()
     assert "validation loss per noise level" in text and "t 0.9-1.0 ███ 1" in text
+
+
+def raised(run_dir) -> set[str]:
+    lines = (run_dir / "findings.jsonl").read_text().splitlines() \
+        if (run_dir / "findings.jsonl").is_file() else []
+    return {e["code"] for e in map(json.loads, lines) if e.get("event") == "raised"}
+
+
+LONG = {"steps": 400, "val_every": 100, "sample_every": 200, "log_every": 20, "batch_size": 32,
+        "lr": 2e-3, "min_lr_ratio": 1.0, "warmup_steps": 20, "checkpoint_every": 1000}
+
+
+@pytest.mark.slow
+def test_three_images_trained_long_overfit_and_a_healthy_run_does_not(tmp_path):
+    few = tiny_config(data={"limit": 5, "val_fraction": 0.4}, unet={"base_channels": 32},
+                      autoencoder={"steps": 60},
+                      train=LONG)
+    result = train(few, tmp_path / "few")
+    assert "overfitting" in raised(tmp_path / "few") and result.scenario == "memorization"
+    (finding,) = [f for f in result.findings if f.code == "overfitting"]
+    assert "above the same noise on training images" in finding.message
+    healthy = train(tiny_config(unet={"base_channels": 32}, autoencoder={"steps": 60}, train=LONG),
+                    tmp_path / "healthy")
+    new = {"overfitting", "validation_stuck", "memorization", "memorization_rising"}
+    assert not raised(tmp_path / "healthy") & new  # (its 4-step samples are judged as usual)
+    assert healthy.step == 400
+
+
+def test_samples_that_copy_training_images_raise_memorization(tmp_path, monkeypatch):
+    """The wiring, with samples planted as exact copies of the training images as the decoder
+    renders them (a real run that memorises is measured in BENCHMARKS.md: 4 images)."""
+    from ldmkit import train as train_module
+    from ldmkit.sample import generate
+
+    def copying(model, ae, scale, cfg, num, *args, **kwargs):
+        samples = generate(model, ae, scale, cfg, num, *args, **kwargs)
+        run = tmp_path / "run"
+        train_index = validation.split(256, cfg).train
+        mean = torch.from_numpy(np.load(run / "latents" / "mean.npy"))[train_index[:num]]
+        samples.images = ((ae.decode(mean).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return samples
+
+    monkeypatch.setattr(train_module, "generate", copying)
+    cfg = tiny_config(train={"steps": 12, "sample_every": 6},
+                      vitals={"thresholds": {"min_steps": 0, "loss_stuck_high": 2.0,
+                                             "cos_eps_random": -1.0}})
+    result = train(cfg, tmp_path / "run")
+    copies = [r["value"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")
+              if r["tag"] == vm.COPY_SHARE]
+    assert copies and all(v == 1.0 for v in copies)
+    assert "memorization" in raised(tmp_path / "run")
+    assert result.scenario == "memorization"
