@@ -197,6 +197,67 @@ paid on every {every}th step: {share:.2%} of a bare step (target <= 0.5 %: {rati
 """
 
 
+def validation_section() -> str:
+    """The deterministic validation, a sampling's copy check and in-loop eval vs training time."""
+    from ldmkit import validation
+    from ldmkit.evaluate import InLoopEval
+    from ldmkit.optim import EMA
+    from ldmkit.stage1 import LatentPosteriors, build_autoencoder
+
+    model = build_unet(CFG, 4, 8)
+    ema, ae = EMA(model, 0.999), build_autoencoder(CFG.autoencoder, 1).eval()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    schedule, gen = CosineSchedule(), torch.Generator().manual_seed(0)
+    n = 1797  # the digits demo
+    latents = LatentPosteriors(torch.randn(n, *SHAPE, generator=gen), torch.zeros(n, *SHAPE))
+    parts = validation.split(n, CFG)
+    vset = validation.draw(CFG, parts, latents, ae)
+    reference = vm.CopyReference.of(ae.decode, latents.mean, parts.train)
+    evaluator = InLoopEval.of(CFG.data, parts.train)
+    z = torch.randn(BATCH, *SHAPE, generator=gen)
+
+    def step() -> None:
+        t, eps = sample_t(BATCH, "uniform", gen), torch.randn(z.shape, generator=gen)
+        train_step(model, list(model.parameters()), opt, schedule, z, t, eps, 1.0)
+
+    def timed(fn) -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    images = torch.randint(0, 256, (CFG.sample.during_training_num, 1, 32, 32), dtype=torch.uint8)
+    work = {"validation": lambda: validation.measure(model, ema.model, lambda m: m, schedule,
+                                                       vset, 1.0),
+            "copy check": lambda: vm.copy_vitals(images, reference),
+            "eval": lambda: evaluator.measure(ema.model, ae, 1.0, CFG)}
+    runs: dict[str, list[float]] = {"step": [], **{name: [] for name in work}}
+    for _ in range(3):
+        runs["step"].append(seconds_per_step(step))
+        for name, fn in work.items():
+            runs[name].append(timed(fn))
+    b, v, c, e = (statistics.median(runs[k]) for k in ("step", *work))
+    val_share, eval_share = v / (500 * b), e / (1000 * b)
+    val_ok, eval_ok = ("met" if val_share <= 0.03 else "missed"), \
+        ("met" if eval_share <= 0.1 else "missed")
+    return f"""## Validation, copy check and in-loop eval (`benchmarks/throughput.py validation`)
+
+Machine: {machine()}. Demo UNet and autoencoder (digits, {len(parts.held_out)} held-out
+images), medians of 3 rounds, alternating with training steps (batch {BATCH}). A validation
+scores {validation.POINTS} fixed points three times (raw and EMA weights, and the training
+images' probe); the copy check compares a sampling's {len(images)} images with the
+{len(reference.train)} decoded training images; an in-loop eval samples 256 images with
+DPM-Solver++ 20 steps, decodes and embeds them.
+
+| step | validation | copy check | eval | validation / 500 steps (<= 3 %) | eval / 1000 steps (<= 10 %) |
+|---|---|---|---|---|---|
+| {b * 1e3:.1f} ms | {v:.2f} s | {c * 1e3:.1f} ms | {e:.2f} s | {val_share:.2%} ({val_ok}) | \
+{eval_share:.2%} ({eval_ok}) |
+
+The default `train.val_every` is 250 ({2 * val_share:.2%} of training time). The copy
+check runs once per sampling, next to a sampling that costs seconds.
+"""
+
+
 def ratio_seconds(params_list: list[torch.Tensor], scratch: list[torch.Tensor]) -> float:
     """The update ratio's own work on one measured step: the copy before the update, the norms."""
     times = []
@@ -209,8 +270,10 @@ def ratio_seconds(params_list: list[torch.Tensor], scratch: list[torch.Tensor]) 
 
 
 def main() -> None:
-    """All sections, or those named on the command line (``throughput``, ``overhead``)."""
-    sections = {"throughput": throughput_section, "overhead": overhead_section}
+    """All sections, or those named on the command line (``throughput``, ``overhead``,
+    ``validation``)."""
+    sections = {"throughput": throughput_section, "overhead": overhead_section,
+                "validation": validation_section}
     for name in sys.argv[1:] or list(sections):
         body = sections[name]()
         write_section(name, body)
