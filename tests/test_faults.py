@@ -28,7 +28,9 @@ pytestmark = pytest.mark.slow
 LOG_EVERY = 10
 BASE = {
     "name": "fault", "seed": 0, "tensorboard": False,
-    "data": {"source": "digits", "image_size": 16, "limit": 512},
+    # every image trained on, as when these runs were calibrated: holding 2 % out moves the
+    # healthy seed-1 run's sample extremes from under to just over their warning (7.32 vs 6.87)
+    "data": {"source": "digits", "image_size": 16, "limit": 512, "val_fraction": 0.0},
     "autoencoder": {"base_channels": 8, "channel_mult": [1, 2, 2], "steps": 150, "batch_size": 32,
                     "lr": 3e-3, "log_every": 50, "calibration_batches": 8},
     "unet": {"base_channels": 32, "channel_mult": [1, 2], "num_res_blocks": 1,
