@@ -36,7 +36,11 @@ def test_split_holds_out_a_fixed_capped_share_disjoint_from_training():
     assert set(parts.held_out.tolist()).isdisjoint(parts.train.tolist())
     assert sorted(parts.held_out.tolist() + parts.train.tolist()) == list(range(1000))
     assert torch.equal(validation.split(1000, cfg).held_out, parts.held_out)
-    assert len(validation.split(1000, tiny_config(train={"val_every": 0})).held_out) == 0
+    assert len(validation.split(1000, tiny_config(data={"val_fraction": 0.0})).held_out) == 0
+    # what --resume may change (train.*) never changes which images are trained on
+    assert torch.equal(validation.split(1000, tiny_config(
+        data={"val_fraction": 0.02, "val_max": 15}, train={"val_every": 0})).held_out,
+        parts.held_out)
     assert len(validation.split(10, cfg).held_out) == 0  # 2 % of 10 images is none
 
 

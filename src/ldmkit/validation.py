@@ -61,10 +61,12 @@ def test_images_path(cfg: DataConfig) -> Path | None:
 
 def split(n: int, cfg: Config) -> Split:
     """Hold out ``min(val_max, floor(val_fraction * n))`` images by a permutation of the seed,
-    or none when the IDX test file is the validation set or validation is off."""
+    or none when the IDX test file is the validation set. It depends on ``data`` and ``seed``
+    only, which a resume cannot change: the images a run trains on never change mid-run (with
+    ``train.val_every: 0`` they stay held out; ``data.val_fraction: 0`` trains on all)."""
     everything = torch.arange(n)
     k = min(cfg.data.val_max, int(cfg.data.val_fraction * n))
-    if cfg.train.val_every == 0 or test_images_path(cfg.data) is not None or k == 0 or k >= n:
+    if test_images_path(cfg.data) is not None or k == 0 or k >= n:
         return Split(everything, everything[:0])
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7))
     return Split(perm[k:].sort().values, perm[:k].sort().values)
