@@ -219,3 +219,26 @@ def test_a_nan_in_the_data_is_traced_to_its_dataset_index(tmp_path):
     assert origins and all(e["code"] == "nonfinite_batch" for e in origins)
     assert "dataset indices [7]" in origins[0]["message"]
     assert result.step == 20  # skipped, never applied
+
+
+def test_a_nan_in_one_image_of_a_folder_is_traced_to_that_file(tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for i in range(40):  # two class folders of small random images
+        folder = tmp_path / "images" / ("cats" if i % 2 else "dogs")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    data = {"source": "folder", "path": str(tmp_path / "images"), "limit": None}
+    run = tmp_path / "run"
+    train(tiny_config(data=data, train={"steps": 2, "sample_every": 100}), run)
+    names = json.loads((run / "latents" / "meta.json").read_text())["names"]
+    row = names.index("cats/07.png")
+    mean = np.load(run / "latents" / "mean.npy", mmap_mode="r+")
+    mean[row] = np.nan  # one image's latents
+    mean.flush()
+    del mean
+    train(tiny_config(data=data, train={"steps": 12, "sample_every": 100}), run, resume=True)
+    origins = [e for e in events(run) if e["code"].startswith("nonfinite_")]
+    assert origins and all(e["code"] == "nonfinite_batch" for e in origins)
+    assert "images 'cats/07.png' hold non-finite latents" in origins[0]["message"]

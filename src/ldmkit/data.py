@@ -33,6 +33,7 @@ class ImageData:
     source: str
     skipped: int = 0
     first_skipped: str | None = None
+    names: list[str] | None = None  # a folder's files (relative paths), row by row
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -154,10 +155,11 @@ def load_folder_data(cfg: DataConfig) -> ImageData:
     if cfg.limit is not None:
         files = files[: cfg.limit]
     mode = "L" if cfg.channels == 1 else "RGB"
-    arrays, skipped, first_bad = [], 0, None
+    arrays, names, skipped, first_bad = [], [], 0, None
     for path in files:
         try:
             arrays.append(_load_image(path, cfg.image_size, mode))
+            names.append(str(path.relative_to(root)))
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
             skipped += 1
             first_bad = first_bad or str(path)
@@ -165,7 +167,7 @@ def load_folder_data(cfg: DataConfig) -> ImageData:
         what = f"{skipped} unreadable files" if skipped else "no PNG/JPEG/WebP files"
         raise DataError(f"no readable image in '{root}' ({what}); check data.path")
     images = torch.from_numpy(np.stack(arrays))
-    return ImageData(images, None, f"folder {root}", skipped, first_bad)
+    return ImageData(images, None, f"folder {root}", skipped, first_bad, names)
 
 
 def load_data(cfg: DataConfig) -> ImageData:
@@ -178,6 +180,7 @@ def load_data(cfg: DataConfig) -> ImageData:
     if cfg.limit is not None and len(data) > cfg.limit:
         data.images = data.images[: cfg.limit]
         data.labels = None if data.labels is None else data.labels[: cfg.limit]
+        data.names = None if data.names is None else data.names[: cfg.limit]
     return data
 
 

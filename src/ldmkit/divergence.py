@@ -47,14 +47,16 @@ class Origin:
 
 
 def locate_nonfinite(model: nn.Module, forward: Callable, z: torch.Tensor, t: torch.Tensor,
-                     index: torch.Tensor, bf16: bool) -> Origin:
+                     index: torch.Tensor, bf16: bool,
+                     describe: Callable[[list[int]], str] = lambda rows: f"dataset indices {rows}"
+                     ) -> Origin:
     """Find the origin of a non-finite step: its batch is checked, then its forward pass is run
     again with a hook on every module (in execution order), then the gradients the step left
     on the parameters are read. Costs one forward, and only on a non-finite step."""
     bad = ~torch.isfinite(z.detach().flatten(1)).all(1).cpu()
     if bad.any():
         rows = index[: len(bad)][bad][:8].tolist()
-        return Origin("batch", f"dataset indices {rows}", bf16)
+        return Origin("batch", describe(rows), bf16)
     found: list[str] = []
 
     def hook(name: str) -> Callable:

@@ -87,7 +87,11 @@ def read_cache(path: Path, expected: dict) -> LatentPosteriors | None:
     if mean.dtype != np.float32 or mean.shape != logvar.shape or mean.ndim != 4 \
             or list(mean.shape) != meta.get("shape"):
         return None
-    return LatentPosteriors(torch.from_numpy(mean), torch.from_numpy(logvar))
+    names = meta.get("names")
+    if not (isinstance(names, list) and len(names) == len(mean)
+            and all(isinstance(n, str) for n in names)):
+        names = None
+    return LatentPosteriors(torch.from_numpy(mean), torch.from_numpy(logvar), names)
 
 
 @torch.no_grad()
@@ -114,7 +118,9 @@ def build_cache(ae: Autoencoder, cfg: Config, path: Path, meta: dict,
         mean.flush()
         logvar.flush()
         del mean, logvar
-        (tmp / "meta.json").write_text(json.dumps({**meta, "shape": list(shape)}, indent=2))
+        names = {"names": data.names} if data.names is not None else {}
+        (tmp / "meta.json").write_text(json.dumps({**meta, "shape": list(shape), **names},
+                                                  indent=2))
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_dir_atomically(path, write, CACHE_KIND)
@@ -123,7 +129,8 @@ def build_cache(ae: Autoencoder, cfg: Config, path: Path, meta: dict,
 
 def encode_in_memory(ae: Autoencoder, data: ImageData) -> LatentPosteriors:
     posts = [post for _, post in encode_batches(ae, data)]
-    return LatentPosteriors(torch.cat([p.mean for p in posts]), torch.cat([p.logvar for p in posts]))
+    return LatentPosteriors(torch.cat([p.mean for p in posts]), torch.cat([p.logvar for p in posts]),
+                            data.names)
 
 
 def _report(data: ImageData) -> None:

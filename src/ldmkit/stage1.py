@@ -147,6 +147,13 @@ class LatentPosteriors:
 
     mean: torch.Tensor
     logvar: torch.Tensor
+    names: list[str] | None = None  # the image files of a folder dataset, row by row
+
+    def describe(self, rows: list[int]) -> str:
+        """The images at dataset ``rows`` as a user finds them: file names, else indices."""
+        if self.names is not None and all(0 <= r < len(self.names) for r in rows):
+            return "images " + ", ".join(repr(self.names[r]) for r in rows)
+        return f"dataset indices {rows}"
 
     def sample(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         mean, logvar = self.mean[index], self.logvar[index]

@@ -303,7 +303,8 @@ def _diffusion(opened: OpenedRun, ae: Autoencoder, latents: LatentPosteriors, sc
         else:
             state.nonfinite += 1
             if first_bad and d.is_main:  # the first of a run of non-finite steps: where from?
-                origin = locate_nonfinite(model, forward_model(model, rt), z, t, index, rt.bf16)
+                origin = locate_nonfinite(model, forward_model(model, rt), z, t, index, rt.bf16,
+                                          latents.describe)
                 announce(rt, origin_finding(origin, state.step + 1,
                                             float(step_vitals[vm.LOSS]), lr), state.step)
             if cfg.vitals.on_nonfinite != "skip":
