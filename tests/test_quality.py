@@ -10,6 +10,7 @@ from ldmkit.classifier import cache_root, load_or_train
 from ldmkit.cli import main
 from ldmkit.config import DataConfig
 from ldmkit.evaluate import Reference, quality_metrics
+from ldmkit.images import save_png, to_pil
 from ldmkit.logging import read_metrics
 from ldmkit.quality import class_coverage, frechet_distance, memorization_rate, precision_recall
 from ldmkit.train import train
@@ -79,3 +80,24 @@ def test_eval_command_logs_eval_metrics(tmp_path, digits_classifier, capsys):
     tags = {r["tag"] for r in read_metrics(run.run_dir / "metrics.jsonl") if r["tag"].startswith("eval/")}
     assert {"eval/fd", "eval/precision", "eval/recall", "eval/class_coverage",
             "eval/memorization"} <= tags and "eval/fd:" in out
+
+
+def test_eval_during_training_logs_eval_metrics_and_names_them_in_the_verdict(
+        tmp_path, digits_classifier, capsys):
+    run = train(tiny_config(train={"steps": 12, "eval_every": 6, "sample_every": 100}),
+                tmp_path / "run")
+    steps = sorted({r["step"] for r in read_metrics(run.run_dir / "metrics.jsonl")
+                    if r["tag"] == "eval/memorization"})
+    assert steps == [6, 12]
+    if run.scenario == "healthy":
+        assert "sample quality measured at step 12" in run.verdict
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(8):
+        torch.manual_seed(i)
+        save_png(to_pil(torch.randint(0, 255, (1, 16, 16), dtype=torch.uint8)), folder / f"{i}.png")
+    train(tiny_config(data={"source": "folder", "path": str(folder), "limit": None},
+                      train={"steps": 2, "eval_every": 1, "sample_every": 100}), tmp_path / "f")
+    assert "eval during training: off" in capsys.readouterr().out
+    assert not any(r["tag"].startswith("eval/")
+                   for r in read_metrics(tmp_path / "f" / "metrics.jsonl"))

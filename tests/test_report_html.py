@@ -56,6 +56,9 @@ def test_run_writes_a_self_contained_report(run_dir):
     z_plot = html.split(f'aria-label="{vm.Z_STD}"')[1].split("</svg>")[0]
     assert 'class="finding"' in z_plot and 'class="band bad"' in z_plot
     assert "Autoencoder reconstructions" in html and "Samples over training" in html
+    heat = html.split('<svg class="plot heatmap"')[1].split("</svg>")[0]
+    assert heat.count('<rect class="series"') == 2 * vm.VAL_BUCKETS  # steps 0 and 12
+    assert f'aria-label="{vm.VAL_LOSS}"' in html and f'aria-label="{vm.COPY_SHARE}"' in html
     assert not re.search(r'src="(?!data:)', html), "every image must be embedded"
 
 

@@ -126,29 +126,33 @@ def raised(run_dir) -> set[str]:
     return {e["code"] for e in map(json.loads, lines) if e.get("event") == "raised"}
 
 
-LONG = {"steps": 400, "val_every": 100, "sample_every": 200, "log_every": 20, "batch_size": 32,
+LONG = {"steps": 600, "val_every": 100, "sample_every": 200, "log_every": 20, "batch_size": 32,
         "lr": 2e-3, "min_lr_ratio": 1.0, "warmup_steps": 20, "checkpoint_every": 1000}
+SAMPLES = {"num": 16, "during_training_num": 16}
 
 
 @pytest.mark.slow
-def test_three_images_trained_long_overfit_and_a_healthy_run_does_not(tmp_path):
-    few = tiny_config(data={"limit": 5, "val_fraction": 0.4}, unet={"base_channels": 32},
-                      autoencoder={"steps": 60},
-                      train=LONG)
+def test_two_images_trained_long_overfit_and_are_copied_and_a_healthy_run_is_not(tmp_path):
+    """Measured: held-out loss 47 % above the training images', 44 % of samples copies (median
+    nearest / second-nearest 0.36) at steps 400 and 600; the healthy run: none of it."""
+    few = tiny_config(data={"limit": 4, "val_fraction": 0.5}, unet={"base_channels": 32},
+                      autoencoder={"steps": 60}, train=LONG, sample=SAMPLES)
     result = train(few, tmp_path / "few")
-    assert "overfitting" in raised(tmp_path / "few") and result.scenario == "memorization"
-    (finding,) = [f for f in result.findings if f.code == "overfitting"]
-    assert "above the same noise on training images" in finding.message
-    healthy = train(tiny_config(unet={"base_channels": 32}, autoencoder={"steps": 60}, train=LONG),
-                    tmp_path / "healthy")
+    assert {"overfitting", "memorization"} <= raised(tmp_path / "few")
+    assert result.scenario == "memorization"
+    messages = {f.code: f.message for f in result.findings}
+    assert "above the same noise on training images" in messages["overfitting"]
+    assert "of the samples are copies of training images" in messages["memorization"]
+    healthy = train(tiny_config(unet={"base_channels": 32}, autoencoder={"steps": 60},
+                                train=LONG, sample=SAMPLES), tmp_path / "healthy")
     new = {"overfitting", "validation_stuck", "memorization", "memorization_rising"}
     assert not raised(tmp_path / "healthy") & new  # (its 4-step samples are judged as usual)
-    assert healthy.step == 400
+    assert healthy.step == 600
 
 
 def test_samples_that_copy_training_images_raise_memorization(tmp_path, monkeypatch):
     """The wiring, with samples planted as exact copies of the training images as the decoder
-    renders them (a real run that memorises is measured in BENCHMARKS.md: 4 images)."""
+    renders them, from the first sampling on."""
     from ldmkit import train as train_module
     from ldmkit.sample import generate
 

@@ -108,6 +108,17 @@ def noise_level_map(series: dict) -> str:
     return heat_map("validation loss per noise level", rows, labels)
 
 
+def _noise_level_section(series: dict) -> str:
+    heat = noise_level_map(series)
+    if not heat:
+        return ""
+    return ("<h2>Validation loss per noise level</h2><p>Fixed held-out points "
+            "(ldmkit.validation), raw weights; each row is coloured by its loss over its first "
+            "validation. High t (top) is where an image's structure is decided, low t (bottom) "
+            "its detail; the least noisy levels stay pale even in healthy runs (noise is hard "
+            f"to tell from detail there).</p>{heat}")
+
+
 def render_html(run_dir: Path) -> str:
     log = read_log(run_dir, require_values=False)
     ctx = Context.of(log.config, log.latent_scale_factor)
@@ -132,18 +143,11 @@ def render_html(run_dir: Path) -> str:
         "<h2>Findings</h2>",
         _findings_table([f.to_dict() for f in diagnosis.findings], "Open at the end of the log"),
         _findings_table(raised, "Raised during training (findings.jsonl)"),
+        _noise_level_section(log.series),
         "<h2>Vital signs</h2><p>Green: the guide's good range; red: its bad range; dashed "
         "lines: where a finding was raised (hover for the diagnosis).</p>",
         f'<div class="plots">{"".join(plots)}</div>',
     ]
-    heat = noise_level_map(log.series)
-    if heat:
-        sections.append("<h2>Validation loss per noise level</h2><p>Fixed held-out points "
-                        "(ldmkit.validation), raw weights; each row is coloured by its loss "
-                        "over its first validation. High t (top) is where an image's "
-                        "structure is decided, low t (bottom) its detail; the least noisy "
-                        "levels stay pale even in healthy runs (noise is hard to tell from "
-                        f"detail there).</p>{heat}")
     if evals:
         rows = "".join(f"<tr><td><code>{escape(t)}</code></td><td>{v:.4g}</td></tr>"
                        for t, v in sorted(evals.items()))

@@ -49,8 +49,9 @@ THRESHOLDS: dict[str, tuple[float, str]] = {
     "val_bucket_learned": (0.1, "diffusion/t_mean 'some noise levels are barely trained': a "
                            "noise level that lost less than this share of its untrained "
                            "validation loss is not learned"),
-    "overfit_gap": (0.15, "loss/total_loss '< 0.01: overfitting': held-out loss above the same "
-                    "points' loss on training images by more than this share"),
+    "overfit_gap": (0.25, "loss/total_loss '< 0.01: overfitting': held-out loss above the same "
+                    "points' loss on training images by more than this share (measured: 7 % on "
+                    "digits, 19 % on emoji at 1500 steps, 34 % and more on 3 images)"),
     "overfit_rise": (0.05, "loss/total_loss 'overfitting': held-out loss risen by this share "
                      "above its minimum over three validations while the training loss fell"),
     "copy_share_high": (0.25, "scenario C 'Memorization': share of samples that are copies "
@@ -185,7 +186,8 @@ RULES: tuple[Rule, ...] = (
          "loss/total_loss: '< 0.01: overfitting'; scenario C 'Memorization ... Increase dataset, "
          "use EMA, or reduce model size'", "memorization",
          "the held-out validation loss {value:.3f} is {gap:.0%} above the same noise on "
-         "training images ({train:.3f}){rising}: the model memorises its training images{where}",
+         "training images ({train:.3f}){rising}: the model fits the images it trains on, not the "
+         "data they come from{where}",
          "use more data (or data.val_fraction to check with more held-out images), fewer steps, "
          "the EMA weights, or a smaller model / unet.dropout 0.1"),
     Rule("final_latent_std_off", vm.FINAL_PREFIX + "std", "final_std", "final_std_ratio_warning",
