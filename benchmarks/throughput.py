@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import machine, write_section  # noqa: E402
 
 from ldmkit.config import load_config  # noqa: E402
-from ldmkit.diffusion.losses import eps_mse_loss  # noqa: E402
-from ldmkit.diffusion.schedule import CosineSchedule, sample_t  # noqa: E402
+from ldmkit.diffusion.parameterization import Parameterization  # noqa: E402
+from ldmkit.diffusion.schedule import sample_t  # noqa: E402
 from ldmkit.logging import MetricLogger  # noqa: E402
 from ldmkit.resume import build_unet  # noqa: E402
 from ldmkit.runtime import attach_monitor  # noqa: E402
@@ -52,13 +52,13 @@ def step_fn(model: torch.nn.Module, discrete: bool):
     gen = torch.Generator().manual_seed(0)
     z, eps = torch.randn(BATCH, *SHAPE, generator=gen), torch.randn(BATCH, *SHAPE, generator=gen)
     t = torch.rand(BATCH, generator=gen)
-    schedule = CosineSchedule()
+    param = Parameterization()
 
     def net(x: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
         return model(x, (tt * 999).long()).sample if discrete else model(x, tt)
 
     def step() -> None:
-        loss = eps_mse_loss(net, schedule, z, t, eps).loss
+        loss = param.loss(net, z, t, eps).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -129,7 +129,7 @@ def overhead_section() -> str:
     """Step time with every vital sign and the live diagnosis vs a bare step."""
     model = build_unet(CFG, 4, 8)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    params_list, schedule = list(model.parameters()), CosineSchedule()
+    params_list, param = list(model.parameters()), Parameterization()
     gen = torch.Generator().manual_seed(0)
     z = torch.randn(BATCH, *SHAPE, generator=gen)
 
@@ -138,7 +138,7 @@ def overhead_section() -> str:
 
     def bare() -> None:
         t, eps = batch()
-        loss = eps_mse_loss(model, schedule, z, t, eps).loss
+        loss = param.loss(model, z, t, eps).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params_list, 1.0)
@@ -154,7 +154,7 @@ def overhead_section() -> str:
             def step() -> None:
                 t, eps = batch()
                 measure = with_ratio and counter[0] % every == 0
-                _, vitals = train_step(model, params_list, opt, schedule, z, t, eps, 1.0,
+                _, vitals = train_step(model, params_list, opt, param, z, t, eps, 1.0,
                                        scratch=scratch if measure else None)
                 acc.add(vitals)
                 counter[0] += 1
@@ -207,7 +207,7 @@ def validation_section() -> str:
     model = build_unet(CFG, 4, 8)
     ema, ae = EMA(model, 0.999), build_autoencoder(CFG.autoencoder, 1).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    schedule, gen = CosineSchedule(), torch.Generator().manual_seed(0)
+    param, gen = Parameterization(), torch.Generator().manual_seed(0)
     n = 1797  # the digits demo
     latents = LatentPosteriors(torch.randn(n, *SHAPE, generator=gen), torch.zeros(n, *SHAPE))
     parts = validation.split(n, CFG)
@@ -218,7 +218,7 @@ def validation_section() -> str:
 
     def step() -> None:
         t, eps = sample_t(BATCH, "uniform", gen), torch.randn(z.shape, generator=gen)
-        train_step(model, list(model.parameters()), opt, schedule, z, t, eps, 1.0)
+        train_step(model, list(model.parameters()), opt, param, z, t, eps, 1.0)
 
     def timed(fn) -> float:
         start = time.perf_counter()
@@ -226,7 +226,7 @@ def validation_section() -> str:
         return time.perf_counter() - start
 
     images = torch.randint(0, 256, (CFG.sample.during_training_num, 1, 32, 32), dtype=torch.uint8)
-    work = {"validation": lambda: validation.measure(model, ema.model, lambda m: m, schedule,
+    work = {"validation": lambda: validation.measure(model, ema.model, lambda m: m, param,
                                                        vset, 1.0),
             "copy check": lambda: vm.copy_vitals(images, reference),
             "eval": lambda: evaluator.measure(ema.model, ae, 1.0, CFG)}

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from ldmkit.config import Config, load_config, to_yaml
+from ldmkit.config import Config, from_dict, load_config, to_yaml
 from ldmkit.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,3 +76,10 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     path.write_text(to_yaml(cfg))
     assert load_config(path) == cfg
     assert load_config(None) == Config()
+
+
+def test_flow_goes_with_the_linear_path_only():
+    assert from_dict({"diffusion": {"objective": "flow", "schedule": "linear"}})
+    for objective, schedule in (("flow", "cosine"), ("eps", "linear"), ("v", "linear")):
+        with pytest.raises(ConfigError, match="does not go with diffusion.schedule"):
+            from_dict({"diffusion": {"objective": objective, "schedule": schedule}})

@@ -270,7 +270,7 @@ def test_resume_overrides_are_refused_or_recorded(finished, tmp_path, capsys):
     run = copy_run(finished, tmp_path / "run")
     before = snapshot(run)
     for key, value in (("data.limit", 100), ("unet.num_heads", 2), ("autoencoder.kl_weight", 0.1),
-                       ("seed", 3)):
+                       ("seed", 3), ("diffusion.objective", "v")):
         assert main(["train", "--resume", str(run), "--set", f"{key}={value}"]) == 2
         assert f"cannot change {key} when resuming" in one_line_error(capsys)
     assert snapshot(run) == before

@@ -311,3 +311,17 @@ def test_memorization_rising_over_three_evaluations():
     flat = healthy_series()
     flat[vm.EVAL_MEMORIZATION] = [(1000, 0.02), (1500, 0.03), (2000, 0.04)]  # + 0.02 < 0.05
     assert "memorization_rising" not in codes(flat)
+
+
+def test_loss_rules_read_each_objective_in_its_own_units():
+    """Flow's velocity target has variance 2: its healthy loss sits where eps's would be stuck."""
+    from ldmkit.config import from_dict
+
+    flow = Context.of(from_dict({"diffusion": {"objective": "flow", "schedule": "linear"}}), SCALE)
+    eps = Context.of(from_dict({}), SCALE)
+    assert flow.loss_scale == 2.0 and eps.loss_scale == 1.0
+    series = with_values(healthy_series(), vm.LOSS, lambda s, v: 2 * v + 0.4)  # 2.0 -> ~1.0
+    assert "loss_stuck_high" in codes(series, eps)
+    assert "loss_stuck_high" not in codes(series, flow)
+    weighted = Context.of(from_dict({"diffusion": {"loss_weighting": "min_snr"}}), SCALE)
+    assert 0 < weighted.loss_scale < 1 and weighted.val_loss_scale == 1.0

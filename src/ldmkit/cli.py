@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ldmkit.config import SAMPLERS
 from ldmkit.errors import LdmkitError
 from ldmkit.preemption import Preempted
 
@@ -36,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     sample = sub.add_parser("sample", help="sample a trained run with its EMA weights")
     sample.add_argument("run_dir")
     sample.add_argument("--num", type=int, default=64)
-    sample.add_argument("--sampler", choices=("ddpm", "ddim", "dpmpp_2m"), default="ddim")
+    sample.add_argument("--sampler", choices=SAMPLERS, default="ddim")
     sample.add_argument("--steps", type=int, default=50)
     sample.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic)")
     sample.add_argument("--seed", type=int, default=0)
@@ -50,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
                               "coverage, memorization (logged as eval/*)")
     evaluate.add_argument("run_dir")
     evaluate.add_argument("--num", type=int, default=1000)
-    evaluate.add_argument("--sampler", choices=("ddpm", "ddim", "dpmpp_2m"))
+    evaluate.add_argument("--sampler", choices=SAMPLERS)
     evaluate.add_argument("--steps", type=int)
 
     export = sub.add_parser("export", help="write a run as diffusers model directories")

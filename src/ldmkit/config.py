@@ -80,12 +80,18 @@ class UNetConfig:
 
 @dataclass
 class DiffusionConfig:
-    """Continuous-time VP diffusion with a cosine log-SNR schedule (see diffusion/schedule.py).
+    """The objective, its noise schedule and loss weighting (diffusion/parameterization.py).
 
-    ``logsnr_min`` sets the noisiest level, where sampling starts from N(0, I); -5 is close to
-    Stable Diffusion's terminal SNR (-5.4). Much lower values make eps-prediction samplers unstable.
+    ``cosine``: continuous-time VP diffusion with a cosine log-SNR schedule, for the eps, v and
+    x0 objectives; ``logsnr_min`` sets the noisiest level, where sampling starts from N(0, I);
+    -5 is close to Stable Diffusion's terminal SNR (-5.4). Much lower values make eps-prediction
+    samplers unstable. ``linear``: the rectified-flow path, for the ``flow`` objective.
     """
 
+    objective: Literal["eps", "v", "x0", "flow"] = "eps"
+    schedule: Literal["cosine", "linear"] = "cosine"
+    loss_weighting: Literal["none", "min_snr"] = "none"
+    min_snr_gamma: float = _num(5.0, lo=0.0, strict=True)
     latent_scale_factor: float | None = _num(None, lo=0.0, strict=True)
     t_sampling: Literal["uniform", "logit_normal"] = "uniform"
     logit_normal_loc: float = 0.0
@@ -118,12 +124,15 @@ class TrainConfig:
     channels_last: bool = False  # NHWC memory format (faster convolutions on recent GPUs)
 
 
+SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "euler", "heun")  # diffusion/samplers.py
+
+
 @dataclass
 class SampleConfig:
     """Sampling during training (fixed noise, so grids are comparable) and at the end."""
 
     num: int = _num(64, lo=2)
-    sampler: Literal["ddpm", "ddim", "dpmpp_2m"] = "ddim"
+    sampler: Literal[SAMPLERS] = "ddim"
     steps: int = _num(50, lo=1)
     eta: float = _num(0.0, lo=0.0, hi=1.0)
     seed: int = 0
@@ -275,6 +284,10 @@ def _validate(cfg: Config) -> Config:
     """Cross-field checks that a single type cannot express."""
     if cfg.data.source in ("folder", "idx") and not cfg.data.path:
         raise ConfigError(f"data.source '{cfg.data.source}' needs data.path; set it to a directory")
+    if (cfg.diffusion.objective == "flow") != (cfg.diffusion.schedule == "linear"):
+        raise ConfigError(f"diffusion.objective '{cfg.diffusion.objective}' does not go with "
+                          f"diffusion.schedule '{cfg.diffusion.schedule}': flow needs the linear "
+                          "path, and eps, v and x0 the cosine schedule")
     if cfg.diffusion.logsnr_min >= cfg.diffusion.logsnr_max:
         raise ConfigError("diffusion.logsnr_min must be below diffusion.logsnr_max")
     factor = 2 ** (len(cfg.autoencoder.channel_mult) - 1)

@@ -16,7 +16,7 @@ from ldmkit.config import from_dict
 from ldmkit.errors import CheckpointError, LdmkitError
 from ldmkit.files import check_no_links
 from ldmkit.models.diffusers_vae import CONFIG_FILE, is_diffusers_vae
-from ldmkit.sample import schedule_of
+from ldmkit.sample import parameterization
 from ldmkit.stage1 import AE_DIR
 
 
@@ -33,13 +33,16 @@ def export_diffusers(run_dir: str | Path, out: str | Path) -> Path:
         raise CheckpointError(f"'{out}' is not empty; choose a new directory for the export")
     cfg_dict, step, model, ae, scale = load_for_sampling(run_dir)
     cfg = from_dict(cfg_dict)
+    if cfg.diffusion.objective == "flow":
+        raise LdmkitError("export writes diffusers' DDIM scheduler, which has no flow-matching "
+                          "prediction type; sample the run with `ldmkit sample` instead")
     u = cfg.unet
     unet = LdmkitUNet(ae.latent_channels, cfg.data.image_size // ae.downsample_factor,
                       u.base_channels, tuple(u.channel_mult), u.num_res_blocks,
                       tuple(u.attention_resolutions), u.num_heads, u.dropout)
     unet.net.load_state_dict(model.state_dict())
     unet.save_pretrained(out / "unet", safe_serialization=True)
-    discrete_scheduler(schedule_of(cfg)).save_pretrained(out / "scheduler")
+    discrete_scheduler(parameterization(cfg)).save_pretrained(out / "scheduler")
     source = run_dir / AE_DIR
     if is_diffusers_vae(source):
         shutil.copytree(source, out / "vae", ignore=shutil.ignore_patterns("*.bin", "*.png"))

@@ -52,6 +52,8 @@ FIXED_ON_RESUME = (
     ("autoencoder", "stage 1 is trained and the latents are encoded with it"),
     ("unet", "the checkpoint holds this architecture's weights"),
     ("seed", "the data order and noise of the run follow from it"),
+    ("diffusion.objective", "the checkpoint's network predicts this objective's target"),
+    ("diffusion.schedule", "the checkpoint's network learned this noise path"),
 )
 
 

@@ -11,7 +11,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ldmkit.config import Config, TrainConfig
-from ldmkit.diffusion.losses import EpsModel
+from ldmkit.diffusion.parameterization import Net
 from ldmkit.distributed import Dist, any_rank
 from ldmkit.logging import MetricLogger
 from ldmkit.preemption import StopRequest
@@ -32,7 +32,7 @@ class Runtime:
     channels_last: bool = False
 
 
-def forward_model(model: nn.Module, rt: Runtime) -> EpsModel:
+def forward_model(model: nn.Module, rt: Runtime) -> Net:
     """The backbone as the loss calls it: bf16 autocast and NHWC inputs when configured."""
 
     def forward(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -16,8 +16,8 @@ from torch import nn
 
 from ldmkit.config import Config, from_dict
 from ldmkit.data import to_uint8
-from ldmkit.diffusion.samplers import eps_denoiser, run_sampler
-from ldmkit.diffusion.schedule import CosineSchedule
+from ldmkit.diffusion.parameterization import Parameterization, parameterization_of
+from ldmkit.diffusion.samplers import run_sampler
 from ldmkit.distributed import SINGLE, Dist, all_gather_cat, shard, shard_size
 from ldmkit.files import check_output
 from ldmkit.images import image_grid, save_png, to_pil
@@ -35,8 +35,8 @@ class Samples:
     vitals: dict[str, float]
 
 
-def schedule_of(cfg: Config) -> CosineSchedule:
-    return CosineSchedule(cfg.diffusion.logsnr_min, cfg.diffusion.logsnr_max)
+def parameterization(cfg: Config) -> Parameterization:
+    return parameterization_of(cfg.diffusion)
 
 
 def start_noise(num: int, shape: tuple[int, ...], seed: int
@@ -73,8 +73,8 @@ def generate(model: nn.Module, ae: Autoencoder, scale: float, cfg: Config, num: 
     noise = shard(noise, d)
     if d.active:  # ancestral noise must differ between shards
         gen = torch.Generator().manual_seed(seed * 1_000_003 + d.rank + 1)
-    schedule = schedule_of(cfg)
-    denoise = eps_denoiser(model, schedule)
+    param = parameterization(cfg)
+    schedule, denoise = param.schedule, param.denoiser(model)
     was_training = model.training
     model.eval()
 

@@ -26,8 +26,8 @@ from tqdm import tqdm
 from ldmkit import validation
 from ldmkit.config import Config, to_yaml
 from ldmkit.data import BatchOrder
-from ldmkit.diffusion.losses import EpsModel, eps_mse_loss
-from ldmkit.diffusion.schedule import CosineSchedule, sample_t
+from ldmkit.diffusion.parameterization import Net, Parameterization
+from ldmkit.diffusion.schedule import sample_t
 from ldmkit.distributed import (
     Dist,
     all_sum,
@@ -69,7 +69,7 @@ from ldmkit.runtime import (
     forward_model,
     should_stop,
 )
-from ldmkit.sample import generate, save_samples, schedule_of
+from ldmkit.sample import generate, parameterization, save_samples
 from ldmkit.stage1 import LatentPosteriors
 from ldmkit.start import resolve_device, start_run
 from ldmkit.vitals import metrics as vm
@@ -82,9 +82,9 @@ __all__ = ["Fault", "TrainResult", "train", "train_step"]
 class Fault:
     """A defect planted in every training step, for tests of the diagnosis where no config can
     produce the fault: ``eps_model(model, eps)`` replaces what the loss calls (e.g. a model that
-    sees the noise), ``target(eps)`` replaces the regression target (e.g. a sign bug)."""
+    sees the noise), ``target(target)`` rewrites the regression target (e.g. a sign bug)."""
 
-    eps_model: Callable[[nn.Module, torch.Tensor], EpsModel] | None = None
+    eps_model: Callable[[nn.Module, torch.Tensor], Net] | None = None
     target: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
@@ -108,8 +108,8 @@ class TrainResult:
         return self.covers or self.scenario
 
 
-def train_step(model: nn.Module | EpsModel, params: list[nn.Parameter],
-               opt: torch.optim.Optimizer, schedule: CosineSchedule, z: torch.Tensor,
+def train_step(model: nn.Module | Net, params: list[nn.Parameter],
+               opt: torch.optim.Optimizer, param: Parameterization, z: torch.Tensor,
                t: torch.Tensor, eps: torch.Tensor, grad_clip: float,
                fault: Fault | None = None, scratch: list[torch.Tensor] | None = None
                ) -> tuple[bool, dict[str, torch.Tensor]]:
@@ -119,9 +119,8 @@ def train_step(model: nn.Module | EpsModel, params: list[nn.Parameter],
     the synchronized gradient and every rank takes the same decision. With ``scratch`` (one
     buffer per parameter) the relative size of the applied update is measured too.
     """
-    eps_model = fault.eps_model(model, eps) if fault and fault.eps_model else model
-    target = fault.target(eps) if fault and fault.target else None
-    out = eps_mse_loss(eps_model, schedule, z, t, eps, target)
+    net = fault.eps_model(model, eps) if fault and fault.eps_model else model
+    out = param.loss(net, z, t, eps, fault.target if fault else None)
     opt.zero_grad(set_to_none=True)
     out.loss.backward()
     grad_norm = nn.utils.clip_grad_norm_(params, grad_clip)
@@ -242,11 +241,11 @@ def _start_state(opened: OpenedRun, cfg: Config, ae: Autoencoder, latents: Laten
 
 
 def _validate(state: LoopState, vset: validation.ValidationSet | None, rt: Runtime,
-              schedule: CosineSchedule, scale: float) -> None:
+              param: Parameterization, scale: float) -> None:
     """Log the deterministic validation loss of the current raw and EMA weights (rank 0)."""
     if vset is not None:
         rt.logger.log(state.step, validation.measure(
-            state.model, state.ema.model, lambda net: forward_model(net, rt), schedule, vset,
+            state.model, state.ema.model, lambda net: forward_model(net, rt), param, vset,
             scale))
 
 
@@ -273,7 +272,7 @@ def _diffusion(opened: OpenedRun, ae: Autoencoder, latents: LatentPosteriors, sc
     net, params = forward_model(wrapped, rt), list(model.parameters())
     scratch = [torch.empty_like(p) for p in params]  # the weights before a measured update
     ratio_every = vm.update_ratio_every(tc.log_every)
-    schedule, first_step = schedule_of(cfg), state.step
+    param, first_step = parameterization(cfg), state.step
     explode = Context.of(cfg, scale).thr("grad_norm_high")
     end = min(tc.steps, stop_at) if stop_at else tc.steps
     grid, vitals, stopped_by, halted, previous_applied = None, {}, None, False, True
@@ -281,7 +280,7 @@ def _diffusion(opened: OpenedRun, ae: Autoencoder, latents: LatentPosteriors, sc
                mininterval=1.0, disable=not d.is_main)
     model.train()
     if state.step == 0:  # the untrained model's: where each noise level starts from
-        _validate(state, vset, rt, schedule, scale)
+        _validate(state, vset, rt, param, scale)
     while state.step < end:
         lr = lr_at(state.step, tc) * state.lr_scale
         set_lr(state.opt, lr)
@@ -292,7 +291,7 @@ def _diffusion(opened: OpenedRun, ae: Autoencoder, latents: LatentPosteriors, sc
         eps = torch.randn(z.shape, generator=state.gen)
         z, t, eps = (shard(x, d).to(rt.device, non_blocking=True) for x in (z, t, eps))
         measure = scratch if state.step % ratio_every == 0 else None
-        applied, step_vitals = train_step(net, params, state.opt, schedule, z, t, eps,
+        applied, step_vitals = train_step(net, params, state.opt, param, z, t, eps,
                                           tc.grad_clip, fault, measure)
         step_vitals = global_vitals(step_vitals, z, d)
         first_bad, previous_applied = not applied and previous_applied, applied
@@ -327,7 +326,7 @@ def _diffusion(opened: OpenedRun, ae: Autoencoder, latents: LatentPosteriors, sc
             rt.logger.log(step, vitals)
             bar.set_postfix(loss=f"{vitals[vm.LOSS]:.4f}", cos=f"{vitals[vm.COS_EPS]:.2f}")
         if tc.val_every and (step % tc.val_every == 0 or step == tc.steps):
-            _validate(state, vset, rt, schedule, scale)
+            _validate(state, vset, rt, param, scale)
         if step % tc.sample_every == 0 and step < tc.steps:
             with contextlib.suppress(Preempted):  # a stop request: the checkpoint comes next
                 sample_and_log(cfg, step, state.ema, ae, scale, rt,

@@ -29,8 +29,7 @@ from torch import nn
 
 from ldmkit.config import Config, DataConfig
 from ldmkit.data import find_idx, load_data
-from ldmkit.diffusion.losses import EpsModel, eps_mse_loss
-from ldmkit.diffusion.schedule import CosineSchedule
+from ldmkit.diffusion.parameterization import Net, Parameterization
 from ldmkit.errors import DataError
 from ldmkit.files import read_regular, write_bytes_atomic
 from ldmkit.models.autoencoder import Autoencoder
@@ -164,24 +163,27 @@ def bucket_tag(prefix: str, k: int) -> str:
 
 
 @torch.no_grad()
-def _score(forward: EpsModel, schedule: CosineSchedule, x0: torch.Tensor, vset: ValidationSet,
-           scale: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-point loss ``[K]``, per-point cosine of predicted and true noise ``[K]``)."""
-    losses, cosines = [], []
+def _score(forward: Net, param: Parameterization, x0: torch.Tensor, vset: ValidationSet,
+           scale: float, device: torch.device
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per point ``[K]``: the objective's loss, the noise MSE, the cosine of predicted and true
+    noise (the loss unweighted: a weighting would make noise levels incomparable)."""
+    losses, eps_mse, cosines = [], [], []
     for rows in torch.arange(len(vset.t)).split(CHUNK):
         z0 = scale * x0[vset.image[rows] % len(x0)].to(device)
         t, eps = vset.t[rows].to(device), vset.eps[rows].to(device)
-        out = eps_mse_loss(forward, schedule, z0, t, eps)
+        out = param.loss(forward, z0, t, eps)
         err = (out.eps_pred.float() - eps).pow(2).flatten(1).mean(1)
         cos = torch.nn.functional.cosine_similarity(out.eps_pred.float().flatten(1),
                                                     eps.flatten(1), dim=1)
-        losses.append(err.double().cpu())
+        losses.append(out.per_sample.double().cpu())
+        eps_mse.append(err.double().cpu())
         cosines.append(cos.double().cpu())
-    return torch.cat(losses), torch.cat(cosines)
+    return torch.cat(losses), torch.cat(eps_mse), torch.cat(cosines)
 
 
-def measure(model: nn.Module, ema_model: nn.Module, wrap: Callable[[nn.Module], EpsModel],
-            schedule: CosineSchedule, vset: ValidationSet, scale: float) -> dict[str, float]:
+def measure(model: nn.Module, ema_model: nn.Module, wrap: Callable[[nn.Module], Net],
+            param: Parameterization, vset: ValidationSet, scale: float) -> dict[str, float]:
     """``validation/*`` (raw weights) and ``validation_ema/*`` (EMA weights) of the fixed set.
 
     Eval mode (no dropout) and no RNG draw: training continues exactly as without it.
@@ -193,15 +195,14 @@ def measure(model: nn.Module, ema_model: nn.Module, wrap: Callable[[nn.Module], 
         was_training = net.training
         net.eval()
         try:
-            loss, cos = _score(wrap(net), schedule, vset.latents, vset, scale, device)
+            loss, eps_mse, cos = _score(wrap(net), param, vset.latents, vset, scale, device)
             if prefix == vm.VAL_PREFIX:
-                values[vm.VAL_TRAIN_LOSS] = _score(wrap(net), schedule, vset.probe, vset, scale,
+                values[vm.VAL_TRAIN_LOSS] = _score(wrap(net), param, vset.probe, vset, scale,
                                                    device)[0].mean().item()
         finally:
             net.train(was_training)
-        # eps-prediction: the objective's loss is the noise MSE (both tags, so that other
-        # objectives can differ)
-        values[prefix + "loss"] = values[prefix + "eps_mse"] = loss.mean().item()
+        values[prefix + "loss"] = loss.mean().item()
+        values[prefix + "eps_mse"] = eps_mse.mean().item()
         values[prefix + "cos_eps_mean"] = cos.mean().item()
         for k in range(vm.VAL_BUCKETS):
             values[bucket_tag(prefix, k)] = loss[bucket == k].mean().item()

@@ -16,8 +16,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
+
+
+class Schedule(Protocol):
+    """What losses and samplers need of a noise schedule: ``x_t = alpha x0 + sigma eps``."""
+
+    def logsnr(self, t: torch.Tensor) -> torch.Tensor: ...
+
+    def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 @dataclass(frozen=True)
@@ -37,7 +46,20 @@ class CosineSchedule:
         return torch.sigmoid(lam).sqrt().float(), torch.sigmoid(-lam).sqrt().float()
 
 
-def add_noise(schedule: CosineSchedule, x0: torch.Tensor, t: torch.Tensor,
+@dataclass(frozen=True)
+class LinearSchedule:
+    """The rectified-flow path ``x_t = (1 - t) x0 + t eps`` (Liu et al. 2022; Esser et al. 2024):
+    pure noise at t = 1 (alpha = 0), data at t = 0; not variance preserving."""
+
+    def logsnr(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.double()
+        return 2.0 * (torch.log1p(-t) - torch.log(t))  # +-inf at the ends
+
+    def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (1.0 - t.double()).float(), t.double().float()
+
+
+def add_noise(schedule: Schedule, x0: torch.Tensor, t: torch.Tensor,
               noise: torch.Tensor) -> torch.Tensor:
     """``x_t`` for clean latents ``x0 [B, ...]`` at times ``t [B]``."""
     alpha, sigma = schedule.alpha_sigma(t)

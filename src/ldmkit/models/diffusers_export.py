@@ -16,6 +16,7 @@ from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKLOutput
 from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
+from ldmkit.diffusion.parameterization import Parameterization
 from ldmkit.diffusion.schedule import CosineSchedule
 from ldmkit.models.autoencoder import Autoencoder
 from ldmkit.models.unet import UNet
@@ -27,12 +28,17 @@ def discrete_alphas_cumprod(schedule: CosineSchedule, steps: int) -> torch.Tenso
     return torch.sigmoid(schedule.logsnr(t))
 
 
-def discrete_scheduler(schedule: CosineSchedule, steps: int = 1000) -> DDIMScheduler:
-    alphas_cumprod = discrete_alphas_cumprod(schedule, steps)
+PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
+
+
+def discrete_scheduler(param: Parameterization, steps: int = 1000) -> DDIMScheduler:
+    """diffusers' DDIM scheduler on the VP schedule's discretisation, with the objective's
+    ``prediction_type`` (eps, v and x0 objectives on the cosine schedule)."""
+    alphas_cumprod = discrete_alphas_cumprod(param.schedule, steps)
     previous = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
     betas = (1 - alphas_cumprod / previous).tolist()
     return DDIMScheduler(num_train_timesteps=steps, trained_betas=betas, clip_sample=False,
-                         prediction_type="epsilon", set_alpha_to_one=True,
+                         prediction_type=PREDICTION_TYPES[param.objective], set_alpha_to_one=True,
                          timestep_spacing="trailing")
 
 

@@ -33,11 +33,15 @@ def bands(metric: str, ctx: Context) -> list[Band]:
     out = [Band("good", lo, hi) for m, (lo, hi, _) in GOOD.items() if m == metric]
     scale = ctx.latent_scale_factor
     if metric == vm.LOSS:
-        out += [Band("bad", thr("loss_stuck_high"), None), Band("bad", None, thr("loss_too_low"))]
+        k = ctx.loss_scale  # the guide's eps-prediction units -> this objective's
+        low, high, _ = GOOD[vm.LOSS]
+        out = [Band("good", low * k, high * k)]
+        out += [Band("bad", thr("loss_stuck_high") * k, None),
+                Band("bad", None, thr("loss_too_low") * k)]
     elif metric == vm.GRAD_NORM:
         out += [Band("bad", thr("grad_norm_high"), None), Band("bad", None, thr("grad_norm_low"))]
     elif metric == vm.VAL_LOSS:
-        out += [Band("bad", thr("val_stuck_high"), None)]
+        out += [Band("bad", thr("val_stuck_high") * ctx.val_loss_scale, None)]
     elif metric == vm.COPY_SHARE:
         out += [Band("bad", thr("copy_share_high"), None)]
     elif metric == vm.UPDATE_RATIO:

@@ -37,7 +37,8 @@ def _median_check(above: bool, min_records: int = 3, wait: bool = False,
         if len(recent) < min_records or (wait and recent[-1][0] < ctx.thr("min_steps")):
             return None
         value = statistics.median(abs(v) if absolute else v for _, v in recent)
-        level = _level(rule, ctx, (lambda t: value > t) if above else (lambda t: value < t))
+        judged = ctx.in_guide_units(rule.metric, value)
+        level = _level(rule, ctx, (lambda t: judged > t) if above else (lambda t: judged < t))
         return Verdict(level, value, recent[-1][0]) if level else None
 
     return check
@@ -127,7 +128,7 @@ def _model_has_learned(series: Series, ctx: Context, step: int) -> bool:
     finite = [v for v in loss if math.isfinite(v)]
     cos = [v for s, v in series.get(vm.COS_EPS, []) if s <= step and math.isfinite(v)][-window:]
     return (step >= ctx.thr("min_steps") and len(finite) == len(loss)
-            and statistics.median(finite) < ctx.thr("loss_stuck_high")
+            and ctx.in_guide_units(vm.LOSS, statistics.median(finite)) < ctx.thr("loss_stuck_high")
             and (not cos or statistics.median(cos) > ctx.thr("cos_eps_random")))
 
 
@@ -241,7 +242,7 @@ def _validation_stuck(rule: Rule, series: Series, ctx: Context) -> Verdict | Non
     recent = [(s, v) for s, v in series.get(rule.metric, [])
               if s >= ctx.thr("min_steps") and math.isfinite(v)][-2:]
     thr = ctx.thr(rule.warning)
-    if len(recent) < 2 or not all(v > thr for _, v in recent):
+    if len(recent) < 2 or not all(ctx.in_guide_units(rule.metric, v) > thr for _, v in recent):
         return None
     step, value = recent[-1]
     stuck = []

@@ -32,6 +32,10 @@ class Context:
     thresholds: dict[str, float] = field(default_factory=threshold_defaults)
     latent_scale_factor: float | None = None
     train: TrainConfig | None = None
+    # where the objective's training / validation loss starts (the guide's thresholds assume
+    # eps-prediction's 1.0); Parameterization.untrained_loss
+    loss_scale: float = 1.0
+    val_loss_scale: float = 1.0
 
     @classmethod
     def of(cls, config: Config | None, latent_scale_factor: float | None,
@@ -39,7 +43,23 @@ class Context:
         """The guide's defaults, overridden by ``config.vitals.thresholds``, then ``thresholds``."""
         merged = {**threshold_defaults(), **(config.vitals.thresholds if config else {}),
                   **(thresholds or {})}
-        return cls(merged, latent_scale_factor, config.train if config else None)
+        if config is None:
+            return cls(merged, latent_scale_factor)
+        from ldmkit.diffusion.parameterization import parameterization_of
+
+        param = parameterization_of(config.diffusion)
+        return cls(merged, latent_scale_factor, config.train, param.untrained_loss(),
+                   param.untrained_loss(weighted=False))
+
+    def in_guide_units(self, tag: str, value: float) -> float:
+        """A loss in the units the guide's thresholds assume (eps-prediction's: starts at 1)."""
+        from ldmkit.vitals import metrics as vm
+
+        if tag == vm.LOSS:
+            return value / self.loss_scale
+        if tag in (vm.VAL_LOSS, vm.VAL_TRAIN_LOSS):
+            return value / self.val_loss_scale
+        return value
 
     def thr(self, name: str) -> float:
         return self.thresholds[name]

@@ -1,0 +1,134 @@
+"""The one object between the backbone and everything else (k-diffusion's ``Denoiser``, EDM2's
+``Precond`` + loss): it turns the network's output into estimates of the clean latents (x0) and
+the noise (eps), and computes the training loss. Samplers, the vital signs, validation and
+export see those estimates only, never the objective.
+
+Objectives, with ``x_t = alpha(t) x0 + sigma(t) eps``:
+
+- ``eps``: the network predicts the noise (Ho et al. 2020). ``x0 = (x - sigma out) / alpha``.
+- ``v``: ``v = alpha eps - sigma x0`` (Salimans & Ho 2022), on a VP schedule
+  (``alpha^2 + sigma^2 = 1``): ``x0 = alpha x - sigma out``, ``eps = sigma x + alpha out``.
+- ``x0``: the network predicts the clean latents. ``eps = (x - alpha out) / sigma``.
+- ``flow``: rectified flow on the linear path ``x_t = (1 - t) x0 + t eps`` with velocity target
+  ``eps - x0`` (Liu et al. 2022; Esser et al. 2024): ``x0 = x - t out``, ``eps = x + (1 - t) out``.
+
+Loss weighting ``min_snr`` (Hang et al. 2023) weights each sample so that its loss, expressed
+as an x0-error, counts ``min(snr, gamma)``: the objective's squared error equals ``c(t)`` times
+the x0 error (eps: ``snr``; v: ``snr + 1``; x0: 1; flow: ``1 / t^2``), so the weight is
+``min(snr, gamma) / c(t)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from ldmkit.diffusion.schedule import CosineSchedule, LinearSchedule, Schedule
+
+if TYPE_CHECKING:
+    from ldmkit.config import DiffusionConfig
+
+Net = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+OBJECTIVES = ("eps", "v", "x0", "flow")
+
+
+@dataclass
+class Prediction:
+    out: torch.Tensor  # [B, C, h, w] the network's raw output
+    x0: torch.Tensor  # its estimate of the clean latents
+    eps: torch.Tensor  # its estimate of the noise
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # [] the objective's (weighted) mean squared error
+    eps_pred: torch.Tensor  # [B, C, h, w] the noise estimate, whatever the objective
+    eps: torch.Tensor  # [B, C, h, w] the true noise
+    per_sample: torch.Tensor  # [B] the objective's unweighted squared error per sample
+
+
+def _col(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.view((-1,) + (1,) * (like.dim() - 1))
+
+
+@dataclass(frozen=True)
+class Parameterization:
+    """An objective on a schedule, with its loss weighting (``diffusion.*`` of the config)."""
+
+    objective: str = "eps"
+    schedule: Schedule = CosineSchedule()
+    weighting: str = "none"
+    min_snr_gamma: float = 5.0
+
+    def predict(self, net: Net, x: torch.Tensor, t: torch.Tensor) -> Prediction:
+        """The network's output at ``(x_t, t)`` as estimates of x0 and eps."""
+        out = net(x, t)
+        o = out.float()
+        alpha, sigma = (_col(v, x) for v in self.schedule.alpha_sigma(t))
+        if self.objective == "eps":
+            return Prediction(out, (x - sigma * o) / alpha, out)
+        if self.objective == "v":
+            return Prediction(out, alpha * x - sigma * o, sigma * x + alpha * o)
+        if self.objective == "x0":
+            return Prediction(out, o, (x - alpha * o) / sigma)
+        tt = _col(t.float(), x)
+        return Prediction(out, x - tt * o, x + (1 - tt) * o)
+
+    def target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the network regresses onto."""
+        if self.objective == "eps":
+            return eps
+        if self.objective == "x0":
+            return x0
+        if self.objective == "flow":
+            return eps - x0
+        alpha, sigma = (_col(v, x0) for v in self.schedule.alpha_sigma(t))
+        return alpha * eps - sigma * x0
+
+    def weight(self, t: torch.Tensor) -> torch.Tensor | None:
+        """Per-sample loss weights ``[B]``, or None for the plain mean."""
+        if self.weighting == "none":
+            return None
+        snr = self.schedule.logsnr(t).exp()
+        x0_error_factor = {"eps": snr, "v": snr + 1, "x0": torch.ones_like(snr),
+                           "flow": 1 / t.double().clamp(min=1e-6) ** 2}[self.objective]
+        return (snr.clamp(max=self.min_snr_gamma) / x0_error_factor).float()
+
+    def loss(self, net: Net, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+             target: Callable[[torch.Tensor], torch.Tensor] | None = None) -> LossOutput:
+        """Noise ``x0`` to ``t`` with ``eps``, predict, and score. ``target`` rewrites the
+        regression target (fault-injection tests of a wrong target only)."""
+        alpha, sigma = (_col(v, x0) for v in self.schedule.alpha_sigma(t))
+        x = alpha * x0 + sigma * eps
+        pred = self.predict(net, x, t)
+        goal = self.target(x0, eps, t)
+        goal = target(goal) if target is not None else goal
+        err = (pred.out.float() - goal).pow(2)
+        weight = self.weight(t)
+        loss = err.mean() if weight is None else (err.flatten(1).mean(1) * weight).mean()
+        return LossOutput(loss, pred.eps, eps, err.detach().flatten(1).mean(1))
+
+    def untrained_loss(self, weighted: bool = True) -> float:
+        """The loss of a network that outputs 0, on latents of unit variance, averaged over
+        uniform t: where the objective's loss starts (the guide's "starts near 1.0" is eps's;
+        flow's velocity target has variance 2). The rules read losses in these units."""
+        t = (torch.arange(1000, dtype=torch.float64) + 0.5) / 1000
+        power = 2.0 if self.objective == "flow" else 1.0  # E[target^2] per element
+        weight = self.weight(t) if weighted else None
+        return power * (1.0 if weight is None else weight.double().mean().item())
+
+    def denoiser(self, net: Net) -> Denoiser:
+        """``(x_t, t) -> x0_hat``: what every sampler integrates with."""
+        return lambda x, t: self.predict(net, x, t).x0
+
+
+def parameterization_of(diffusion: DiffusionConfig) -> Parameterization:
+    """The config's ``diffusion`` section as a parameterization."""
+    d = diffusion
+    schedule = CosineSchedule(d.logsnr_min, d.logsnr_max) if d.schedule == "cosine" \
+        else LinearSchedule()
+    return Parameterization(d.objective, schedule, d.loss_weighting, d.min_snr_gamma)
