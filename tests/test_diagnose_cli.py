@@ -130,3 +130,13 @@ def test_a_healthy_verdict_says_whether_sample_quality_was_measured(tmp_path, ca
     code, out = run_json([str(write_jsonl(tmp_path / "b.jsonl", series))], capsys)
     assert out["verdict"] == (f"healthy dynamics; sample quality measured at step {last} "
                               "(fd 21.5, precision 0.8)")
+
+
+def test_objective_says_what_a_log_without_a_config_regresses(tmp_path, capsys):
+    """A healthy flow-matching log (velocity loss 2 -> ~1) is 'stuck' read as eps."""
+    flow = with_values(healthy_series(), vm.LOSS, lambda s, v: 2 * v + 0.4)
+    path = str(write_jsonl(tmp_path / "metrics.jsonl", flow))
+    _, as_eps = run_json([path, "--fail-on", "never"], capsys)
+    assert "loss_stuck_high" in {f["code"] for f in as_eps["findings"]}
+    _, as_flow = run_json([path, "--objective", "flow"], capsys)
+    assert "loss_stuck_high" not in {f["code"] for f in as_flow["findings"]}

@@ -49,6 +49,8 @@ def test_every_objective_trains_and_samples_end_to_end(tmp_path, objective, sche
     assert last < 0.9 * first  # the objective's own validation loss falls
     cos = [r["value"] for r in records if r["tag"] == vm.COS_EPS]
     assert cos[-1] > 0.3  # the noise estimate, whatever the network predicts
+    eps_mse = [r["value"] for r in records if r["tag"] == vm.EPS_MSE]
+    assert (objective == "eps") == (not eps_mse)  # the guide's loss beside another objective's
     assert result.grid is not None and all(math.isfinite(v) for v in result.vitals.values())
 
 

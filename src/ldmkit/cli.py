@@ -69,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     diagnose.add_argument("--json", action="store_true", help="machine-readable output")
     diagnose.add_argument("--fail-on", choices=("never", "warning", "critical"),
                           default="critical", help="exit 1 when a finding this severe is present")
+    diagnose.add_argument("--objective", choices=("eps", "v", "x0", "flow"), default=None,
+                          help="what the logged loss regresses (read from a run's config when "
+                               "there is one): flow's loss starts at 2, the others' at 1")
     diagnose.add_argument("--latent-scale-factor", type=float, default=None,
                           help="the run's scale, when its log does not hold latent/scale_factor")
     return p
@@ -129,7 +132,7 @@ def _diagnose(args: argparse.Namespace) -> int:
     from ldmkit.vitals.monitor import SEVERITY_RANK
     from ldmkit.vitals.offline import diagnose_log, format_table
 
-    diagnosis = diagnose_log(args.path, args.latent_scale_factor)
+    diagnosis = diagnose_log(args.path, args.latent_scale_factor, objective=args.objective)
     print(diagnosis.to_json() if args.json else format_table(diagnosis))
     if args.fail_on != "never" and diagnosis.worst() >= SEVERITY_RANK[args.fail_on]:
         return 1

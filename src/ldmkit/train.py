@@ -133,6 +133,8 @@ def train_step(model: nn.Module | Net, params: list[nn.Parameter],
     vitals = {vm.LOSS: out.loss.detach(), vm.GRAD_NORM: grad_norm.detach(),
               vm.T_MEAN: t.mean(), vm.COS_EPS: vm.cos_eps_mean(out.eps_pred.detach().float(), eps),
               vm.Z_STD: vm.latent_std(z)}
+    if param.objective != "eps":  # the guide's own loss, from the implied noise estimate
+        vitals[vm.EPS_MSE] = (out.eps_pred.detach().float() - eps).pow(2).mean()
     if finite and scratch is not None:  # a skipped step is no update: it has no ratio
         vitals[vm.UPDATE_RATIO] = vm.update_ratio(scratch, weights)
     return finite, vitals
@@ -148,12 +150,12 @@ def global_vitals(vitals: dict[str, torch.Tensor], z: torch.Tensor,
     if not d.active:
         return vitals
     zd = z.detach().double()
-    packed = torch.stack([vitals[vm.LOSS].double(), vitals[vm.T_MEAN].double(),
-                          vitals[vm.COS_EPS].double(), zd.sum(), zd.pow(2).sum()])
-    loss, t_mean, cos, total, total_sq = (all_sum(packed, d) / d.world).unbind()
+    means = [t for t in (vm.LOSS, vm.T_MEAN, vm.COS_EPS, vm.EPS_MSE) if t in vitals]
+    packed = torch.stack([*(vitals[t].double() for t in means), zd.sum(), zd.pow(2).sum()])
+    *reduced, total, total_sq = (all_sum(packed, d) / d.world).unbind()
     n = z.numel()  # per rank; the sums above are divided by world, i.e. per-rank means
     var = (total_sq - total * total / n) / (n - 1 / d.world)
-    return {**vitals, vm.LOSS: loss.float(), vm.T_MEAN: t_mean.float(), vm.COS_EPS: cos.float(),
+    return {**vitals, **{t: v.float() for t, v in zip(means, reduced, strict=True)},
             vm.Z_STD: var.clamp(min=0).sqrt().float()}
 
 

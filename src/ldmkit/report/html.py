@@ -26,7 +26,7 @@ from ldmkit.vitals.readers import read_log
 from .svg import Marker, heat_map, line_plot
 
 REPORT_FILE = "report.html"
-PLOTTED = (*vm.TRAIN_TAGS, vm.UPDATE_RATIO, vm.VAL_LOSS, vm.VAL_TRAIN_LOSS,
+PLOTTED = (*vm.TRAIN_TAGS, vm.EPS_MSE, vm.UPDATE_RATIO, vm.VAL_LOSS, vm.VAL_TRAIN_LOSS,
            vm.VAL_EMA_PREFIX + "loss", vm.VAL_PREFIX + "cos_eps_mean",
            *(vm.PAIRWISE_PREFIX + s for s in ("mean", "std", "min", "max")),
            *(vm.FINAL_PREFIX + s for s in ("mean", "std", "min", "max")),

@@ -29,10 +29,15 @@ class Diagnosis:
 
 
 def diagnose_log(path: str | Path, latent_scale_factor: float | None = None,
-                 thresholds: dict[str, float] | None = None) -> Diagnosis:
-    """Read ``path`` (run dir, JSONL, CSV, TensorBoard) and replay the rules over it."""
+                 thresholds: dict[str, float] | None = None,
+                 objective: str | None = None) -> Diagnosis:
+    """Read ``path`` (run dir, JSONL, CSV, TensorBoard) and replay the rules over it.
+    ``objective`` says what the loss is when the log has no run config (flow's starts at 2)."""
     log = read_log(path, latent_scale_factor)
-    return diagnose_loaded(log, Context.of(log.config, log.latent_scale_factor, thresholds))
+    ctx = Context.of(log.config, log.latent_scale_factor, thresholds)
+    if objective is not None:
+        ctx.loss_scale = ctx.val_loss_scale = 2.0 if objective == "flow" else 1.0
+    return diagnose_loaded(log, ctx)
 
 
 def diagnose_loaded(log: LoadedLog, ctx: Context) -> Diagnosis:
