@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import SHARED_DATA
+from faults import Fault
 
 from ldmkit.cli import main
 from ldmkit.config import Config, from_dict
-from ldmkit.train import Fault, TrainResult, train
+from ldmkit.train import TrainResult, train
 from ldmkit.vitals.offline import diagnose_log
 
 pytestmark = pytest.mark.slow
@@ -93,7 +94,7 @@ def check_fault(run_dir: Path, expected: str, related: set[str]) -> int:
 
 def run(tmp_path: Path, ae: str, fault: Fault | None = None, **sections: dict) -> TrainResult:
     autoencoder = {**sections.pop("autoencoder", {}), "pretrained": ae}
-    return train(config(autoencoder=autoencoder, **sections), tmp_path / "run", fault=fault)
+    return train(config(autoencoder=autoencoder, **sections), tmp_path / "run", param=fault)
 
 
 # (id, config sections, planted fault, expected code, related codes, max log intervals)
@@ -108,7 +109,7 @@ CASES = [
     ("logit_normal_extreme_loc", {"diffusion": {"t_sampling": "logit_normal",
                                                 "logit_normal_loc": 3.0}}, None,
      "t_mean_biased", set(), 3),
-    ("sign_bug_in_the_target", {}, Fault(target=lambda eps: -eps), "cos_eps_negative", set(), 3),
+    ("sign_bug_in_the_target", {}, Fault(wrong_target=lambda eps: -eps), "cos_eps_negative", set(), 3),
     ("noise_leaks_into_the_model", {},
      Fault(eps_model=lambda model, eps: (lambda x, t: model(x, t) + eps)), "loss_too_low",
      {"grad_norm_vanishing", "final_latent_std_off", "final_latent_extreme", "mode_collapse"}, 5),
@@ -124,7 +125,7 @@ CASES = [
      Fault(eps_model=lambda model, eps: (lambda x, t: 1000 * model(x, t))),
      "grad_norm_exploding", {"loss_stuck_high", "final_latent_std_off", "final_latent_extreme"}, 3),
     # a biased regression target: the sampler drifts, judged at the first sampling (step 200)
-    ("biased_noise_target", {}, Fault(target=lambda eps: eps + 0.5), "final_latent_mean_shift",
+    ("biased_noise_target", {}, Fault(wrong_target=lambda eps: eps + 0.5), "final_latent_mean_shift",
      set(), 20),
 ]
 

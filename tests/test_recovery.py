@@ -11,11 +11,12 @@ import pytest
 import torch
 import yaml
 from conftest import TINY, tiny_config
+from faults import Fault
 from PIL import Image
 
 from ldmkit.cli import main
 from ldmkit.logging import read_metrics
-from ldmkit.train import Fault, train
+from ldmkit.train import train
 from ldmkit.vitals import metrics as vm
 from ldmkit.vitals.offline import diagnose_log
 
@@ -42,7 +43,7 @@ def events(run_dir: Path) -> list[dict]:
 
 def test_rollback_restores_the_last_checkpoint_with_a_lower_lr(tmp_path):
     cfg = tiny_config(vitals={"on_nonfinite": "rollback"})
-    result = train(cfg, tmp_path / "run", fault=Fault(eps_model=NanAt({7})))
+    result = train(cfg, tmp_path / "run", param=Fault(eps_model=NanAt({7})))
     assert result.step == 12 and result.stopped_by is None
     (event,) = [e for e in events(tmp_path / "run") if e["code"] == "nonfinite_rollback"]
     assert event["step"] == 7 and event["at_step"] == 4 and event["severity"] == "warning"
@@ -66,7 +67,7 @@ def _lr(run_dir: Path, step: int) -> float:
 
 def test_rollbacks_give_up_after_max_rollbacks_with_a_diagnosis(tmp_path):
     cfg = tiny_config(vitals={"on_nonfinite": "rollback", "max_rollbacks": 2})
-    result = train(cfg, tmp_path / "run", fault=Fault(eps_model=NanAt(always=True)))
+    result = train(cfg, tmp_path / "run", param=Fault(eps_model=NanAt(always=True)))
     assert result.stopped_by.code == "rollback_exhausted" and result.scenario == "diverged"
     codes = [e["code"] for e in events(tmp_path / "run")]
     assert codes.count("nonfinite_rollback") == 2 and codes[-1] == "rollback_exhausted"
@@ -75,7 +76,7 @@ def test_rollbacks_give_up_after_max_rollbacks_with_a_diagnosis(tmp_path):
 
 def test_on_nonfinite_stop_goes_back_before_the_divergence_and_stops(tmp_path):
     cfg = tiny_config(vitals={"on_nonfinite": "stop"})
-    result = train(cfg, tmp_path / "run", fault=Fault(eps_model=NanAt({5})))
+    result = train(cfg, tmp_path / "run", param=Fault(eps_model=NanAt({5})))
     assert result.stopped_by.code == "nonfinite_stop" and result.step == 4
     assert result.scenario == "diverged"
     # the weights of step 4 produced the non-finite step 5: kept aside, never resumed from

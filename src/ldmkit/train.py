@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,17 +74,7 @@ from ldmkit.start import resolve_device, start_run
 from ldmkit.vitals import metrics as vm
 from ldmkit.vitals.diagnose import Context, Finding, coverage, scenario
 
-__all__ = ["Fault", "TrainResult", "train", "train_step"]
-
-
-@dataclass(frozen=True)
-class Fault:
-    """A defect planted in every training step, for tests of the diagnosis where no config can
-    produce the fault: ``eps_model(model, eps)`` replaces what the loss calls (e.g. a model that
-    sees the noise), ``target(target)`` rewrites the regression target (e.g. a sign bug)."""
-
-    eps_model: Callable[[nn.Module, torch.Tensor], Net] | None = None
-    target: Callable[[torch.Tensor], torch.Tensor] | None = None
+__all__ = ["TrainResult", "train", "train_step"]
 
 
 @dataclass
@@ -111,7 +100,7 @@ class TrainResult:
 def train_step(model: nn.Module | Net, params: list[nn.Parameter],
                opt: torch.optim.Optimizer, param: Parameterization, z: torch.Tensor,
                t: torch.Tensor, eps: torch.Tensor, grad_clip: float,
-               fault: Fault | None = None, scratch: list[torch.Tensor] | None = None
+               scratch: list[torch.Tensor] | None = None
                ) -> tuple[bool, dict[str, torch.Tensor]]:
     """One update; returns whether it was applied and the step's vitals (device tensors).
 
@@ -119,8 +108,7 @@ def train_step(model: nn.Module | Net, params: list[nn.Parameter],
     the synchronized gradient and every rank takes the same decision. With ``scratch`` (one
     buffer per parameter) the relative size of the applied update is measured too.
     """
-    net = fault.eps_model(model, eps) if fault and fault.eps_model else model
-    out = param.loss(net, z, t, eps, fault.target if fault else None)
+    out = param.loss(model, z, t, eps)
     opt.zero_grad(set_to_none=True)
     out.loss.backward()
     grad_norm = nn.utils.clip_grad_norm_(params, grad_clip)
@@ -176,22 +164,25 @@ def sample_and_log(cfg: Config, step: int, ema: EMA, ae: Autoencoder, scale: flo
 
 
 def train(cfg: Config, run_dir: Path | None = None, resume: bool = False,
-          stop_at: int | None = None, fault: Fault | None = None) -> TrainResult:
+          stop_at: int | None = None, param: Parameterization | None = None) -> TrainResult:
     """Train stage 2 (and stage 1 unless reused), or continue ``run_dir`` from its last checkpoint.
 
     ``resume`` (or a ``run_dir`` that already holds this config's run) continues it. ``stop_at``
-    ends after that many total steps with a checkpoint (a time-sliced job). ``fault`` plants a
-    defect in every step (tests of the diagnosis only). Under torchrun every rank calls this.
+    ends after that many total steps with a checkpoint (a time-sliced job). ``param`` is the
+    training loss's parameterization instead of the config's: an extension point for an
+    objective the config cannot name (the diagnosis tests plant their faults through a
+    subclass); validation and sampling keep the config's, which the checkpoint records. Under
+    torchrun every rank calls this.
     """
     d = init_distributed(cfg.device)
     try:
-        return _train(cfg, run_dir, resume, stop_at, fault, d)
+        return _train(cfg, run_dir, resume, stop_at, param, d)
     finally:
         shutdown(d)
 
 
 def _train(cfg: Config, run_dir: Path | None, resume: bool, stop_at: int | None,
-           fault: Fault | None, d: Dist) -> TrainResult:
+           param: Parameterization | None, d: Dist) -> TrainResult:
     started, data = time.time(), LazyData(cfg.data)
     shard_size(cfg.train.batch_size, d, "train.batch_size")  # fails early when not divisible
     with start_run(cfg, run_dir, resume, data, d) as opened, \
@@ -208,7 +199,7 @@ def _train(cfg: Config, run_dir: Path | None, resume: bool, stop_at: int | None,
                            f"{opened.run_dir}`")
             return TrainResult(opened.run_dir, 0, float("nan"), {}, None, time.time() - started,
                                preempted_by=exc.signal_name, rank=d.rank)
-        return _diffusion(opened, ae, latents, scale, rt, stop_at, fault, started)
+        return _diffusion(opened, ae, latents, scale, rt, stop_at, param, started)
 
 
 def _start_state(opened: OpenedRun, cfg: Config, ae: Autoencoder, latents: LatentPosteriors,
@@ -252,7 +243,7 @@ def _validate(state: LoopState, vset: validation.ValidationSet | None, rt: Runti
 
 
 def _diffusion(opened: OpenedRun, ae: Autoencoder, latents: LatentPosteriors, scale: float,
-               rt: Runtime, stop_at: int | None, fault: Fault | None,
+               rt: Runtime, stop_at: int | None, step_param: Parameterization | None,
                started: float) -> TrainResult:
     """Stage 2: the loop, then the final samples."""
     d, run_dir = rt.d, opened.run_dir
@@ -275,6 +266,7 @@ def _diffusion(opened: OpenedRun, ae: Autoencoder, latents: LatentPosteriors, sc
     scratch = [torch.empty_like(p) for p in params]  # the weights before a measured update
     ratio_every = vm.update_ratio_every(tc.log_every)
     param, first_step = parameterization(cfg), state.step
+    step_param = step_param or param
     explode = Context.of(cfg, scale).thr("grad_norm_high")
     end = min(tc.steps, stop_at) if stop_at else tc.steps
     grid, vitals, stopped_by, halted, previous_applied = None, {}, None, False, True
@@ -293,8 +285,8 @@ def _diffusion(opened: OpenedRun, ae: Autoencoder, latents: LatentPosteriors, sc
         eps = torch.randn(z.shape, generator=state.gen)
         z, t, eps = (shard(x, d).to(rt.device, non_blocking=True) for x in (z, t, eps))
         measure = scratch if state.step % ratio_every == 0 else None
-        applied, step_vitals = train_step(net, params, state.opt, param, z, t, eps,
-                                          tc.grad_clip, fault, measure)
+        applied, step_vitals = train_step(net, params, state.opt, step_param, z, t, eps,
+                                          tc.grad_clip, measure)
         step_vitals = global_vitals(step_vitals, z, d)
         first_bad, previous_applied = not applied and previous_applied, applied
         abnormal = is_abnormal(applied, step_vitals[vm.GRAD_NORM], explode)

@@ -98,15 +98,12 @@ class Parameterization:
                            "flow": 1 / t.double().clamp(min=1e-6) ** 2}[self.objective]
         return (snr.clamp(max=self.min_snr_gamma) / x0_error_factor).float()
 
-    def loss(self, net: Net, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
-             target: Callable[[torch.Tensor], torch.Tensor] | None = None) -> LossOutput:
-        """Noise ``x0`` to ``t`` with ``eps``, predict, and score. ``target`` rewrites the
-        regression target (fault-injection tests of a wrong target only)."""
+    def loss(self, net: Net, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> LossOutput:
+        """Noise ``x0`` to ``t`` with ``eps``, predict, and score."""
         alpha, sigma = (_col(v, x0) for v in self.schedule.alpha_sigma(t))
         x = alpha * x0 + sigma * eps
         pred = self.predict(net, x, t)
         goal = self.target(x0, eps, t)
-        goal = target(goal) if target is not None else goal
         err = (pred.out.float() - goal).pow(2)
         weight = self.weight(t)
         loss = err.mean() if weight is None else (err.flatten(1).mean(1) * weight).mean()
