@@ -59,16 +59,20 @@ def weights(run_dir: Path, step: int = STEPS) -> dict[str, torch.Tensor]:
 
 
 def test_two_processes_log_the_same_vitals_as_one(tmp_path, shared_ae):
+    """Also with a v objective (loss/eps_mse is reduced too) and, in the 2-process run, 2
+    micro-batches per process (the same steps: batch_size is the step's batch)."""
     ae = {**GLOBAL["autoencoder"], "pretrained": shared_ae}
-    cfg1, run1 = write(tmp_path, "one", autoencoder=ae)
-    cfg2, run2 = write(tmp_path, "two", autoencoder=ae)
+    v = {"objective": "v"}
+    cfg1, run1 = write(tmp_path, "one", autoencoder=ae, diffusion=v)
+    cfg2, run2 = write(tmp_path, "two", autoencoder=ae, diffusion=v,
+                       train={**GLOBAL["train"], "grad_accum_steps": 2})
     torchrun(1, "train", str(cfg1))
     out = torchrun(2, "train", str(cfg2))
     assert "2 processes" in out
     one, two = by_key(run1), by_key(run2)
     assert one.keys() == two.keys()  # rank 0 alone writes, once per step
     tags = {tag for _, tag in one}
-    assert set(vm.TRAIN_TAGS) <= tags and vm.PAIRWISE_PREFIX + "mean" in tags
+    assert set(vm.TRAIN_TAGS) <= tags and {vm.PAIRWISE_PREFIX + "mean", vm.EPS_MSE} <= tags
     for key, value in one.items():
         assert two[key] == pytest.approx(value, rel=2e-3, abs=1e-5), key
     # Adam normalises each update, so near-zero parameters can move by ~lr on reduction-order

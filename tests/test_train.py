@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from ldmkit.cli import main
 from ldmkit.diffusion.parameterization import Parameterization
+from ldmkit.errors import ConfigError
 from ldmkit.logging import read_metrics
 from ldmkit.models.unet import UNet
 from ldmkit.resume import load_run_config
@@ -205,3 +206,27 @@ def test_no_update_is_raised_when_training_has_no_effect_and_not_otherwise(tmp_p
     frozen = train(tiny_config(train={"lr": 1e-30}), tmp_path / "frozen")
     (finding,) = [f for f in frozen.findings if f.code == "no_update"]
     assert finding.severity == "critical" and frozen.scenario == "not_learning"
+
+
+def test_gradient_accumulation_is_the_same_step_and_resumes_exactly(tmp_path):
+    """batch_size is the step's batch; grad_accum_steps splits it into micro-batches, so the
+    vitals and the update are those of the whole batch (to float summation order)."""
+    def weights(run):
+        return load_file(str(sorted((run / "checkpoints").glob("step_*"))[-1]
+                             / "weights.safetensors"))
+
+    cfg = tiny_config(train={"steps": 12, "sample_every": 100})
+    train(cfg, tmp_path / "one")
+    accum = tiny_config(train={"steps": 12, "sample_every": 100, "grad_accum_steps": 4})
+    train(accum, tmp_path / "four")
+    one, four = weights(tmp_path / "one"), weights(tmp_path / "four")
+    assert all(torch.allclose(one[k], four[k], atol=1e-4) for k in one)
+    losses = [[r["value"] for r in read_metrics(tmp_path / run / "metrics.jsonl")
+               if r["tag"] == vm.LOSS] for run in ("one", "four")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-3)
+    train(accum, tmp_path / "sliced", stop_at=6)
+    train(accum, tmp_path / "sliced", resume=True)
+    sliced = weights(tmp_path / "sliced")
+    assert all(torch.equal(four[k], sliced[k]) for k in four)
+    with pytest.raises(ConfigError, match="divisible by train.grad_accum_steps"):
+        tiny_config(train={"grad_accum_steps": 3})

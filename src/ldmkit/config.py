@@ -117,6 +117,7 @@ class TrainConfig:
     sample_every: int = _num(1000, lo=1)
     checkpoint_every: int = _num(1000, lo=1)
     checkpoint_keep: int = _num(3, lo=1)
+    grad_accum_steps: int = _num(1, lo=1, hi=4096)  # micro-batches per step (batch_size: the step's)
     val_every: int = _num(250, lo=0)  # deterministic validation loss (0: off); ldmkit.validation
     eval_every: int = _num(0, lo=0)  # eval/* on 256 samples during training (0: off; labels)
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast of the UNet forward
@@ -288,6 +289,10 @@ def _validate(cfg: Config) -> Config:
         raise ConfigError(f"diffusion.objective '{cfg.diffusion.objective}' does not go with "
                           f"diffusion.schedule '{cfg.diffusion.schedule}': flow needs the linear "
                           "path, and eps, v and x0 the cosine schedule")
+    if cfg.train.batch_size % cfg.train.grad_accum_steps:
+        raise ConfigError(f"train.batch_size {cfg.train.batch_size} must be divisible by "
+                          f"train.grad_accum_steps {cfg.train.grad_accum_steps}: each step's "
+                          "batch is split into that many equal micro-batches")
     if cfg.diffusion.logsnr_min >= cfg.diffusion.logsnr_max:
         raise ConfigError("diffusion.logsnr_min must be below diffusion.logsnr_max")
     factor = 2 ** (len(cfg.autoencoder.channel_mult) - 1)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,7 @@ from ldmkit.divergence import (
     on_nonfinite,
     origin_finding,
 )
+from ldmkit.errors import ConfigError
 from ldmkit.evaluate import InLoopEval
 from ldmkit.files import write_text_atomic
 from ldmkit.latents import LazyData, prepare_latents
@@ -97,32 +99,57 @@ class TrainResult:
         return self.covers or self.scenario
 
 
+def accumulate(model: nn.Module | Net, param: Parameterization, z: torch.Tensor,
+               t: torch.Tensor, eps: torch.Tensor, accum: int = 1,
+               no_sync: Callable[[], contextlib.AbstractContextManager] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward of the batch in ``accum`` equal micro-batches, each loss divided by
+    ``accum``: the gradient of the whole batch in 1/accum of the activation memory. Under DDP
+    all but the last micro-batch skip the gradient all-reduce (``no_sync``). Returns the
+    batch's loss and noise estimate ``[B, ...]``."""
+    if accum == 1:
+        out = param.loss(model, z, t, eps)
+        out.loss.backward()
+        return out.loss.detach(), out.eps_pred.detach()
+    losses, preds = [], []
+    for i, (zc, tc, ec) in enumerate(zip(z.chunk(accum), t.chunk(accum), eps.chunk(accum),
+                                         strict=True)):
+        skip_sync = no_sync is not None and i < accum - 1
+        with no_sync() if skip_sync else contextlib.nullcontext():
+            out = param.loss(model, zc, tc, ec)
+            (out.loss / accum).backward()
+        losses.append(out.loss.detach())
+        preds.append(out.eps_pred.detach())
+    return torch.stack(losses).mean(), torch.cat(preds)
+
+
 def train_step(model: nn.Module | Net, params: list[nn.Parameter],
                opt: torch.optim.Optimizer, param: Parameterization, z: torch.Tensor,
                t: torch.Tensor, eps: torch.Tensor, grad_clip: float,
-               scratch: list[torch.Tensor] | None = None
+               scratch: list[torch.Tensor] | None = None, accum: int = 1,
+               no_sync: Callable[[], contextlib.AbstractContextManager] | None = None
                ) -> tuple[bool, dict[str, torch.Tensor]]:
     """One update; returns whether it was applied and the step's vitals (device tensors).
 
     Under DDP ``backward`` all-reduces the gradients, so the norm (before clipping) is that of
     the synchronized gradient and every rank takes the same decision. With ``scratch`` (one
-    buffer per parameter) the relative size of the applied update is measured too.
+    buffer per parameter) the relative size of the applied update is measured too. ``accum``
+    micro-batches (``accumulate``) give the same update and vitals: they describe the batch.
     """
-    out = param.loss(model, z, t, eps)
     opt.zero_grad(set_to_none=True)
-    out.loss.backward()
+    loss, eps_pred = accumulate(model, param, z, t, eps, accum, no_sync)
     grad_norm = nn.utils.clip_grad_norm_(params, grad_clip)
-    finite = bool(torch.isfinite(out.loss) & torch.isfinite(grad_norm))
+    finite = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
     weights = [p.detach() for p in params]
     if finite and scratch is not None:
         torch._foreach_copy_(scratch, weights)
     if finite:
         opt.step()
-    vitals = {vm.LOSS: out.loss.detach(), vm.GRAD_NORM: grad_norm.detach(),
-              vm.T_MEAN: t.mean(), vm.COS_EPS: vm.cos_eps_mean(out.eps_pred.detach().float(), eps),
+    vitals = {vm.LOSS: loss, vm.GRAD_NORM: grad_norm.detach(),
+              vm.T_MEAN: t.mean(), vm.COS_EPS: vm.cos_eps_mean(eps_pred.float(), eps),
               vm.Z_STD: vm.latent_std(z)}
     if param.objective != "eps":  # the guide's own loss, from the implied noise estimate
-        vitals[vm.EPS_MSE] = (out.eps_pred.detach().float() - eps).pow(2).mean()
+        vitals[vm.EPS_MSE] = (eps_pred.float() - eps).pow(2).mean()
     if finite and scratch is not None:  # a skipped step is no update: it has no ratio
         vitals[vm.UPDATE_RATIO] = vm.update_ratio(scratch, weights)
     return finite, vitals
@@ -184,7 +211,11 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False,
 def _train(cfg: Config, run_dir: Path | None, resume: bool, stop_at: int | None,
            param: Parameterization | None, d: Dist) -> TrainResult:
     started, data = time.time(), LazyData(cfg.data)
-    shard_size(cfg.train.batch_size, d, "train.batch_size")  # fails early when not divisible
+    per_rank = shard_size(cfg.train.batch_size, d, "train.batch_size")  # fails early
+    if per_rank % cfg.train.grad_accum_steps:
+        raise ConfigError(f"each of the {d.world} processes' {per_rank} samples per step must "
+                          f"split into train.grad_accum_steps = {cfg.train.grad_accum_steps} "
+                          "equal micro-batches; change either")
     with start_run(cfg, run_dir, resume, data, d) as opened, \
             MetricLogger(opened.run_dir, cfg.tensorboard, enabled=d.is_main) as logger, \
             StopRequest() as stop:
@@ -258,8 +289,9 @@ def _diffusion(opened: OpenedRun, ae: Autoencoder, latents: LatentPosteriors, sc
         if d.is_main else None
     evaluator = InLoopEval.of(cfg.data, parts.train, d) if tc.eval_every else None
     model = state.model
-    wrapped = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None) \
-        if d.active else model
+    ddp = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None) \
+        if d.active else None
+    wrapped = ddp or model
     if tc.compile:
         wrapped = torch.compile(wrapped)
     net, params = forward_model(wrapped, rt), list(model.parameters())
@@ -286,7 +318,8 @@ def _diffusion(opened: OpenedRun, ae: Autoencoder, latents: LatentPosteriors, sc
         z, t, eps = (shard(x, d).to(rt.device, non_blocking=True) for x in (z, t, eps))
         measure = scratch if state.step % ratio_every == 0 else None
         applied, step_vitals = train_step(net, params, state.opt, step_param, z, t, eps,
-                                          tc.grad_clip, measure)
+                                          tc.grad_clip, measure, tc.grad_accum_steps,
+                                          ddp.no_sync if ddp else None)
         step_vitals = global_vitals(step_vitals, z, d)
         first_bad, previous_applied = not applied and previous_applied, applied
         abnormal = is_abnormal(applied, step_vitals[vm.GRAD_NORM], explode)
