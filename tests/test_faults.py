@@ -130,6 +130,20 @@ CASES = [
 ]
 
 
+# the same misconfigurations under the other objectives: the loss rules read each objective's
+# loss in the guide's units (flow's starts at 2), the latent rules do not depend on it
+OBJECTIVES = {"v": {"objective": "v"}, "x0": {"objective": "x0"},
+              "flow": {"objective": "flow", "schedule": "linear"}}
+CASES += [
+    (f"{case}_{name}", {**sections, "diffusion": {**sections.get("diffusion", {}), **objective}},
+     None, expected, related | {"cos_eps_random"}, 12 if case.startswith("lr") else 3)
+    for name, objective in OBJECTIVES.items()
+    for case, sections, expected, related in (
+        ("lr_far_too_low", {"train": {"lr": 1e-7}}, "loss_stuck_high", set()),
+        ("scale_factor_far_too_large", {"diffusion": {"latent_scale_factor": 8.0}}, "z_std_high",
+         {"loss_stuck_high"}))]
+
+
 @pytest.mark.parametrize("name, sections, fault, expected, related, max_intervals",
                          CASES, ids=[c[0] for c in CASES])
 def test_fault_is_diagnosed(tmp_path, ae_digits, name, sections, fault, expected, related,
@@ -215,3 +229,12 @@ def test_healthy_mnist(tmp_path):
     data = {"source": "idx", "path": str(SHARED_DATA / "mnist"), "limit": 2048}
     train(config(data=data, train={"steps": 800}), tmp_path / "run")
     assert_healthy(tmp_path / "run")
+
+
+@pytest.mark.parametrize("objective", ["v", "flow"])
+def test_healthy_digits_under_other_objectives(tmp_path, ae_digits, objective):
+    run(tmp_path, ae_digits, diffusion=OBJECTIVES[objective], train={"steps": 800})
+    assert_healthy(tmp_path / "run")
+    cos = [r["value"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").open())
+           if r["tag"] == "diffusion/cos_eps_mean"]
+    assert cos[-1] > 0.5
