@@ -31,6 +31,11 @@ class Runtime:
     bf16: bool = False
     channels_last: bool = False
 
+    def stop_requested(self) -> bool:
+        """Whether any rank was asked to stop (a collective under DDP): what sampling asks at
+        each of its steps, so that a SIGTERM never waits for a whole sampling."""
+        return any_rank(self.stop.requested, self.d, self.device)
+
 
 def forward_model(model: nn.Module, rt: Runtime) -> Net:
     """The backbone as the loss calls it: bf16 autocast and NHWC inputs when configured."""

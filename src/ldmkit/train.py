@@ -31,7 +31,6 @@ from ldmkit.diffusion.schedule import sample_t
 from ldmkit.distributed import (
     Dist,
     all_sum,
-    any_rank,
     barrier,
     init_distributed,
     shard,
@@ -182,7 +181,7 @@ def sample_and_log(cfg: Config, step: int, ema: EMA, ae: Autoencoder, scale: flo
     the sampling at its next step with ``Preempted``."""
     s = cfg.sample
     samples = generate(ema.model, ae, scale, cfg, num, s.sampler, s.steps, s.seed, s.eta, d=rt.d,
-                       interrupt=lambda: any_rank(rt.stop.requested, rt.d, rt.device))
+                       interrupt=rt.stop_requested)
     if reference is not None and rt.d.is_main:
         samples.vitals.update(vm.copy_vitals(samples.images, reference))
     rt.logger.log(step, samples.vitals)
@@ -362,8 +361,7 @@ def _diffusion(opened: OpenedRun, ae: Autoencoder, latents: LatentPosteriors, sc
         if evaluator is not None and (step % tc.eval_every == 0 or step == tc.steps):
             with contextlib.suppress(Preempted):  # a stop request: the checkpoint comes next
                 rt.logger.log(step, evaluator.measure(state.ema.model, ae, scale, cfg, d,
-                                                      lambda: any_rank(rt.stop.requested, d,
-                                                                       rt.device)))
+                                                      rt.stop_requested))
         halt = should_stop(rt, step, tc, end)
         stopped_by = rt.monitor.stop_finding if rt.monitor else None
         if (step % tc.checkpoint_every == 0 or step == end or halt) and d.is_main:

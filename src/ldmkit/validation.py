@@ -158,10 +158,6 @@ def prepare(cfg: Config, run_dir: Path, parts: Split, latents: LatentPosteriors,
     return stored or drawn
 
 
-def bucket_tag(prefix: str, k: int) -> str:
-    return f"{prefix}loss_t{k}"
-
-
 @torch.no_grad()
 def _score(forward: Net, param: Parameterization, x0: torch.Tensor, vset: ValidationSet,
            scale: float, device: torch.device
@@ -174,8 +170,7 @@ def _score(forward: Net, param: Parameterization, x0: torch.Tensor, vset: Valida
         t, eps = vset.t[rows].to(device), vset.eps[rows].to(device)
         out = param.loss(forward, z0, t, eps)
         err = (out.eps_pred.float() - eps).pow(2).flatten(1).mean(1)
-        cos = torch.nn.functional.cosine_similarity(out.eps_pred.float().flatten(1),
-                                                    eps.flatten(1), dim=1)
+        cos = vm.cos_eps(out.eps_pred, eps)
         losses.append(out.per_sample.double().cpu())
         eps_mse.append(err.double().cpu())
         cosines.append(cos.double().cpu())
@@ -205,5 +200,5 @@ def measure(model: nn.Module, ema_model: nn.Module, wrap: Callable[[nn.Module], 
         values[prefix + "eps_mse"] = eps_mse.mean().item()
         values[prefix + "cos_eps_mean"] = cos.mean().item()
         for k in range(vm.VAL_BUCKETS):
-            values[bucket_tag(prefix, k)] = loss[bucket == k].mean().item()
+            values[vm.val_bucket_tag(k, prefix)] = loss[bucket == k].mean().item()
     return values

@@ -93,14 +93,14 @@ def context_of(run_dir: Path) -> Context:
 def noise_level_rows(series: Series, width: int = 40) -> list[Text]:
     """The validation loss per noise level as coloured cells, noisiest level on top, one
     column per validation (the last ``width``): blue learned, white as untrained, red worse."""
-    rows = [series.get(f"{vm.VAL_PREFIX}loss_t{k}", []) for k in range(vm.VAL_BUCKETS)]
+    rows = [series.get(vm.val_bucket_tag(k), []) for k in range(vm.VAL_BUCKETS)]
     if not any(rows):
         return []
     out = [Text("validation loss per noise level (each row over its first value; blue: "
                 "learned, white: as untrained, red: worse)", style="bold")]
     for k in reversed(range(vm.VAL_BUCKETS)):
         finite = [v for _, v in rows[k] if math.isfinite(v) and v > 0]
-        line = Text(f"t {k / vm.VAL_BUCKETS:.1f}-{(k + 1) / vm.VAL_BUCKETS:.1f} ")
+        line = Text(vm.val_bucket_label(k) + " ")
         for _, v in rows[k][-width:]:
             line.append("█", style=heat_color(v / finite[0]) if finite else "black")
         if rows[k]:

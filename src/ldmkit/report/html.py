@@ -100,11 +100,10 @@ def _findings_table(findings: list, title: str) -> str:
 
 def noise_level_map(series: dict) -> str:
     """The validation loss over step x noise level (``validation/loss_t{k}``), or ''."""
-    rows = [series.get(f"{vm.VAL_PREFIX}loss_t{k}", []) for k in range(vm.VAL_BUCKETS)]
+    rows = [series.get(vm.val_bucket_tag(k), []) for k in range(vm.VAL_BUCKETS)]
     if not any(rows):
         return ""
-    labels = [f"t {k / vm.VAL_BUCKETS:.1f}-{(k + 1) / vm.VAL_BUCKETS:.1f}"
-              for k in range(vm.VAL_BUCKETS)]
+    labels = [vm.val_bucket_label(k) for k in range(vm.VAL_BUCKETS)]
     return heat_map("validation loss per noise level", rows, labels)
 
 

@@ -30,18 +30,17 @@ class Band:
 def bands(metric: str, ctx: Context) -> list[Band]:
     """Good and bad ranges of ``metric`` under ``ctx``'s thresholds and latent scale."""
     thr = ctx.thr
-    out = [Band("good", lo, hi) for m, (lo, hi, _) in GOOD.items() if m == metric]
+    unit = ctx.guide_unit(metric)  # the guide's loss ranges are eps-prediction's
+    out = [Band("good", *(None if v is None else v * unit for v in (lo, hi)))
+           for m, (lo, hi, _) in GOOD.items() if m == metric]
     scale = ctx.latent_scale_factor
     if metric == vm.LOSS:
-        k = ctx.loss_scale  # the guide's eps-prediction units -> this objective's
-        low, high, _ = GOOD[vm.LOSS]
-        out = [Band("good", low * k, high * k)]
-        out += [Band("bad", thr("loss_stuck_high") * k, None),
-                Band("bad", None, thr("loss_too_low") * k)]
+        out += [Band("bad", thr("loss_stuck_high") * unit, None),
+                Band("bad", None, thr("loss_too_low") * unit)]
     elif metric == vm.GRAD_NORM:
         out += [Band("bad", thr("grad_norm_high"), None), Band("bad", None, thr("grad_norm_low"))]
     elif metric == vm.VAL_LOSS:
-        out += [Band("bad", thr("val_stuck_high") * ctx.val_loss_scale, None)]
+        out += [Band("bad", thr("val_stuck_high") * unit, None)]
     elif metric == vm.COPY_SHARE:
         out += [Band("bad", thr("copy_share_high"), None)]
     elif metric == vm.UPDATE_RATIO:

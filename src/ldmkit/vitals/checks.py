@@ -247,8 +247,8 @@ def _validation_stuck(rule: Rule, series: Series, ctx: Context) -> Verdict | Non
     step, value = recent[-1]
     stuck = []
     for k in range(vm.VAL_BUCKETS):  # learned: lost a share of its first (untrained) value
-        history = series.get(f"{vm.VAL_PREFIX}loss_t{k}", [])
-        now = _at(series, f"{vm.VAL_PREFIX}loss_t{k}", step)
+        history = series.get(vm.val_bucket_tag(k), [])
+        now = _at(series, vm.val_bucket_tag(k), step)
         if history and now is not None and now > (1 - ctx.thr("val_bucket_learned")) * history[0][1]:
             stuck.append(k)
     where = f": not learned at {noise_levels(stuck)}" if stuck else ""
@@ -275,7 +275,7 @@ def _overfitting(rule: Rule, series: Series, ctx: Context) -> Verdict | None:
     step = steps[-1]
     rise = {}
     for k in range(vm.VAL_BUCKETS):
-        history = [v for s, v in series.get(f"{vm.VAL_PREFIX}loss_t{k}", []) if math.isfinite(v)]
+        history = [v for _, v in series.get(vm.val_bucket_tag(k), []) if math.isfinite(v)]
         if history and min(history) > 0:
             rise[k] = history[-1] / min(history) - 1
     worst = sorted(k for k, r in rise.items() if r > ctx.thr("overfit_rise")

@@ -51,15 +51,19 @@ class Context:
         return cls(merged, latent_scale_factor, config.train, param.untrained_loss(),
                    param.untrained_loss(weighted=False))
 
-    def in_guide_units(self, tag: str, value: float) -> float:
-        """A loss in the units the guide's thresholds assume (eps-prediction's: starts at 1)."""
+    def guide_unit(self, tag: str) -> float:
+        """What 1 of the guide's loss units (eps-prediction's untrained loss) is in ``tag``."""
         from ldmkit.vitals import metrics as vm
 
         if tag == vm.LOSS:
-            return value / self.loss_scale
+            return self.loss_scale
         if tag in (vm.VAL_LOSS, vm.VAL_TRAIN_LOSS):
-            return value / self.val_loss_scale
-        return value
+            return self.val_loss_scale
+        return 1.0
+
+    def in_guide_units(self, tag: str, value: float) -> float:
+        """A loss in the units the guide's thresholds assume (eps-prediction's: starts at 1)."""
+        return value / self.guide_unit(tag)
 
     def thr(self, name: str) -> float:
         return self.thresholds[name]

@@ -31,6 +31,17 @@ VAL_EMA_PREFIX = "validation_ema/"
 VAL_LOSS = VAL_PREFIX + "loss"
 VAL_TRAIN_LOSS = VAL_PREFIX + "train_loss"  # same points on a fixed sample of training images
 VAL_BUCKETS = 10
+
+
+def val_bucket_tag(k: int, prefix: str = VAL_PREFIX) -> str:
+    """The tag of noise-level bucket ``k``: t in [k / VAL_BUCKETS, (k + 1) / VAL_BUCKETS)."""
+    return f"{prefix}loss_t{k}"
+
+
+def val_bucket_label(k: int) -> str:
+    return f"t {k / VAL_BUCKETS:.1f}-{(k + 1) / VAL_BUCKETS:.1f}"
+
+
 EVAL_MEMORIZATION = "eval/memorization"  # ldmkit.quality, with the in-project classifier
 NEAREST_PREFIX = "sample_diversity/nearest_train_ratio_"
 COPY_SHARE = "sample_diversity/copy_share"
@@ -42,12 +53,17 @@ TRAIN_TAGS = (LOSS, GRAD_NORM, LEARNING_RATE, T_MEAN, COS_EPS, Z_STD)
 MEDIAN_TAGS = (UPDATE_RATIO,)
 
 
+def cos_eps(eps_pred: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """Cosine of predicted and true noise per sample ``[B]``."""
+    return F.cosine_similarity(eps_pred.flatten(1).float(), eps.flatten(1).float(), dim=1)
+
+
 def cos_eps_mean(eps_pred: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """Cosine of predicted and true noise per sample, averaged (guide: diffusion/cos_eps_mean).
 
     0 for a random guess, 1 for a perfect one, negative if the model predicts ``-eps``.
     """
-    return F.cosine_similarity(eps_pred.flatten(1).float(), eps.flatten(1).float(), dim=1).mean()
+    return cos_eps(eps_pred, eps).mean()
 
 
 UPDATE_RATIO_SAMPLES = 8  # steps per log interval whose update ratio is measured

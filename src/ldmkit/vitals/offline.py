@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ldmkit.diffusion.parameterization import Parameterization
 from ldmkit.vitals.diagnose import Context, Finding, coverage, scenario
 from ldmkit.vitals.monitor import SEVERITY_RANK, replay
 from ldmkit.vitals.readers import LoadedLog, read_log
@@ -35,8 +36,8 @@ def diagnose_log(path: str | Path, latent_scale_factor: float | None = None,
     ``objective`` says what the loss is when the log has no run config (flow's starts at 2)."""
     log = read_log(path, latent_scale_factor)
     ctx = Context.of(log.config, log.latent_scale_factor, thresholds)
-    if objective is not None:
-        ctx.loss_scale = ctx.val_loss_scale = 2.0 if objective == "flow" else 1.0
+    if objective is not None:  # weighting unknown: the unweighted loss's units
+        ctx.loss_scale = ctx.val_loss_scale = Parameterization(objective).untrained_loss()
     return diagnose_loaded(log, ctx)
 
 
