@@ -106,10 +106,6 @@ def accumulate(model: nn.Module | Net, param: Parameterization, z: torch.Tensor,
     ``accum``: the gradient of the whole batch in 1/accum of the activation memory. Under DDP
     all but the last micro-batch skip the gradient all-reduce (``no_sync``). Returns the
     batch's loss and noise estimate ``[B, ...]``."""
-    if accum == 1:
-        out = param.loss(model, z, t, eps)
-        out.loss.backward()
-        return out.loss.detach(), out.eps_pred.detach()
     losses, preds = [], []
     for i, (zc, tc, ec) in enumerate(zip(z.chunk(accum), t.chunk(accum), eps.chunk(accum),
                                          strict=True)):

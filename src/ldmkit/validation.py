@@ -40,7 +40,7 @@ VAL_FILE = "validation.safetensors"
 POINTS = 1000  # fixed (image, t, noise) points: 100 per noise-level bucket
 PROBE_MIN = 64  # training images the train_loss probe uses (all when fewer)
 CHUNK = 250
-VERSION = "1"
+VERSION = "2"  # 1 stored each point's image index, always the point's own index
 
 
 @dataclass(frozen=True)
@@ -73,11 +73,10 @@ def split(n: int, cfg: Config) -> Split:
 
 @dataclass
 class ValidationSet:
-    """The fixed points: row ``k`` scores image ``image[k] % len(latents)`` at ``t[k]``."""
+    """The fixed points: point ``k`` scores image ``k % len(latents)`` at ``t[k]``."""
 
     latents: torch.Tensor  # [N, C, h, w] posterior means of the validation images (unscaled)
     probe: torch.Tensor  # [M, C, h, w] posterior means of a fixed sample of training images
-    image: torch.Tensor  # [K] int64
     t: torch.Tensor  # [K] stratified: one point in each of K equal strata of [0, 1]
     eps: torch.Tensor  # [K, C, h, w]
     held_out: torch.Tensor  # [N] dataset indices (empty for a test file)
@@ -109,7 +108,7 @@ def draw(cfg: Config, parts: Split, latents: LatentPosteriors, ae: Autoencoder
     t = (torch.arange(POINTS, dtype=torch.float64) + torch.rand(POINTS, generator=gen,
                                                                  dtype=torch.float64)) / POINTS
     eps = torch.randn((POINTS, *val.shape[1:]), generator=gen)
-    return ValidationSet(val, probe, torch.arange(POINTS), t.float(), eps, parts.held_out, source)
+    return ValidationSet(val, probe, t.float(), eps, parts.held_out, source)
 
 
 def save(vset: ValidationSet, path: Path) -> None:
@@ -117,7 +116,7 @@ def save(vset: ValidationSet, path: Path) -> None:
                                                                "version": VERSION}))
 
 
-def load(path: Path, expected: ValidationSet | None) -> ValidationSet | None:
+def load(path: Path, expected: ValidationSet) -> ValidationSet | None:
     """The stored set, or None when it is absent, unreadable or not drawn for this split and
     shape (it is ldmkit's own and is drawn again, identically from the seed)."""
     try:
@@ -127,7 +126,7 @@ def load(path: Path, expected: ValidationSet | None) -> ValidationSet | None:
     except (OSError, SafetensorError, ValueError, UnicodeDecodeError):
         return None
     names = {f.name for f in dataclasses.fields(ValidationSet)} - {"source"}
-    if set(tensors) != names or meta.get("version") != VERSION or expected is None:
+    if set(tensors) != names or meta.get("version") != VERSION:
         return None
     vset = ValidationSet(**tensors, source=str(meta.get("source", "")))
     same = all(getattr(vset, n).shape == getattr(expected, n).shape for n in names) \
@@ -166,7 +165,7 @@ def _score(forward: Net, param: Parameterization, x0: torch.Tensor, vset: Valida
     noise (the loss unweighted: a weighting would make noise levels incomparable)."""
     losses, eps_mse, cosines = [], [], []
     for rows in torch.arange(len(vset.t)).split(CHUNK):
-        z0 = scale * x0[vset.image[rows] % len(x0)].to(device)
+        z0 = scale * x0[rows % len(x0)].to(device)
         t, eps = vset.t[rows].to(device), vset.eps[rows].to(device)
         out = param.loss(forward, z0, t, eps)
         err = (out.eps_pred.float() - eps).pow(2).flatten(1).mean(1)
