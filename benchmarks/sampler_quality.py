@@ -31,7 +31,7 @@ RESULTS = WORK / "sampler_quality.json"
 
 def main() -> None:
     try:
-        cfg_dict, step, model, ae, scale = load_for_sampling(LDMKIT_20MIN)
+        cfg_dict, step, model, ae, scale, _ = load_for_sampling(LDMKIT_20MIN)
     except CheckpointError as exc:
         raise SystemExit(f"{exc} (run benchmarks/time_to_quality.py first)") from None
     cfg = from_dict(cfg_dict)

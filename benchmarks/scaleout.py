@@ -24,8 +24,8 @@ from ldmkit.config import load_config  # noqa: E402
 from ldmkit.data import BatchOrder, load_data  # noqa: E402
 from ldmkit.diffusion.schedule import sample_t  # noqa: E402
 from ldmkit.latents import build_cache, cache_meta, encode_in_memory, read_cache  # noqa: E402
+from ldmkit.models.registry import backbone_spec, build_backbone  # noqa: E402
 from ldmkit.optim import build_optimizer  # noqa: E402
-from ldmkit.resume import build_unet  # noqa: E402
 from ldmkit.sample import parameterization  # noqa: E402
 from ldmkit.stage1 import build_autoencoder, save_autoencoder  # noqa: E402
 from ldmkit.train import train, train_step  # noqa: E402
@@ -55,7 +55,7 @@ def cache_speedup(tmp: Path) -> str:
     startup_cache = median_time(lambda: read_cache(tmp / "cache", meta))
     latents = read_cache(tmp / "cache", meta)
     scale, bs = 1.0, cfg.train.batch_size
-    model = build_unet(cfg, ae.latent_channels, latents.mean.shape[-1])
+    model = build_backbone(backbone_spec(cfg.model, ae.latent_channels, latents.mean.shape[-1]))
     opt, params, schedule = build_optimizer(model, cfg.train), list(model.parameters()), parameterization(cfg)
     gen, order = torch.Generator().manual_seed(0), BatchOrder(len(data), bs, 0)
 

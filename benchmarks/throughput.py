@@ -24,7 +24,7 @@ from ldmkit.config import load_config  # noqa: E402
 from ldmkit.diffusion.parameterization import Parameterization  # noqa: E402
 from ldmkit.diffusion.schedule import sample_t  # noqa: E402
 from ldmkit.logging import MetricLogger  # noqa: E402
-from ldmkit.resume import build_unet  # noqa: E402
+from ldmkit.models.registry import backbone_spec, build_backbone  # noqa: E402
 from ldmkit.runtime import attach_monitor  # noqa: E402
 from ldmkit.train import train_step  # noqa: E402
 from ldmkit.vitals import metrics as vm  # noqa: E402
@@ -92,7 +92,7 @@ def matmul_peak() -> float:
 
 
 def throughput_section() -> str:
-    ours, theirs = build_unet(CFG, 4, 8), diffusers_unet()
+    ours, theirs = build_backbone(backbone_spec(CFG.model, 4, 8)), diffusers_unet()
     steps = {"ldmkit UNet": step_fn(ours, False), "diffusers UNet2DModel": step_fn(theirs, True)}
     for step in steps.values():
         step()  # warm-up
@@ -127,7 +127,7 @@ ldmkit's UNet trains {ratio:.2f}x as fast as diffusers' UNet2DModel of about the
 
 def overhead_section() -> str:
     """Step time with every vital sign and the live diagnosis vs a bare step."""
-    model = build_unet(CFG, 4, 8)
+    model = build_backbone(backbone_spec(CFG.model, 4, 8))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     params_list, param = list(model.parameters()), Parameterization()
     gen = torch.Generator().manual_seed(0)
@@ -204,7 +204,7 @@ def validation_section() -> str:
     from ldmkit.optim import EMA
     from ldmkit.stage1 import LatentPosteriors, build_autoencoder
 
-    model = build_unet(CFG, 4, 8)
+    model = build_backbone(backbone_spec(CFG.model, 4, 8))
     ema, ae = EMA(model, 0.999), build_autoencoder(CFG.autoencoder, 1).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     param, gen = Parameterization(), torch.Generator().manual_seed(0)

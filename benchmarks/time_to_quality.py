@@ -47,7 +47,8 @@ from throughput import diffusers_unet, seconds_per_step, step_fn  # noqa: E402
 from ldmkit.checkpoint import list_checkpoints  # noqa: E402
 from ldmkit.data import BatchOrder  # noqa: E402
 from ldmkit.evaluate import Reference, quality_metrics  # noqa: E402
-from ldmkit.resume import build_unet, load_for_sampling  # noqa: E402
+from ldmkit.models.registry import backbone_spec, build_backbone  # noqa: E402
+from ldmkit.resume import load_for_sampling  # noqa: E402
 from ldmkit.sample import decode_images, generate, start_noise  # noqa: E402
 
 BUDGETS_MIN = (5, 10, 20)
@@ -68,7 +69,8 @@ class Snapshot:
 def calibrate(setup: Setup) -> dict[str, float]:
     """Seconds per training step of each UNet at this batch (median of 3 alternating rounds)."""
     latent = tuple(setup.latents.mean.shape[1:])
-    models = {"ldmkit": build_unet(setup.cfg, latent[0], latent[1]), "reference": diffusers_unet()}
+    ours = build_backbone(backbone_spec(setup.cfg.model, latent[0], latent[1]))
+    models = {"ldmkit": ours, "reference": diffusers_unet()}
     steps = {"ldmkit": step_fn(models["ldmkit"], False), "reference": step_fn(models["reference"], True)}
     times: dict[str, list[float]] = {name: [] for name in steps}
     for step in steps.values():
@@ -163,7 +165,7 @@ def sample_reference(model: UNet2DModel, noise: torch.Tensor, steps: int) -> tor
 
 
 def score_ldmkit(setup: Setup, ref: Reference, snap: Snapshot) -> dict[str, float]:
-    _, _, model, ae, scale = load_for_sampling(LDMKIT_20MIN, snap.weights)
+    _, _, model, ae, scale, _ = load_for_sampling(LDMKIT_20MIN, snap.weights)
     samples = generate(model, ae, scale, setup.cfg, EVAL_NUM, "dpmpp_2m", EVAL_STEPS, EVAL_SEED)
     return quality_metrics(ref, samples.images)
 

@@ -17,7 +17,7 @@ TINY = {
     "data": {"source": "digits", "image_size": 16, "limit": 256},
     "autoencoder": {"base_channels": 8, "channel_mult": [1, 2, 2], "steps": 30,
                     "batch_size": 32, "log_every": 10, "calibration_batches": 4},
-    "unet": {"base_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1,
+    "model": {"base_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1,
              "attention_resolutions": [2]},
     "train": {"steps": 12, "batch_size": 16, "warmup_steps": 2, "log_every": 4,
               "sample_every": 6, "checkpoint_every": 4},
@@ -26,10 +26,11 @@ TINY = {
 
 
 def tiny_config(**sections: dict) -> Config:
-    """TINY with some keys replaced, e.g. ``tiny_config(train={"steps": 20})``."""
+    """TINY with some keys replaced, e.g. ``tiny_config(train={"steps": 20})``; a ``model``
+    with a ``type`` replaces the tiny UNet."""
     data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in TINY.items()}
     for name, values in sections.items():
-        if isinstance(values, dict):
+        if isinstance(values, dict) and not (name == "model" and "type" in values):
             data[name] = {**data.get(name, {}), **values}
         else:
             data[name] = values

@@ -18,14 +18,14 @@ def test_default_experiment_loads_with_guide_key_names():
 def test_mnist_experiment_reads_the_shared_idx_files_with_the_same_model_as_the_demo():
     mnist, digits = (load_config(ROOT / "configs" / f"{n}.yaml") for n in ("mnist", "digits"))
     assert mnist.data.source == "idx" and mnist.data.path == "../shared/data/mnist"
-    assert mnist.unet == digits.unet and mnist.autoencoder.channel_mult == digits.autoencoder.channel_mult
+    assert mnist.model == digits.model and mnist.autoencoder.channel_mult == digits.autoencoder.channel_mult
 
 
 def test_overrides_are_typed_and_yaml_scientific_notation_is_a_float(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  lr: 1e-4\n")  # YAML 1.1 reads this as a string
     cfg = load_config(path, ["train.steps=7", "diffusion.latent_scale_factor=0.5",
-                             "unet.channel_mult=[1, 2]"])
+                             "model.channel_mult=[1, 2]"])
     assert cfg.train.lr == pytest.approx(1e-4)
     assert cfg.train.steps == 7
     assert cfg.diffusion.latent_scale_factor == 0.5

@@ -83,7 +83,7 @@ def test_export_is_loaded_by_diffusers_and_reproduces_the_model(tmp_path):
     unet = LdmkitUNet.from_pretrained(tmp_path / "out" / "unet")
     scheduler = DDIMScheduler.from_pretrained(tmp_path / "out" / "scheduler")
     vae = LdmkitAutoencoder.from_pretrained(tmp_path / "out" / "vae")
-    _, _, model, ae, scale = load_for_sampling(run.run_dir)
+    _, _, model, ae, scale, _ = load_for_sampling(run.run_dir)
     assert vae.config.scaling_factor == pytest.approx(scale)
     size = unet.config.sample_size
     x = torch.randn(3, 4, size, size)

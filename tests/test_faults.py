@@ -34,7 +34,7 @@ BASE = {
     "data": {"source": "digits", "image_size": 16, "limit": 512, "val_fraction": 0.0},
     "autoencoder": {"base_channels": 8, "channel_mult": [1, 2, 2], "steps": 150, "batch_size": 32,
                     "lr": 3e-3, "log_every": 50, "calibration_batches": 8},
-    "unet": {"base_channels": 32, "channel_mult": [1, 2], "num_res_blocks": 1,
+    "model": {"base_channels": 32, "channel_mult": [1, 2], "num_res_blocks": 1,
              "attention_resolutions": [2]},
     "train": {"steps": 200, "batch_size": 64, "lr": 2e-3, "warmup_steps": 20,
               "log_every": LOG_EVERY, "sample_every": 200, "checkpoint_every": 1000},

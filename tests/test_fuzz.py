@@ -26,7 +26,8 @@ SECTIONS = {"data": ["source", "path", "image_size", "channels", "limit"],
             "train": ["steps", "lr", "grad_clip", "log_every", "betas", "warmup_steps"],
             "diffusion": ["latent_scale_factor", "t_sampling", "logsnr_min", "logsnr_max"],
             "vitals": ["on_critical", "on_nonfinite", "thresholds", "max_rollbacks"],
-            "unet": ["channel_mult", "base_channels"], "bogus": ["x"]}
+            "model": ["type", "channel_mult", "base_channels", "depth"], "unet": ["channel_mult"],
+            "bogus": ["x"]}
 scalars = (st.none() | st.booleans() | st.integers(-10**6, 10**6)
            | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=12))
 values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)

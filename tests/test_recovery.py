@@ -148,9 +148,9 @@ def test_bad_config_values_exit_2_with_one_line(tmp_path, capsys, sections, need
 def test_truncated_checkpoint_and_incompatible_config_exit_2_and_touch_nothing(tmp_path, capsys):
     run_dir = _run_dir_after(tmp_path)
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
-    assert main(["train", "--resume", str(run_dir), "--set", "unet.base_channels=24",
+    assert main(["train", "--resume", str(run_dir), "--set", "model.base_channels=24",
                  "--set", "train.steps=8"]) == 2
-    assert "cannot change unet.base_channels when resuming" in capsys.readouterr().err
+    assert "cannot change model.base_channels when resuming" in capsys.readouterr().err
     weights = run_dir / "checkpoints" / "step_0000004" / "weights.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     before[weights] = weights.read_bytes()

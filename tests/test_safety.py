@@ -256,7 +256,7 @@ def test_a_data_error_writes_nothing_and_the_fixed_config_runs(tmp_path, capsys)
 def test_a_mismatched_resume_is_refused_before_the_cache_is_rebuilt(finished, tmp_path, capsys):
     run = copy_run(finished, tmp_path / "run")
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    saved["unet"]["base_channels"] = 24  # the run's own config edited by hand
+    saved["model"]["base_channels"] = 24  # the run's own config edited by hand
     (run / "config.yaml").write_text(yaml.safe_dump(saved))
     subprocess.run(["rm", "-r", str(run / "latents")], check=True)
     before = snapshot(run)
@@ -269,7 +269,7 @@ def test_a_mismatched_resume_is_refused_before_the_cache_is_rebuilt(finished, tm
 def test_resume_overrides_are_refused_or_recorded(finished, tmp_path, capsys):
     run = copy_run(finished, tmp_path / "run")
     before = snapshot(run)
-    for key, value in (("data.limit", 100), ("unet.num_heads", 2), ("autoencoder.kl_weight", 0.1),
+    for key, value in (("data.limit", 100), ("model.num_heads", 2), ("autoencoder.kl_weight", 0.1),
                        ("seed", 3), ("diffusion.objective", "v")):
         assert main(["train", "--resume", str(run), "--set", f"{key}={value}"]) == 2
         assert f"cannot change {key} when resuming" in one_line_error(capsys)
@@ -288,7 +288,7 @@ def test_generate_stops_at_the_next_sampler_step_when_asked(finished):
     from ldmkit.preemption import Preempted
     from ldmkit.resume import load_for_sampling
 
-    cfg_dict, _, model, ae, scale = load_for_sampling(finished)
+    cfg_dict, _, model, ae, scale, _ = load_for_sampling(finished)
     asked = []
 
     def interrupt() -> bool:

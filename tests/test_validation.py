@@ -135,7 +135,7 @@ SAMPLES = {"num": 16, "during_training_num": 16}
 def test_two_images_trained_long_overfit_and_are_copied_and_a_healthy_run_is_not(tmp_path):
     """Measured: held-out loss 47 % above the training images', 44 % of samples copies (median
     nearest / second-nearest 0.36) at steps 400 and 600; the healthy run: none of it."""
-    few = tiny_config(data={"limit": 4, "val_fraction": 0.5}, unet={"base_channels": 32},
+    few = tiny_config(data={"limit": 4, "val_fraction": 0.5}, model={"base_channels": 32},
                       autoencoder={"steps": 60}, train=LONG, sample=SAMPLES)
     result = train(few, tmp_path / "few")
     assert {"overfitting", "memorization"} <= raised(tmp_path / "few")
@@ -143,7 +143,7 @@ def test_two_images_trained_long_overfit_and_are_copied_and_a_healthy_run_is_not
     messages = {f.code: f.message for f in result.findings}
     assert "above the same noise on training images" in messages["overfitting"]
     assert "of the samples are copies of training images" in messages["memorization"]
-    healthy = train(tiny_config(unet={"base_channels": 32}, autoencoder={"steps": 60},
+    healthy = train(tiny_config(model={"base_channels": 32}, autoencoder={"steps": 60},
                                 train=LONG, sample=SAMPLES), tmp_path / "healthy")
     new = {"overfitting", "validation_stuck", "memorization", "memorization_rising"}
     assert not raised(tmp_path / "healthy") & new  # (its 4-step samples are judged as usual)

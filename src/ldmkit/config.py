@@ -68,14 +68,30 @@ class AutoencoderConfig:
 
 @dataclass
 class UNetConfig:
-    """Stage 2 backbone: ADM-style UNet (Dhariwal & Nichol 2021) predicting the noise."""
+    """Stage 2 backbone ``model.type: unet``: ADM-style UNet (Dhariwal & Nichol 2021)."""
 
+    type: Literal["unet"] = "unet"
     base_channels: int = _num(64, lo=1, hi=4096)
     channel_mult: list[int] = field(default_factory=lambda: [1, 2], metadata=_check(1, hi=64, min_len=1))
     num_res_blocks: int = _num(2, lo=1, hi=32)
     attention_resolutions: list[int] = field(default_factory=lambda: [4], metadata=_check(1))
     num_heads: int = _num(4, lo=1, hi=256)
     dropout: float = _num(0.0, lo=0.0, hi=1.0)
+
+
+@dataclass
+class DiTConfig:
+    """Stage 2 backbone ``model.type: dit``: Diffusion Transformer (Peebles & Xie 2023) with
+    adaLN-Zero blocks; ``patch_size`` 2 on 8x8 latents gives 16 tokens."""
+
+    type: Literal["dit"] = "dit"
+    patch_size: int = _num(2, lo=1, hi=64)
+    hidden_size: int = _num(256, lo=4, hi=8192)
+    depth: int = _num(6, lo=1, hi=128)
+    num_heads: int = _num(4, lo=1, hi=256)
+
+
+MODELS = {"unet": UNetConfig, "dit": DiTConfig}  # model.type -> its section (models/registry.py)
 
 
 @dataclass
@@ -169,7 +185,8 @@ class Config:
     tensorboard: bool = True
     data: DataConfig = field(default_factory=DataConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
-    unet: UNetConfig = field(default_factory=UNetConfig)
+    model: UNetConfig | DiTConfig = field(default_factory=UNetConfig,
+                                          metadata={"by_type": MODELS})
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -276,9 +293,29 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
         )
     kwargs = {}
     for name, value in data.items():
+        if "by_type" in fields[name].metadata:
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{prefix}{name}' must be a mapping, got "
+                                  f"{brief(value)}")
+            kwargs[name] = _build_by_type(fields[name].metadata["by_type"], value, prefix + name)
+            continue
         kwargs[name] = _coerce(value, hints[name], prefix + name)
         _check_range(kwargs[name], fields[name].metadata, prefix + name)
     return cls(**kwargs)
+
+
+def _build_by_type(classes: dict[str, type], data: dict, key: str) -> Any:
+    """A section whose ``type`` key chooses its dataclass (the first one when absent)."""
+    kind = data.get("type", next(iter(classes)))
+    if kind not in classes:
+        raise ConfigError(f"config key '{key}.type' must be one of "
+                          f"{', '.join(repr(k) for k in classes)}, got {brief(kind)}")
+    unknown = sorted(str(k) for k in set(data) - {f.name for f in dataclasses.fields(classes[kind])})
+    if unknown:
+        known = [f.name for f in dataclasses.fields(classes[kind])]
+        raise ConfigError(f"unknown config key '{key}.{brief(unknown[0])[1:-1]}' for {key}.type "
+                          f"'{kind}'; allowed: {', '.join(known)}")
+    return _build(classes[kind], data, key + ".")
 
 
 def _validate(cfg: Config) -> Config:
@@ -302,12 +339,10 @@ def _validate(cfg: Config) -> Config:
             f"downsampling factor {factor} (from autoencoder.channel_mult)"
         )
     latent = cfg.data.image_size // factor
-    levels = 2 ** (len(cfg.unet.channel_mult) - 1)
-    if latent % levels:
-        raise ConfigError(
-            f"latent size {latent} must be divisible by {levels} (from unet.channel_mult)"
-        )
-    _check_attention_heads(cfg.unet, latent)
+    if isinstance(cfg.model, DiTConfig):
+        _check_dit(cfg.model, latent)
+    else:
+        _check_unet(cfg.model, latent)
     _check_device(cfg.device)
     from ldmkit.vitals.rules import THRESHOLDS
 
@@ -320,8 +355,27 @@ def _validate(cfg: Config) -> Config:
     return cfg
 
 
-def _check_attention_heads(u: UNetConfig, latent: int) -> None:
-    """Every self-attention layer splits its channels into ``num_heads`` equal heads."""
+def _check_dit(m: DiTConfig, latent: int) -> None:
+    if latent % m.patch_size:
+        raise ConfigError(f"latent size {latent} must be divisible by model.patch_size "
+                          f"{m.patch_size}; choose a patch size that divides it")
+    if m.hidden_size % m.num_heads:
+        raise ConfigError(f"model.num_heads {m.num_heads} does not divide model.hidden_size "
+                          f"{m.hidden_size}; choose a num_heads that divides it")
+    if m.hidden_size % 4:
+        raise ConfigError(f"model.hidden_size {m.hidden_size} must be a multiple of 4 (the 2-D "
+                          "sin-cos position embedding gives a quarter of it to each of sin and "
+                          "cos of row and column)")
+
+
+def _check_unet(u: UNetConfig, latent: int) -> None:
+    """The latent halves at every level; every self-attention layer splits its channels into
+    ``num_heads`` equal heads."""
+    levels = 2 ** (len(u.channel_mult) - 1)
+    if latent % levels:
+        raise ConfigError(
+            f"latent size {latent} must be divisible by {levels} (from model.channel_mult)"
+        )
     size, widths = latent, []
     for i, mult in enumerate(u.channel_mult):
         if size in u.attention_resolutions:
@@ -330,8 +384,8 @@ def _check_attention_heads(u: UNetConfig, latent: int) -> None:
     widths.append((u.base_channels * u.channel_mult[-1], "in the middle block"))
     for width, where in widths:
         if width % u.num_heads:
-            raise ConfigError(f"unet.num_heads {u.num_heads} does not divide the {width} channels "
-                              f"of the attention {where} (unet.base_channels x channel_mult); "
+            raise ConfigError(f"model.num_heads {u.num_heads} does not divide the {width} channels "
+                              f"of the attention {where} (model.base_channels x channel_mult); "
                               "choose a num_heads that divides them")
 
 
@@ -379,7 +433,20 @@ def from_dict(data: dict) -> Config:
     if not isinstance(data, dict):
         raise ConfigError("a config must be a YAML mapping of sections (data, train, ...)")
     check_size(data, "the config")
-    return _validate(_build(Config, data))
+    return _validate(_build(Config, _renamed(data)))
+
+
+def _renamed(data: dict) -> dict:
+    """``unet:`` is the old name of ``model:`` (runs saved before the backbone registry, and
+    ``--set unet.*`` on them): its keys are the model's."""
+    if "unet" not in data:
+        return data
+    unet, model = data["unet"], data.get("model", {"type": "unet"})
+    for key, value in (("unet", unet), ("model", model)):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {brief(value)}")
+    rest = {k: v for k, v in data.items() if k != "unet"}
+    return {**rest, "model": {**model, **unet}}
 
 
 # keys added after runs were saved without them: the value such a run had (not the new default)

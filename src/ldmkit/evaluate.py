@@ -104,7 +104,7 @@ def eval_run(run_dir: str | Path, num: int = 1000, sampler: str | None = None,
              steps: int | None = None, seed: int = 1) -> dict[str, float]:
     run_dir = Path(run_dir)
     with writing_run(run_dir), StopRequest() as stop:
-        cfg_dict, step, model, ae, scale = load_for_sampling(run_dir)
+        cfg_dict, step, model, ae, scale, _ = load_for_sampling(run_dir)
         cfg = from_dict(cfg_dict)
         clf, _, held_out = load_or_train(cfg.data)
         trained_on = load_data(cfg.data)  # what the diffusion model saw: memorization's reference

@@ -1,6 +1,7 @@
 """``ldmkit export RUN OUT``: a trained run as diffusers model directories.
 
-Writes ``OUT/unet`` (EMA weights, ``LdmkitUNet``), ``OUT/scheduler`` (``DDIMScheduler`` matching
+Writes the EMA weights as ``OUT/unet`` (``LdmkitUNet``) or ``OUT/transformer`` (diffusers' own
+``DiTTransformer2DModel``, unconditional as its class 0), ``OUT/scheduler`` (``DDIMScheduler`` matching
 ldmkit's schedule), ``OUT/vae`` (the run's diffusers ``AutoencoderKL`` as it was, or ldmkit's own
 as ``LdmkitAutoencoder``), each loadable with diffusers' ``from_pretrained`` from safetensors,
 and the calibrated scale as the VAE's ``scaling_factor``, where diffusers users look for it.
@@ -22,7 +23,12 @@ from ldmkit.stage1 import AE_DIR
 
 def export_diffusers(run_dir: str | Path, out: str | Path) -> Path:
     try:
-        from ldmkit.models.diffusers_export import LdmkitAutoencoder, LdmkitUNet, discrete_scheduler
+        from ldmkit.models.diffusers_export import (
+            LdmkitAutoencoder,
+            LdmkitUNet,
+            discrete_scheduler,
+            dit_to_diffusers,
+        )
     except ImportError:
         raise LdmkitError("export needs diffusers: pip install diffusers") from None
     from ldmkit.resume import load_for_sampling
@@ -31,17 +37,20 @@ def export_diffusers(run_dir: str | Path, out: str | Path) -> Path:
     check_no_links(run_dir)  # what is exported comes from inside the run
     if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"'{out}' is not empty; choose a new directory for the export")
-    cfg_dict, step, model, ae, scale = load_for_sampling(run_dir)
+    cfg_dict, step, model, ae, scale, backbone = load_for_sampling(run_dir)
     cfg = from_dict(cfg_dict)
     if cfg.diffusion.objective == "flow":
         raise LdmkitError("export writes diffusers' DDIM scheduler, which has no flow-matching "
                           "prediction type; sample the run with `ldmkit sample` instead")
-    u = cfg.unet
-    unet = LdmkitUNet(ae.latent_channels, cfg.data.image_size // ae.downsample_factor,
-                      u.base_channels, tuple(u.channel_mult), u.num_res_blocks,
-                      tuple(u.attention_resolutions), u.num_heads, u.dropout)
-    unet.net.load_state_dict(model.state_dict())
-    unet.save_pretrained(out / "unet", safe_serialization=True)
+    args = backbone["args"]
+    if backbone["type"] == "dit":
+        dit_to_diffusers(model, **args).save_pretrained(out / "transformer",
+                                                        safe_serialization=True)
+    else:
+        unet = LdmkitUNet(**{"sample_size" if k == "latent_size" else k: v
+                             for k, v in args.items()})
+        unet.net.load_state_dict(model.state_dict())
+        unet.save_pretrained(out / "unet", safe_serialization=True)
     discrete_scheduler(parameterization(cfg)).save_pretrained(out / "scheduler")
     source = run_dir / AE_DIR
     if is_diffusers_vae(source):

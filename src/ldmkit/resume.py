@@ -13,6 +13,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -32,7 +33,7 @@ from ldmkit.errors import CheckpointError
 from ldmkit.files import check_no_links, open_append
 from ldmkit.logging import rewind_jsonl
 from ldmkit.models.autoencoder import Autoencoder
-from ldmkit.models.unet import UNet
+from ldmkit.models.registry import backbone_spec, build_backbone
 from ldmkit.optim import EMA
 from ldmkit.rundir import CONFIG_FILE, check_new_run_dir, is_run
 from ldmkit.stage1 import AE_DIR, load_autoencoder
@@ -50,7 +51,7 @@ FIXED_ON_RESUME = (
     ("data", "the latent cache, the data order and the checkpoint's data position belong to "
              "this dataset"),
     ("autoencoder", "stage 1 is trained and the latents are encoded with it"),
-    ("unet", "the checkpoint holds this architecture's weights"),
+    ("model", "the checkpoint holds this architecture's weights"),
     ("seed", "the data order and noise of the run follow from it"),
     ("diffusion.objective", "the checkpoint's network predicts this objective's target"),
     ("diffusion.schedule", "the checkpoint's network learned this noise path"),
@@ -67,6 +68,7 @@ class LoopState:
     gen: torch.Generator
     order: BatchOrder
     acc: StepAccumulator
+    backbone: dict  # models/registry.py spec of ``model``
     step: int = 0
     nonfinite: int = 0
     rollbacks: int = 0
@@ -81,8 +83,9 @@ def save_state(run_dir: Path, cfg: Config, state: LoopState) -> Path:
                **with_prefix(state.ema.model.state_dict(), "ema.")}
     training = {**optim_tensors, **with_prefix(sums, "acc."),
                 "rng.train": state.gen.get_state(), "rng.torch": torch.get_rng_state()}
-    meta = {"config": to_dict(cfg), "latent_scale_factor": cfg.diffusion.latent_scale_factor,
-            "optimizer": optim_meta, "data_order": state.order.state(),
+    meta = {"config": to_dict(cfg), "backbone": state.backbone,
+            "latent_scale_factor": cfg.diffusion.latent_scale_factor, "optimizer": optim_meta,
+            "data_order": state.order.state(),
             "ema_updates": state.ema.updates, "nonfinite_steps": state.nonfinite,
             "rollbacks": state.rollbacks, "lr_scale": state.lr_scale, "acc_count": count,
             "sick_since": state.sick_since}
@@ -202,9 +205,9 @@ def check_checkpoint(cfg: Config, run_dir: Path, ckpt: Path) -> None:
     """Before a resume writes anything: the checkpoint is readable (``load_checkpoint`` checks
     its meta.json) and its weights fit this config's model."""
     weights, _, _ = load_checkpoint(ckpt)
-    unet_from(cfg, load_autoencoder(run_dir / AE_DIR), weights, "model.",
-              f"checkpoint '{ckpt}' does not match this config's model", "resume with the "
-              "run's own config")
+    backbone_from(run_backbone(cfg, load_autoencoder(run_dir / AE_DIR)), weights, "model.",
+                  f"checkpoint '{ckpt}' does not match this config's model", "resume with the "
+                  "run's own config")
 
 
 def _get(cfg: Config, dotted: str) -> object:
@@ -229,31 +232,43 @@ def last_checkpoint_or_none(run_dir: Path) -> Path | None:
         return None
 
 
-def build_unet(cfg: Config, latent_channels: int, latent_size: int) -> UNet:
-    u = cfg.unet
-    return UNet(latent_channels, latent_size, u.base_channels, u.channel_mult, u.num_res_blocks,
-                u.attention_resolutions, u.num_heads, u.dropout)
+def run_backbone(cfg: Config, ae: Autoencoder) -> dict:
+    """The backbone spec of ``cfg.model`` on the latents of ``ae``."""
+    return backbone_spec(cfg.model, ae.latent_channels, cfg.data.image_size // ae.downsample_factor)
 
 
-def load_for_sampling(run_dir: Path, ckpt: Path | None = None
-                      ) -> tuple[dict, int, nn.Module, Autoencoder, float]:
-    """(config dict, step, EMA UNet, autoencoder, scale) of a run's last checkpoint (or ``ckpt``,
-    one of its ``checkpoints/step_*``)."""
+class Trained(NamedTuple):
+    """A run's checkpoint, ready to sample: ``model`` holds the EMA weights, in eval mode."""
+
+    config: dict
+    step: int
+    model: nn.Module
+    ae: Autoencoder
+    scale: float
+    backbone: dict  # models/registry.py spec: the type and arguments the checkpoint recorded
+
+
+def load_for_sampling(run_dir: Path, ckpt: Path | None = None) -> Trained:
+    """A run's last checkpoint (or ``ckpt``, one of its ``checkpoints/step_*``), with the EMA
+    weights in the backbone the checkpoint recorded (the config's, for checkpoints written
+    before the registry)."""
     ckpt = ckpt or latest_checkpoint(run_dir)
     weights, _, meta = load_checkpoint(ckpt)
     cfg = from_dict(meta["config"])
     ae = load_autoencoder(run_dir / AE_DIR)
-    model = unet_from(cfg, ae, weights, "ema.", f"checkpoint '{ckpt}' does not match its config",
-                      "the checkpoint is damaged: sample an older one")
-    return meta["config"], meta["step"], model.eval(), ae, float(meta["latent_scale_factor"])
+    spec = meta.get("backbone") or run_backbone(cfg, ae)
+    model = backbone_from(spec, weights, "ema.", f"checkpoint '{ckpt}' does not match its "
+                          "config", "the checkpoint is damaged: sample an older one")
+    return Trained(meta["config"], meta["step"], model.eval(), ae,
+                   float(meta["latent_scale_factor"]), spec)
 
 
-def unet_from(cfg: Config, ae: Autoencoder, weights: dict[str, torch.Tensor], prefix: str,
-              mismatch: str, fix: str) -> nn.Module:
-    """The config's UNet holding the ``prefix`` weights, or a one-line CheckpointError."""
-    model = build_unet(cfg, ae.latent_channels, cfg.data.image_size // ae.downsample_factor)
+def backbone_from(spec: dict, weights: dict[str, torch.Tensor], prefix: str, mismatch: str,
+                  fix: str) -> nn.Module:
+    """The spec's backbone holding the ``prefix`` weights, or a one-line CheckpointError."""
     try:
+        model = build_backbone(spec)
         model.load_state_dict(split_prefix(weights, prefix))
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError) as exc:
         raise CheckpointError(f"{mismatch} ({str(exc).splitlines()[0][:200]}); {fix}") from None
     return model

@@ -113,7 +113,7 @@ def sample_run(run_dir: str | Path, num: int, sampler: str, steps: int, seed: in
     if out_dir is not None:
         check_output(Path(out_dir), "--out", directory=True)
     with writing_run(run_dir), StopRequest() as stop:
-        cfg_dict, step, model, ae, scale = load_for_sampling(run_dir)
+        cfg_dict, step, model, ae, scale, _ = load_for_sampling(run_dir)
         cfg = from_dict(cfg_dict)
         samples = generate(model, ae, scale, cfg, num, sampler, steps, seed, eta,
                            interrupt=lambda: stop.requested)

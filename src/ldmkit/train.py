@@ -51,14 +51,15 @@ from ldmkit.files import write_text_atomic
 from ldmkit.latents import LazyData, prepare_latents
 from ldmkit.logging import MetricLogger
 from ldmkit.models.autoencoder import Autoencoder
+from ldmkit.models.registry import build_backbone
 from ldmkit.optim import EMA, build_optimizer, lr_at, set_lr
 from ldmkit.preemption import Preempted, StopRequest
 from ldmkit.resume import (
     LoopState,
     OpenedRun,
-    build_unet,
     restore_state,
     rewind_findings,
+    run_backbone,
     save_state,
 )
 from ldmkit.rundir import CONFIG_FILE
@@ -235,13 +236,14 @@ def _start_state(opened: OpenedRun, cfg: Config, ae: Autoencoder, latents: Laten
                  n_train: int, calibrated: bool, rt: Runtime) -> LoopState:
     """A fresh loop state, or the checkpoint's; logs rewound to it and the monitor attached."""
     tc, run_dir, scale = cfg.train, opened.run_dir, cfg.diffusion.latent_scale_factor
-    model = build_unet(cfg, ae.latent_channels, latents.mean.shape[-1]).to(rt.device)
+    spec = run_backbone(cfg, ae)
+    model = build_backbone(spec).to(rt.device)
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
     state = LoopState(model, EMA(model, tc.ema_decay), build_optimizer(model, tc),
                       torch.Generator().manual_seed(cfg.seed + 4),
                       BatchOrder(n_train, tc.batch_size, cfg.seed + 5),
-                      vm.StepAccumulator())
+                      vm.StepAccumulator(), spec)
     if opened.ckpt is not None:
         restore_state(opened.ckpt, state)
         if rt.d.is_main:

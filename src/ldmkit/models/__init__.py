@@ -1,1 +1,1 @@
-"""Networks: the stage-1 autoencoder and the stage-2 UNet."""
+"""Networks: the stage-1 autoencoder and the stage-2 backbones (UNet, DiT; registry.py)."""

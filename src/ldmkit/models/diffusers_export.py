@@ -1,7 +1,9 @@
 """ldmkit's networks as diffusers models, so diffusers' own ``from_pretrained`` loads a run.
 
 ``LdmkitUNet`` takes diffusers' discrete timesteps ``0..T-1`` and maps them to ldmkit's
-continuous ``t = k / (T - 1)``; ``discrete_scheduler`` gives the DDIM scheduler whose
+continuous ``t = k / (T - 1)``; ``dit_to_diffusers`` writes ldmkit's DiT into diffusers' own
+``DiTTransformer2DModel`` (the same architecture, Peebles & Xie 2023, and the same time
+embedding of ``k``), so loading it needs diffusers only; ``discrete_scheduler`` gives the DDIM scheduler whose
 ``alphas_cumprod[k]`` is ldmkit's schedule at that ``t``, so a diffusers sampling loop reproduces
 ldmkit's model. ``LdmkitAutoencoder`` does the same for ldmkit's own stage 1 (a diffusers VAE is
 exported as itself). Importing this module needs diffusers.
@@ -10,7 +12,7 @@ exported as itself). Importing this module needs diffusers.
 from __future__ import annotations
 
 import torch
-from diffusers import ConfigMixin, DDIMScheduler, ModelMixin
+from diffusers import ConfigMixin, DDIMScheduler, DiTTransformer2DModel, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKLOutput
 from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
@@ -19,6 +21,7 @@ from diffusers.models.unets.unet_2d import UNet2DOutput
 from ldmkit.diffusion.parameterization import Parameterization
 from ldmkit.diffusion.schedule import CosineSchedule
 from ldmkit.models.autoencoder import Autoencoder
+from ldmkit.models.dit import DiT
 from ldmkit.models.unet import UNet
 
 
@@ -80,3 +83,40 @@ class LdmkitAutoencoder(ModelMixin, ConfigMixin):
     def decode(self, z: torch.Tensor, return_dict: bool = True) -> DecoderOutput | tuple:
         out = self.net.decode(z)
         return DecoderOutput(sample=out) if return_dict else (out,)
+
+
+def dit_to_diffusers(model: DiT, in_channels: int, latent_size: int, patch_size: int,
+                     hidden_size: int, depth: int, num_heads: int) -> DiTTransformer2DModel:
+    """``model``'s weights in diffusers' class, which takes the discrete step ``k = 999 t``.
+
+    diffusers' DiT always takes class labels and gives each block its own copy of the time
+    embedding: the unconditional model becomes one class whose label embedding is zero (pass
+    ``class_labels = zeros``), and the shared time MLP is copied into every block.
+    """
+    target = DiTTransformer2DModel(
+        num_attention_heads=num_heads, attention_head_dim=hidden_size // num_heads,
+        in_channels=in_channels, out_channels=in_channels, num_layers=depth,
+        sample_size=latent_size, patch_size=patch_size, activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1, norm_eps=1e-6)
+    source = model.state_dict()
+    weights = {"pos_embed.proj.weight": source["patchify.weight"],
+               "pos_embed.proj.bias": source["patchify.bias"]}
+    for key in ("weight", "bias"):
+        weights[f"proj_out_1.{key}"] = source[f"modulation_out.{key}"]
+        weights[f"proj_out_2.{key}"] = source[f"out.{key}"]
+    for i in range(depth):
+        ours, theirs = f"blocks.{i}.", f"transformer_blocks.{i}."
+        emb = theirs + "norm1.emb."
+        weights[emb + "class_embedder.embedding_table.weight"] = torch.zeros(2, hidden_size)
+        for key in ("weight", "bias"):
+            weights[f"{emb}timestep_embedder.linear_1.{key}"] = source[f"time_mlp.0.{key}"]
+            weights[f"{emb}timestep_embedder.linear_2.{key}"] = source[f"time_mlp.2.{key}"]
+            weights[f"{theirs}norm1.linear.{key}"] = source[f"{ours}modulation.{key}"]
+            weights[f"{theirs}attn1.to_out.0.{key}"] = source[f"{ours}proj.{key}"]
+            weights[f"{theirs}ff.net.0.proj.{key}"] = source[f"{ours}mlp.0.{key}"]
+            weights[f"{theirs}ff.net.2.{key}"] = source[f"{ours}mlp.2.{key}"]
+            for name, part in zip(("to_q", "to_k", "to_v"), source[f"{ours}qkv.{key}"].chunk(3),
+                                  strict=True):
+                weights[f"{theirs}attn1.{name}.{key}"] = part
+    target.load_state_dict(weights)
+    return target

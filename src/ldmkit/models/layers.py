@@ -1,4 +1,5 @@
-"""Building blocks shared by the autoencoder and the UNet (Ho et al. 2020; Dhariwal & Nichol 2021)."""
+"""Building blocks shared by the autoencoder and the backbones (Ho et al. 2020; Dhariwal & Nichol
+2021)."""
 
 from __future__ import annotations
 
@@ -82,12 +83,16 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
-    """Sinusoidal features of continuous ``t`` in [0, 1] ``[B] -> [B, dim]`` (Vaswani et al. 2017).
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0,
+                       steps: float = 1000.0, freq_shift: int = 0) -> torch.Tensor:
+    """Sinusoidal features ``[cos, sin]`` of continuous ``t`` in [0, 1] ``[B] -> [B, dim]``
+    (Vaswani et al. 2017).
 
-    ``t`` is multiplied by 1000 so the frequencies cover the same range as discrete DDPM steps.
+    ``t`` is multiplied by ``steps`` so the frequencies cover the same range as discrete DDPM
+    steps; ``freq_shift`` 1 spaces the frequencies as diffusers' DiT does (models/dit.py).
     """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
-    args = 1000.0 * t.float()[:, None] * freqs[None]
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device)
+                      / (half - freq_shift))
+    args = steps * t.float()[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)

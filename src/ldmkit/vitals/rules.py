@@ -189,7 +189,7 @@ RULES: tuple[Rule, ...] = (
          "training images ({train:.3f}){rising}: the model fits the images it trains on, not the "
          "data they come from{where}",
          "use more data (or data.val_fraction to check with more held-out images), fewer steps, "
-         "the EMA weights, or a smaller model / unet.dropout 0.1"),
+         "the EMA weights, or a smaller model (a UNet: model.dropout 0.1)"),
     Rule("final_latent_std_off", vm.FINAL_PREFIX + "std", "final_std", "final_std_ratio_warning",
          "final_std_ratio_critical",
          "final_latent_stats/std: 'close to 1/latent_scale_factor'", "unstable_sampling",
