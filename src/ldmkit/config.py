@@ -9,28 +9,15 @@ naming the key, instead of silently training with a default. Key names the metri
 from __future__ import annotations
 
 import dataclasses
-import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 
 from ldmkit.errors import ConfigError
+from ldmkit.typed import build, check, ranged
 from ldmkit.untrusted import MAX_CONFIG_BYTES, brief, check_size
-
-
-def _check(lo: float | None = None, *, strict: bool = False, hi: float | None = None,
-           min_len: int | None = None) -> dict:
-    """Field metadata: allowed numeric range (``strict`` makes the lower bound exclusive); for a
-    list, the range of every item and its least length."""
-    return {"lo": lo, "strict": strict, "hi": hi, "min_len": min_len}
-
-
-def _num(default: Any, **rng: Any) -> Any:
-    return field(default=default, metadata=_check(**rng))
 
 
 @dataclass
@@ -40,13 +27,13 @@ class DataConfig:
     source: Literal["digits", "folder", "idx"] = "digits"
     path: str | None = None
     split: Literal["train", "test"] = "train"
-    image_size: int = _num(32, lo=4, hi=4096)
+    image_size: int = ranged(32, lo=4, hi=4096)
     channels: Literal[1, 3] = 1
-    limit: int | None = _num(None, lo=1)
+    limit: int | None = ranged(None, lo=1)
     latent_cache: str = "auto"  # auto (RUN/latents), off, or a directory shared between runs
     # held out of stage 2 for the validation loss (an IDX test file is used instead when present)
-    val_fraction: float = _num(0.02, lo=0.0, hi=0.5)
-    val_max: int = _num(512, lo=1)
+    val_fraction: float = ranged(0.02, lo=0.0, hi=0.5)
+    val_max: int = ranged(512, lo=1)
 
 
 @dataclass
@@ -54,16 +41,16 @@ class AutoencoderConfig:
     """Stage 1: a KL autoencoder (Rombach et al. 2022, sec. 3) with downsampling 2**(len(mult)-1)."""
 
     pretrained: str | None = None
-    base_channels: int = _num(32, lo=1, hi=4096)
+    base_channels: int = ranged(32, lo=1, hi=4096)
     channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2],
-                                    metadata=_check(1, hi=64, min_len=1))
-    latent_channels: int = _num(4, lo=1, hi=256)
-    kl_weight: float = _num(1e-4, lo=0.0)
-    steps: int = _num(1500, lo=0)
-    batch_size: int = _num(64, lo=1)
-    lr: float = _num(1e-3, lo=0.0, strict=True)
-    log_every: int = _num(100, lo=1)
-    calibration_batches: int = _num(16, lo=1)
+                                    metadata=check(1, hi=64, min_len=1))
+    latent_channels: int = ranged(4, lo=1, hi=256)
+    kl_weight: float = ranged(1e-4, lo=0.0)
+    steps: int = ranged(1500, lo=0)
+    batch_size: int = ranged(64, lo=1)
+    lr: float = ranged(1e-3, lo=0.0, strict=True)
+    log_every: int = ranged(100, lo=1)
+    calibration_batches: int = ranged(16, lo=1)
 
 
 @dataclass
@@ -71,12 +58,12 @@ class UNetConfig:
     """Stage 2 backbone ``model.type: unet``: ADM-style UNet (Dhariwal & Nichol 2021)."""
 
     type: Literal["unet"] = "unet"
-    base_channels: int = _num(64, lo=1, hi=4096)
-    channel_mult: list[int] = field(default_factory=lambda: [1, 2], metadata=_check(1, hi=64, min_len=1))
-    num_res_blocks: int = _num(2, lo=1, hi=32)
-    attention_resolutions: list[int] = field(default_factory=lambda: [4], metadata=_check(1))
-    num_heads: int = _num(4, lo=1, hi=256)
-    dropout: float = _num(0.0, lo=0.0, hi=1.0)
+    base_channels: int = ranged(64, lo=1, hi=4096)
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2], metadata=check(1, hi=64, min_len=1))
+    num_res_blocks: int = ranged(2, lo=1, hi=32)
+    attention_resolutions: list[int] = field(default_factory=lambda: [4], metadata=check(1))
+    num_heads: int = ranged(4, lo=1, hi=256)
+    dropout: float = ranged(0.0, lo=0.0, hi=1.0)
 
 
 @dataclass
@@ -85,10 +72,10 @@ class DiTConfig:
     adaLN-Zero blocks; ``patch_size`` 2 on 8x8 latents gives 16 tokens."""
 
     type: Literal["dit"] = "dit"
-    patch_size: int = _num(2, lo=1, hi=64)
-    hidden_size: int = _num(256, lo=4, hi=8192)
-    depth: int = _num(6, lo=1, hi=128)
-    num_heads: int = _num(4, lo=1, hi=256)
+    patch_size: int = ranged(2, lo=1, hi=64)
+    hidden_size: int = ranged(256, lo=4, hi=8192)
+    depth: int = ranged(6, lo=1, hi=128)
+    num_heads: int = ranged(4, lo=1, hi=256)
 
 
 MODELS = {"unet": UNetConfig, "dit": DiTConfig}  # model.type -> its section (models/registry.py)
@@ -107,35 +94,35 @@ class DiffusionConfig:
     objective: Literal["eps", "v", "x0", "flow"] = "eps"
     schedule: Literal["cosine", "linear"] = "cosine"
     loss_weighting: Literal["none", "min_snr"] = "none"
-    min_snr_gamma: float = _num(5.0, lo=0.0, strict=True)
-    latent_scale_factor: float | None = _num(None, lo=0.0, strict=True)
+    min_snr_gamma: float = ranged(5.0, lo=0.0, strict=True)
+    latent_scale_factor: float | None = ranged(None, lo=0.0, strict=True)
     t_sampling: Literal["uniform", "logit_normal"] = "uniform"
     logit_normal_loc: float = 0.0
-    logit_normal_scale: float = _num(1.0, lo=0.0, strict=True)
-    logsnr_min: float = _num(-5.0, lo=-30.0, hi=30.0)
-    logsnr_max: float = _num(10.0, lo=-30.0, hi=30.0)
+    logit_normal_scale: float = ranged(1.0, lo=0.0, strict=True)
+    logsnr_min: float = ranged(-5.0, lo=-30.0, hi=30.0)
+    logsnr_max: float = ranged(10.0, lo=-30.0, hi=30.0)
 
 
 @dataclass
 class TrainConfig:
     """Optimisation of stage 2: AdamW, linear warmup then cosine decay, clipping, EMA."""
 
-    steps: int = _num(4000, lo=1)
-    batch_size: int = _num(128, lo=1)
-    lr: float = _num(1e-3, lo=0.0, strict=True)
-    min_lr_ratio: float = _num(0.05, lo=0.0, hi=1.0)
-    warmup_steps: int = _num(200, lo=0)
-    weight_decay: float = _num(0.0, lo=0.0)
+    steps: int = ranged(4000, lo=1)
+    batch_size: int = ranged(128, lo=1)
+    lr: float = ranged(1e-3, lo=0.0, strict=True)
+    min_lr_ratio: float = ranged(0.05, lo=0.0, hi=1.0)
+    warmup_steps: int = ranged(200, lo=0)
+    weight_decay: float = ranged(0.0, lo=0.0)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
-    grad_clip: float = _num(1.0, lo=0.0, strict=True)
-    ema_decay: float = _num(0.999, lo=0.0, hi=1.0)
-    log_every: int = _num(50, lo=1)
-    sample_every: int = _num(1000, lo=1)
-    checkpoint_every: int = _num(1000, lo=1)
-    checkpoint_keep: int = _num(3, lo=1)
-    grad_accum_steps: int = _num(1, lo=1, hi=4096)  # micro-batches per step (batch_size: the step's)
-    val_every: int = _num(250, lo=0)  # deterministic validation loss (0: off); ldmkit.validation
-    eval_every: int = _num(0, lo=0)  # eval/* on 256 samples during training (0: off; labels)
+    grad_clip: float = ranged(1.0, lo=0.0, strict=True)
+    ema_decay: float = ranged(0.999, lo=0.0, hi=1.0)
+    log_every: int = ranged(50, lo=1)
+    sample_every: int = ranged(1000, lo=1)
+    checkpoint_every: int = ranged(1000, lo=1)
+    checkpoint_keep: int = ranged(3, lo=1)
+    grad_accum_steps: int = ranged(1, lo=1, hi=4096)  # micro-batches per step (batch_size: the step's)
+    val_every: int = ranged(250, lo=0)  # deterministic validation loss (0: off); ldmkit.validation
+    eval_every: int = ranged(0, lo=0)  # eval/* on 256 samples during training (0: off; labels)
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast of the UNet forward
     compile: bool = False  # torch.compile the UNet (GPU; slow to start on CPU)
     channels_last: bool = False  # NHWC memory format (faster convolutions on recent GPUs)
@@ -148,12 +135,12 @@ SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "euler", "heun")  # diffusion/samplers.p
 class SampleConfig:
     """Sampling during training (fixed noise, so grids are comparable) and at the end."""
 
-    num: int = _num(64, lo=2)
+    num: int = ranged(64, lo=2)
     sampler: Literal[SAMPLERS] = "ddim"
-    steps: int = _num(50, lo=1)
-    eta: float = _num(0.0, lo=0.0, hi=1.0)
+    steps: int = ranged(50, lo=1)
+    eta: float = ranged(0.0, lo=0.0, hi=1.0)
     seed: int = 0
-    during_training_num: int = _num(16, lo=2)
+    during_training_num: int = ranged(16, lo=2)
 
 
 @dataclass
@@ -168,8 +155,8 @@ class VitalsConfig:
     enabled: bool = True
     on_critical: Literal["warn", "stop"] = "warn"
     on_nonfinite: Literal["skip", "rollback", "stop"] = "skip"
-    rollback_lr_factor: float = _num(0.5, lo=0.0, strict=True, hi=1.0)
-    max_rollbacks: int = _num(3, lo=0)
+    rollback_lr_factor: float = ranged(0.5, lo=0.0, strict=True, hi=1.0)
+    max_rollbacks: int = ranged(3, lo=0)
     # inf is allowed: a threshold no value reaches turns its rule off
     thresholds: dict[str, float] = field(default_factory=dict, metadata={"any_float": True})
 
@@ -191,131 +178,6 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     vitals: VitalsConfig = field(default_factory=VitalsConfig)
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    if origin is dict:
-        return f"a mapping of names to {_type_name(typing.get_args(tp)[1])}"
-    if tp is type(None):
-        return "null"
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Return ``value`` as type ``tp`` or raise ConfigError naming ``key``."""
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}' must be a mapping, got {brief(value)}")
-        return _build(tp, value, key + ".")
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError:
-                continue
-    elif origin is Literal:
-        if value in typing.get_args(tp) and type(value) is not bool:
-            return value
-    elif origin is list:
-        if isinstance(value, (list, tuple)):
-            (item,) = typing.get_args(tp)
-            return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    elif origin is dict:
-        if isinstance(value, dict):
-            _, item = typing.get_args(tp)
-            return {str(k): _coerce(v, item, f"{key}.{k}") for k, v in value.items()}
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads `1e-4` as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is str and isinstance(value, str):
-        return value
-    raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {brief(value)}")
-
-
-def _check_range(value: Any, meta: typing.Mapping, key: str) -> None:
-    if isinstance(value, float) and not math.isfinite(value) and not meta.get("any_float"):
-        raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
-    if isinstance(value, list):
-        if meta.get("min_len") and len(value) < meta["min_len"]:
-            raise ConfigError(f"config key '{key}' needs at least {meta['min_len']} item(s), "
-                              f"got {brief(value)}")
-        for i, item in enumerate(value):
-            _check_range(item, meta, f"{key}[{i}]")
-        return
-    if isinstance(value, dict):
-        for name, item in value.items():
-            _check_range(item, meta, f"{key}.{name}")
-        return
-    lo, hi, strict = meta.get("lo"), meta.get("hi"), meta.get("strict", False)
-    if value is None or (lo is None and hi is None):
-        return
-    too_low = lo is not None and (value <= lo if strict else value < lo)
-    too_high = hi is not None and value > hi
-    if too_low or too_high:
-        bound = f"> {lo}" if strict else f">= {lo}" if lo is not None else ""
-        if hi is not None:
-            bound = f"{bound} and <= {hi}" if bound else f"<= {hi}"
-        raise ConfigError(f"config key '{key}' must be {bound}, got {brief(value)}")
-
-
-def _build(cls: type, data: dict, prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(str(k) for k in set(data) - set(fields))
-    if unknown:
-        raise ConfigError(
-            f"unknown config key '{prefix}{brief(unknown[0])[1:-1]}'; allowed keys"
-            f"{' in ' + prefix.rstrip('.') if prefix else ''}: {', '.join(fields)}"
-        )
-    kwargs = {}
-    for name, value in data.items():
-        if "by_type" in fields[name].metadata:
-            if not isinstance(value, dict):
-                raise ConfigError(f"config key '{prefix}{name}' must be a mapping, got "
-                                  f"{brief(value)}")
-            kwargs[name] = _build_by_type(fields[name].metadata["by_type"], value, prefix + name)
-            continue
-        kwargs[name] = _coerce(value, hints[name], prefix + name)
-        _check_range(kwargs[name], fields[name].metadata, prefix + name)
-    return cls(**kwargs)
-
-
-def _build_by_type(classes: dict[str, type], data: dict, key: str) -> Any:
-    """A section whose ``type`` key chooses its dataclass (the first one when absent)."""
-    kind = data.get("type", next(iter(classes)))
-    if kind not in classes:
-        raise ConfigError(f"config key '{key}.type' must be one of "
-                          f"{', '.join(repr(k) for k in classes)}, got {brief(kind)}")
-    unknown = sorted(str(k) for k in set(data) - {f.name for f in dataclasses.fields(classes[kind])})
-    if unknown:
-        known = [f.name for f in dataclasses.fields(classes[kind])]
-        raise ConfigError(f"unknown config key '{key}.{brief(unknown[0])[1:-1]}' for {key}.type "
-                          f"'{kind}'; allowed: {', '.join(known)}")
-    return _build(classes[kind], data, key + ".")
 
 
 def _validate(cfg: Config) -> Config:
@@ -433,7 +295,7 @@ def from_dict(data: dict) -> Config:
     if not isinstance(data, dict):
         raise ConfigError("a config must be a YAML mapping of sections (data, train, ...)")
     check_size(data, "the config")
-    return _validate(_build(Config, _renamed(data)))
+    return _validate(build(Config, _renamed(data)))
 
 
 def _renamed(data: dict) -> dict:
