@@ -43,6 +43,8 @@ def test_the_model_section_chooses_the_backbone_and_checks_its_own_keys():
         tiny_config(model={**TINY_DIT, "num_heads": 3})
     with pytest.raises(ConfigError, match="config key 'model' must be a mapping"):
         tiny_config(model="dit")
+    with pytest.raises(ConfigError, match="'model.type' must be one of"):
+        tiny_config(model={"type": ["dit"]})
 
 
 def test_a_config_with_the_old_unet_section_is_a_unet_model():

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from ldmkit.logging import read_metrics
 from ldmkit.train import train
 from ldmkit.vitals import metrics as vm
+from ldmkit.vitals.signs import TRAIN_TAGS
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +73,7 @@ def test_two_processes_log_the_same_vitals_as_one(tmp_path, shared_ae):
     one, two = by_key(run1), by_key(run2)
     assert one.keys() == two.keys()  # rank 0 alone writes, once per step
     tags = {tag for _, tag in one}
-    assert set(vm.TRAIN_TAGS) <= tags and {vm.PAIRWISE_PREFIX + "mean", vm.EPS_MSE} <= tags
+    assert set(TRAIN_TAGS) <= tags and {vm.PAIRWISE_PREFIX + "mean", vm.EPS_MSE} <= tags
     for key, value in one.items():
         assert two[key] == pytest.approx(value, rel=2e-3, abs=1e-5), key
     # Adam normalises each update, so near-zero parameters can move by ~lr on reduction-order

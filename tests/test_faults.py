@@ -21,8 +21,8 @@ from faults import Fault
 
 from ldmkit.cli import main
 from ldmkit.config import Config, from_dict
+from ldmkit.diagnosis import diagnose_path as diagnose_log
 from ldmkit.train import TrainResult, train
-from ldmkit.vitals.offline import diagnose_log
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +47,7 @@ SERIOUS = ("warning", "critical")
 def config(**sections: dict) -> Config:
     data = copy.deepcopy(BASE)
     for name, values in sections.items():
-        if isinstance(values, dict):
+        if isinstance(values, dict) and not (name == "model" and "type" in values):
             data.setdefault(name, {}).update(values)
         else:
             data[name] = values
@@ -231,9 +231,18 @@ def test_healthy_mnist(tmp_path):
     assert_healthy(tmp_path / "run")
 
 
-@pytest.mark.parametrize("objective", ["v", "flow"])
-def test_healthy_digits_under_other_objectives(tmp_path, ae_digits, objective):
-    run(tmp_path, ae_digits, diffusion=OBJECTIVES[objective], train={"steps": 800})
+# 16 tokens of 1x1 patches of the 4x4 latents; the DiT's smaller learning rate (as in
+# configs/digits-dit.yaml)
+DIT = {"model": {"type": "dit", "patch_size": 1, "hidden_size": 64, "depth": 4, "num_heads": 4},
+       "train": {"steps": 800, "lr": 1e-3}}
+
+
+@pytest.mark.parametrize("objective, backbone", [("v", "unet"), ("x0", "unet"), ("flow", "unet"),
+                                                 ("eps", "dit"), ("flow", "dit")])
+def test_healthy_digits_under_other_objectives_and_backbones(tmp_path, ae_digits, objective,
+                                                            backbone):
+    sections = DIT if backbone == "dit" else {"train": {"steps": 800}}
+    run(tmp_path, ae_digits, diffusion=OBJECTIVES.get(objective, {}), **sections)
     assert_healthy(tmp_path / "run")
     cos = [r["value"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").open())
            if r["tag"] == "diffusion/cos_eps_mean"]

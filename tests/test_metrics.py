@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from ldmkit.vitals import metrics as vm
+from ldmkit.vitals.signs import StepAccumulator
 
 
 def brute_force_pairwise(x: torch.Tensor) -> list[float]:
@@ -77,7 +78,7 @@ def test_final_latent_stats():
 
 
 def test_accumulator_gives_interval_means_and_resets():
-    acc = vm.StepAccumulator()
+    acc = StepAccumulator()
     acc.add({"a": torch.tensor(1.0)})
     acc.add({"a": torch.tensor(3.0)})
     assert acc.read() == {"a": 2.0}

@@ -14,6 +14,7 @@ from ldmkit import VitalsMonitor, normalize_timesteps
 from ldmkit.logging import read_metrics
 from ldmkit.vitals import metrics as vm
 from ldmkit.vitals.offline import diagnose_log
+from ldmkit.vitals.signs import TRAIN_TAGS
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "diffusers_loop.py"
 
@@ -68,5 +69,5 @@ def test_the_diffusers_example_runs_and_its_log_is_diagnosable(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "scenario:" in out.stdout
     tags = {r["tag"] for r in read_metrics(tmp_path / "log" / "metrics.jsonl")}
-    assert set(vm.TRAIN_TAGS) <= tags and vm.PAIRWISE_PREFIX + "mean" in tags
+    assert set(TRAIN_TAGS) <= tags and vm.PAIRWISE_PREFIX + "mean" in tags
     assert diagnose_log(tmp_path / "log").scenario in ("healthy", "too_early")

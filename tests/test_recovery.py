@@ -15,10 +15,10 @@ from faults import Fault
 from PIL import Image
 
 from ldmkit.cli import main
+from ldmkit.diagnosis import diagnose_path as diagnose_log
 from ldmkit.logging import read_metrics
 from ldmkit.train import train
 from ldmkit.vitals import metrics as vm
-from ldmkit.vitals.offline import diagnose_log
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 

@@ -15,8 +15,8 @@ from conftest import TINY
 from ldmkit.cli import main
 from ldmkit.report.svg import line_plot
 from ldmkit.vitals import metrics as vm
-from ldmkit.vitals.bands import bands
 from ldmkit.vitals.diagnose import Context
+from ldmkit.vitals.signs import TRAIN_TAGS, bands
 
 
 def chromium() -> str:
@@ -48,8 +48,8 @@ def run_dir(tmp_path_factory) -> Path:
 
 def test_run_writes_a_self_contained_report(run_dir):
     html = (run_dir / "report.html").read_text()
-    assert html.count('<svg class="plot"') >= len(vm.TRAIN_TAGS) + 8
-    for tag in (*vm.TRAIN_TAGS, vm.PAIRWISE_PREFIX + "mean", vm.FINAL_PREFIX + "std"):
+    assert html.count('<svg class="plot"') >= len(TRAIN_TAGS) + 8
+    for tag in (*TRAIN_TAGS, vm.PAIRWISE_PREFIX + "mean", vm.FINAL_PREFIX + "std"):
         assert f'aria-label="{tag}"' in html
     # the wrong scale was diagnosed: a finding row with its fix and a marker on the z_std plot
     assert "z_std_low" in html and "latent_scale_factor" in html
@@ -71,7 +71,7 @@ def test_every_plot_renders_in_headless_chromium(run_dir, tmp_path):
     body = re.search(r"<body[^>]*>", out.stdout)
     assert body, out.stderr[-2000:]
     attrs = dict(re.findall(r'data-([a-z-]+)="(\d+)"', body.group(0)))
-    assert int(attrs["plots-total"]) >= len(vm.TRAIN_TAGS) + 8
+    assert int(attrs["plots-total"]) >= len(TRAIN_TAGS) + 8
     assert attrs["plots-rendered"] == attrs["plots-total"]
     assert int(attrs["images-total"]) >= 3 and attrs["images-rendered"] == attrs["images-total"]
     shot = tmp_path / "report.png"

@@ -18,6 +18,7 @@ from ldmkit.models.unet import UNet
 from ldmkit.resume import load_run_config
 from ldmkit.train import train, train_step
 from ldmkit.vitals import metrics as vm
+from ldmkit.vitals.signs import TRAIN_TAGS, StepAccumulator
 
 
 def test_training_steps_lower_the_loss_on_a_fixed_batch():
@@ -87,7 +88,7 @@ def test_run_logs_every_vital_sign_and_writes_checkpoints_without_pickles(tmp_pa
     result = train(tiny_config(), run_dir)
     records = read_metrics(run_dir / "metrics.jsonl")
     tags = {r["tag"] for r in records}
-    assert set(vm.TRAIN_TAGS) <= tags
+    assert set(TRAIN_TAGS) <= tags
     for suffix in ("mean", "std", "min", "max"):
         assert vm.PAIRWISE_PREFIX + suffix in tags and vm.FINAL_PREFIX + suffix in tags
     assert {"vae/recon_mse", "vae/kl", "vae/psnr", vm.SCALE_FACTOR} <= tags
@@ -186,10 +187,10 @@ def test_update_ratio_is_the_relative_size_of_the_applied_update():
 
 
 def test_interval_median_survives_a_checkpoint_between_log_steps():
-    acc = vm.StepAccumulator()
+    acc = StepAccumulator()
     for value in (1e-3, 5.0, 2e-3):
         acc.add({vm.UPDATE_RATIO: torch.tensor(value), vm.LOSS: torch.tensor(value)})
-    resumed = vm.StepAccumulator()
+    resumed = StepAccumulator()
     resumed.load(*acc.state())
     out = resumed.read()
     assert out[vm.UPDATE_RATIO] == pytest.approx(2e-3)  # one outlier does not move a median

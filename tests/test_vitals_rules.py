@@ -10,7 +10,8 @@ from ldmkit.optim import lr_at
 from ldmkit.vitals import metrics as vm
 from ldmkit.vitals.diagnose import Context, evaluate, scenario
 from ldmkit.vitals.monitor import replay
-from ldmkit.vitals.rules import CODES, RULES, THRESHOLDS, threshold_defaults
+from ldmkit.vitals.rules import CODES, RULES, THRESHOLDS
+from ldmkit.vitals.signs import TRAIN_TAGS
 
 SCALE = 0.8
 TRAIN = TrainConfig(steps=2000, lr=1e-3, warmup_steps=100)
@@ -19,7 +20,7 @@ TRAIN = TrainConfig(steps=2000, lr=1e-3, warmup_steps=100)
 def healthy_series(seed: int = 0, steps: int = 2000, every: int = 50) -> dict:
     """A noisy healthy run (the guide's scenario A), with one-point spikes in several metrics."""
     rng = random.Random(seed)
-    s: dict = {tag: [] for tag in vm.TRAIN_TAGS}
+    s: dict = {tag: [] for tag in TRAIN_TAGS}
     for step in range(every, steps + 1, every):
         progress = step / steps
         s[vm.LOSS].append((step, 0.3 + 0.7 * math.exp(-8 * progress) + rng.gauss(0, 0.03)))
@@ -62,7 +63,7 @@ def validation_record(progress: float, rng: random.Random, gap: float = 0.0,
 
 
 def ctx(**thresholds) -> Context:
-    return Context({**threshold_defaults(), **thresholds}, SCALE, TRAIN)
+    return Context.of(SCALE, thresholds, lr_schedule=lambda s: lr_at(s, TRAIN), lr=TRAIN.lr)
 
 
 def codes(series: dict, context: Context | None = None) -> dict[str, str]:
@@ -135,7 +136,7 @@ def test_loss_too_low():
 def test_lr_mismatch_needs_the_config_and_a_persistent_difference():
     series = with_values(healthy_series(), vm.LEARNING_RATE, lambda s, v: v * 3 if s > 1500 else v)
     assert codes(series)["lr_mismatch"] == "warning"
-    assert "lr_mismatch" not in codes(series, Context(threshold_defaults(), SCALE, None))
+    assert "lr_mismatch" not in codes(series, Context.of(SCALE))
     one_off = with_values(healthy_series(), vm.LEARNING_RATE, lambda s, v: v * 3 if s == 1500 else v)
     assert "lr_mismatch" not in codes(one_off)
 
@@ -170,7 +171,7 @@ def test_z_std_with_a_computed_scale_fix(z, code, severity):
 
 def test_scale_fix_without_a_known_scale_is_a_ratio():
     series = with_values(healthy_series(), vm.Z_STD, lambda s, v: 0.2)
-    finding = replay(series, Context(threshold_defaults(), None, None))[0]
+    finding = replay(series, Context.of(None))[0]
     assert "multiply latent_scale_factor by 5" in finding.fix
 
 
@@ -316,12 +317,13 @@ def test_memorization_rising_over_three_evaluations():
 def test_loss_rules_read_each_objective_in_its_own_units():
     """Flow's velocity target has variance 2: its healthy loss sits where eps's would be stuck."""
     from ldmkit.config import from_dict
+    from ldmkit.diagnosis import context_of
 
-    flow = Context.of(from_dict({"diffusion": {"objective": "flow", "schedule": "linear"}}), SCALE)
-    eps = Context.of(from_dict({}), SCALE)
+    flow = context_of(from_dict({"diffusion": {"objective": "flow", "schedule": "linear"}}), SCALE)
+    eps = context_of(from_dict({}), SCALE)
     assert flow.loss_scale == 2.0 and eps.loss_scale == 1.0
     series = with_values(healthy_series(), vm.LOSS, lambda s, v: 2 * v + 0.4)  # 2.0 -> ~1.0
     assert "loss_stuck_high" in codes(series, eps)
     assert "loss_stuck_high" not in codes(series, flow)
-    weighted = Context.of(from_dict({"diffusion": {"loss_weighting": "min_snr"}}), SCALE)
+    weighted = context_of(from_dict({"diffusion": {"loss_weighting": "min_snr"}}), SCALE)
     assert 0 < weighted.loss_scale < 1 and weighted.val_loss_scale == 1.0

@@ -129,10 +129,11 @@ def _encode(args: argparse.Namespace) -> None:
 
 
 def _diagnose(args: argparse.Namespace) -> int:
+    from ldmkit.diagnosis import diagnose_path
     from ldmkit.vitals.monitor import SEVERITY_RANK
-    from ldmkit.vitals.offline import diagnose_log, format_table
+    from ldmkit.vitals.offline import format_table
 
-    diagnosis = diagnose_log(args.path, args.latent_scale_factor, objective=args.objective)
+    diagnosis = diagnose_path(args.path, args.latent_scale_factor, objective=args.objective)
     print(diagnosis.to_json() if args.json else format_table(diagnosis))
     if args.fail_on != "never" and diagnosis.worst() >= SEVERITY_RANK[args.fail_on]:
         return 1

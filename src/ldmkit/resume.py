@@ -38,8 +38,8 @@ from ldmkit.optim import EMA
 from ldmkit.rundir import CONFIG_FILE, check_new_run_dir, is_run
 from ldmkit.stage1 import AE_DIR, load_autoencoder
 from ldmkit.untrusted import brief
-from ldmkit.vitals.metrics import StepAccumulator
 from ldmkit.vitals.monitor import FINDINGS_FILE
+from ldmkit.vitals.signs import StepAccumulator
 
 CHANGES_FILE = "changes.jsonl"
 # what rerunning the same command may change: the run's length

@@ -11,11 +11,12 @@ from torch import nn
 from tqdm import tqdm
 
 from ldmkit.config import Config, TrainConfig
+from ldmkit.diagnosis import context_of
 from ldmkit.diffusion.parameterization import Net
 from ldmkit.distributed import Dist, any_rank
 from ldmkit.logging import MetricLogger
 from ldmkit.preemption import StopRequest
-from ldmkit.vitals.diagnose import Context, Finding, event_finding
+from ldmkit.vitals.diagnose import Finding, event_finding
 from ldmkit.vitals.monitor import LiveMonitor
 
 
@@ -54,7 +55,7 @@ def attach_monitor(cfg: Config, run_dir: Path, logger: MetricLogger, scale: floa
     """Live diagnosis on every value the logger writes from here on (guide rules, vitals/)."""
     if not cfg.vitals.enabled:
         return None
-    ctx = Context.of(cfg, scale)
+    ctx = context_of(cfg, scale)
     monitor = LiveMonitor(run_dir, ctx, cfg.vitals.on_critical, echo=tqdm.write)
     if step > 0:
         monitor.prime(logger.series_until(step))

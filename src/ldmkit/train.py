@@ -27,6 +27,7 @@ from tqdm import tqdm
 from ldmkit import validation
 from ldmkit.config import Config, to_yaml
 from ldmkit.data import BatchOrder
+from ldmkit.diagnosis import context_of
 from ldmkit.diffusion.parameterization import Net, Parameterization
 from ldmkit.diffusion.schedule import sample_t
 from ldmkit.distributed import (
@@ -75,7 +76,8 @@ from ldmkit.sample import generate, parameterization, save_samples
 from ldmkit.stage1 import LatentPosteriors
 from ldmkit.start import resolve_device, start_run
 from ldmkit.vitals import metrics as vm
-from ldmkit.vitals.diagnose import Context, Finding, coverage, scenario
+from ldmkit.vitals.diagnose import Finding, coverage, scenario
+from ldmkit.vitals.signs import StepAccumulator, StepTensors, rank_reduced, step_vitals
 
 __all__ = ["TrainResult", "train", "train_step"]
 
@@ -142,11 +144,8 @@ def train_step(model: nn.Module | Net, params: list[nn.Parameter],
         torch._foreach_copy_(scratch, weights)
     if finite:
         opt.step()
-    vitals = {vm.LOSS: loss, vm.GRAD_NORM: grad_norm.detach(),
-              vm.T_MEAN: t.mean(), vm.COS_EPS: vm.cos_eps_mean(eps_pred.float(), eps),
-              vm.Z_STD: vm.latent_std(z)}
-    if param.objective != "eps":  # the guide's own loss, from the implied noise estimate
-        vitals[vm.EPS_MSE] = (eps_pred.float() - eps).pow(2).mean()
+    vitals = step_vitals(StepTensors(loss, eps_pred, eps, t, z, grad_norm.detach(),
+                                     loss_is_eps_mse=param.objective == "eps"))
     if finite and scratch is not None:  # a skipped step is no update: it has no ratio
         vitals[vm.UPDATE_RATIO] = vm.update_ratio(scratch, weights)
     return finite, vitals
@@ -154,21 +153,11 @@ def train_step(model: nn.Module | Net, params: list[nn.Parameter],
 
 def global_vitals(vitals: dict[str, torch.Tensor], z: torch.Tensor,
                   d: Dist) -> dict[str, torch.Tensor]:
-    """Per-rank step vitals -> those of the global batch (one small all-reduce, no host sync).
-
-    Shards are equal, so means of per-rank means are global means; z_std is pooled from the
-    ranks' moments.
-    """
+    """Per-rank step vitals -> those of the global batch (one small all-reduce, no host sync;
+    each sign's ``ranks`` in vitals/signs.py says how)."""
     if not d.active:
         return vitals
-    zd = z.detach().double()
-    means = [t for t in (vm.LOSS, vm.T_MEAN, vm.COS_EPS, vm.EPS_MSE) if t in vitals]
-    packed = torch.stack([*(vitals[t].double() for t in means), zd.sum(), zd.pow(2).sum()])
-    *reduced, total, total_sq = (all_sum(packed, d) / d.world).unbind()
-    n = z.numel()  # per rank; the sums above are divided by world, i.e. per-rank means
-    var = (total_sq - total * total / n) / (n - 1 / d.world)
-    return {**vitals, **{t: v.float() for t, v in zip(means, reduced, strict=True)},
-            vm.Z_STD: var.clamp(min=0).sqrt().float()}
+    return rank_reduced(vitals, {"z": z}, d.world, lambda x: all_sum(x, d) / d.world)
 
 
 def sample_and_log(cfg: Config, step: int, ema: EMA, ae: Autoencoder, scale: float, rt: Runtime,
@@ -243,7 +232,7 @@ def _start_state(opened: OpenedRun, cfg: Config, ae: Autoencoder, latents: Laten
     state = LoopState(model, EMA(model, tc.ema_decay), build_optimizer(model, tc),
                       torch.Generator().manual_seed(cfg.seed + 4),
                       BatchOrder(n_train, tc.batch_size, cfg.seed + 5),
-                      vm.StepAccumulator(), spec)
+                      StepAccumulator(), spec)
     if opened.ckpt is not None:
         restore_state(opened.ckpt, state)
         if rt.d.is_main:
@@ -300,7 +289,7 @@ def _diffusion(opened: OpenedRun, ae: Autoencoder, latents: LatentPosteriors, sc
     ratio_every = vm.update_ratio_every(tc.log_every)
     param, first_step = parameterization(cfg), state.step
     step_param = step_param or param
-    explode = Context.of(cfg, scale).thr("grad_norm_high")
+    explode = context_of(cfg, scale).thr("grad_norm_high")
     end = min(tc.steps, stop_at) if stop_at else tc.steps
     grid, vitals, stopped_by, halted, previous_applied = None, {}, None, False, True
     bar = tqdm(total=tc.steps, initial=state.step, desc="diffusion", dynamic_ncols=True,

@@ -17,15 +17,15 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from ldmkit.config import load_config
+from ldmkit.diagnosis import run_context
 from ldmkit.errors import LdmkitError
 from ldmkit.logging import METRICS_FILE
 from ldmkit.report.html import shown_tags
 from ldmkit.report.svg import heat_color
 from ldmkit.vitals import metrics as vm
-from ldmkit.vitals.bands import bands
 from ldmkit.vitals.diagnose import Context, Series, coverage, evaluate, scenario
 from ldmkit.vitals.monitor import TAIL
+from ldmkit.vitals.signs import bands
 
 SPARK = "▁▂▃▄▅▆▇█"
 STYLE = {"good": "green", "bad": "bold red", None: "white"}
@@ -80,16 +80,6 @@ def _status(value: float, tag: str, ctx: Context) -> str | None:
     return found
 
 
-def context_of(run_dir: Path) -> Context:
-    config = None
-    if (run_dir / "config.yaml").is_file():
-        try:
-            config = load_config(run_dir / "config.yaml", saved=True)
-        except LdmkitError:
-            config = None
-    return Context.of(config, config.diffusion.latent_scale_factor if config else None)
-
-
 def noise_level_rows(series: Series, width: int = 40) -> list[Text]:
     """The validation loss per noise level as coloured cells, noisiest level on top, one
     column per validation (the last ``width``): blue learned, white as untrained, red worse."""
@@ -141,7 +131,7 @@ def watch(run_dir: str | Path, interval: float = 2.0, once: bool = False,
     if not run_dir.is_dir():
         raise LdmkitError(f"'{run_dir}' is not a directory; pass a run directory")
     console = console or Console()
-    follower, ctx = MetricsFollower(run_dir / METRICS_FILE), context_of(run_dir)
+    follower, ctx = MetricsFollower(run_dir / METRICS_FILE), run_context(run_dir)
     follower.poll()
     if once:
         console.print(render(run_dir, follower.series, ctx))

@@ -14,23 +14,17 @@ import base64
 from html import escape
 from pathlib import Path
 
+from ldmkit.diagnosis import read_run
 from ldmkit.files import check_no_links, check_output, read_regular, write_text_atomic
 from ldmkit.logging import json_objects
 from ldmkit.vitals import metrics as vm
-from ldmkit.vitals.bands import bands
-from ldmkit.vitals.diagnose import Context
 from ldmkit.vitals.monitor import FINDINGS_FILE
 from ldmkit.vitals.offline import diagnose_loaded
-from ldmkit.vitals.readers import read_log
+from ldmkit.vitals.signs import PLOTTED, bands
 
 from .svg import Marker, heat_map, line_plot
 
 REPORT_FILE = "report.html"
-PLOTTED = (*vm.TRAIN_TAGS, vm.EPS_MSE, vm.UPDATE_RATIO, vm.VAL_LOSS, vm.VAL_TRAIN_LOSS,
-           vm.VAL_EMA_PREFIX + "loss", vm.VAL_PREFIX + "cos_eps_mean",
-           *(vm.PAIRWISE_PREFIX + s for s in ("mean", "std", "min", "max")),
-           *(vm.FINAL_PREFIX + s for s in ("mean", "std", "min", "max")),
-           vm.COPY_SHARE, vm.NEAREST_PREFIX + "median", "vae/recon_mse", "vae/psnr")
 
 
 def shown_tags(series: dict) -> list[str]:
@@ -119,8 +113,7 @@ def _noise_level_section(series: dict) -> str:
 
 
 def render_html(run_dir: Path) -> str:
-    log = read_log(run_dir, require_values=False)
-    ctx = Context.of(log.config, log.latent_scale_factor)
+    log, ctx = read_run(run_dir, require_values=False)
     diagnosis = diagnose_loaded(log, ctx)
     raised = _raised(run_dir)
     plots = []

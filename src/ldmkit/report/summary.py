@@ -1,4 +1,5 @@
-"""End-of-run summary: the final vital signs next to the guide's healthy ranges, and where things are.
+"""End-of-run summary: the final vital signs next to the guide's healthy ranges as the rules apply
+them to this run, and where things are.
 
 Written to ``run_dir/report.md`` and printed. The full diagnosis (rules over windows, findings,
 scenarios) is ``ldmkit.vitals``' job; this is the at-a-glance view.
@@ -8,42 +9,55 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ldmkit.diagnosis import run_context
 from ldmkit.files import write_text_atomic
-from ldmkit.vitals import metrics as vm
+from ldmkit.vitals.signs import SIGNS, Band
 
 if TYPE_CHECKING:
     from ldmkit.train import TrainResult
 
-# (tag, guide's healthy range in words), in the guide's order.
-_ROWS = (
-    (vm.LOSS, "starts ~1.0, decreases to 0.1-0.4"),
-    (vm.GRAD_NORM, "stable, 0.1-10"),
-    (vm.LEARNING_RATE, "as configured"),
-    (vm.UPDATE_RATIO, "well above 1e-8 (weights change)"),
-    (vm.T_MEAN, "~0.5 on average"),
-    (vm.COS_EPS, "climbs above 0.5"),
-    (vm.Z_STD, "~1.0"),
-    (vm.PAIRWISE_PREFIX + "mean", "> 0.1"),
-    (vm.PAIRWISE_PREFIX + "std", "non-zero"),
-    (vm.PAIRWISE_PREFIX + "min", "well above 0"),
-    (vm.PAIRWISE_PREFIX + "max", "high"),
-    (vm.FINAL_PREFIX + "mean", "~0.0"),
-    (vm.FINAL_PREFIX + "std", "~1/latent_scale_factor"),
-    (vm.FINAL_PREFIX + "min", ">= -3"),
-    (vm.FINAL_PREFIX + "max", "<= 3"),
-)
+
+
+def _applied(bands: list[Band]) -> str:
+    """The ranges the rules apply, in words: ``good 0.5 to 2; bad < 0.2, > 5``."""
+    def side(band: Band) -> str:
+        if band.low is not None and band.high is not None:
+            return f"{band.low:.3g} to {band.high:.3g}"
+        return f"> {band.low:.3g}" if band.low is not None else f"< {band.high:.3g}"
+
+    parts = [f"{kind} " + ", ".join(side(b) for b in bands if b.kind == kind)
+             for kind in ("good", "bad") if any(b.kind == kind for b in bands)]
+    return "; ".join(parts) or "-"
+
+
+def _status(value: float, bands: list[Band]) -> str:
+    """'bad' in a bad range, 'off' outside every good range, else 'ok'."""
+    def inside(band: Band) -> bool:
+        return (band.low is None or value >= band.low) and (band.high is None or value <= band.high)
+
+    if any(inside(b) for b in bands if b.kind == "bad"):
+        return "bad"
+    good = [b for b in bands if b.kind == "good"]
+    return "off" if good and not any(inside(b) for b in good) else "ok"
 
 
 def summary_text(result: TrainResult) -> str:
+    """The final value of each vital sign of ``signs.SIGNS`` next to the guide's words and the
+    ranges its rules apply to this run (its loss units and latent scale)."""
     run_dir, scale, vitals = result.run_dir, result.latent_scale_factor, result.vitals
+    ctx = run_context(run_dir)
+    ctx.latent_scale_factor = scale
     lines = [f"# ldmkit run {run_dir.name}", "",
              f"- steps: {result.step}, wall time: {result.seconds / 60:.1f} min",
              f"- latent_scale_factor: {scale:.4f} (healthy final_latent_stats/std ~ "
              f"{1 / scale:.3f})", f"- scenario: **{result.verdict}**", "",
-             "| vital sign | final | guide's healthy range |", "|---|---|---|"]
-    for tag, healthy in _ROWS:
-        if tag in vitals:
-            lines.append(f"| `{tag}` | {vitals[tag]:.4g} | {healthy} |")
+             "| vital sign | final | guide's healthy range | applied to this run | |",
+             "|---|---|---|---|---|"]
+    for sign in SIGNS:
+        if sign.healthy and sign.tag in vitals:
+            ranges = sign.bands(ctx)
+            lines.append(f"| `{sign.tag}` | {vitals[sign.tag]:.4g} | {sign.healthy} | "
+                         f"{_applied(ranges)} | {_status(vitals[sign.tag], ranges)} |")
     lines.append("")
     if result.stopped_by:
         lines.append(f"Stopped early by the critical finding `{result.stopped_by.code}`.")
@@ -51,7 +65,8 @@ def summary_text(result: TrainResult) -> str:
         lines.append(f"- **{f.severity}** `{f.code}` (since step {f.step}): {f.message}. "
                      f"Fix: {f.fix}")
     if not result.findings:
-        lines.append("No open findings: every vital sign is within the guide's healthy range.")
+        lines.append("No open findings: no rule of the guide fires on this run (a value 'off' "
+                     "its good range alone is not a finding).")
     lines += ["", f"- samples: {result.grid if result.grid else '(none yet)'}",
               f"- metrics: {run_dir / 'metrics.jsonl'} (TensorBoard: {run_dir / 'tensorboard'})",
               f"- findings: {run_dir / 'findings.jsonl'}",

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from html import escape
 
-from ldmkit.vitals.bands import Band
+from ldmkit.vitals.signs import Band
 
 WIDTH, HEIGHT = 560, 220
 LEFT, RIGHT, TOP, BOTTOM = 64, 16, 28, 36

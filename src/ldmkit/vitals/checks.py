@@ -10,7 +10,6 @@ import math
 import statistics
 from collections.abc import Callable
 
-from ldmkit.optim import lr_at
 from ldmkit.vitals import metrics as vm
 from ldmkit.vitals.context import Check, Context, Series, Verdict
 from ldmkit.vitals.rules import ALWAYS, RULES, Rule
@@ -60,7 +59,7 @@ def _t_mean(rule: Rule, series: Series, ctx: Context) -> Verdict | None:
 
 def _lr_mismatch(rule: Rule, series: Series, ctx: Context) -> Verdict | None:
     """The LR logged at step s was used for update s (0-based s - 1) of the configured schedule."""
-    if ctx.train is None:
+    if ctx.lr_schedule is None:
         return None
     recent = _window(series, rule.metric, ctx)[-3:]
     tol = ctx.thr("lr_rel_tol")
@@ -69,7 +68,7 @@ def _lr_mismatch(rule: Rule, series: Series, ctx: Context) -> Verdict | None:
 
     def expected(step: int) -> float:
         factor = next((v for s, v in reversed(scales) if s <= step), 1.0)
-        return lr_at(max(step - 1, 0), ctx.train) * factor
+        return ctx.lr_schedule(max(step - 1, 0)) * factor
 
     flags = [abs(v - expected(s)) > tol * expected(s) for s, v in recent]
     if len(recent) < 2 or not flags[-1] or sum(flags) < 2:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
-from ldmkit.config import Config, TrainConfig
 from ldmkit.vitals.rules import Rule, threshold_defaults
 
 Series = dict[str, list[tuple[int, float]]]
@@ -27,29 +27,25 @@ class Finding:
 
 @dataclass
 class Context:
-    """What the rules need besides the series: thresholds, the latent scale, the train config."""
+    """What the rules need besides the series: thresholds, the latent scale, the configured
+    learning rate, and the units of the loss. Built from ldmkit's config by
+    ``ldmkit.diagnosis.context_of``; a foreign loop passes what it knows."""
 
     thresholds: dict[str, float] = field(default_factory=threshold_defaults)
     latent_scale_factor: float | None = None
-    train: TrainConfig | None = None
+    # the configured learning rate of update s (0-based), before rollbacks; and its peak
+    lr_schedule: Callable[[int], float] | None = None
+    lr: float | None = None
     # where the objective's training / validation loss starts (the guide's thresholds assume
     # eps-prediction's 1.0); Parameterization.untrained_loss
     loss_scale: float = 1.0
     val_loss_scale: float = 1.0
 
     @classmethod
-    def of(cls, config: Config | None, latent_scale_factor: float | None,
-           thresholds: dict[str, float] | None = None) -> Context:
-        """The guide's defaults, overridden by ``config.vitals.thresholds``, then ``thresholds``."""
-        merged = {**threshold_defaults(), **(config.vitals.thresholds if config else {}),
-                  **(thresholds or {})}
-        if config is None:
-            return cls(merged, latent_scale_factor)
-        from ldmkit.diffusion.parameterization import parameterization_of
-
-        param = parameterization_of(config.diffusion)
-        return cls(merged, latent_scale_factor, config.train, param.untrained_loss(),
-                   param.untrained_loss(weighted=False))
+    def of(cls, latent_scale_factor: float | None, thresholds: dict[str, float] | None = None,
+           **known: Any) -> Context:
+        """The guide's thresholds overridden by ``thresholds``; ``known``: the other fields."""
+        return cls({**threshold_defaults(), **(thresholds or {})}, latent_scale_factor, **known)
 
     def guide_unit(self, tag: str) -> float:
         """What 1 of the guide's loss units (eps-prediction's untrained loss) is in ``tag``."""

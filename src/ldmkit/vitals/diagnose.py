@@ -22,7 +22,7 @@ __all__ = ["Context", "Finding", "Series", "coverage", "evaluate", "event_findin
 def _fix_fields(verdict: Verdict, series: Series, ctx: Context) -> dict:
     """Numbers the fixes quote: learning rates to retry with, the scale factor to use."""
     lrs = [v for _, v in series.get(vm.LEARNING_RATE, []) if math.isfinite(v)]
-    lr = ctx.train.lr if ctx.train else (max(lrs) if lrs else float("nan"))
+    lr = ctx.lr if ctx.lr is not None else (max(lrs) if lrs else float("nan"))
     scale, z = ctx.latent_scale_factor, verdict.value
     if not (math.isfinite(z) and z > 0):
         scale_fix = "set diffusion.latent_scale_factor to null so ldmkit calibrates it"

@@ -1,6 +1,7 @@
 """The guide's metrics as pure functions of the tensors of a step or a sampling.
 
 Tag names are public API: dashboards, ``ldmkit diagnose`` and users' scripts key on them.
+What each is for, how it is reduced and judged: ``signs.SIGNS``.
 """
 
 from __future__ import annotations
@@ -46,12 +47,6 @@ EVAL_MEMORIZATION = "eval/memorization"  # ldmkit.quality, with the in-project c
 NEAREST_PREFIX = "sample_diversity/nearest_train_ratio_"
 COPY_SHARE = "sample_diversity/copy_share"
 COPY_RATIO = 1 / 3  # nearest / second-nearest training image below this: a copy
-
-TRAIN_TAGS = (LOSS, GRAD_NORM, LEARNING_RATE, T_MEAN, COS_EPS, Z_STD)
-# logged as the interval's median instead of its mean: a ratio spans decades, and one
-# skipped or warm-up step must not move it
-MEDIAN_TAGS = (UPDATE_RATIO,)
-
 
 def cos_eps(eps_pred: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """Cosine of predicted and true noise per sample ``[B]``."""
@@ -194,42 +189,3 @@ def copy_vitals(images: torch.Tensor, reference: CopyReference) -> dict[str, flo
     ratio = nearest_two_ratio(comparable(images), reference.train)
     return {NEAREST_PREFIX + "median": ratio.median().item(), NEAREST_PREFIX + "min":
             ratio.min().item(), COPY_SHARE: (ratio < COPY_RATIO).float().mean().item()}
-
-
-class StepAccumulator:
-    """Sums the per-step vitals on the device (keeps ``MEDIAN_TAGS`` per step); read (one host
-    sync) once per ``log_every``."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
-        self.kept: dict[str, list[torch.Tensor]] = {}
-        self.count = 0
-
-    def add(self, values: dict[str, torch.Tensor]) -> None:
-        for tag, value in values.items():
-            v = value.detach().float()
-            if tag in MEDIAN_TAGS:
-                self.kept.setdefault(tag, []).append(v.reshape(()))
-            else:
-                self.sums[tag] = self.sums[tag] + v if tag in self.sums else v
-        self.count += 1
-
-    def state(self) -> tuple[dict[str, torch.Tensor], int]:
-        """(tensors, count) of a partial interval, for a checkpoint between two log steps."""
-        kept = {f"{tag}#steps": torch.stack(v) for tag, v in self.kept.items() if v}
-        return {**self.sums, **kept}, self.count
-
-    def load(self, tensors: dict[str, torch.Tensor], count: int) -> None:
-        self.sums = {k: v for k, v in tensors.items() if not k.endswith("#steps")}
-        self.kept = {k.removesuffix("#steps"): list(v.unbind()) for k, v in tensors.items()
-                     if k.endswith("#steps")}
-        self.count = count
-
-    def read(self) -> dict[str, float]:
-        """Interval means (medians for ``MEDIAN_TAGS``), then reset."""
-        if not self.count:
-            return {}
-        out = {tag: (s / self.count).item() for tag, s in self.sums.items()}
-        out |= {tag: torch.stack(v).median().item() for tag, v in self.kept.items() if v}
-        self.sums, self.kept, self.count = {}, {}, 0
-        return out

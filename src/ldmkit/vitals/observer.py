@@ -24,6 +24,7 @@ from ldmkit.vitals import metrics as vm
 from ldmkit.vitals.diagnose import Context, Finding, scenario
 from ldmkit.vitals.monitor import LiveMonitor
 from ldmkit.vitals.rules import THRESHOLDS
+from ldmkit.vitals.signs import StepAccumulator, StepTensors, step_vitals
 
 
 def normalize_timesteps(timesteps: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:
@@ -51,11 +52,11 @@ class VitalsMonitor:
             raise ValueError("log_every must be >= 1")
         self.log_every = log_every
         self.logger = MetricLogger(log_dir, tensorboard)
-        ctx = Context.of(None, latent_scale_factor, thresholds)
+        ctx = Context.of(latent_scale_factor, thresholds)
         self.live = LiveMonitor(Path(log_dir), ctx, on_critical, echo)
         self.live.text_sink = self.logger.log_text
         self.logger.observers.append(self.live)
-        self.acc = vm.StepAccumulator()
+        self.acc = StepAccumulator()
         if latent_scale_factor is not None:
             self.logger.log(0, {vm.SCALE_FACTOR: latent_scale_factor})
 
@@ -66,12 +67,9 @@ class VitalsMonitor:
         """One optimizer step: its loss, predicted and true noise ``[B, ...]``, ``t`` in [0, 1]
         ``[B]``, the scaled clean latents ``z`` fed to the model, the gradient norm before
         clipping and the learning rate. Logged every ``log_every`` steps."""
-        vitals = {vm.LOSS: loss.detach().float(), vm.T_MEAN: t.detach().float().mean(),
-                  vm.COS_EPS: vm.cos_eps_mean(eps_pred.detach().float(), eps.float()),
-                  vm.Z_STD: vm.latent_std(z.detach())}
-        if grad_norm is not None:
-            vitals[vm.GRAD_NORM] = torch.as_tensor(grad_norm).detach().float()
-        self.acc.add(vitals)
+        norm = None if grad_norm is None else torch.as_tensor(grad_norm).detach().float()
+        self.acc.add(step_vitals(StepTensors(loss.detach(), eps_pred.detach(), eps.detach(),
+                                             t.detach(), z.detach(), norm)))
         if step % self.log_every == 0:
             values = self.acc.read()
             if lr is not None:

@@ -32,13 +32,20 @@ class Diagnosis:
 def diagnose_log(path: str | Path, latent_scale_factor: float | None = None,
                  thresholds: dict[str, float] | None = None,
                  objective: str | None = None) -> Diagnosis:
-    """Read ``path`` (run dir, JSONL, CSV, TensorBoard) and replay the rules over it.
-    ``objective`` says what the loss is when the log has no run config (flow's starts at 2)."""
+    """Read ``path`` (JSONL, CSV, TensorBoard) and replay the rules over it under the guide's
+    defaults; ``objective`` says what the loss is (flow's starts at 2). An ldmkit run with its
+    config: ``ldmkit.diagnosis.diagnose_path``."""
     log = read_log(path, latent_scale_factor)
-    ctx = Context.of(log.config, log.latent_scale_factor, thresholds)
-    if objective is not None:  # weighting unknown: the unweighted loss's units
+    return diagnose_loaded(log, with_objective(Context.of(log.latent_scale_factor, thresholds),
+                                               objective))
+
+
+def with_objective(ctx: Context, objective: str | None) -> Context:
+    """``ctx`` with the loss units of ``objective`` (the unweighted loss's: the weighting of a
+    foreign log is unknown); unchanged for None."""
+    if objective is not None:
         ctx.loss_scale = ctx.val_loss_scale = Parameterization(objective).untrained_loss()
-    return diagnose_loaded(log, ctx)
+    return ctx
 
 
 def diagnose_loaded(log: LoadedLog, ctx: Context) -> Diagnosis:

@@ -1,6 +1,7 @@
 """Read logged metrics from any trainer into series ``{tag: [(step, value), ...]}``.
 
-Accepted: an ldmkit run directory (``metrics.jsonl`` + ``config.yaml``), a ``metrics.jsonl``, a CSV
+Accepted: an ldmkit run directory (its ``metrics.jsonl``; ``ldmkit.diagnosis`` adds its config), a
+``metrics.jsonl``, a CSV
 with columns ``step,tag,value``, a TensorBoard event file, or a directory holding event files
 (read with TensorBoard's own loader). Other trainers' tag names are mapped onto ours by ``ALIASES``.
 """
@@ -13,7 +14,6 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from ldmkit.config import Config, load_config
 from ldmkit.errors import LdmkitError
 from ldmkit.vitals import metrics as vm
 from ldmkit.vitals.diagnose import Series
@@ -40,7 +40,6 @@ class UnreadableLog(LdmkitError):
 class LoadedLog:
     series: Series
     source: str
-    config: Config | None = None
     latent_scale_factor: float | None = None
 
 
@@ -130,16 +129,10 @@ def read_log(path: str | Path, latent_scale_factor: float | None = None,
     ``require_values=False`` accepts a log without loss or sample values (a run's report after
     it stopped before its first log interval)."""
     path = Path(path)
-    config = None
     if not path.exists():
         raise UnreadableLog(f"'{path}' does not exist; pass a run directory, metrics.jsonl, "
                             "CSV or TensorBoard log")
     if path.is_dir():
-        if (path / "config.yaml").is_file():
-            try:
-                config = load_config(path / "config.yaml", saved=True)
-            except LdmkitError:
-                config = None
         if (path / "metrics.jsonl").is_file():
             records = _read_jsonl(path / "metrics.jsonl")
         elif files := _event_files(path):
@@ -160,7 +153,4 @@ def read_log(path: str | Path, latent_scale_factor: float | None = None,
         raise UnreadableLog(f"'{path}' has no loss or sample-diversity values to diagnose "
                             f"(tags found: {', '.join(sorted(series)[:8]) or 'none'})")
     logged = [v for _, v in series.get(vm.SCALE_FACTOR, []) if math.isfinite(v)]
-    scale = logged[-1] if logged else latent_scale_factor
-    if scale is None and config is not None:
-        scale = config.diffusion.latent_scale_factor
-    return LoadedLog(series, str(path), config, scale)
+    return LoadedLog(series, str(path), logged[-1] if logged else latent_scale_factor)

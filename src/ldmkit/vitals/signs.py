@@ -1,0 +1,238 @@
+"""Every vital sign, defined once (the idea of EDM2's ``training_stats``).
+
+An entry is a tag of the guide (``ldm-metrics-guide.md``) with: how one optimizer step computes
+it (``step``, from the step's tensors), how the steps of a log interval combine (``interval``),
+how DDP ranks combine (``ranks``), the guide's healthy range in words (``healthy``) and the
+ranges the rules apply, converted to the run's loss units and latent scale (``bands``). The
+trainer's step and its DDP reduction, ``VitalsMonitor``, the interval accumulator, the HTML
+report, ``watch`` and the end-of-run summary all read ``SIGNS``; a new vital sign is one entry
+here plus its rows in ``rules.py``. Nothing here imports the trainer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from ldmkit.vitals import metrics as vm
+from ldmkit.vitals.context import Context
+
+
+@dataclass(frozen=True)
+class StepTensors:
+    """What one optimizer step hands the vital signs (detached; ``[B, ...]`` unless scalar)."""
+
+    loss: torch.Tensor  # the objective's loss, scalar
+    eps_pred: torch.Tensor  # the noise the model implies (Parameterization)
+    eps: torch.Tensor  # the true noise
+    t: torch.Tensor  # [B] in [0, 1]
+    z: torch.Tensor  # the scaled clean latents fed to the model
+    grad_norm: torch.Tensor | None = None  # before clipping; the synchronized gradient's
+    loss_is_eps_mse: bool = True  # eps objective: loss/eps_mse would repeat the loss
+
+
+@dataclass(frozen=True)
+class Band:
+    kind: str  # "good" or "bad"
+    low: float | None
+    high: float | None
+
+
+@dataclass(frozen=True)
+class VitalSign:
+    tag: str
+    healthy: str = ""  # the guide's words; empty: not a row of the end-of-run summary
+    step: Callable[[StepTensors], torch.Tensor | None] | None = None  # None: logged elsewhere
+    # across ranks: "mean" of equal shards, "pooled_std" (the std of the StepTensors field
+    # ``pooled``, from the ranks' moments), "same" (identical on every rank already, e.g. the
+    # norm of the all-reduced gradient)
+    ranks: Literal["mean", "pooled_std", "same"] = "same"
+    pooled: str | None = None
+    interval: Literal["mean", "median"] = "mean"  # median: a ratio spanning decades
+    bands: Callable[[Context], list[Band]] = lambda ctx: []
+    plot: bool = True
+
+
+def _loss_bands(ctx: Context) -> list[Band]:
+    unit, thr = ctx.guide_unit(vm.LOSS), ctx.thr
+    return [Band("good", 0.1 * unit, 0.4 * unit), Band("bad", thr("loss_stuck_high") * unit, None),
+            Band("bad", None, thr("loss_too_low") * unit)]
+
+
+def _t_mean_bands(ctx: Context) -> list[Band]:
+    warn, crit = ctx.thr("t_mean_dev_warning"), ctx.thr("t_mean_dev_critical")
+    return [Band("good", 0.5 - warn, 0.5 + warn), Band("bad", None, 0.5 - crit),
+            Band("bad", 0.5 + crit, None)]
+
+
+def _z_std_bands(ctx: Context) -> list[Band]:
+    thr = ctx.thr
+    return [Band("good", thr("z_std_low_warning"), thr("z_std_high_warning")),
+            Band("bad", None, thr("z_std_low_critical")),
+            Band("bad", thr("z_std_high_critical"), None)]
+
+
+def _pairwise_mean_bands(ctx: Context) -> list[Band]:
+    """The guide's thresholds are for unit-variance latents: divided by the scale squared."""
+    scale = ctx.latent_scale_factor
+    if not scale:
+        return []
+    return [Band("good", ctx.thr("pairwise_low_warning") / scale**2, None),
+            Band("bad", None, ctx.thr("pairwise_low_critical") / scale**2)]
+
+
+def _final_std_bands(ctx: Context) -> list[Band]:
+    scale = ctx.latent_scale_factor
+    if not scale:
+        return []
+    target, warn, crit = (1 / scale, ctx.thr("final_std_ratio_warning"),
+                          ctx.thr("final_std_ratio_critical"))
+    return [Band("good", target / warn, target * warn), Band("bad", None, target / crit),
+            Band("bad", target * crit, None)]
+
+
+def _final_mean_bands(ctx: Context) -> list[Band]:
+    scale = ctx.latent_scale_factor
+    limit = ctx.thr("final_mean_shift") / scale if scale else None
+    return [Band("good", -limit, limit)] if limit else []
+
+
+def _final_extreme_bands(ctx: Context) -> list[Band]:
+    """The guide's +-3 and +-20 hold at its example scale 1.86: converted to this run's."""
+    scale = ctx.latent_scale_factor
+    convert = ctx.thr("guide_example_scale") / scale if scale else 1.0
+    warn = ctx.thr("final_extreme_warning") * convert
+    crit = ctx.thr("final_extreme_critical") * convert
+    return [Band("good", -warn, warn), Band("bad", None, -crit), Band("bad", crit, None)]
+
+
+def _pairwise(stat: str, healthy: str, bands: Callable[[Context], list[Band]] = lambda c: []
+              ) -> VitalSign:
+    return VitalSign(vm.PAIRWISE_PREFIX + stat, healthy, bands=bands)
+
+
+SIGNS: tuple[VitalSign, ...] = (
+    VitalSign(vm.LOSS, "starts ~1.0, decreases to 0.1-0.4 (x the objective's untrained loss)",
+              lambda s: s.loss.float(), "mean", bands=_loss_bands),
+    VitalSign(vm.GRAD_NORM, "stable, 0.1-10",
+              lambda s: None if s.grad_norm is None else s.grad_norm.float(), "same",
+              bands=lambda ctx: [Band("good", 0.1, 10.0),
+                                 Band("bad", ctx.thr("grad_norm_high"), None),
+                                 Band("bad", None, ctx.thr("grad_norm_low"))]),
+    VitalSign(vm.LEARNING_RATE, "as configured"),
+    VitalSign(vm.T_MEAN, "~0.5 on average", lambda s: s.t.float().mean(), "mean",
+              bands=_t_mean_bands),
+    VitalSign(vm.COS_EPS, "climbs above 0.5", lambda s: vm.cos_eps_mean(s.eps_pred, s.eps),
+              "mean", bands=lambda ctx: [Band("good", 0.5, 1.0),
+                                         Band("bad", None, ctx.thr("cos_eps_random"))]),
+    VitalSign(vm.Z_STD, "~1.0", lambda s: vm.latent_std(s.z), "pooled_std", "z",
+              bands=_z_std_bands),
+    VitalSign(vm.EPS_MSE, "", lambda s: None if s.loss_is_eps_mse else
+              (s.eps_pred.float() - s.eps.float()).pow(2).mean(), "mean"),
+    VitalSign(vm.UPDATE_RATIO, "well above 1e-8 (weights change)", interval="median",
+              bands=lambda ctx: [Band("bad", None, ctx.thr("update_ratio_low"))]),
+    VitalSign(vm.VAL_LOSS, bands=lambda ctx: [
+        Band("bad", ctx.thr("val_stuck_high") * ctx.guide_unit(vm.VAL_LOSS), None)]),
+    VitalSign(vm.VAL_TRAIN_LOSS),
+    VitalSign(vm.VAL_EMA_PREFIX + "loss"),
+    VitalSign(vm.VAL_PREFIX + "cos_eps_mean"),
+    _pairwise("mean", "> 0.1 for unit-variance latents", _pairwise_mean_bands),
+    _pairwise("std", "non-zero"),
+    _pairwise("min", "well above 0"),
+    _pairwise("max", "high"),
+    VitalSign(vm.FINAL_PREFIX + "mean", "~0.0", bands=_final_mean_bands),
+    VitalSign(vm.FINAL_PREFIX + "std", "~1/latent_scale_factor", bands=_final_std_bands),
+    VitalSign(vm.FINAL_PREFIX + "min", ">= -3 at the guide's scale 1.86",
+              bands=_final_extreme_bands),
+    VitalSign(vm.FINAL_PREFIX + "max", "<= 3 at the guide's scale 1.86",
+              bands=_final_extreme_bands),
+    VitalSign(vm.COPY_SHARE, bands=lambda ctx: [Band("bad", ctx.thr("copy_share_high"), None)]),
+    VitalSign(vm.NEAREST_PREFIX + "median"),
+    VitalSign("vae/recon_mse"),
+    VitalSign("vae/psnr"),
+)
+BY_TAG = {sign.tag: sign for sign in SIGNS}
+# what every optimizer step logs (given a gradient norm), in the guide's order
+TRAIN_TAGS = tuple(s.tag for s in SIGNS if s.step is not None and s.tag != vm.EPS_MSE) + (
+    vm.LEARNING_RATE,)
+PLOTTED = tuple(s.tag for s in SIGNS if s.plot)
+
+
+def bands(tag: str, ctx: Context) -> list[Band]:
+    """Good and bad ranges of ``tag`` as the rules apply them under ``ctx``."""
+    sign = BY_TAG.get(tag)
+    return sign.bands(ctx) if sign else []
+
+
+def step_vitals(tensors: StepTensors) -> dict[str, torch.Tensor]:
+    """Each per-step vital sign of one optimizer step (device tensors, no host sync)."""
+    out = {}
+    for sign in SIGNS:
+        value = sign.step(tensors) if sign.step else None
+        if value is not None:
+            out[sign.tag] = value.detach()
+    return out
+
+
+def rank_reduced(vitals: dict[str, torch.Tensor], tensors: Mapping[str, torch.Tensor],
+                 world: int, all_mean: Callable[[torch.Tensor], torch.Tensor]
+                 ) -> dict[str, torch.Tensor]:
+    """Per-rank step vitals -> the global batch's, with one ``all_mean`` (the mean over the
+    ``world`` ranks of a small float64 vector). Shards are equal, so the mean of per-rank means
+    is the global mean; a ``pooled_std`` sign is pooled from the ranks' first two moments of
+    ``tensors[sign.pooled]`` (this rank's, by StepTensors field name)."""
+    means = [s.tag for s in SIGNS if s.ranks == "mean" and s.tag in vitals]
+    pooled = [s for s in SIGNS if s.ranks == "pooled_std" and s.tag in vitals]
+    moments = []
+    for sign in pooled:
+        x = tensors[sign.pooled].detach().double()
+        moments += [x.mean(), x.pow(2).mean()]
+    reduced = all_mean(torch.stack([*(vitals[t].double() for t in means), *moments]))
+    out = {**vitals, **{t: v.float() for t, v in zip(means, reduced[:len(means)], strict=True)}}
+    for i, sign in enumerate(pooled):
+        mean, square = reduced[len(means) + 2 * i], reduced[len(means) + 2 * i + 1]
+        n = world * tensors[sign.pooled].numel()
+        out[sign.tag] = ((square - mean * mean) * n / (n - 1)).clamp(min=0).sqrt().float()
+    return out
+
+
+class StepAccumulator:
+    """Sums the per-step vitals on the device (keeps each step of an ``interval: median``
+    sign); read (one host sync) once per ``log_every``."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.kept: dict[str, list[torch.Tensor]] = {}
+        self.count = 0
+
+    def add(self, values: dict[str, torch.Tensor]) -> None:
+        for tag, value in values.items():
+            v = value.detach().float()
+            if tag in BY_TAG and BY_TAG[tag].interval == "median":
+                self.kept.setdefault(tag, []).append(v.reshape(()))
+            else:
+                self.sums[tag] = self.sums[tag] + v if tag in self.sums else v
+        self.count += 1
+
+    def state(self) -> tuple[dict[str, torch.Tensor], int]:
+        """(tensors, count) of a partial interval, for a checkpoint between two log steps."""
+        kept = {f"{tag}#steps": torch.stack(v) for tag, v in self.kept.items() if v}
+        return {**self.sums, **kept}, self.count
+
+    def load(self, tensors: dict[str, torch.Tensor], count: int) -> None:
+        self.sums = {k: v for k, v in tensors.items() if not k.endswith("#steps")}
+        self.kept = {k.removesuffix("#steps"): list(v.unbind()) for k, v in tensors.items()
+                     if k.endswith("#steps")}
+        self.count = count
+
+    def read(self) -> dict[str, float]:
+        """Interval means (medians where the sign says so), then reset."""
+        if not self.count:
+            return {}
+        out = {tag: (s / self.count).item() for tag, s in self.sums.items()}
+        out |= {tag: torch.stack(v).median().item() for tag, v in self.kept.items() if v}
+        self.sums, self.kept, self.count = {}, {}, 0
+        return out
