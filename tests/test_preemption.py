@@ -38,9 +38,15 @@ SETTINGS = {"train": {**TINY["train"], "steps": STEPS, "checkpoint_every": 6, "l
                       "sample_every": 40, "checkpoint_keep": 2}}
 
 
-def write_config(tmp_path: Path, name: str) -> tuple[Path, Path]:
+# the other kind of model: a DiT trained by flow matching
+DIT_FLOW = {"model": {"type": "dit", "patch_size": 2, "hidden_size": 32, "depth": 2,
+                      "num_heads": 2},
+            "diffusion": {"objective": "flow", "schedule": "linear"}}
+
+
+def write_config(tmp_path: Path, name: str, sections: dict | None = None) -> tuple[Path, Path]:
     run_dir = tmp_path / name
-    cfg = {**TINY, **SETTINGS, "run_dir": str(run_dir), "tensorboard": True}
+    cfg = {**TINY, **SETTINGS, **(sections or {}), "run_dir": str(run_dir), "tensorboard": True}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path, run_dir
@@ -104,10 +110,22 @@ def reference(tmp_path_factory) -> Path:
     return run_dir
 
 
-def test_sigkill_at_a_random_step_then_resume_is_bitwise_identical(tmp_path, reference):
+@pytest.fixture(scope="module")
+def reference_dit_flow(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("reference-dit-flow")
+    config, run_dir = write_config(tmp, "straight", DIT_FLOW)
+    code, out = finish(spawn("train", str(config)))
+    assert code == 0, out
+    return run_dir
+
+
+@pytest.mark.parametrize("kind", ["unet-eps", "dit-flow"])
+def test_sigkill_at_a_random_step_then_resume_is_bitwise_identical(tmp_path, request, kind):
+    reference = request.getfixturevalue("reference" if kind == "unet-eps" else
+                                        "reference_dit_flow")
     kill_at = random.Random().randint(8, STEPS - 30)
     print(f"SIGKILL once step {kill_at} is logged")
-    config, run_dir = write_config(tmp_path, "killed")
+    config, run_dir = write_config(tmp_path, "killed", DIT_FLOW if kind == "dit-flow" else None)
     proc = spawn("train", str(config))
     wait_for_step(proc, run_dir, kill_at)
     proc.send_signal(signal.SIGKILL)
