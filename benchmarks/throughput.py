@@ -28,6 +28,7 @@ from ldmkit.models.registry import backbone_spec, build_backbone  # noqa: E402
 from ldmkit.runtime import attach_monitor  # noqa: E402
 from ldmkit.train import train_step  # noqa: E402
 from ldmkit.vitals import metrics as vm  # noqa: E402
+from ldmkit.vitals.signs import StepAccumulator
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = load_config(ROOT / "configs/digits.yaml")
@@ -46,8 +47,9 @@ def params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def step_fn(model: torch.nn.Module, discrete: bool):
-    """One training step (forward, backward, AdamW) of ``model`` on a fixed batch."""
+def step_fn(model: torch.nn.Module, discrete: bool, forward=None):
+    """One training step (forward, backward, AdamW) of ``model`` on a fixed batch; ``discrete``:
+    a diffusers model taking steps 0..999; ``forward(x, t)``: how to call it, if otherwise."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     gen = torch.Generator().manual_seed(0)
     z, eps = torch.randn(BATCH, *SHAPE, generator=gen), torch.randn(BATCH, *SHAPE, generator=gen)
@@ -55,6 +57,8 @@ def step_fn(model: torch.nn.Module, discrete: bool):
     param = Parameterization()
 
     def net(x: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
+        if forward is not None:
+            return forward(x, tt)
         return model(x, (tt * 999).long()).sample if discrete else model(x, tt)
 
     def step() -> None:
@@ -91,25 +95,30 @@ def matmul_peak() -> float:
     return 2 * 2048**3 / statistics.median(times) / 1e9
 
 
-def throughput_section() -> str:
-    ours, theirs = build_backbone(backbone_spec(CFG.model, 4, 8)), diffusers_unet()
-    steps = {"ldmkit UNet": step_fn(ours, False), "diffusers UNet2DModel": step_fn(theirs, True)}
+def side_by_side(steps: dict, models: dict, peak: float) -> tuple[list[str], dict[str, float]]:
+    """Table rows and median seconds per step of each named step, alternated over rounds."""
     for step in steps.values():
         step()  # warm-up
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(ROUNDS):  # alternate, so machine noise hits both
         for name, step in steps.items():
             times[name].append(seconds_per_step(step))
-    peak = matmul_peak()
-    rows = []
-    for (name, step), model in zip(steps.items(), (ours, theirs), strict=True):
-        sec = statistics.median(times[name])
-        f = flops(step)
-        rows.append(f"| {name} | {params(model) / 1e6:.2f} M | {BATCH / sec:.0f} | "
+    rows, seconds = [], {name: statistics.median(v) for name, v in times.items()}
+    for name, step in steps.items():
+        sec, f = seconds[name], flops(step)
+        rows.append(f"| {name} | {params(models[name]) / 1e6:.2f} M | {BATCH / sec:.0f} | "
                     f"{sec * 1e3:.0f} ms | {f / 1e9:.1f} | {f / sec / 1e9:.1f} "
                     f"({f / sec / 1e9 / peak:.0%}) |")
-    ratio = statistics.median(times["diffusers UNet2DModel"]) / statistics.median(
-        times["ldmkit UNet"])
+    return rows, seconds
+
+
+def throughput_section() -> str:
+    ours, theirs = build_backbone(backbone_spec(CFG.model, 4, 8)), diffusers_unet()
+    models = {"ldmkit UNet": ours, "diffusers UNet2DModel": theirs}
+    steps = {"ldmkit UNet": step_fn(ours, False), "diffusers UNet2DModel": step_fn(theirs, True)}
+    peak = matmul_peak()
+    rows, seconds = side_by_side(steps, models, peak)
+    ratio = seconds["diffusers UNet2DModel"] / seconds["ldmkit UNet"]
     return f"""## Training throughput vs diffusers (`benchmarks/throughput.py`)
 
 Machine: {machine()}; fp32 matmul peak measured here: {peak:.0f} GFLOP/s (2048^2, median of 5).
@@ -122,6 +131,46 @@ One training step (forward, backward, AdamW) on latents {BATCH}x{"x".join(map(st
 
 ldmkit's UNet trains {ratio:.2f}x as fast as diffusers' UNet2DModel of about the same size
 (parameters within 10 %), doing the same work per step; both reach about half the matmul peak.
+"""
+
+
+def dit_section() -> str:
+    """configs/digits-dit.yaml's DiT against diffusers' DiTTransformer2DModel holding the same
+    weights (models/diffusers_export.py), and the demo's UNet."""
+    from ldmkit.models.diffusers_export import dit_to_diffusers
+
+    spec = backbone_spec(load_config(ROOT / "configs/digits-dit.yaml").model, 4, 8)
+    ours = build_backbone(spec)
+    theirs = dit_to_diffusers(ours, **spec["args"])
+    labels = torch.zeros(BATCH, dtype=torch.long)
+    unet = build_backbone(backbone_spec(CFG.model, 4, 8))
+    models = {"ldmkit DiT": ours, "diffusers DiTTransformer2DModel": theirs, "ldmkit UNet": unet}
+    steps = {"ldmkit DiT": step_fn(ours, False),
+             "diffusers DiTTransformer2DModel": step_fn(theirs, True, lambda x, tt: theirs(
+                 x, tt * 999, class_labels=labels).sample),
+             "ldmkit UNet": step_fn(unet, False)}
+    peak = matmul_peak()
+    rows, seconds = side_by_side(steps, models, peak)
+    a = spec["args"]
+    tokens = (8 // a["patch_size"]) ** 2
+    return f"""## DiT vs diffusers' DiT (`benchmarks/throughput.py dit`)
+
+Machine: {machine()}; fp32 matmul peak measured here: {peak:.0f} GFLOP/s.
+One training step (forward, backward, AdamW) on latents {BATCH}x{"x".join(map(str, SHAPE))},
+median of {ROUNDS} rounds of {STEPS} steps, alternating the models. The DiT is
+`configs/digits-dit.yaml`'s (patch {a["patch_size"]}, width {a["hidden_size"]}, depth {a["depth"]},
+{a["num_heads"]} heads: {tokens} tokens). diffusers' `DiTTransformer2DModel` holds the same
+weights (`ldmkit export`'s conversion, outputs equal to 1e-5), called with class 0 as an
+exported unconditional DiT is; it has more parameters only because it keeps a copy of the
+time MLP in every block.
+
+| model | parameters | latents/s | step | GFLOP per step | achieved GFLOP/s (of peak) |
+|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+ldmkit's DiT trains {seconds["diffusers DiTTransformer2DModel"] / seconds["ldmkit DiT"]:.2f}x as
+fast as diffusers' DiT with the same weights; its step takes
+{seconds["ldmkit DiT"] / seconds["ldmkit UNet"]:.2f}x the demo UNet's.
 """
 
 
@@ -146,7 +195,7 @@ def overhead_section() -> str:
 
     with tempfile.TemporaryDirectory() as tmp, MetricLogger(tmp, tensorboard=True) as logger:
         attach_monitor(CFG, Path(tmp), logger, 1.0, 0)
-        acc, counter = vm.StepAccumulator(), [0]
+        acc, counter = StepAccumulator(), [0]
         scratch = [torch.empty_like(p) for p in params_list]
         every = vm.update_ratio_every(CFG.train.log_every)
 
@@ -270,10 +319,10 @@ def ratio_seconds(params_list: list[torch.Tensor], scratch: list[torch.Tensor]) 
 
 
 def main() -> None:
-    """All sections, or those named on the command line (``throughput``, ``overhead``,
+    """All sections, or those named on the command line (``throughput``, ``dit``, ``overhead``,
     ``validation``)."""
-    sections = {"throughput": throughput_section, "overhead": overhead_section,
-                "validation": validation_section}
+    sections = {"throughput": throughput_section, "dit": dit_section,
+                "overhead": overhead_section, "validation": validation_section}
     for name in sys.argv[1:] or list(sections):
         body = sections[name]()
         write_section(name, body)

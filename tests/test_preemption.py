@@ -38,10 +38,12 @@ SETTINGS = {"train": {**TINY["train"], "steps": STEPS, "checkpoint_every": 6, "l
                       "sample_every": 40, "checkpoint_keep": 2}}
 
 
-# the other kind of model: a DiT trained by flow matching
+# the other kinds of run: a DiT trained by flow matching, and micro-batches accumulated
 DIT_FLOW = {"model": {"type": "dit", "patch_size": 2, "hidden_size": 32, "depth": 2,
                       "num_heads": 2},
             "diffusion": {"objective": "flow", "schedule": "linear"}}
+KINDS = {"dit-flow": DIT_FLOW,
+         "unet-accum": {"train": {**SETTINGS["train"], "grad_accum_steps": 4}}}
 
 
 def write_config(tmp_path: Path, name: str, sections: dict | None = None) -> tuple[Path, Path]:
@@ -110,22 +112,21 @@ def reference(tmp_path_factory) -> Path:
     return run_dir
 
 
-@pytest.fixture(scope="module")
-def reference_dit_flow(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("reference-dit-flow")
-    config, run_dir = write_config(tmp, "straight", DIT_FLOW)
+def straight_run(tmp_path: Path, kind: str) -> Path:
+    """An uninterrupted run of one of ``KINDS``: the reference its killed twin must equal."""
+    config, run_dir = write_config(tmp_path, "straight", KINDS[kind])
     code, out = finish(spawn("train", str(config)))
     assert code == 0, out
     return run_dir
 
 
-@pytest.mark.parametrize("kind", ["unet-eps", "dit-flow"])
+@pytest.mark.parametrize("kind", ["unet-eps", *KINDS])
 def test_sigkill_at_a_random_step_then_resume_is_bitwise_identical(tmp_path, request, kind):
-    reference = request.getfixturevalue("reference" if kind == "unet-eps" else
-                                        "reference_dit_flow")
+    reference = (request.getfixturevalue("reference") if kind == "unet-eps" else
+                 straight_run(tmp_path, kind))
     kill_at = random.Random().randint(8, STEPS - 30)
     print(f"SIGKILL once step {kill_at} is logged")
-    config, run_dir = write_config(tmp_path, "killed", DIT_FLOW if kind == "dit-flow" else None)
+    config, run_dir = write_config(tmp_path, "killed", KINDS.get(kind))
     proc = spawn("train", str(config))
     wait_for_step(proc, run_dir, kill_at)
     proc.send_signal(signal.SIGKILL)

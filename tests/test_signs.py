@@ -73,7 +73,10 @@ def test_the_accumulator_takes_the_median_where_the_sign_says():
 
 def test_every_band_and_every_plotted_tag_comes_from_the_table():
     ctx = Context.of(0.6436, loss_scale=2.0)
-    assert set(PLOTTED) == {s.tag for s in SIGNS if s.plot}
+    from ldmkit.report.html import shown_tags
+
+    series = {tag: [(1, 0.5)] for tag in ("eval/fd", "other/tag", *reversed(PLOTTED))}
+    assert shown_tags(series) == [s.tag for s in SIGNS] + ["eval/fd"]  # the table's order
     assert bands("no/such_tag", ctx) == []
     (good, *bad) = bands(vm.LOSS, ctx)
     assert (good.low, good.high) == pytest.approx((0.2, 0.8))  # the guide's 0.1-0.4, flow's units

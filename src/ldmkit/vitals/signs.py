@@ -53,7 +53,6 @@ class VitalSign:
     pooled: str | None = None
     interval: Literal["mean", "median"] = "mean"  # median: a ratio spanning decades
     bands: Callable[[Context], list[Band]] = lambda ctx: []
-    plot: bool = True
 
 
 def _loss_bands(ctx: Context) -> list[Band]:
@@ -158,7 +157,7 @@ BY_TAG = {sign.tag: sign for sign in SIGNS}
 # what every optimizer step logs (given a gradient norm), in the guide's order
 TRAIN_TAGS = tuple(s.tag for s in SIGNS if s.step is not None and s.tag != vm.EPS_MSE) + (
     vm.LEARNING_RATE,)
-PLOTTED = tuple(s.tag for s in SIGNS if s.plot)
+PLOTTED = tuple(s.tag for s in SIGNS)  # the report's and watch's rows, in this order
 
 
 def bands(tag: str, ctx: Context) -> list[Band]:
