@@ -25,10 +25,10 @@ from ldmkit.report.svg import heat_color
 from ldmkit.vitals import metrics as vm
 from ldmkit.vitals.diagnose import Context, Series, coverage, evaluate, scenario
 from ldmkit.vitals.monitor import TAIL
-from ldmkit.vitals.signs import bands
+from ldmkit.vitals.signs import band_status, bands
 
 SPARK = "▁▂▃▄▅▆▇█"
-STYLE = {"good": "green", "bad": "bold red", None: "white"}
+STYLE = {"good": "green", "bad": "bold red", "off": "white", None: "white"}
 
 
 class MetricsFollower:
@@ -68,18 +68,6 @@ def sparkline(values: list[float], width: int = 20) -> str:
                    for v in finite)
 
 
-def _status(value: float, tag: str, ctx: Context) -> str | None:
-    """'bad' if any bad band holds ``value``, else 'good' if a good band does."""
-    found = None
-    for band in bands(tag, ctx):
-        inside = (band.low is None or value >= band.low) and (band.high is None or value <= band.high)
-        if inside and band.kind == "bad":
-            return "bad"
-        if inside:
-            found = "good"
-    return found
-
-
 def noise_level_rows(series: Series, width: int = 40) -> list[Text]:
     """The validation loss per noise level as coloured cells, noisiest level on top, one
     column per validation (the last ``width``): blue learned, white as untrained, red worse."""
@@ -112,7 +100,7 @@ def render(run_dir: Path, series: Series, ctx: Context) -> Group:
         table.add_column(column)
     for tag in shown_tags(series):
         last_step, value = series[tag][-1]
-        style = STYLE[_status(value, tag, ctx)]
+        style = STYLE[band_status(value, bands(tag, ctx))]
         table.add_row(tag, str(last_step), Text(f"{value:.4g}", style=style),
                       sparkline([v for _, v in series[tag]]))
     lines = [Text(f"{f.severity.upper()} {f.code} (step {f.step}): {f.message}. Fix: {f.fix}",

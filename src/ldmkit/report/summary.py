@@ -11,11 +11,13 @@ from typing import TYPE_CHECKING
 
 from ldmkit.diagnosis import run_context
 from ldmkit.files import write_text_atomic
-from ldmkit.vitals.signs import SIGNS, Band
+from ldmkit.vitals.signs import SIGNS, Band, band_status
 
 if TYPE_CHECKING:
     from ldmkit.train import TrainResult
 
+# the last column: 'ok' inside a good range or where no range judges the value
+MARK = {"bad": "bad", "off": "off", "good": "ok", None: "ok"}
 
 
 def _applied(bands: list[Band]) -> str:
@@ -28,17 +30,6 @@ def _applied(bands: list[Band]) -> str:
     parts = [f"{kind} " + ", ".join(side(b) for b in bands if b.kind == kind)
              for kind in ("good", "bad") if any(b.kind == kind for b in bands)]
     return "; ".join(parts) or "-"
-
-
-def _status(value: float, bands: list[Band]) -> str:
-    """'bad' in a bad range, 'off' outside every good range, else 'ok'."""
-    def inside(band: Band) -> bool:
-        return (band.low is None or value >= band.low) and (band.high is None or value <= band.high)
-
-    if any(inside(b) for b in bands if b.kind == "bad"):
-        return "bad"
-    good = [b for b in bands if b.kind == "good"]
-    return "off" if good and not any(inside(b) for b in good) else "ok"
 
 
 def summary_text(result: TrainResult) -> str:
@@ -57,7 +48,7 @@ def summary_text(result: TrainResult) -> str:
         if sign.healthy and sign.tag in vitals:
             ranges = sign.bands(ctx)
             lines.append(f"| `{sign.tag}` | {vitals[sign.tag]:.4g} | {sign.healthy} | "
-                         f"{_applied(ranges)} | {_status(vitals[sign.tag], ranges)} |")
+                         f"{_applied(ranges)} | {MARK[band_status(vitals[sign.tag], ranges)]} |")
     lines.append("")
     if result.stopped_by:
         lines.append(f"Stopped early by the critical finding `{result.stopped_by.code}`.")

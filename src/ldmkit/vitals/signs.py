@@ -166,6 +166,20 @@ def bands(tag: str, ctx: Context) -> list[Band]:
     return sign.bands(ctx) if sign else []
 
 
+def band_status(value: float, ranges: list[Band]) -> str | None:
+    """'bad' inside a bad range, else 'good' inside a good one, 'off' outside every good range;
+    None when no range judges the value (what watch colours and the summary marks)."""
+    def inside(band: Band) -> bool:
+        return (band.low is None or value >= band.low) and (band.high is None or value <= band.high)
+
+    if any(inside(b) for b in ranges if b.kind == "bad"):
+        return "bad"
+    good = [b for b in ranges if b.kind == "good"]
+    if any(inside(b) for b in good):
+        return "good"
+    return "off" if good else None
+
+
 def step_vitals(tensors: StepTensors) -> dict[str, torch.Tensor]:
     """Each per-step vital sign of one optimizer step (device tensors, no host sync)."""
     out = {}
