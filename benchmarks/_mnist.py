@@ -8,6 +8,9 @@ with the same calibrated scale and is decoded by the same decoder, so only stage
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,3 +61,25 @@ def reference(cfg: Config, num: int) -> Reference:
     clf, _, held_out = load_or_train(cfg.data)
     print(f"classifier: {clf.held_out_accuracy:.1%} accurate on the test split")
     return Reference.of(clf, held_out.images[:num], load_data(cfg.data).images)
+
+
+def train_for(budget_s: float, run_dir: Path, config_path: Path, scale: float, steps: int,
+              *sets: str) -> None:
+    """``ldmkit train config_path`` on the shared stage 1 and cache, in a subprocess whose clock
+    starts at launch, stopped with SIGTERM (it checkpoints) at ``budget_s``; its output in
+    ``WORK/<run>.log``. ``steps`` sets where the cosine decay ends."""
+    cmd = [sys.executable, "-m", "ldmkit", "train", str(config_path)]
+    for s in [f"run_dir={run_dir}", f"data.path={DATA}", f"data.latent_cache={CACHE}",
+              f"autoencoder.pretrained={STAGE1}", f"diffusion.latent_scale_factor={scale}",
+              f"train.steps={steps}", f"train.checkpoint_every={max(1, steps // 10)}",
+              "train.sample_every=100000", *sets]:
+        cmd += ["--set", s]
+    with (WORK / f"{run_dir.name}.log").open("w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            proc.wait(timeout=budget_s)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait()
+    if proc.returncode != 0:
+        raise SystemExit(f"{run_dir.name} failed (exit {proc.returncode}); see {log.name}")

@@ -17,24 +17,20 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _mnist import (  # noqa: E402
-    CACHE,
     CONFIG,
-    DATA,
     EVAL_SEED,
     ROOT,
-    STAGE1,
     WORK,
     config,
     reference,
     stage1,
+    train_for,
 )
 from report import machine, write_section  # noqa: E402
 from throughput import seconds_per_step, step_fn  # noqa: E402
@@ -68,22 +64,7 @@ def step_seconds(model_sets: list[str]) -> float:
 def train_variant(name: str, sets: list[str], budget_s: float, scale: float) -> Path:
     run_dir = WORK / ("objective-" + name.replace(", ", "-").lower())
     shutil.rmtree(run_dir, ignore_errors=True)
-    steps = int(0.9 * budget_s / step_seconds(sets))
-    cmd = [sys.executable, "-m", "ldmkit", "train", str(CONFIG)]
-    for s in [f"run_dir={run_dir}", f"data.path={DATA}", f"data.latent_cache={CACHE}",
-              f"autoencoder.pretrained={STAGE1}", f"diffusion.latent_scale_factor={scale}",
-              f"train.steps={steps}", f"train.checkpoint_every={max(1, steps // 10)}",
-              "train.sample_every=100000", *sets]:
-        cmd += ["--set", s]
-    with (WORK / f"{run_dir.name}.log").open("w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            proc.wait(timeout=budget_s)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait()
-    if proc.returncode != 0:
-        raise SystemExit(f"{name} failed (exit {proc.returncode}); see {log.name}")
+    train_for(budget_s, run_dir, CONFIG, scale, int(0.9 * budget_s / step_seconds(sets)), *sets)
     return run_dir
 
 

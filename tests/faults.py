@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ldmkit.diffusion.condition import Cond
 from ldmkit.diffusion.parameterization import LossOutput, Net, Parameterization
 
 
@@ -22,5 +23,6 @@ class Fault(Parameterization):
         goal = super().target(x0, eps, t)
         return self.wrong_target(goal) if self.wrong_target else goal
 
-    def loss(self, net: Net, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> LossOutput:
-        return super().loss(self.eps_model(net, eps) if self.eps_model else net, x0, t, eps)
+    def loss(self, net: Net, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+             cond: Cond | None = None) -> LossOutput:
+        return super().loss(self.eps_model(net, eps) if self.eps_model else net, x0, t, eps, cond)

@@ -59,7 +59,8 @@ def test_a_config_with_the_old_unet_section_is_a_unet_model():
 def test_a_spec_read_from_a_file_is_checked_before_anything_is_built():
     spec = backbone_spec(DiTConfig(hidden_size=32, depth=1, num_heads=2), 4, 8)
     assert spec == {"type": "dit", "args": {"in_channels": 4, "latent_size": 8, "patch_size": 2,
-                                            "hidden_size": 32, "depth": 1, "num_heads": 2}}
+                                            "hidden_size": 32, "depth": 1, "num_heads": 2,
+                                            "num_classes": None}}
     assert isinstance(build_backbone(spec), DiT)
     for bad, needle in (({"type": "vit", "args": {}}, "unknown backbone type 'vit'"),
                         ({"type": "dit"}, "no argument mapping"),
@@ -83,22 +84,28 @@ def test_the_untrained_dit_predicts_zero_and_its_output_moves_with_its_input():
     assert y.shape == x.shape and not torch.allclose(model(moved, t)[:, :, 4:, 4:], y[:, :, 4:, 4:])
 
 
-def test_the_dit_is_diffusers_dit_transformer_with_the_same_weights():
+@pytest.mark.parametrize("num_classes", [None, 3])
+def test_the_dit_is_diffusers_dit_transformer_with_the_same_weights(num_classes):
+    """Unconditional, and class-conditional with diffusers' null class (index num_classes)
+    being ours (-1 or num_classes)."""
     pytest.importorskip("diffusers")
     from ldmkit.models.diffusers_export import dit_to_diffusers
 
     torch.manual_seed(0)
     args = {"in_channels": 4, "latent_size": 8, "patch_size": 2, "hidden_size": 64, "depth": 3,
-            "num_heads": 4}
+            "num_heads": 4, "num_classes": num_classes}
     model = DiT(**args)
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            torch.nn.init.normal_(p if name != "label_emb.table.weight" else p[:-1], std=0.1)
     theirs = dit_to_diffusers(model, **args).eval()
     assert torch.equal(theirs.pos_embed.pos_embed, model.pos)
     x, t = torch.randn(5, 4, 8, 8), torch.rand(5)
+    labels = torch.tensor([0, 1, 2, 3, 1]) if num_classes else torch.zeros(5, dtype=torch.long)
+    ours = torch.tensor([0, 1, 2, -1, 1]) if num_classes else None
     with torch.no_grad():
-        out = theirs(x, 999 * t, class_labels=torch.zeros(5, dtype=torch.long)).sample
-        assert torch.allclose(out, model(x, t), atol=1e-5)
+        out = theirs(x, 999 * t, class_labels=labels).sample
+        assert torch.allclose(out, model(x, t, labels=ours), atol=1e-5)
 
 
 def test_a_dit_run_trains_resumes_exactly_samples_and_records_its_backbone(tmp_path):
@@ -113,7 +120,8 @@ def test_a_dit_run_trains_resumes_exactly_samples_and_records_its_backbone(tmp_p
     meta = json.loads((tmp_path / "straight/checkpoints/step_0000008/meta.json").read_text())
     assert meta["backbone"] == {"type": "dit", "args": {"in_channels": 4, "latent_size": 4,
                                                         **{k: v for k, v in TINY_DIT.items()
-                                                           if k != "type"}}}
+                                                           if k != "type"},
+                                                        "num_classes": None}}
     assert "model:\n  type: dit" in (tmp_path / "straight/config.yaml").read_text()
     assert main(["sample", str(tmp_path / "straight"), "--num", "4", "--steps", "3",
                  "--sampler", "heun", "--out", str(tmp_path / "s")]) == 0

@@ -21,6 +21,13 @@ def test_mnist_experiment_reads_the_shared_idx_files_with_the_same_model_as_the_
     assert mnist.model == digits.model and mnist.autoencoder.channel_mult == digits.autoencoder.channel_mult
 
 
+def test_class_conditional_mnist_is_mnist_with_labels():
+    mnist, cond = (load_config(ROOT / "configs" / f"{n}.yaml") for n in ("mnist", "mnist-cond"))
+    assert cond.model.num_classes == 10 and cond.train.cond_drop_prob == 0.1
+    assert {**vars(cond.model), "num_classes": None} == vars(mnist.model)
+    assert cond.data == mnist.data and cond.autoencoder == mnist.autoencoder
+
+
 def test_overrides_are_typed_and_yaml_scientific_notation_is_a_float(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  lr: 1e-4\n")  # YAML 1.1 reads this as a string

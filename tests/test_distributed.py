@@ -60,12 +60,14 @@ def weights(run_dir: Path, step: int = STEPS) -> dict[str, torch.Tensor]:
 
 
 def test_two_processes_log_the_same_vitals_as_one(tmp_path, shared_ae):
-    """Also with a v objective (loss/eps_mse is reduced too) and, in the 2-process run, 2
-    micro-batches per process (the same steps: batch_size is the step's batch)."""
+    """Also with a v objective (loss/eps_mse is reduced too), class labels (dropped at random,
+    sharded with the batch, conditioning/cond_gap) and, in the 2-process run, 2 micro-batches
+    per process (the same steps: batch_size is the step's batch)."""
     ae = {**GLOBAL["autoencoder"], "pretrained": shared_ae}
-    v = {"objective": "v"}
-    cfg1, run1 = write(tmp_path, "one", autoencoder=ae, diffusion=v)
-    cfg2, run2 = write(tmp_path, "two", autoencoder=ae, diffusion=v,
+    v, model = {"objective": "v"}, {**GLOBAL["model"], "num_classes": 10}
+    sample = {**GLOBAL["sample"], "num": 20}  # two of each class: the within-class diversity
+    cfg1, run1 = write(tmp_path, "one", autoencoder=ae, diffusion=v, model=model, sample=sample)
+    cfg2, run2 = write(tmp_path, "two", autoencoder=ae, diffusion=v, model=model, sample=sample,
                        train={**GLOBAL["train"], "grad_accum_steps": 2})
     torchrun(1, "train", str(cfg1))
     out = torchrun(2, "train", str(cfg2))
@@ -74,6 +76,7 @@ def test_two_processes_log_the_same_vitals_as_one(tmp_path, shared_ae):
     assert one.keys() == two.keys()  # rank 0 alone writes, once per step
     tags = {tag for _, tag in one}
     assert set(TRAIN_TAGS) <= tags and {vm.PAIRWISE_PREFIX + "mean", vm.EPS_MSE} <= tags
+    assert {vm.COND_GAP, vm.WITHIN_CLASS} <= tags
     for key, value in one.items():
         assert two[key] == pytest.approx(value, rel=2e-3, abs=1e-5), key
     # Adam normalises each update, so near-zero parameters can move by ~lr on reduction-order

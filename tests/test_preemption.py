@@ -38,12 +38,15 @@ SETTINGS = {"train": {**TINY["train"], "steps": STEPS, "checkpoint_every": 6, "l
                       "sample_every": 40, "checkpoint_keep": 2}}
 
 
-# the other kinds of run: a DiT trained by flow matching, and micro-batches accumulated
+# the other kinds of run: a DiT trained by flow matching, micro-batches accumulated, and a
+# class-conditional UNet
 DIT_FLOW = {"model": {"type": "dit", "patch_size": 2, "hidden_size": 32, "depth": 2,
                       "num_heads": 2},
             "diffusion": {"objective": "flow", "schedule": "linear"}}
 KINDS = {"dit-flow": DIT_FLOW,
-         "unet-accum": {"train": {**SETTINGS["train"], "grad_accum_steps": 4}}}
+         "unet-accum": {"train": {**SETTINGS["train"], "grad_accum_steps": 4}},
+         # labels dropped at random each step (the training generator) and cond_gap logged
+         "unet-class-conditional": {"model": {**TINY["model"], "num_classes": 10}}}
 
 
 def write_config(tmp_path: Path, name: str, sections: dict | None = None) -> tuple[Path, Path]:

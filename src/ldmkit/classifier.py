@@ -71,7 +71,7 @@ def split_real(cfg: DataConfig) -> tuple[ImageData, ImageData]:
     train = load_data(dataclasses.replace(cfg, split="train", limit=None))
     if train.labels is None:
         raise DataError(f"ldmkit eval needs class labels and {train.source} has none; use "
-                        "digits, MNIST or Fashion-MNIST")
+                        "digits, MNIST, Fashion-MNIST or a folder with one subfolder per class")
     if cfg.source == "idx":
         try:
             test = load_data(dataclasses.replace(cfg, split="test", limit=None))

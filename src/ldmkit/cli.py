@@ -42,6 +42,12 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--out", help="output directory (default RUN_DIR/samples/...)")
+    sample.add_argument("--class", dest="choice", metavar="CLASS",
+                        help="class-conditional models: a class index or folder name, or all "
+                             "(one grid row per class); default: every class in turn")
+    sample.add_argument("--guidance", type=float, metavar="SCALE",
+                        help="classifier-free guidance scale (1: none; default: the run's "
+                             "sample.guidance_scale)")
 
     report = sub.add_parser("report", help="write a run's self-contained HTML report")
     report.add_argument("run_dir")
@@ -53,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--num", type=int, default=1000)
     evaluate.add_argument("--sampler", choices=SAMPLERS)
     evaluate.add_argument("--steps", type=int)
+    evaluate.add_argument("--guidance", type=_scales, metavar="G1,G2,...",
+                          help="class-conditional models: classifier-free guidance scales to "
+                               "evaluate, e.g. 1,2,4,8 (default: the run's sample.guidance_scale)")
 
     export = sub.add_parser("export", help="write a run as diffusers model directories")
     export.add_argument("run_dir")
@@ -107,13 +116,27 @@ def _train(args: argparse.Namespace, report: bool) -> int:
     return 1 if result.stopped_by else 0
 
 
+def _scales(text: str) -> list[float]:
+    """``--guidance 1,2,4``: guidance scales between 0 and 1000."""
+    try:
+        scales = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a comma-separated list of "
+                                         "numbers, e.g. 1,2,4,8") from None
+    if not all(0 <= g <= 1000 for g in scales):
+        raise argparse.ArgumentTypeError("guidance scales must be between 0 and 1000")
+    return scales
+
+
 def _sample(args: argparse.Namespace) -> None:
     from ldmkit.sample import sample_run
 
     if args.num < 2 or args.steps < 1:
         raise LdmkitError("--num must be >= 2 and --steps >= 1")
+    if args.guidance is not None and not 0 <= args.guidance <= 1000:
+        raise LdmkitError(f"--guidance must be between 0 and 1000, got {args.guidance:g}")
     grid, samples = sample_run(args.run_dir, args.num, args.sampler, args.steps, args.seed,
-                               args.eta, args.out)
+                               args.eta, args.out, args.choice, args.guidance)
     for tag, value in samples.vitals.items():
         print(f"{tag}: {value:.4g}")
     print(f"samples: {grid}")
@@ -156,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.num < 10:
                 raise LdmkitError("--num must be >= 10 for the metrics to mean anything")
-            for tag, value in eval_run(args.run_dir, args.num, args.sampler, args.steps).items():
+            for tag, value in eval_run(args.run_dir, args.num, args.sampler, args.steps,
+                                       guidance=args.guidance).items():
                 print(f"{tag}: {value:.4g}")
         elif args.command == "export":
             from pathlib import Path

@@ -64,6 +64,7 @@ class UNetConfig:
     attention_resolutions: list[int] = field(default_factory=lambda: [4], metadata=check(1))
     num_heads: int = ranged(4, lo=1, hi=256)
     dropout: float = ranged(0.0, lo=0.0, hi=1.0)
+    num_classes: int | None = ranged(None, lo=1, hi=1_000_000)  # null: unconditional
 
 
 @dataclass
@@ -76,6 +77,7 @@ class DiTConfig:
     hidden_size: int = ranged(256, lo=4, hi=8192)
     depth: int = ranged(6, lo=1, hi=128)
     num_heads: int = ranged(4, lo=1, hi=256)
+    num_classes: int | None = ranged(None, lo=1, hi=1_000_000)  # null: unconditional
 
 
 MODELS = {"unet": UNetConfig, "dit": DiTConfig}  # model.type -> its section (models/registry.py)
@@ -126,6 +128,8 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast of the UNet forward
     compile: bool = False  # torch.compile the UNet (GPU; slow to start on CPU)
     channels_last: bool = False  # NHWC memory format (faster convolutions on recent GPUs)
+    # a class-conditional model trains the null class on this share of samples (CFG needs it)
+    cond_drop_prob: float = ranged(0.1, lo=0.0, hi=1.0)
 
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "euler", "heun")  # diffusion/samplers.py
@@ -141,6 +145,9 @@ class SampleConfig:
     eta: float = ranged(0.0, lo=0.0, hi=1.0)
     seed: int = 0
     during_training_num: int = ranged(16, lo=2)
+    guidance_scale: float = ranged(1.0, lo=0.0)  # classifier-free guidance (1: none)
+    guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0],
+                                           metadata=check(0.0, hi=1.0, min_len=2))
 
 
 @dataclass
@@ -214,6 +221,10 @@ def _validate(cfg: Config) -> Config:
                           f"{', '.join(THRESHOLDS)}")
     if len(cfg.train.betas) != 2 or not all(0 <= b < 1 for b in cfg.train.betas):
         raise ConfigError(f"train.betas must be two numbers in [0, 1), got {cfg.train.betas}")
+    interval = cfg.sample.guidance_interval
+    if len(interval) != 2 or interval[0] > interval[1]:
+        raise ConfigError(f"sample.guidance_interval must be [low, high] times with low <= high "
+                          f"in [0, 1], got {interval}")
     return cfg
 
 

@@ -2,12 +2,15 @@
 
 Images are kept as uint8 ``[N, C, H, W]`` (a 60k-image MNIST at 32x32 is 60 MB) and turned into
 float pixels in [-1, 1] per batch. Three sources: scikit-learn's bundled digits (no download),
-a folder of PNG/JPEG/WebP files, and MNIST-format IDX files.
+a folder of PNG/JPEG/WebP files, and MNIST-format IDX files. Labels: the digits' and the IDX
+labels file's; a folder's first-level subfolders are its classes (torchvision's ImageFolder
+convention) when every image sits in one.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import math
 import struct
 from dataclasses import dataclass
@@ -34,6 +37,7 @@ class ImageData:
     skipped: int = 0
     first_skipped: str | None = None
     names: list[str] | None = None  # a folder's files (relative paths), row by row
+    classes: list[str] | None = None  # a folder's class names (label i is classes[i])
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -146,14 +150,29 @@ def _load_image(path: Path, size: int, mode: str) -> np.ndarray:
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 
-def load_folder_data(cfg: DataConfig) -> ImageData:
-    """Every PNG/JPEG/WebP below ``cfg.path``; corrupt files are skipped and counted."""
-    root = Path(cfg.path or "")
+def folder_files(root: Path) -> list[Path]:
+    """Every PNG/JPEG/WebP below ``root``, sorted."""
     if not root.is_dir():
         raise DataError(f"data.path '{root}' is not a directory; point it at a folder of images")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def folder_classes(root: Path, files: list[Path]) -> list[str] | None:
+    """The first-level subfolders (ImageFolder's classes, sorted, hidden ones left out), or None
+    when an image sits directly in ``root`` (not a class layout)."""
+    if not files or any(f.parent == root for f in files):
+        return None
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def load_folder_data(cfg: DataConfig) -> ImageData:
+    """Every PNG/JPEG/WebP below ``cfg.path``, labelled by its class folder when every image sits
+    in one; corrupt files are skipped and counted."""
+    root = Path(cfg.path or "")
+    files = folder_files(root)
     if cfg.limit is not None:
         files = files[: cfg.limit]
+    classes = folder_classes(root, files)
     mode = "L" if cfg.channels == 1 else "RGB"
     arrays, names, skipped, first_bad = [], [], 0, None
     for path in files:
@@ -167,7 +186,11 @@ def load_folder_data(cfg: DataConfig) -> ImageData:
         what = f"{skipped} unreadable files" if skipped else "no PNG/JPEG/WebP files"
         raise DataError(f"no readable image in '{root}' ({what}); check data.path")
     images = torch.from_numpy(np.stack(arrays))
-    return ImageData(images, None, f"folder {root}", skipped, first_bad, names)
+    labels = None
+    if classes is not None:
+        index = {name: i for i, name in enumerate(classes)}
+        labels = torch.tensor([index[Path(n).parts[0]] for n in names], dtype=torch.int64)
+    return ImageData(images, labels, f"folder {root}", skipped, first_bad, names, classes)
 
 
 def load_data(cfg: DataConfig) -> ImageData:
@@ -182,6 +205,48 @@ def load_data(cfg: DataConfig) -> ImageData:
         data.labels = None if data.labels is None else data.labels[: cfg.limit]
         data.names = None if data.names is None else data.names[: cfg.limit]
     return data
+
+
+def source_digest(cfg: DataConfig) -> str:
+    """SHA-256 of what the dataset is made of, read without decoding an image: a folder's file
+    names (so its class folders) and sizes, an IDX images file's size and its labels file's
+    bytes. A latent cache records it, so new, removed or relabelled images rebuild the cache."""
+    digest = hashlib.sha256(cfg.source.encode())
+    if cfg.source == "folder":
+        root = Path(cfg.path or "")
+        for path in folder_files(root):
+            digest.update(f"{path.relative_to(root)}\0{path.stat().st_size}\n".encode())
+    elif cfg.source == "idx":
+        path = Path(cfg.path or "")
+        images = find_idx(path, cfg.split, "images") if path.is_dir() else path
+        if images is not None and images.is_file():
+            digest.update(str(images.stat().st_size).encode())
+            labels = Path(str(images).replace("-images-idx3", "-labels-idx1"))
+            if labels != images and labels.is_file():
+                digest.update(labels.read_bytes())
+    return digest.hexdigest()
+
+
+def check_labels(labels: torch.Tensor | None, classes: list[str] | None, num_classes: int,
+                 source: str) -> None:
+    """A class-conditional model (``model.num_classes``) needs a label for every image, each
+    below ``num_classes``, and an image of every class; a one-line DataError otherwise."""
+    if labels is None:
+        raise DataError(f"model.num_classes is {num_classes} but {source} has no labels; put "
+                        "each class's images in its own subfolder of data.path, or set "
+                        "model.num_classes: null for an unconditional model")
+    if classes is not None and len(classes) != num_classes:
+        raise DataError(f"{source} has {len(classes)} class folders ({', '.join(classes)[:200]}) "
+                        f"but model.num_classes is {num_classes}; set model.num_classes: "
+                        f"{len(classes)}")
+    if len(labels) and int(labels.max()) >= num_classes:
+        raise DataError(f"{source} has label {int(labels.max())}, beyond model.num_classes "
+                        f"{num_classes}; set model.num_classes: {int(labels.max()) + 1}")
+    counts = torch.bincount(labels, minlength=num_classes)
+    if classes is not None and bool((counts == 0).any()):
+        empty = classes[int((counts == 0).nonzero()[0])]
+        raise DataError(f"class folder '{empty}' of {source} holds no readable image; add "
+                        "images to it or remove it (and lower model.num_classes)")
 
 
 class BatchOrder:

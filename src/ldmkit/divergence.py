@@ -48,8 +48,8 @@ class Origin:
 
 def locate_nonfinite(model: nn.Module, forward: Callable, z: torch.Tensor, t: torch.Tensor,
                      index: torch.Tensor, bf16: bool,
-                     describe: Callable[[list[int]], str] = lambda rows: f"dataset indices {rows}"
-                     ) -> Origin:
+                     describe: Callable[[list[int]], str] = lambda rows: f"dataset indices {rows}",
+                     cond: dict[str, torch.Tensor] | None = None) -> Origin:
     """Find the origin of a non-finite step: its batch is checked, then its forward pass is run
     again with a hook on every module (in execution order), then the gradients the step left
     on the parameters are read. Costs one forward, and only on a non-finite step."""
@@ -72,7 +72,7 @@ def locate_nonfinite(model: nn.Module, forward: Callable, z: torch.Tensor, t: to
     devices = [z.device] if z.device.type == "cuda" else []
     try:  # the re-run must not move the RNG that dropout and the next steps draw from
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            forward(z, t)
+            forward(z, t, **(cond or {}))
     finally:
         for handle in handles:
             handle.remove()

@@ -18,7 +18,7 @@ from ldmkit.classifier import Classifier, load_or_train
 from ldmkit.config import Config, DataConfig, from_dict
 from ldmkit.data import load_data, to_signed
 from ldmkit.distributed import SINGLE, Dist, broadcast_float
-from ldmkit.errors import DataError
+from ldmkit.errors import DataError, LdmkitError
 from ldmkit.logging import MetricLogger
 from ldmkit.models.autoencoder import Autoencoder
 from ldmkit.preemption import StopRequest
@@ -31,7 +31,7 @@ from ldmkit.quality import (
 )
 from ldmkit.resume import load_for_sampling
 from ldmkit.rundir import writing_run
-from ldmkit.sample import generate
+from ldmkit.sample import generate, guided_tags
 
 
 @dataclass
@@ -52,16 +52,25 @@ class Reference:
         return cls(clf, clf.embed(to_signed(real_images))[0], train, copy_distance(train))
 
 
-def quality_metrics(ref: Reference, fake_images: torch.Tensor) -> dict[str, float]:
-    """``eval/*`` of uint8 images ``[N, C, H, W]`` against the reference sets."""
+def quality_metrics(ref: Reference, fake_images: torch.Tensor,
+                    labels: torch.Tensor | None = None) -> dict[str, float]:
+    """``eval/*`` of uint8 images ``[N, C, H, W]`` against the reference sets; with the class
+    each image was asked for (a class-conditional model), ``eval/class_accuracy``: the share
+    the classifier assigns to that class (chance: one over the number of classes)."""
     fake, predicted = ref.clf.embed(to_signed(fake_images))
     precision, recall = precision_recall(ref.real, fake)
-    return {"eval/fd": frechet_distance(fake, ref.real), "eval/precision": precision,
-            "eval/recall": recall,
-            "eval/class_coverage": class_coverage(predicted, ref.clf.classes),
-            "eval/memorization": memorization_rate(fake, ref.train,
-                                                    threshold=ref.copy_distance),
-            "eval/classifier_accuracy": ref.clf.held_out_accuracy}
+    values = {"eval/fd": frechet_distance(fake, ref.real), "eval/precision": precision,
+              "eval/recall": recall,
+              "eval/class_coverage": class_coverage(predicted, ref.clf.classes),
+              "eval/memorization": memorization_rate(fake, ref.train,
+                                                      threshold=ref.copy_distance),
+              "eval/classifier_accuracy": ref.clf.held_out_accuracy}
+    if labels is not None:
+        values[CLASS_ACCURACY] = (predicted == labels).float().mean().item()
+    return values
+
+
+CLASS_ACCURACY = "eval/class_accuracy"
 
 
 EVAL_NUM, EVAL_SAMPLER, EVAL_STEPS = 256, "dpmpp_2m", 20  # the in-loop budget
@@ -96,23 +105,37 @@ class InLoopEval:
                 ) -> dict[str, float]:
         """Every rank samples its shard; rank 0 gets the images and the metrics."""
         samples = generate(model, ae, scale, cfg, EVAL_NUM, EVAL_SAMPLER, EVAL_STEPS,
-                           cfg.sample.seed + 1, d=d, interrupt=interrupt)
-        return quality_metrics(self.ref, samples.images) if self.ref is not None else {}
+                           cfg.sample.seed + 1, d=d, interrupt=interrupt, guidance=1.0)
+        return quality_metrics(self.ref, samples.images, samples.labels) \
+            if self.ref is not None else {}
 
 
 def eval_run(run_dir: str | Path, num: int = 1000, sampler: str | None = None,
-             steps: int | None = None, seed: int = 1) -> dict[str, float]:
+             steps: int | None = None, seed: int = 1,
+             guidance: list[float] | None = None) -> dict[str, float]:
+    """``ldmkit eval``: the metrics at the run's guidance scale, or at each of ``guidance``
+    (a class-conditional model's fidelity/diversity sweep; each scale but 1 logged under
+    ``TAG@cfgG``, with its sample vitals)."""
     run_dir = Path(run_dir)
     with writing_run(run_dir), StopRequest() as stop:
         cfg_dict, step, model, ae, scale, _ = load_for_sampling(run_dir)
         cfg = from_dict(cfg_dict)
+        conditional = bool(getattr(model, "num_classes", None))
+        scales = guidance or [cfg.sample.guidance_scale]
+        if len(scales) > 1 and not conditional:
+            raise LdmkitError("--guidance with several scales needs a class-conditional model "
+                              "(model.num_classes); this run's is unconditional")
         clf, _, held_out = load_or_train(cfg.data)
         trained_on = load_data(cfg.data)  # what the diffusion model saw: memorization's reference
-        s = cfg.sample
-        samples = generate(model, ae, scale, cfg, num, sampler or s.sampler, steps or s.steps,
-                           seed, s.eta, interrupt=lambda: stop.requested)
         ref = Reference.of(clf, held_out.images[:num], trained_on.images)
-        values = quality_metrics(ref, samples.images)
+        s, values = cfg.sample, {}
+        for g in scales:
+            samples = generate(model, ae, scale, cfg, num, sampler or s.sampler,
+                               steps or s.steps, seed, s.eta, interrupt=lambda: stop.requested,
+                               guidance=g)
+            measured = {**quality_metrics(ref, samples.images, samples.labels),
+                        **(samples.vitals if len(scales) > 1 else {})}
+            values |= guided_tags(measured, g if conditional else 1.0)
         with MetricLogger(run_dir, tensorboard=cfg.tensorboard) as logger:
             logger.log(step, values)
     return values

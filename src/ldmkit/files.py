@@ -31,7 +31,7 @@ OWNER_FILE = ".ldmkit"
 LEGACY_FILES: dict[str, frozenset[str]] = {
     "checkpoint": frozenset({"weights.safetensors", "training.safetensors", "meta.json"}),
     "autoencoder": frozenset({"weights.safetensors", "meta.json", "reconstructions.png"}),
-    "latent_cache": frozenset({"meta.json", "mean.npy", "logvar.npy"}),
+    "latent_cache": frozenset({"meta.json", "mean.npy", "logvar.npy", "labels.npy"}),
     "classifier": frozenset({"weights.safetensors", "meta.json"}),
 }
 

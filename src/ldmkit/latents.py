@@ -2,8 +2,10 @@
 
 The dataset is encoded once by the frozen autoencoder into a memory-mapped cache (posterior mean
 and log-variance, ``.npy``), so stage 2 never runs the encoder and a restart or a second run on
-the same autoencoder does not even decode the images again. The cache records the SHA-256 of
-the autoencoder's weights and the data settings, and is rebuilt when either changes.
+the same autoencoder does not even decode the images again. The cache holds the labels beside
+the posteriors and records the SHA-256 of the autoencoder's weights, the data settings and
+what the dataset is made of (``data.source_digest``: files and labels), and is rebuilt when any
+of them changes.
 ``data.latent_cache``: ``auto`` (``RUN/latents``), ``off`` (encode in memory), or a directory
 shared between runs.
 """
@@ -21,14 +23,14 @@ import numpy as np
 import torch
 
 from ldmkit.config import Config, DataConfig
-from ldmkit.data import ImageData, load_data
+from ldmkit.data import ImageData, check_labels, load_data, source_digest
 from ldmkit.distributed import SINGLE, Dist, barrier, broadcast_float
 from ldmkit.errors import CheckpointError
-from ldmkit.files import check_output, check_replaceable, write_dir_atomically
+from ldmkit.files import check_output, check_replaceable, write_dir_atomically, write_text_atomic
 from ldmkit.logging import MetricLogger
 from ldmkit.models.autoencoder import Autoencoder, Posterior
 from ldmkit.preemption import Preempted, StopRequest
-from ldmkit.resume import load_run_config
+from ldmkit.resume import CLASSES_FILE, load_run_config
 from ldmkit.stage1 import (
     AE_DIR,
     AE_KIND,
@@ -67,7 +69,8 @@ def cache_dir(cfg: Config, run_dir: Path) -> Path | None:
 
 def cache_meta(cfg: Config, ae_dir: Path) -> dict:
     data = {k: v for k, v in asdict(cfg.data).items() if k not in NOT_ENCODED}
-    return {"autoencoder_sha256": autoencoder_hash(ae_dir), "data": data}
+    return {"autoencoder_sha256": autoencoder_hash(ae_dir), "data": data,
+            "source_sha256": source_digest(cfg.data)}
 
 
 def read_cache(path: Path, expected: dict) -> LatentPosteriors | None:
@@ -87,11 +90,22 @@ def read_cache(path: Path, expected: dict) -> LatentPosteriors | None:
     if mean.dtype != np.float32 or mean.shape != logvar.shape or mean.ndim != 4 \
             or list(mean.shape) != meta.get("shape"):
         return None
-    names = meta.get("names")
+    names, classes = meta.get("names"), meta.get("classes")
     if not (isinstance(names, list) and len(names) == len(mean)
             and all(isinstance(n, str) for n in names)):
         names = None
-    return LatentPosteriors(torch.from_numpy(mean), torch.from_numpy(logvar), names)
+    if not (isinstance(classes, list) and all(isinstance(n, str) for n in classes)):
+        classes = None
+    labels = None
+    if meta.get("labelled"):
+        try:
+            labels = torch.from_numpy(np.load(path / "labels.npy", allow_pickle=False))
+        except (OSError, ValueError, EOFError):
+            return None
+        if labels.dtype != torch.int64 or labels.shape != (len(mean),):
+            return None
+    return LatentPosteriors(torch.from_numpy(mean), torch.from_numpy(logvar), names, labels,
+                            classes)
 
 
 @torch.no_grad()
@@ -118,8 +132,12 @@ def build_cache(ae: Autoencoder, cfg: Config, path: Path, meta: dict,
         mean.flush()
         logvar.flush()
         del mean, logvar
-        names = {"names": data.names} if data.names is not None else {}
-        (tmp / "meta.json").write_text(json.dumps({**meta, "shape": list(shape), **names},
+        if data.labels is not None:
+            np.save(tmp / "labels.npy", data.labels.numpy().astype(np.int64))
+        extra = {"labelled": data.labels is not None,
+                 **({"names": data.names} if data.names is not None else {}),
+                 **({"classes": data.classes} if data.classes is not None else {})}
+        (tmp / "meta.json").write_text(json.dumps({**meta, "shape": list(shape), **extra},
                                                   indent=2))
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -130,7 +148,7 @@ def build_cache(ae: Autoencoder, cfg: Config, path: Path, meta: dict,
 def encode_in_memory(ae: Autoencoder, data: ImageData) -> LatentPosteriors:
     posts = [post for _, post in encode_batches(ae, data)]
     return LatentPosteriors(torch.cat([p.mean for p in posts]), torch.cat([p.logvar for p in posts]),
-                            data.names)
+                            data.names, data.labels, data.classes)
 
 
 def _report(data: ImageData) -> None:
@@ -140,15 +158,20 @@ def _report(data: ImageData) -> None:
 
 
 class LazyData:
-    """The dataset, loaded (and reported) on first use only: a valid cache never needs it."""
+    """The dataset, loaded (and reported) on first use only: a valid cache never needs it.
+    For a class-conditional model (``num_classes``) its labels are checked as it loads, before
+    stage 1 trains on it."""
 
-    def __init__(self, cfg: DataConfig):
-        self.cfg, self._data = cfg, None
+    def __init__(self, cfg: DataConfig, num_classes: int | None = None):
+        self.cfg, self.num_classes, self._data = cfg, num_classes, None
 
     def get(self) -> ImageData:
         if self._data is None:
-            self._data = load_data(self.cfg)
-            _report(self._data)
+            data = load_data(self.cfg)
+            _report(data)
+            if self.num_classes:
+                check_labels(data.labels, data.classes, self.num_classes, data.source)
+            self._data = data
         return self._data
 
 
@@ -207,9 +230,15 @@ def prepare_latents(cfg: Config, run_dir: Path, logger: MetricLogger,
                     stop: StopRequest | None = None, d: Dist = SINGLE,
                     data: LazyData | None = None) -> tuple[Autoencoder, LatentPosteriors, float]:
     """Stage 1 (reuse or train), the encoded dataset, and the latent scale (calibrated if null)."""
-    data = data or LazyData(cfg.data)
+    num_classes = cfg.model.num_classes
+    data = data or LazyData(cfg.data, num_classes)
     ae = stage1_autoencoder(cfg, run_dir, logger, data, stop, d)
     latents = encoded_dataset(ae, cfg, run_dir, data, d)
+    if num_classes:
+        check_labels(latents.labels, latents.classes, num_classes,
+                     f"data '{cfg.data.path or cfg.data.source}'")
+        if latents.classes and d.is_main:
+            write_text_atomic(run_dir / CLASSES_FILE, json.dumps(latents.classes))
     scale = cfg.diffusion.latent_scale_factor
     if scale is None:
         scale = calibrate_latent_scale(latents, cfg.autoencoder.calibration_batches,

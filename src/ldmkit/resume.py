@@ -232,6 +232,18 @@ def last_checkpoint_or_none(run_dir: Path) -> Path | None:
         return None
 
 
+CLASSES_FILE = "classes.json"  # a folder dataset's class names, label by label
+
+
+def run_classes(run_dir: Path) -> list[str] | None:
+    """The class names a run's labels stand for (folder datasets), or None."""
+    try:
+        names = json.loads((Path(run_dir) / CLASSES_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return names if isinstance(names, list) and all(isinstance(n, str) for n in names) else None
+
+
 def run_backbone(cfg: Config, ae: Autoencoder) -> dict:
     """The backbone spec of ``cfg.model`` on the latents of ``ae``."""
     return backbone_spec(cfg.model, ae.latent_channels, cfg.data.image_size // ae.downsample_factor)

@@ -41,11 +41,11 @@ class Runtime:
 def forward_model(model: nn.Module, rt: Runtime) -> Net:
     """The backbone as the loss calls it: bf16 autocast and NHWC inputs when configured."""
 
-    def forward(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(x: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
         if rt.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(rt.device.type, torch.bfloat16, enabled=rt.bf16):
-            return model(x, t)
+            return model(x, t, **cond)
 
     return forward
 

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -28,11 +27,11 @@ from ldmkit import validation
 from ldmkit.config import Config, to_yaml
 from ldmkit.data import BatchOrder
 from ldmkit.diagnosis import context_of
-from ldmkit.diffusion.parameterization import Net, Parameterization
+from ldmkit.diffusion.condition import LABELS, Cond, dropped
+from ldmkit.diffusion.parameterization import Parameterization
 from ldmkit.diffusion.schedule import sample_t
 from ldmkit.distributed import (
     Dist,
-    all_sum,
     barrier,
     init_distributed,
     shard,
@@ -72,12 +71,19 @@ from ldmkit.runtime import (
     forward_model,
     should_stop,
 )
-from ldmkit.sample import generate, parameterization, save_samples
+from ldmkit.sample import (
+    generate,
+    guidance_finding,
+    guided_tags,
+    parameterization,
+    save_samples,
+)
 from ldmkit.stage1 import LatentPosteriors
 from ldmkit.start import resolve_device, start_run
+from ldmkit.step import cond_gap, global_vitals, train_step
 from ldmkit.vitals import metrics as vm
 from ldmkit.vitals.diagnose import Finding, coverage, scenario
-from ldmkit.vitals.signs import StepAccumulator, StepTensors, rank_reduced, step_vitals
+from ldmkit.vitals.signs import StepAccumulator
 
 __all__ = ["TrainResult", "train", "train_step"]
 
@@ -102,62 +108,40 @@ class TrainResult:
         return self.covers or self.scenario
 
 
-def accumulate(model: nn.Module | Net, param: Parameterization, z: torch.Tensor,
-               t: torch.Tensor, eps: torch.Tensor, accum: int = 1,
-               no_sync: Callable[[], contextlib.AbstractContextManager] | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward and backward of the batch in ``accum`` equal micro-batches, each loss divided by
-    ``accum``: the gradient of the whole batch in 1/accum of the activation memory. Under DDP
-    all but the last micro-batch skip the gradient all-reduce (``no_sync``). Returns the
-    batch's loss and noise estimate ``[B, ...]``."""
-    losses, preds = [], []
-    for i, (zc, tc, ec) in enumerate(zip(z.chunk(accum), t.chunk(accum), eps.chunk(accum),
-                                         strict=True)):
-        skip_sync = no_sync is not None and i < accum - 1
-        with no_sync() if skip_sync else contextlib.nullcontext():
-            out = param.loss(model, zc, tc, ec)
-            (out.loss / accum).backward()
-        losses.append(out.loss.detach())
-        preds.append(out.eps_pred.detach())
-    return torch.stack(losses).mean(), torch.cat(preds)
+@dataclass
+class Batch:
+    """One step's draw, this rank's shard, on the device."""
+
+    index: torch.Tensor  # [B] dataset rows of the global batch
+    z: torch.Tensor  # scaled latents
+    t: torch.Tensor
+    eps: torch.Tensor
+    cond: Cond  # diffusion/condition.py: the labels, some dropped to the null class
+    # conditioning/cond_gap's probe: the global batch's first samples (z, t, eps) with their
+    # labels before dropping, the same for any number of processes; None: unconditional
+    probe: tuple[torch.Tensor, torch.Tensor, torch.Tensor, Cond] | None = None
 
 
-def train_step(model: nn.Module | Net, params: list[nn.Parameter],
-               opt: torch.optim.Optimizer, param: Parameterization, z: torch.Tensor,
-               t: torch.Tensor, eps: torch.Tensor, grad_clip: float,
-               scratch: list[torch.Tensor] | None = None, accum: int = 1,
-               no_sync: Callable[[], contextlib.AbstractContextManager] | None = None
-               ) -> tuple[bool, dict[str, torch.Tensor]]:
-    """One update; returns whether it was applied and the step's vitals (device tensors).
-
-    Under DDP ``backward`` all-reduces the gradients, so the norm (before clipping) is that of
-    the synchronized gradient and every rank takes the same decision. With ``scratch`` (one
-    buffer per parameter) the relative size of the applied update is measured too. ``accum``
-    micro-batches (``accumulate``) give the same update and vitals: they describe the batch.
-    """
-    opt.zero_grad(set_to_none=True)
-    loss, eps_pred = accumulate(model, param, z, t, eps, accum, no_sync)
-    grad_norm = nn.utils.clip_grad_norm_(params, grad_clip)
-    finite = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
-    weights = [p.detach() for p in params]
-    if finite and scratch is not None:
-        torch._foreach_copy_(scratch, weights)
-    if finite:
-        opt.step()
-    vitals = step_vitals(StepTensors(loss, eps_pred, eps, t, z, grad_norm.detach(),
-                                     loss_is_eps_mse=param.objective == "eps"))
-    if finite and scratch is not None:  # a skipped step is no update: it has no ratio
-        vitals[vm.UPDATE_RATIO] = vm.update_ratio(scratch, weights)
-    return finite, vitals
-
-
-def global_vitals(vitals: dict[str, torch.Tensor], z: torch.Tensor,
-                  d: Dist) -> dict[str, torch.Tensor]:
-    """Per-rank step vitals -> those of the global batch (one small all-reduce, no host sync;
-    each sign's ``ranks`` in vitals/signs.py says how)."""
-    if not d.active:
-        return vitals
-    return rank_reduced(vitals, {"z": z}, d.world, lambda x: all_sum(x, d) / d.world)
+def draw_batch(state: LoopState, train_rows: torch.Tensor, latents: LatentPosteriors,
+               scale: float, cfg: Config, d: Dist, device: torch.device) -> Batch:
+    """The next batch; every rank draws the whole batch (the same numbers) and keeps its shard.
+    An unconditional model's draws are exactly those of a run before conditioning existed."""
+    index = train_rows[state.order.next()]
+    z = scale * latents.sample(index, state.gen)
+    t = sample_t(len(index), cfg.diffusion.t_sampling, state.gen,
+                 cfg.diffusion.logit_normal_loc, cfg.diffusion.logit_normal_scale)
+    eps = torch.randn(z.shape, generator=state.gen)
+    given = {}
+    if cfg.model.num_classes and latents.labels is not None:
+        given = {LABELS: latents.labels[index]}
+    cond = dropped(given, cfg.train.cond_drop_prob, state.gen)
+    probe = None
+    if given:
+        n = vm.COND_GAP_SAMPLES
+        probe = (z[:n].to(device), t[:n].to(device), eps[:n].to(device),
+                 {k: v[:n].to(device) for k, v in given.items()})
+    z, t, eps = (shard(x, d).to(device, non_blocking=True) for x in (z, t, eps))
+    return Batch(index, z, t, eps, {k: shard(v, d).to(device) for k, v in cond.items()}, probe)
 
 
 def sample_and_log(cfg: Config, step: int, ema: EMA, ae: Autoencoder, scale: float, rt: Runtime,
@@ -165,17 +149,25 @@ def sample_and_log(cfg: Config, step: int, ema: EMA, ae: Autoencoder, scale: flo
                    reference: Callable[[], vm.CopyReference | None] | None
                    ) -> tuple[Path | None, dict]:
     """Sample with the EMA weights, log the sample vitals (with how near the samples are to
-    the training images ``reference()`` renders), save the grid. A stop request
-    (SIGTERM/SIGINT) ends the sampling at its next step with ``Preempted``."""
+    the training images ``reference()`` renders), save the grid. A class-conditional model
+    with ``sample.guidance_scale`` != 1 is sampled twice: unguided for the vital signs, which
+    the guide's bands judge, and guided for the grid, whose vitals are logged as ``TAG@cfgG``.
+    A stop request (SIGTERM/SIGINT) ends the sampling at its next step with ``Preempted``."""
     s = cfg.sample
     samples = generate(ema.model, ae, scale, cfg, num, s.sampler, s.steps, s.seed, s.eta, d=rt.d,
-                       interrupt=rt.stop_requested)
+                       interrupt=rt.stop_requested, guidance=1.0)
     copies = reference() if reference is not None and rt.d.is_main else None
     if copies is not None:
         samples.vitals.update(vm.copy_vitals(samples.images, copies))
     rt.logger.log(step, samples.vitals)
-    grid = save_samples(samples, out, singles) if rt.d.is_main else None
-    return grid, samples.vitals
+    vitals = samples.vitals
+    if cfg.model.num_classes and s.guidance_scale != 1.0:
+        samples = generate(ema.model, ae, scale, cfg, num, s.sampler, s.steps, s.seed, s.eta,
+                           d=rt.d, interrupt=rt.stop_requested)
+        rt.logger.log(step, guided_tags(samples.vitals, s.guidance_scale))
+    columns = cfg.model.num_classes if cfg.model.num_classes else None
+    grid = save_samples(samples, out, singles, columns) if rt.d.is_main else None
+    return grid, vitals
 
 
 def train(cfg: Config, run_dir: Path | None = None, resume: bool = False,
@@ -198,7 +190,7 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False,
 
 def _train(cfg: Config, run_dir: Path | None, resume: bool, stop_at: int | None,
            param: Parameterization | None, d: Dist) -> TrainResult:
-    started, data = time.time(), LazyData(cfg.data)
+    started, data = time.time(), LazyData(cfg.data, cfg.model.num_classes)
     per_rank = shard_size(cfg.train.batch_size, d, "train.batch_size")  # fails early
     if per_rank % cfg.train.grad_accum_steps:
         raise ConfigError(f"each of the {d.world} processes' {per_rank} samples per step must "
@@ -248,6 +240,9 @@ def _start_state(opened: OpenedRun, cfg: Config, ae: Autoencoder, latents: Laten
         rt.logger.log(0, {vm.SCALE_FACTOR: scale})
         if calibrated and rt.monitor is not None:
             check_vae_scale(ae, scale, rt.monitor)
+        warning = guidance_finding(cfg, cfg.model.num_classes, cfg.sample.guidance_scale, 0)
+        if warning is not None and rt.monitor is not None:
+            rt.monitor.record(warning, 0)
     if cfg.vitals.on_nonfinite != "skip" and opened.ckpt is None:
         save_state(run_dir, cfg, state)  # the run's start: healthy weights to go back to
     return state
@@ -300,17 +295,12 @@ def _diffusion(opened: OpenedRun, ae: Autoencoder, latents: LatentPosteriors, sc
     while state.step < end:
         lr = lr_at(state.step, tc) * state.lr_scale
         set_lr(state.opt, lr)
-        index = parts.train[state.order.next()]  # the global batch; every rank draws the same
-        z = scale * latents.sample(index, state.gen)
-        t = sample_t(len(index), cfg.diffusion.t_sampling, state.gen,
-                     cfg.diffusion.logit_normal_loc, cfg.diffusion.logit_normal_scale)
-        eps = torch.randn(z.shape, generator=state.gen)
-        z, t, eps = (shard(x, d).to(rt.device, non_blocking=True) for x in (z, t, eps))
+        b = draw_batch(state, parts.train, latents, scale, cfg, d, rt.device)
         measure = scratch if state.step % ratio_every == 0 else None
-        applied, step_vitals = train_step(net, params, state.opt, step_param, z, t, eps,
+        applied, step_vitals = train_step(net, params, state.opt, step_param, b.z, b.t, b.eps,
                                           tc.grad_clip, measure, tc.grad_accum_steps,
-                                          ddp.no_sync if ddp else None)
-        step_vitals = global_vitals(step_vitals, z, d)
+                                          ddp.no_sync if ddp else None, b.cond)
+        step_vitals = global_vitals(step_vitals, b.z, d)
         first_bad, previous_applied = not applied and previous_applied, applied
         abnormal = is_abnormal(applied, step_vitals[vm.GRAD_NORM], explode)
         state.sick_since = (state.sick_since or state.step + 1) if abnormal else None
@@ -319,8 +309,8 @@ def _diffusion(opened: OpenedRun, ae: Autoencoder, latents: LatentPosteriors, sc
         else:
             state.nonfinite += 1
             if first_bad and d.is_main:  # the first of a run of non-finite steps: where from?
-                origin = locate_nonfinite(model, forward_model(model, rt), z, t, index, rt.bf16,
-                                          latents.describe)
+                origin = locate_nonfinite(model, forward_model(model, rt), b.z, b.t, b.index,
+                                          rt.bf16, latents.describe, b.cond)
                 announce(rt, origin_finding(origin, state.step + 1,
                                             float(step_vitals[vm.LOSS]), lr), state.step)
             if cfg.vitals.on_nonfinite != "skip":
@@ -338,6 +328,8 @@ def _diffusion(opened: OpenedRun, ae: Autoencoder, latents: LatentPosteriors, sc
         if step % tc.log_every == 0 or step == end:
             vitals = {**state.acc.read(), vm.LEARNING_RATE: lr,
                       vm.NONFINITE_STEPS: state.nonfinite}
+            if b.probe is not None:
+                vitals[vm.COND_GAP] = cond_gap(forward_model(model, rt), param, *b.probe)
             if state.lr_scale != 1.0:
                 vitals[vm.LR_SCALE] = state.lr_scale
             rt.logger.log(step, vitals)

@@ -29,6 +29,7 @@ from torch import nn
 
 from ldmkit.config import Config, DataConfig
 from ldmkit.data import find_idx, load_data
+from ldmkit.diffusion.condition import LABELS, NULL_LABEL
 from ldmkit.diffusion.parameterization import Net, Parameterization
 from ldmkit.errors import DataError
 from ldmkit.files import read_regular, write_bytes_atomic
@@ -80,6 +81,8 @@ class ValidationSet:
     t: torch.Tensor  # [K] stratified: one point in each of K equal strata of [0, 1]
     eps: torch.Tensor  # [K, C, h, w]
     held_out: torch.Tensor  # [N] dataset indices (empty for a test file)
+    labels: torch.Tensor  # [N] class of each validation image (NULL_LABEL: none)
+    probe_labels: torch.Tensor  # [M]
     source: str
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -93,22 +96,27 @@ def draw(cfg: Config, parts: Split, latents: LatentPosteriors, ae: Autoencoder
     """Draw the fixed points (own generator: the training draws are unchanged)."""
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 8)
     test_path = test_images_path(cfg.data)
+    known = latents.labels if latents.labels is not None else \
+        torch.full((len(latents.mean),), NULL_LABEL)
     if test_path is not None:
         test = load_data(dataclasses.replace(cfg.data, split="test", limit=cfg.data.val_max))
-        images = test.batch(torch.arange(min(len(test), cfg.data.val_max)))
-        val = torch.cat([ae.encode(x).mean for x in images.split(256)])
+        rows = torch.arange(min(len(test), cfg.data.val_max))
+        val = torch.cat([ae.encode(x).mean for x in test.batch(rows).split(256)])
+        labels = test.labels[rows] if test.labels is not None else torch.full_like(rows, NULL_LABEL)
         source = f"{len(val)} images of the test file {test_path.name}"
     elif len(parts.held_out):
-        val = latents.mean[parts.held_out].clone()
+        val, labels = latents.mean[parts.held_out].clone(), known[parts.held_out].clone()
         source = f"{len(val)} of {len(latents.mean)} images held out (data.val_fraction)"
     else:
         return None
     pick = torch.randperm(len(parts.train), generator=gen)[:max(PROBE_MIN, len(val))]
-    probe = latents.mean[parts.train[pick.sort().values]].clone()
+    probe_rows = parts.train[pick.sort().values]
+    probe = latents.mean[probe_rows].clone()
     t = (torch.arange(POINTS, dtype=torch.float64) + torch.rand(POINTS, generator=gen,
                                                                  dtype=torch.float64)) / POINTS
     eps = torch.randn((POINTS, *val.shape[1:]), generator=gen)
-    return ValidationSet(val, probe, t.float(), eps, parts.held_out, source)
+    return ValidationSet(val, probe, t.float(), eps, parts.held_out, labels,
+                         known[probe_rows].clone(), source)
 
 
 def save(vset: ValidationSet, path: Path) -> None:
@@ -158,16 +166,18 @@ def prepare(cfg: Config, run_dir: Path, parts: Split, latents: LatentPosteriors,
 
 
 @torch.no_grad()
-def _score(forward: Net, param: Parameterization, x0: torch.Tensor, vset: ValidationSet,
-           scale: float, device: torch.device
+def _score(forward: Net, param: Parameterization, x0: torch.Tensor, labels: torch.Tensor | None,
+           vset: ValidationSet, scale: float, device: torch.device
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per point ``[K]``: the objective's loss, the noise MSE, the cosine of predicted and true
-    noise (the loss unweighted: a weighting would make noise levels incomparable)."""
+    noise (the loss unweighted: a weighting would make noise levels incomparable). ``labels``:
+    a class-conditional model's condition for each image of ``x0``."""
     losses, eps_mse, cosines = [], [], []
     for rows in torch.arange(len(vset.t)).split(CHUNK):
         z0 = scale * x0[rows % len(x0)].to(device)
         t, eps = vset.t[rows].to(device), vset.eps[rows].to(device)
-        out = param.loss(forward, z0, t, eps)
+        cond = {} if labels is None else {LABELS: labels[rows % len(x0)].to(device)}
+        out = param.loss(forward, z0, t, eps, cond)
         err = (out.eps_pred.float() - eps).pow(2).flatten(1).mean(1)
         cos = vm.cos_eps(out.eps_pred, eps)
         losses.append(out.per_sample.double().cpu())
@@ -178,21 +188,26 @@ def _score(forward: Net, param: Parameterization, x0: torch.Tensor, vset: Valida
 
 def measure(model: nn.Module, ema_model: nn.Module, wrap: Callable[[nn.Module], Net],
             param: Parameterization, vset: ValidationSet, scale: float) -> dict[str, float]:
-    """``validation/*`` (raw weights) and ``validation_ema/*`` (EMA weights) of the fixed set.
+    """``validation/*`` (raw weights) and ``validation_ema/*`` (EMA weights) of the fixed set;
+    a class-conditional model is scored given each image's class.
 
     Eval mode (no dropout) and no RNG draw: training continues exactly as without it.
     """
     device = next(model.parameters()).device
+    conditional = bool(getattr(model, "num_classes", None))
+    val_labels = vset.labels if conditional else None
+    probe_labels = vset.probe_labels if conditional else None
     bucket = (vset.t * vm.VAL_BUCKETS).long().clamp(max=vm.VAL_BUCKETS - 1)
     values: dict[str, float] = {}
     for prefix, net in ((vm.VAL_PREFIX, model), (vm.VAL_EMA_PREFIX, ema_model)):
         was_training = net.training
         net.eval()
         try:
-            loss, eps_mse, cos = _score(wrap(net), param, vset.latents, vset, scale, device)
+            loss, eps_mse, cos = _score(wrap(net), param, vset.latents, val_labels, vset,
+                                        scale, device)
             if prefix == vm.VAL_PREFIX:
-                values[vm.VAL_TRAIN_LOSS] = _score(wrap(net), param, vset.probe, vset, scale,
-                                                   device)[0].mean().item()
+                values[vm.VAL_TRAIN_LOSS] = _score(wrap(net), param, vset.probe, probe_labels,
+                                                   vset, scale, device)[0].mean().item()
         finally:
             net.train(was_training)
         values[prefix + "loss"] = loss.mean().item()

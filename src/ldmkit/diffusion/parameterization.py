@@ -26,12 +26,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ldmkit.diffusion.condition import Cond, guided
 from ldmkit.diffusion.schedule import CosineSchedule, LinearSchedule, Schedule
 
 if TYPE_CHECKING:
     from ldmkit.config import DiffusionConfig
 
-Net = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Net = Callable[..., torch.Tensor]  # net(x, t, **cond): a backbone (models/registry.py)
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 OBJECTIVES = ("eps", "v", "x0", "flow")
 
@@ -64,9 +65,11 @@ class Parameterization:
     weighting: str = "none"
     min_snr_gamma: float = 5.0
 
-    def predict(self, net: Net, x: torch.Tensor, t: torch.Tensor) -> Prediction:
-        """The network's output at ``(x_t, t)`` as estimates of x0 and eps."""
-        out = net(x, t)
+    def predict(self, net: Net, x: torch.Tensor, t: torch.Tensor,
+                cond: Cond | None = None) -> Prediction:
+        """The network's output at ``(x_t, t)`` (given the condition) as estimates of x0 and
+        eps."""
+        out = net(x, t, **cond) if cond else net(x, t)
         o = out.float()
         alpha, sigma = (_col(v, x) for v in self.schedule.alpha_sigma(t))
         if self.objective == "eps":
@@ -98,11 +101,16 @@ class Parameterization:
                            "flow": 1 / t.double().clamp(min=1e-6) ** 2}[self.objective]
         return (snr.clamp(max=self.min_snr_gamma) / x0_error_factor).float()
 
-    def loss(self, net: Net, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> LossOutput:
-        """Noise ``x0`` to ``t`` with ``eps``, predict, and score."""
+    def noised(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """``x_t = alpha(t) x0 + sigma(t) eps``."""
         alpha, sigma = (_col(v, x0) for v in self.schedule.alpha_sigma(t))
-        x = alpha * x0 + sigma * eps
-        pred = self.predict(net, x, t)
+        return alpha * x0 + sigma * eps
+
+    def loss(self, net: Net, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+             cond: Cond | None = None) -> LossOutput:
+        """Noise ``x0`` to ``t`` with ``eps``, predict (given the condition), and score."""
+        x = self.noised(x0, t, eps)
+        pred = self.predict(net, x, t, cond)
         goal = self.target(x0, eps, t)
         err = (pred.out.float() - goal).pow(2)
         weight = self.weight(t)
@@ -118,9 +126,13 @@ class Parameterization:
         weight = self.weight(t) if weighted else None
         return power * (1.0 if weight is None else weight.double().mean().item())
 
-    def denoiser(self, net: Net) -> Denoiser:
-        """``(x_t, t) -> x0_hat``: what every sampler integrates with."""
-        return lambda x, t: self.predict(net, x, t).x0
+    def denoiser(self, net: Net, cond: Cond | None = None, guidance: float = 1.0,
+                 interval: tuple[float, float] = (0.0, 1.0)) -> Denoiser:
+        """``(x_t, t) -> x0_hat``: what every sampler integrates with; with a condition and
+        ``guidance`` > 1, classifier-free guided (``condition.guided``)."""
+        if not cond:
+            return lambda x, t: self.predict(net, x, t).x0
+        return guided(lambda x, t, c: self.predict(net, x, t, c).x0, cond, guidance, interval)
 
 
 def parameterization_of(diffusion: DiffusionConfig) -> Parameterization:

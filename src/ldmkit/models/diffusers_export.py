@@ -46,22 +46,26 @@ def discrete_scheduler(param: Parameterization, steps: int = 1000) -> DDIMSchedu
 
 
 class LdmkitUNet(ModelMixin, ConfigMixin):
-    """ldmkit's UNet behind diffusers' ``UNet2DModel`` call convention."""
+    """ldmkit's UNet behind diffusers' ``UNet2DModel`` call convention (``class_labels`` for a
+    class-conditional one, as ``UNet2DModel`` takes them; ``num_classes`` is the null class)."""
 
     @register_to_config
     def __init__(self, in_channels: int = 4, sample_size: int = 8, base_channels: int = 64,
                  channel_mult: tuple[int, ...] = (1, 2), num_res_blocks: int = 2,
                  attention_resolutions: tuple[int, ...] = (4,), num_heads: int = 4,
-                 dropout: float = 0.0, num_train_timesteps: int = 1000):
+                 dropout: float = 0.0, num_train_timesteps: int = 1000,
+                 num_classes: int | None = None):
         super().__init__()
         self.net = UNet(in_channels, sample_size, base_channels, list(channel_mult),
-                        num_res_blocks, list(attention_resolutions), num_heads, dropout)
+                        num_res_blocks, list(attention_resolutions), num_heads, dropout,
+                        num_classes)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int,
-                return_dict: bool = True) -> UNet2DOutput | tuple[torch.Tensor]:
+                class_labels: torch.Tensor | None = None, return_dict: bool = True
+                ) -> UNet2DOutput | tuple[torch.Tensor]:
         steps = torch.as_tensor(timestep, device=sample.device, dtype=torch.float32)
         t = steps.expand(sample.shape[0]) / (self.config.num_train_timesteps - 1)
-        out = self.net(sample, t)
+        out = self.net(sample, t, labels=class_labels)
         return UNet2DOutput(sample=out) if return_dict else (out,)
 
 
@@ -86,19 +90,23 @@ class LdmkitAutoencoder(ModelMixin, ConfigMixin):
 
 
 def dit_to_diffusers(model: DiT, in_channels: int, latent_size: int, patch_size: int,
-                     hidden_size: int, depth: int, num_heads: int) -> DiTTransformer2DModel:
+                     hidden_size: int, depth: int, num_heads: int,
+                     num_classes: int | None = None) -> DiTTransformer2DModel:
     """``model``'s weights in diffusers' class, which takes the discrete step ``k = 999 t``.
 
-    diffusers' DiT always takes class labels and gives each block its own copy of the time
-    embedding: the unconditional model becomes one class whose label embedding is zero (pass
-    ``class_labels = zeros``), and the shared time MLP is copied into every block.
+    diffusers' DiT always takes class labels (its null class, for guidance, is
+    ``num_classes``, as ours) and gives each block its own copy of the time and label
+    embeddings: the shared ones are copied into every block (the label table with its gain),
+    and the unconditional model becomes one class whose label embedding is zero (pass
+    ``class_labels = zeros``).
     """
     target = DiTTransformer2DModel(
         num_attention_heads=num_heads, attention_head_dim=hidden_size // num_heads,
         in_channels=in_channels, out_channels=in_channels, num_layers=depth,
         sample_size=latent_size, patch_size=patch_size, activation_fn="gelu-approximate",
-        num_embeds_ada_norm=1, norm_eps=1e-6)
+        num_embeds_ada_norm=num_classes or 1, norm_eps=1e-6)
     source = model.state_dict()
+    labels = model.label_emb.rows() if num_classes else torch.zeros(2, hidden_size)
     weights = {"pos_embed.proj.weight": source["patchify.weight"],
                "pos_embed.proj.bias": source["patchify.bias"]}
     for key in ("weight", "bias"):
@@ -107,7 +115,7 @@ def dit_to_diffusers(model: DiT, in_channels: int, latent_size: int, patch_size:
     for i in range(depth):
         ours, theirs = f"blocks.{i}.", f"transformer_blocks.{i}."
         emb = theirs + "norm1.emb."
-        weights[emb + "class_embedder.embedding_table.weight"] = torch.zeros(2, hidden_size)
+        weights[emb + "class_embedder.embedding_table.weight"] = labels
         for key in ("weight", "bias"):
             weights[f"{emb}timestep_embedder.linear_1.{key}"] = source[f"time_mlp.0.{key}"]
             weights[f"{emb}timestep_embedder.linear_2.{key}"] = source[f"time_mlp.2.{key}"]

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldmkit.models.layers import timestep_embedding, zero_init
+from ldmkit.models.layers import LabelEmbedding, timestep_embedding, zero_init
 
 FREQUENCIES = 256  # sinusoidal features of t before the time MLP (DiT's frequency_embedding_size)
 TIME_STEPS = 999.0  # t = 1 is diffusers' last discrete step (num_train_timesteps - 1)
@@ -67,17 +67,21 @@ class DiTBlock(nn.Module):
 
 
 class DiT(nn.Module):
-    """``forward(x [B, C, h, w], t [B] in [0, 1]) -> [B, C, h, w]``, the objective's target."""
+    """``forward(x [B, C, h, w], t [B] in [0, 1], labels [B] | None) -> [B, C, h, w]``, the
+    objective's target. With ``num_classes`` the label embedding is added to the time
+    embedding that drives every adaLN (DiT's class conditioning); None or -1: the null class."""
 
     def __init__(self, in_channels: int, latent_size: int, patch_size: int = 2,
-                 hidden_size: int = 256, depth: int = 6, num_heads: int = 4):
+                 hidden_size: int = 256, depth: int = 6, num_heads: int = 4,
+                 num_classes: int | None = None):
         super().__init__()
-        self.patch_size = patch_size
+        self.patch_size, self.num_classes = patch_size, num_classes
         self.patchify = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
         self.register_buffer("pos", sincos_2d(hidden_size, latent_size // patch_size)[None],
                              persistent=False)
         self.time_mlp = nn.Sequential(nn.Linear(FREQUENCIES, hidden_size), nn.SiLU(),
                                       nn.Linear(hidden_size, hidden_size))
+        self.label_emb = LabelEmbedding(num_classes, hidden_size) if num_classes else None
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads)
                                     for _ in range(depth))
         self.norm_out = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
@@ -100,11 +104,14 @@ class DiT(nn.Module):
         for layer in [block.modulation for block in self.blocks] + [self.modulation_out, self.out]:
             zero_init(layer)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None
+                ) -> torch.Tensor:
         b, channels, height, width = x.shape
         p = self.patch_size
         tokens = self.patchify(x).flatten(2).transpose(1, 2) + self.pos  # [B, N, D]
         c = self.time_mlp(timestep_embedding(t, FREQUENCIES, steps=TIME_STEPS, freq_shift=1))
+        if self.label_emb is not None:
+            c = c + self.label_emb(labels, b, x.device)
         for block in self.blocks:
             tokens = block(tokens, c)
         shift, scale = self.modulation_out(F.silu(c))[:, None].chunk(2, dim=-1)

@@ -96,3 +96,38 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0,
                       / (half - freq_shift))
     args = steps * t.float()[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class LabelEmbedding(nn.Module):
+    """Class labels ``[B]`` -> ``[B, dim]``, added to the time embedding (ADM's ``label_emb``;
+    DiT's ``LabelEmbedder``).
+
+    Label -1 (``condition.NULL_LABEL``), or no ``labels``, is the null class that
+    classifier-free guidance samples the unconditional model with. Its row (index
+    ``num_classes``) is fixed at zero, which loses nothing (a learned null row is the time
+    embedding's bias), and the class rows start at zero too: a class whose label never reaches
+    the model keeps the null class's embedding, so the conditional and unconditional
+    predictions of a model trained without labels are equal (``conditioning/cond_gap`` 0).
+
+    The table is multiplied by ``sqrt(dim)``, an input embedding's own learning-rate multiplier
+    under Adam (as muP gives it; Yang et al. 2021): Adam moves a row by about the learning rate
+    per coordinate and step, while the time MLP's output moves by its fan-in times that, so an
+    unscaled table is drowned by the time embedding. Measured on the digits, 800 steps, class
+    accuracy at guidance 3: DiT 0.12 unscaled, 0.88 scaled; UNet 0.88 and 0.96."""
+
+    def __init__(self, num_classes: int, dim: int):
+        super().__init__()
+        self.num_classes, self.gain = num_classes, dim**0.5
+        self.table = nn.Embedding(num_classes + 1, dim, padding_idx=num_classes)
+        nn.init.zeros_(self.table.weight)
+
+    def forward(self, labels: torch.Tensor | None, batch: int, device: torch.device
+                ) -> torch.Tensor:
+        if labels is None:
+            labels = torch.full((batch,), self.num_classes, device=device)
+        return self.gain * self.table(torch.where(labels < 0, self.num_classes, labels))
+
+    @torch.no_grad()
+    def rows(self) -> torch.Tensor:
+        """``[num_classes + 1, dim]``: the embedding of each label, the null class last."""
+        return self.gain * self.table.weight

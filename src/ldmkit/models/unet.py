@@ -13,6 +13,7 @@ from torch import nn
 
 from ldmkit.models.layers import (
     Downsample,
+    LabelEmbedding,
     ResBlock,
     SelfAttention,
     Upsample,
@@ -35,18 +36,21 @@ class Level(nn.Module):
 
 
 class UNet(nn.Module):
-    """``forward(x [B, C, h, w], t [B] in [0, 1]) -> predicted noise [B, C, h, w]``."""
+    """``forward(x [B, C, h, w], t [B] in [0, 1], labels [B] | None) -> [B, C, h, w]``, the
+    objective's target. With ``num_classes`` a class embedding is added to the time embedding
+    (ADM's class-conditional UNet); ``labels`` None or -1 is the null class."""
 
     def __init__(self, in_channels: int, latent_size: int, base_channels: int = 64,
                  channel_mult: list[int] | tuple[int, ...] = (1, 2), num_res_blocks: int = 2,
                  attention_resolutions: list[int] | tuple[int, ...] = (4,), num_heads: int = 4,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, num_classes: int | None = None):
         super().__init__()
-        self.base_channels = base_channels
+        self.base_channels, self.num_classes = base_channels, num_classes
         emb_dim = 4 * base_channels
         self.time_mlp = nn.Sequential(
             nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
         )
+        self.label_emb = LabelEmbedding(num_classes, emb_dim) if num_classes else None
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
 
         self.down = nn.ModuleList()
@@ -82,8 +86,11 @@ class UNet(nn.Module):
         self.norm_out = group_norm(ch)
         self.conv_out = zero_init(nn.Conv2d(ch, in_channels, 3, padding=1))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None
+                ) -> torch.Tensor:
         emb = self.time_mlp(timestep_embedding(t, self.base_channels))
+        if self.label_emb is not None:
+            emb = emb + self.label_emb(labels, len(x), x.device)
         h = self.conv_in(x)
         hs = [h]
         for layer in self.down:

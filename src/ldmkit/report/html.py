@@ -28,8 +28,41 @@ REPORT_FILE = "report.html"
 
 
 def shown_tags(series: dict) -> list[str]:
-    """The vital signs present in ``series`` in the guide's order, then any ``eval/*``."""
-    return [t for t in PLOTTED if t in series] + sorted(t for t in series if t.startswith("eval/"))
+    """The vital signs present in ``series`` in the guide's order, then any ``eval/*`` (guided
+    figures, ``TAG@cfgG``, have their own section)."""
+    return [t for t in PLOTTED if t in series] + sorted(
+        t for t in series if t.startswith("eval/") and "@cfg" not in t)
+
+
+SWEPT = ("eval/fd", "eval/precision", "eval/recall", "eval/class_accuracy")
+
+
+def guidance_sweep(series: dict) -> dict[str, list[tuple[float, float]]]:
+    """``eval/*`` against the guidance scale, from the latest step with guided figures
+    (``ldmkit eval --guidance 1,2,4``; scale 1 is logged under the plain tag)."""
+    guided = {t: v for t, v in series.items() if t.split("@cfg")[0] in SWEPT and "@cfg" in t}
+    if not guided:
+        return {}
+    step = max(s for records in guided.values() for s, _ in records)
+    sweep: dict[str, list[tuple[float, float]]] = {}
+    for tag in SWEPT:
+        points = [(float(t.split("@cfg")[1]), v) for t, records in guided.items()
+                  if t.split("@cfg")[0] == tag for s, v in records if s == step]
+        points += [(1.0, v) for s, v in series.get(tag, []) if s == step]
+        if len(points) > 1:
+            sweep[tag] = sorted(points)
+    return sweep
+
+
+def _guidance_section(series: dict) -> str:
+    sweep = guidance_sweep(series)
+    if not sweep:
+        return ""
+    plots = "".join(line_plot(tag, points, [], [], "guidance scale")
+                    for tag, points in sweep.items())
+    return ("<h2>Guidance sweep</h2><p>Sample quality per classifier-free guidance scale "
+            "(<code>ldmkit eval --guidance</code>): stronger guidance usually buys precision "
+            f'and class accuracy with recall.</p><div class="plots">{plots}</div>')
 
 
 STYLE = """
@@ -144,6 +177,7 @@ def render_html(run_dir: Path) -> str:
         rows = "".join(f"<tr><td><code>{escape(t)}</code></td><td>{v:.4g}</td></tr>"
                        for t, v in sorted(evals.items()))
         sections.append(f"<h2>Evaluation</h2><table>{rows}</table>")
+    sections.append(_guidance_section(log.series))
     grids = _grids(run_dir)
     if grids:
         sections.append("<h2>Samples over training</h2>" + "".join(_img(p, c) for p, c in grids))

@@ -37,9 +37,9 @@ def _log_scale(values: list[float]) -> bool:
     return len(positive) == len(values) and max(positive) / min(positive) > 1e3
 
 
-def line_plot(title: str, points: list[tuple[int, float]], bands: list[Band],
-              markers: list[Marker]) -> str:
-    """An ``<svg class="plot">`` of ``points`` with bands and finding markers."""
+def line_plot(title: str, points: list[tuple[float, float]], bands: list[Band],
+              markers: list[Marker], x_label: str = "step") -> str:
+    """An ``<svg class="plot">`` of ``points`` (x, value) with bands and finding markers."""
     finite = [(s, v) for s, v in points if math.isfinite(v)]
     ys = [v for _, v in finite] or [0.0, 1.0]
     log = _log_scale(ys)
@@ -80,9 +80,9 @@ def line_plot(title: str, points: list[tuple[int, float]], bands: list[Band],
                      f'text-anchor="end">{_nice(label, abs(span))}</text>')
     for step in (s0, s1):
         parts.append(f'<text x="{x(step):.1f}" y="{HEIGHT - 18}" font-size="10" '
-                     f'text-anchor="middle">{step}</text>')
+                     f'text-anchor="middle">{step:g}</text>')
     parts.append(f'<text x="{LEFT + w / 2}" y="{HEIGHT - 4}" font-size="10" '
-                 'text-anchor="middle">step</text>')
+                 f'text-anchor="middle">{escape(x_label)}</text>')
     if len(finite) > 1:
         path = " ".join(f"{'M' if i == 0 else 'L'}{x(s):.1f},{y(v):.1f}"
                         for i, (s, v) in enumerate(finite))

@@ -89,6 +89,10 @@ def _mode_collapse(rule: Rule, series: Series, ctx: Context) -> Verdict | None:
     level = _level(rule, ctx, lambda t: value < t)
     detail = f"pairwise MSE mean {value:.3g} in normalized units"
     mins = series.get(vm.PAIRWISE_PREFIX + "min", [])
+    # a class-conditional model's closest pair is two samples of one class: class_collapse's
+    per_class = _last(series, vm.LEAST_DIVERSE_MSE)
+    if per_class is not None and per_class[0] == step:
+        mins = []
     if level is None and mins and mins[-1][1] * norm < ctx.thr("pairwise_min_zero"):
         level, detail = rule.warning, f"the closest pair has MSE {mins[-1][1] * norm:.2g}"
     stds = series.get(vm.FINAL_PREFIX + "std", [])
@@ -201,6 +205,54 @@ def _final_extreme(rule: Rule, series: Series, ctx: Context) -> Verdict | None:
     if level is None:
         return None
     return Verdict(level, value, hi[0], {"limit": ctx.thr(level) * convert})
+
+
+def _latents_off(series: Series, ctx: Context, guidance: float | None) -> str | None:
+    """What is off in the last final latents (at ``guidance``, else unguided) against the
+    warning bands of final_latent_std_off and final_latent_extreme, in words ("" when nothing
+    is); None when they were not measured."""
+    tag = (lambda t: vm.guidance_tag(t, guidance)) if guidance else (lambda t: t)
+    std, hi, lo = (_last(series, tag(vm.FINAL_PREFIX + k)) for k in ("std", "max", "min"))
+    if std is None or hi is None or lo is None or not ctx.latent_scale_factor:
+        return None
+    target, warn = 1.0 / ctx.latent_scale_factor, ctx.thr("final_std_ratio_warning")
+    limit = ctx.thr("final_extreme_warning") * ctx.thr("guide_example_scale") \
+        / ctx.latent_scale_factor
+    extreme, problems = max(abs(hi[1]), abs(lo[1])), []
+    if not 1 / warn <= std[1] / target <= warn:
+        problems.append(f"std {std[1]:.3g}, {std[1] / target:.2f}x the target {target:.3g}")
+    if extreme > limit:
+        problems.append(f"extremes reach {extreme:.3g}, limit {limit:.3g}")
+    return "; ".join(problems)
+
+
+def _guidance_too_high(rule: Rule, series: Series, ctx: Context) -> Verdict | None:
+    """The last guided sampling (``TAG@cfgG``) is off the final-latent bands while the model's
+    unguided samples are within them: the guidance, not the model, is at fault."""
+    last = _last(series, rule.metric)
+    if last is None or last[1] == 1.0:
+        return None
+    guided, unguided = _latents_off(series, ctx, last[1]), _latents_off(series, ctx, None)
+    if not guided or unguided != "":
+        return None
+    return Verdict(rule.warning, last[1], last[0], {"detail": guided})
+
+
+def _class_collapse(rule: Rule, series: Series, ctx: Context) -> Verdict | None:
+    """The least diverse class's pairwise MSE (normalized units, as mode_collapse reads the
+    batch's) under the guide's collapse thresholds while the whole batch's is above them."""
+    lowest, batch = _last(series, rule.metric), _last(series, vm.PAIRWISE_PREFIX + "mean")
+    which = _last(series, vm.LEAST_DIVERSE_CLASS)
+    if lowest is None or batch is None or batch[0] != lowest[0]:
+        return None
+    norm = (ctx.latent_scale_factor or 1.0) ** 2
+    if batch[1] * norm < ctx.thr("pairwise_low_warning"):
+        return None  # the whole batch collapsed: mode_collapse's finding
+    value = lowest[1] * norm
+    level = _level(rule, ctx, lambda t: value < t)
+    label = int(which[1]) if which is not None and which[0] == lowest[0] else "?"
+    return Verdict(level, lowest[1], lowest[0], {"label": label, "normalized": value,
+                                                 "batch": batch[1] * norm}) if level else None
 
 
 def _no_update(rule: Rule, series: Series, ctx: Context) -> Verdict | None:
@@ -323,6 +375,8 @@ CHECKS: dict[str, Check] = {
     "overfitting": _overfitting,
     "memorization": _memorization,
     "memorization_rising": _memorization_rising,
+    "guidance_too_high": _guidance_too_high,
+    "class_collapse": _class_collapse,
 }
 RULES_BY_CODE = {rule.code: rule for rule in RULES}
 

@@ -61,6 +61,18 @@ def cos_eps_mean(eps_pred: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     return cos_eps(eps_pred, eps).mean()
 
 
+COND_GAP = "conditioning/cond_gap"
+COND_GAP_SAMPLES = 32  # the first samples of a log step's global batch it is measured on
+
+
+def cond_gap(eps_cond: torch.Tensor, eps_uncond: torch.Tensor) -> torch.Tensor:
+    """``||eps_c - eps_u|| / ||eps_u||`` over a batch: how much the condition moves a
+    conditional model's noise estimate. ~0 means the labels do not reach the model (dropped,
+    ``cond_drop_prob`` 1, an embedding that is not connected): guidance then does nothing."""
+    diff = (eps_cond.float() - eps_uncond.float()).flatten().norm()
+    return diff / eps_uncond.float().flatten().norm().clamp(min=1e-12)
+
+
 UPDATE_RATIO_SAMPLES = 8  # steps per log interval whose update ratio is measured
 
 
@@ -125,9 +137,46 @@ def final_latent_stats(latents: torch.Tensor) -> dict[str, float]:
             FINAL_PREFIX + "min": x.min().item(), FINAL_PREFIX + "max": x.max().item()}
 
 
-def sample_vitals(decoder_latents: torch.Tensor) -> dict[str, float]:
-    """Both sampling groups for latents in the decoder's space ``[N, C, h, w]``."""
-    return {**pairwise_mse_stats(decoder_latents), **final_latent_stats(decoder_latents)}
+WITHIN_CLASS = "sample_diversity/within_class_pairwise_mse_mean"
+# the class whose samples are most alike, and their pairwise MSE mean
+LEAST_DIVERSE_CLASS = "sample_diversity/least_diverse_class"
+LEAST_DIVERSE_MSE = "sample_diversity/least_diverse_class_pairwise_mse_mean"
+GUIDANCE_SCALE = "sampling/guidance_scale"  # logged with the vitals of guided sampling
+
+
+def guidance_tag(tag: str, guidance: float) -> str:
+    """The tag of a sample vital measured at classifier-free guidance ``guidance`` != 1:
+    ``final_latent_stats/std@cfg4``."""
+    return f"{tag}@cfg{guidance:g}"
+
+
+def within_class_diversity(latents: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """The mean MSE over pairs of samples asked for the same class (the guide's mode collapse
+    inside one class, which the whole batch's pairwise MSE hides when classes differ), and the
+    class whose samples are most alike; empty when no class has two samples."""
+    total = pairs = 0.0
+    lowest: tuple[float, int] | None = None
+    for label in labels.unique().tolist():
+        group = latents[labels == label]
+        if len(group) >= 2:
+            n = len(group) * (len(group) - 1) / 2
+            mean = pairwise_mse_stats(group)[PAIRWISE_PREFIX + "mean"]
+            total, pairs = total + mean * n, pairs + n
+            lowest = min(lowest or (mean, label), (mean, label))
+    if lowest is None:
+        return {}
+    return {WITHIN_CLASS: total / pairs, LEAST_DIVERSE_MSE: lowest[0],
+            LEAST_DIVERSE_CLASS: float(lowest[1])}
+
+
+def sample_vitals(decoder_latents: torch.Tensor, labels: torch.Tensor | None = None
+                  ) -> dict[str, float]:
+    """Both sampling groups for latents in the decoder's space ``[N, C, h, w]``; with the
+    classes the samples were asked for, the within-class diversity too."""
+    out = {**pairwise_mse_stats(decoder_latents), **final_latent_stats(decoder_latents)}
+    if labels is not None:
+        out |= within_class_diversity(decoder_latents, labels)
+    return out
 
 
 COMPARE_SIZE = 32  # images are compared at most this large (area-averaged)

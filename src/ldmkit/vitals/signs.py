@@ -133,6 +133,8 @@ SIGNS: tuple[VitalSign, ...] = (
               (s.eps_pred.float() - s.eps.float()).pow(2).mean(), "mean"),
     VitalSign(vm.UPDATE_RATIO, "well above 1e-8 (weights change)", interval="median",
               bands=lambda ctx: [Band("bad", None, ctx.thr("update_ratio_low"))]),
+    VitalSign(vm.COND_GAP, "well above 0 (the labels move the prediction)", bands=lambda ctx: [
+        Band("bad", None, ctx.thr("cond_gap_low"))]),
     VitalSign(vm.VAL_LOSS, bands=lambda ctx: [
         Band("bad", ctx.thr("val_stuck_high") * ctx.guide_unit(vm.VAL_LOSS), None)]),
     VitalSign(vm.VAL_TRAIN_LOSS),
@@ -142,6 +144,10 @@ SIGNS: tuple[VitalSign, ...] = (
     _pairwise("std", "non-zero"),
     _pairwise("min", "well above 0"),
     _pairwise("max", "high"),
+    VitalSign(vm.WITHIN_CLASS, "> 0.1 for unit-variance latents, like the batch's",
+              bands=_pairwise_mean_bands),
+    VitalSign(vm.LEAST_DIVERSE_MSE, "> 0.1 for unit-variance latents: no class collapsed",
+              bands=_pairwise_mean_bands),
     VitalSign(vm.FINAL_PREFIX + "mean", "~0.0", bands=_final_mean_bands),
     VitalSign(vm.FINAL_PREFIX + "std", "~1/latent_scale_factor", bands=_final_std_bands),
     VitalSign(vm.FINAL_PREFIX + "min", ">= -3 at the guide's scale 1.86",
