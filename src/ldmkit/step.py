@@ -83,9 +83,12 @@ def global_vitals(vitals: dict[str, torch.Tensor], z: torch.Tensor,
 
 @torch.no_grad()
 def cond_gap(net: Net, param: Parameterization, z: torch.Tensor, t: torch.Tensor,
-             eps: torch.Tensor, cond: Cond) -> float:
-    """``conditioning/cond_gap`` of a few samples with their labels (before dropping): the
-    conditional and unconditional noise estimates in one forward (vitals/metrics.py)."""
+             eps: torch.Tensor, cond: Cond, device: torch.device) -> float:
+    """``conditioning/cond_gap`` of a few samples with their labels (before dropping), moved to
+    ``device``: the conditional and unconditional noise estimates in one forward
+    (vitals/metrics.py)."""
+    z, t, eps = z.to(device), t.to(device), eps.to(device)
+    cond = {key: value.to(device) for key, value in cond.items()}
     x = param.noised(z, t, eps)
     both = param.predict(net, torch.cat([x, x]), torch.cat([t, t]),
                          condition.joined(cond, condition.null(cond))).eps

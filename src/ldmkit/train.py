@@ -117,8 +117,9 @@ class Batch:
     t: torch.Tensor
     eps: torch.Tensor
     cond: Cond  # diffusion/condition.py: the labels, some dropped to the null class
-    # conditioning/cond_gap's probe: the global batch's first samples (z, t, eps) with their
-    # labels before dropping, the same for any number of processes; None: unconditional
+    # conditioning/cond_gap's probe (host views, moved only when measured): the global batch's
+    # first samples (z, t, eps) with their labels before dropping, the same for any number of
+    # processes; None: unconditional
     probe: tuple[torch.Tensor, torch.Tensor, torch.Tensor, Cond] | None = None
 
 
@@ -135,11 +136,8 @@ def draw_batch(state: LoopState, train_rows: torch.Tensor, latents: LatentPoster
     if cfg.model.num_classes and latents.labels is not None:
         given = {LABELS: latents.labels[index]}
     cond = dropped(given, cfg.train.cond_drop_prob, state.gen)
-    probe = None
-    if given:
-        n = vm.COND_GAP_SAMPLES
-        probe = (z[:n].to(device), t[:n].to(device), eps[:n].to(device),
-                 {k: v[:n].to(device) for k, v in given.items()})
+    n = vm.COND_GAP_SAMPLES
+    probe = (z[:n], t[:n], eps[:n], {k: v[:n] for k, v in given.items()}) if given else None
     z, t, eps = (shard(x, d).to(device, non_blocking=True) for x in (z, t, eps))
     return Batch(index, z, t, eps, {k: shard(v, d).to(device) for k, v in cond.items()}, probe)
 
@@ -328,8 +326,9 @@ def _diffusion(opened: OpenedRun, ae: Autoencoder, latents: LatentPosteriors, sc
         if step % tc.log_every == 0 or step == end:
             vitals = {**state.acc.read(), vm.LEARNING_RATE: lr,
                       vm.NONFINITE_STEPS: state.nonfinite}
-            if b.probe is not None:
-                vitals[vm.COND_GAP] = cond_gap(forward_model(model, rt), param, *b.probe)
+            if b.probe is not None and d.is_main:  # rank 0 alone logs it
+                vitals[vm.COND_GAP] = cond_gap(forward_model(model, rt), param, *b.probe,
+                                               rt.device)
             if state.lr_scale != 1.0:
                 vitals[vm.LR_SCALE] = state.lr_scale
             rt.logger.log(step, vitals)
