@@ -31,10 +31,14 @@ def run_json(argv, capsys):
 def test_json_output_has_exactly_the_documented_shape(tmp_path, capsys):
     code, out = run_json([str(write_jsonl(tmp_path / "metrics.jsonl", SCALE_BUG))], capsys)
     assert code == 1  # a critical finding, default --fail-on critical
-    assert set(out) == {"scenario", "verdict", "findings"} and out["scenario"] == "scale_factor_bug"
-    assert out["verdict"] == "scale_factor_bug"
+    assert set(out) == {"scenario", "verdict", "findings", "trainer", "regime", "regime_reason",
+                        "missing_vitals", "hook"} and out["scenario"] == "scale_factor_bug"
+    assert out["verdict"] == "scale_factor_bug" and out["regime"] == "pretrain"
+    assert out["trainer"] == "ldmkit" and out["hook"] == ""
     finding = out["findings"][0]
-    assert set(finding) == {"code", "severity", "metric", "step", "value", "message", "fix"}
+    assert set(finding) == {"code", "severity", "metric", "step", "value", "message", "fix",
+                            "tags_read"}
+    assert finding["tags_read"] == [vm.Z_STD]
     assert finding["code"] == "z_std_low" and finding["severity"] == "critical"
     assert f"{SCALE / 0.15:.4g}" in finding["fix"]
 
@@ -117,7 +121,8 @@ def test_unreadable_inputs_exit_2_with_one_line(tmp_path, capsys, name, content,
 def test_missing_path_and_empty_directory(tmp_path, capsys):
     assert main(["diagnose", str(tmp_path / "nope")]) == 2
     assert main(["diagnose", str(tmp_path)]) == 2
-    assert "neither metrics.jsonl nor TensorBoard" in capsys.readouterr().err
+    assert "holds no metrics.jsonl, TensorBoard event files, W&B run or MLflow run" in \
+        capsys.readouterr().err
 
 
 def test_a_healthy_verdict_says_whether_sample_quality_was_measured(tmp_path, capsys):

@@ -73,14 +73,18 @@ def _parser() -> argparse.ArgumentParser:
     watch.add_argument("--once", action="store_true", help="print one frame and exit")
 
     diagnose = sub.add_parser("diagnose", help="read any run's metrics and say what is wrong")
-    diagnose.add_argument("path", help="run directory, metrics.jsonl, CSV (step,tag,value), "
-                          "TensorBoard event file or directory")
+    diagnose.add_argument("path", help="an ldmkit run, or another trainer's log: TensorBoard "
+                          "event file or directory, W&B run (or its CSV export), MLflow mlruns/, "
+                          "CSV, JSONL")
     diagnose.add_argument("--json", action="store_true", help="machine-readable output")
     diagnose.add_argument("--fail-on", choices=("never", "warning", "critical"),
                           default="critical", help="exit 1 when a finding this severe is present")
     diagnose.add_argument("--objective", choices=("eps", "v", "x0", "flow"), default=None,
                           help="what the logged loss regresses (read from a run's config when "
                                "there is one): flow's loss starts at 2, the others' at 1")
+    diagnose.add_argument("--mode", choices=("pretrain", "finetune"), default=None,
+                          help="training from scratch or fine-tuning (read from the run's config "
+                               "or log otherwise): a fine-tune's low, flat loss is expected")
     diagnose.add_argument("--latent-scale-factor", type=float, default=None,
                           help="the run's scale, when its log does not hold latent/scale_factor")
     return p
@@ -156,7 +160,8 @@ def _diagnose(args: argparse.Namespace) -> int:
     from ldmkit.vitals.monitor import SEVERITY_RANK
     from ldmkit.vitals.offline import format_table
 
-    diagnosis = diagnose_path(args.path, args.latent_scale_factor, objective=args.objective)
+    diagnosis = diagnose_path(args.path, args.latent_scale_factor, objective=args.objective,
+                              mode=args.mode)
     print(diagnosis.to_json() if args.json else format_table(diagnosis))
     if args.fail_on != "never" and diagnosis.worst() >= SEVERITY_RANK[args.fail_on]:
         return 1

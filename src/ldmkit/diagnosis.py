@@ -15,7 +15,7 @@ from ldmkit.errors import LdmkitError
 from ldmkit.optim import lr_at
 from ldmkit.rundir import CONFIG_FILE
 from ldmkit.vitals.context import Context
-from ldmkit.vitals.offline import Diagnosis, diagnose_loaded, with_objective
+from ldmkit.vitals.offline import Diagnosis, diagnose_loaded
 from ldmkit.vitals.readers import LoadedLog, read_log
 
 
@@ -63,10 +63,10 @@ def read_run(path: str | Path, latent_scale_factor: float | None = None,
 
 
 def diagnose_path(path: str | Path, latent_scale_factor: float | None = None,
-                  thresholds: dict[str, float] | None = None,
-                  objective: str | None = None) -> Diagnosis:
-    """``ldmkit diagnose PATH``: run dir, JSONL, CSV or TensorBoard, judged with the run's
-    config when there is one; ``objective`` says what the loss is (flow's starts at 2), for
-    logs without one."""
+                  thresholds: dict[str, float] | None = None, objective: str | None = None,
+                  mode: str | None = None) -> Diagnosis:
+    """``ldmkit diagnose PATH``: an ldmkit run judged with its config, or any other trainer's
+    log (``vitals.formats``); ``objective`` says what the loss is (flow's starts at 2) and
+    ``mode`` (pretrain, finetune) overrides the regime read from the run."""
     log, ctx = read_run(path, latent_scale_factor, thresholds=thresholds)
-    return diagnose_loaded(log, with_objective(ctx, objective))
+    return diagnose_loaded(log, ctx, objective, mode)

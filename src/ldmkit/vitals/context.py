@@ -40,6 +40,8 @@ class Context:
     # eps-prediction's 1.0); Parameterization.untrained_loss
     loss_scale: float = 1.0
     val_loss_scale: float = 1.0
+    # "finetune": training starts from trained weights, so a low, flat loss is expected
+    regime: str = "pretrain"
 
     @classmethod
     def of(cls, latent_scale_factor: float | None, thresholds: dict[str, float] | None = None,

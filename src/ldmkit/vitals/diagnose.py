@@ -48,16 +48,21 @@ def evaluate(series: Series, ctx: Context) -> list[Finding]:
     """Findings active at the end of ``series``, most severe first."""
     findings = []
     for rule in RULES:
+        if rule.pretrain_only and ctx.regime == "finetune":
+            continue
         if rule.about_samples and not samples_judgeable(rule, series, ctx):
             continue
-        verdict = CHECKS[rule.check](rule, series, ctx)
+        metric, judged = rule.metric, series
+        if rule.fallback and not series.get(metric) and series.get(rule.fallback):
+            metric, judged = rule.fallback, {**series, metric: series[rule.fallback]}
+        verdict = CHECKS[rule.check](rule, judged, ctx)
         if verdict is None:
             continue
         severity = "critical" if verdict.level in (rule.critical, ALWAYS) else "warning"
         fields = {"value": verdict.value, "step": verdict.step,
                   "thr": ctx.thresholds.get(verdict.level, float("nan")),
                   **_fix_fields(verdict, series, ctx), **verdict.fields}
-        findings.append(Finding(rule.code, severity, rule.metric, verdict.step, verdict.value,
+        findings.append(Finding(rule.code, severity, metric, verdict.step, verdict.value,
                                 rule.message.format(**fields), rule.fix.format(**fields)))
     return sorted(findings, key=lambda f: f.severity != "critical")
 
@@ -78,7 +83,7 @@ def scenario(findings: list[Finding], series: Series, ctx: Context) -> str:
             return rule.scenario
     if any(f.code in EVENTS and f.severity == "critical" for f in findings):
         return "diverged"
-    if len(series.get(vm.LOSS, [])) < int(ctx.thr("window")):
+    if len(series.get(vm.LOSS) or series.get(vm.LOSS_SMOOTHED, [])) < int(ctx.thr("window")):
         return "too_early"
     return "healthy"
 

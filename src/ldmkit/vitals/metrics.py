@@ -24,6 +24,10 @@ FINAL_PREFIX = "final_latent_stats/"
 NONFINITE_STEPS = "optimization/nonfinite_steps"
 LR_SCALE = "optimization/lr_scale"  # < 1 after divergence rollbacks
 UPDATE_RATIO = "optimization/update_ratio"
+# other trainers' losses that are not one step's: a moving average (kohya's loss/average,
+# OneTrainer's smooth_loss) and a per-epoch mean on an epoch axis; shown, never judged per step
+LOSS_SMOOTHED = "loss/smoothed"
+LOSS_EPOCH = "loss/epoch_average"
 EPS_MSE = "loss/eps_mse"  # the implied noise estimate's MSE, when the objective is not eps
 # the deterministic validation loss (ldmkit.validation): raw weights, then EMA weights;
 # PREFIX + "loss_t{k}" is bucket k of VAL_BUCKETS, t in [k / 10, (k + 1) / 10)

@@ -98,13 +98,18 @@ class Rule:
     message: str
     fix: str
     about_samples: bool = False
+    # read when ``metric`` is not logged: a level that a moving average shows as well (another
+    # trainer's smoothed loss); never a per-step check
+    fallback: str | None = None
+    pretrain_only: bool = False  # a fine-tune's low, flat loss is its regime, not this finding
 
 
 # Ordered root causes first: a run's scenario is that of its first warning or critical row.
 RULES: tuple[Rule, ...] = (
     Rule("loss_nonfinite", vm.LOSS, "nonfinite", None, ALWAYS, "loss: 'NaN or inf: training has collapsed'",
          "diverged", "the loss became {value} at step {step}: training diverged (exploding updates)",
-         "retry from the last good checkpoint with train.lr = {lr_retry:.3g} (a tenth), keep grad_clip"),
+         "retry from the last good checkpoint with train.lr = {lr_retry:.3g} (a tenth), keep grad_clip",
+         fallback=vm.LOSS_SMOOTHED),
     Rule("grad_norm_exploding", vm.GRAD_NORM, "median_above", None, "grad_norm_high",
          "grad_norm: '> 100: exploding gradients'", "diverged",
          "gradient norm before clipping is {value:.3g} (median of the last records), above {thr:g}: "
@@ -161,7 +166,8 @@ RULES: tuple[Rule, ...] = (
          "loss/total_loss: '< 0.01: overfitting or data leakage'", "suspicious_loss",
          "the loss is {value:.4f}, below {thr:g}: a noise prediction this good means the model "
          "sees the noise (data leakage) or memorises a tiny dataset",
-         "check that the noise is not an input of the model; use more data or a smaller model"),
+         "check that the noise is not an input of the model; use more data or a smaller model",
+         fallback=vm.LOSS_SMOOTHED, pretrain_only=True),
     Rule("grad_norm_vanishing", vm.GRAD_NORM, "median_below", None, "grad_norm_low",
          "grad_norm: '< 1e-6: vanishing gradients'", "not_learning",
          "gradient norm is {value:.3g}, below {thr:g}: the weights no longer change (dead network)",
@@ -181,7 +187,8 @@ RULES: tuple[Rule, ...] = (
     Rule("loss_stuck_high", vm.LOSS, "stays_above", "loss_stuck_high", None,
          "loss/total_loss: 'Stays ~1.0: model isn't learning (check LR)'", "not_learning",
          "the loss stays at {value:.3f} after {step} steps: the model is not learning the noise",
-         "raise train.lr (now {lr:.3g}) to about {lr_up:.3g}; check the data and latent/z_std"),
+         "raise train.lr (now {lr:.3g}) to about {lr_up:.3g}; check the data and latent/z_std",
+         fallback=vm.LOSS_SMOOTHED),
     Rule("cos_eps_random", vm.COS_EPS, "stays_abs_below", "cos_eps_random", None,
          "diffusion/cos_eps_mean: 'Stays at 0.0: model is guessing randomly'", "not_learning",
          "the cosine of predicted and true noise stays at {value:.3f} after {step} steps: "

@@ -1,0 +1,1 @@
+"""Hooks that put the guide's vital signs into other trainers' loops (``accelerate``)."""

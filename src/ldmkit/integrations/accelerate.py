@@ -1,0 +1,135 @@
+"""The guide's vital signs in a diffusers / accelerate training loop, logged through
+``accelerator.log`` (so they land in whichever tracker the script chose) and diagnosed live.
+
+A diffusers training script already holds every tensor the vital signs need; three lines hand
+them over::
+
+    vitals = AccelerateVitals(accelerator, noise_scheduler, vae.config.scaling_factor)
+    grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)  # the norm it returns
+    vitals.observe(global_step, loss, model_pred, noise, timesteps, latents,
+                   noisy_latents=noisy_latents, grad_norm=grad_norm)
+
+The model's output is turned into a noise estimate with the scheduler's ``prediction_type``
+(epsilon, v_prediction, sample; a flow-matching scheduler's sigmas), so ``cos_eps`` means the
+same as in ldmkit's own runs. Findings are printed once and appended to ``findings.jsonl`` in
+the tracker's logging directory; ``ldmkit diagnose`` then reads the tracker's files.
+accelerate is not a dependency of ldmkit: this module only calls the object it is handed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ldmkit.diffusion.parameterization import Parameterization
+from ldmkit.vitals import metrics as vm
+from ldmkit.vitals.context import Context, Finding
+from ldmkit.vitals.monitor import LiveMonitor
+from ldmkit.vitals.rules import THRESHOLDS
+from ldmkit.vitals.signs import StepAccumulator, StepTensors, step_vitals
+from ldmkit.vitals.trainers import OBJECTIVES
+
+
+class AccelerateVitals:
+    """Measure, log (``accelerator.log``) and diagnose one accelerate process's training steps.
+
+    ``latent_scale_factor``: what the loop multiplies the VAE's latents by (None: unknown, the
+    sample checks that need it are skipped). Train vitals are averaged over ``log_every`` steps
+    on the device and read once per interval. Only the main process logs and diagnoses;
+    every process may call ``observe``.
+    """
+
+    def __init__(self, accelerator: Any, noise_scheduler: Any,
+                 latent_scale_factor: float | None = None, log_every: int = 50,
+                 log_dir: str | Path | None = None, thresholds: dict[str, float] | None = None,
+                 on_critical: str = "warn", echo: Callable[[str], None] = print) -> None:
+        unknown = sorted(set(thresholds or {}) - set(THRESHOLDS))
+        if unknown:
+            raise ValueError(f"unknown threshold '{unknown[0]}'; allowed: {', '.join(THRESHOLDS)}")
+        if log_every < 1:
+            raise ValueError("log_every must be >= 1")
+        config = noise_scheduler.config
+        self.prediction_type = str(config.get("prediction_type") or "flow_matching")
+        if self.prediction_type not in OBJECTIVES:
+            raise ValueError(f"prediction_type '{self.prediction_type}' is not one of "
+                             f"{', '.join(OBJECTIVES)}; hand eps estimates to VitalsMonitor")
+        alphas = getattr(noise_scheduler, "alphas_cumprod", None)
+        self.alphas_cumprod = None if alphas is None else torch.as_tensor(alphas).double()
+        self.num_train_timesteps = int(config.get("num_train_timesteps") or 1000)
+        self.accelerator, self.log_every = accelerator, log_every
+        self.acc = StepAccumulator()
+        self.live: LiveMonitor | None = None
+        if accelerator.is_main_process:
+            ctx = Context.of(latent_scale_factor, thresholds)
+            ctx.loss_scale = Parameterization(OBJECTIVES[self.prediction_type]).untrained_loss()
+            directory = Path(log_dir or accelerator.logging_dir or ".")
+            directory.mkdir(parents=True, exist_ok=True)
+            self.live = LiveMonitor(directory, ctx, on_critical, echo)
+            if latent_scale_factor is not None:
+                self._log(0, {vm.SCALE_FACTOR: float(latent_scale_factor)})
+
+    def eps_estimate(self, model_pred: torch.Tensor, timesteps: torch.Tensor,
+                     noisy_latents: torch.Tensor | None,
+                     sigmas: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the noise the prediction implies ``[B, ...]``, t in [0, 1] ``[B]``)."""
+        pred = model_pred.detach().float()
+        if self.prediction_type == "epsilon":
+            return pred, timesteps.float() / max(self.num_train_timesteps - 1, 1)
+        if noisy_latents is None:
+            raise ValueError(f"prediction_type {self.prediction_type}: pass noisy_latents so "
+                             "the noise estimate can be formed")
+        x_t = noisy_latents.detach().float()
+        shape = (-1,) + (1,) * (pred.dim() - 1)
+        if self.alphas_cumprod is None:  # flow matching: x_t = (1 - s) x0 + s eps, v = eps - x0
+            if sigmas is None:
+                raise ValueError("a flow-matching scheduler: pass the sigmas of the batch")
+            s = sigmas.detach().float().reshape(shape)
+            return x_t + (1 - s) * pred, sigmas.detach().float().flatten()
+        acp = self.alphas_cumprod.to(timesteps.device)[timesteps.long()].float().reshape(shape)
+        a, s = acp.sqrt(), (1 - acp).sqrt()
+        t = timesteps.float() / max(self.num_train_timesteps - 1, 1)
+        if self.prediction_type == "v_prediction":  # v = a eps - s x0
+            return a * pred + s * x_t, t
+        return (x_t - a * pred) / s.clamp(min=1e-4), t  # sample: x0 predicted
+
+    def observe(self, step: int, loss: torch.Tensor, model_pred: torch.Tensor,
+                noise: torch.Tensor, timesteps: torch.Tensor, latents: torch.Tensor,
+                noisy_latents: torch.Tensor | None = None, grad_norm: Any = None,
+                lr: float | None = None, sigmas: torch.Tensor | None = None) -> None:
+        """One optimizer step: its loss, the model's output, the true noise, the scheduler's
+        ``timesteps``, the scaled clean ``latents``, and the gradient norm before clipping
+        (``accelerator.clip_grad_norm_``'s return value). Logged every ``log_every`` steps."""
+        eps_pred, t = self.eps_estimate(model_pred, timesteps, noisy_latents, sigmas)
+        norm = None if grad_norm is None else torch.as_tensor(grad_norm).detach().float()
+        self.acc.add(step_vitals(StepTensors(loss.detach().float(), eps_pred, noise.detach(),
+                                             t, latents.detach(), norm,
+                                             self.prediction_type == "epsilon")))
+        if step % self.log_every == 0:
+            values = self.acc.read()
+            if lr is not None:
+                values[vm.LEARNING_RATE] = float(lr)
+            self._log(step, values)
+
+    def observe_samples(self, step: int, latents: torch.Tensor) -> dict[str, float]:
+        """Generated latents as handed to the VAE's decoder (divided by the scale)."""
+        values = vm.sample_vitals(latents.detach().float().cpu())
+        self._log(step, values)
+        return values
+
+    def _log(self, step: int, values: dict[str, float]) -> None:
+        self.accelerator.log(values, step=step)
+        if self.live is not None:
+            self.live.observe(step, values)
+
+    @property
+    def findings(self) -> list[Finding]:
+        """The findings active now on the main process, most severe first."""
+        return self.live.active() if self.live is not None else []
+
+    @property
+    def should_stop(self) -> bool:
+        """True once a critical finding was raised with ``on_critical='stop'``."""
+        return self.live is not None and self.live.stop_finding is not None

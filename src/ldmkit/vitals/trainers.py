@@ -1,0 +1,272 @@
+"""Other trainers' logs as the guide's vital signs: one table of tag maps, one row a tag.
+
+Each ``TagMap`` says what a trainer writes, under which name, and where in its source (cited,
+never copied); ``kind`` keeps a moving average (``smoothed``) or an epoch mean on an epoch axis
+(``epoch``) from ever being read as one step's loss. Which trainer wrote a log is told by the
+tags only it writes (``Trainer.signatures``); the regime (pretraining or fine-tuning) and the
+objective come from the run's saved config where there is one, else from the log itself, so a
+LoRA whose loss starts and stays at 0.1 is judged as the fine-tune it is.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ldmkit.vitals import metrics as vm
+
+Kind = Literal["step", "smoothed", "epoch"]
+Regime = Literal["pretrain", "finetune"]
+GROUP = "{group}"  # in a TagMap's tag: filled with what the foreign tag's trailing '*' matched
+LR_GROUP = vm.LEARNING_RATE + "/" + GROUP
+
+
+@dataclass(frozen=True)
+class TagMap:
+    foreign: str  # as the trainer logs it; a trailing '*' matches any rest
+    tag: str  # ours
+    kind: Kind
+    source: str  # the file of that trainer's source that writes it
+
+
+@dataclass(frozen=True)
+class Trainer:
+    name: str
+    label: str
+    signatures: tuple[frozenset[str], ...]  # any one set of tags all present: this trainer
+    tags: tuple[TagMap, ...]
+    regime: Regime | None  # None: from its config or its log
+    hook: str  # where the live vital signs go in its loop
+    main_lr_groups: tuple[str, ...] = ("unet", "transformer", "prior", "group0")
+
+
+def _sig(*sets: tuple[str, ...]) -> tuple[frozenset[str], ...]:
+    return tuple(frozenset(s) for s in sets)
+
+
+KOHYA = "kohya-ss/sd-scripts "
+DIFFUSERS = "huggingface/diffusers examples/"
+ACCELERATE_HOOK = """\
+from ldmkit.integrations.accelerate import AccelerateVitals
+vitals = AccelerateVitals(accelerator, noise_scheduler, latent_scale_factor={scale})
+# where the loop has computed the loss; grad_norm = accelerator.clip_grad_norm_(...):
+vitals.observe(global_step, loss, {pred}, noise, timesteps, latents,
+               noisy_latents=noisy_latents, grad_norm=grad_norm)"""
+
+K_DIFFUSION_HOOK = """\
+from ldmkit.vitals.observer import VitalsMonitor
+vitals = VitalsMonitor(f"{args.name}_vitals")
+# train.py, after losses = model.loss(reals, noise, sigma, ...), with the denoiser's eps_pred
+vitals.observe_train_step(step, losses.mean(), eps_pred, noise, t, reals)"""
+
+TRAINERS: tuple[Trainer, ...] = (
+    Trainer("kohya", "kohya-ss sd-scripts",
+            _sig(("loss/current",), ("loss/epoch",), ("loss", "lr/unet")), (
+                TagMap("loss/current", vm.LOSS, "step", KOHYA + "train_network.py "
+                       "(NetworkTrainer.generate_step_logs)"),
+                TagMap("loss", vm.LOSS, "step", KOHYA + "fine_tune.py, train_db.py, "
+                       "sdxl_train.py (logs = {'loss': current_loss})"),
+                TagMap("loss/average", vm.LOSS_SMOOTHED, "smoothed", KOHYA + "train_network.py "
+                       "(library/train_util.py LossRecorder.moving_average)"),
+                TagMap("loss/epoch_average", vm.LOSS_EPOCH, "epoch", KOHYA + "train_network.py "
+                       "(epoch_logging: the epoch as the step)"),
+                TagMap("loss/epoch", vm.LOSS_EPOCH, "epoch", KOHYA + "fine_tune.py, train_db.py "
+                       "(accelerator.log(..., step=epoch + 1))"),
+                TagMap("lr/d*lr/*", vm.LEARNING_RATE + "/d*lr/" + GROUP, "step",
+                       KOHYA + "train_network.py (DAdaptation/Prodigy's effective rate)"),
+                TagMap("lr/*", LR_GROUP, "step", KOHYA + "train_network.py, "
+                       "library/train_util.py append_lr_to_logs (one per parameter group)"),
+            ), "finetune",
+            ACCELERATE_HOOK.format(scale="self.vae_scale_factor", pred="noise_pred")
+            + "\n# train_network.py: in process_batch, after get_noise_pred_and_target"),
+    Trainer("onetrainer", "OneTrainer", _sig(("loss/train_step",)), (
+        TagMap("loss/train_step", vm.LOSS, "step", "Nerogar/OneTrainer "
+               "modules/trainer/GenericTrainer.py (accumulated loss per update step)"),
+        TagMap("smooth_loss/train_step", vm.LOSS_SMOOTHED, "smoothed", "Nerogar/OneTrainer "
+               "modules/trainer/GenericTrainer.py (EMA of the loss, decay 0.99)"),
+        TagMap("lr/*", LR_GROUP, "step", "Nerogar/OneTrainer "
+               "modules/modelSetup/BaseModelSetup.py report_to_tensorboard"),
+    ), "finetune", """\
+from ldmkit.vitals.observer import VitalsMonitor
+vitals = VitalsMonitor(self.config.workspace_dir + "/vitals")
+# GenericTrainer.train, after calculate_loss (model_output_data from model_setup.predict):
+vitals.observe_train_step(train_progress.global_step, loss, eps_pred, noise, t, latents)"""),
+    Trainer("simpletuner", "SimpleTuner",
+            _sig(("train_loss", "optimization_loss"), ("train_loss", "learning_rate", "epoch")), (
+                TagMap("train_loss", vm.LOSS, "step", "bghira/SimpleTuner "
+                       "simpletuner/helpers/training/trainer.py (wandb_logs, per update step)"),
+                TagMap("learning_rate", vm.LEARNING_RATE, "step", "bghira/SimpleTuner "
+                       "simpletuner/helpers/training/trainer.py"),
+                TagMap("grad_norm", vm.GRAD_NORM, "step", "bghira/SimpleTuner "
+                       "simpletuner/helpers/training/trainer.py _update_grad_metrics "
+                       "(clip_grad_norm_'s pre-clipping norm)"),
+            ), "finetune", ACCELERATE_HOOK.format(scale="vae.config.scaling_factor",
+                                                  pred="model_pred")),
+    Trainer("k-diffusion", "k-diffusion (W&B)", _sig(("loss", "lr", "epoch", "ema_decay")), (
+        TagMap("loss", vm.LOSS, "step", "crowsonkb/k-diffusion train.py (wandb.log: the "
+               "gathered loss of the step)"),
+        TagMap("lr", vm.LEARNING_RATE, "step", "crowsonkb/k-diffusion train.py"),
+    ), None, K_DIFFUSION_HOOK),
+    Trainer("k-diffusion-csv", "k-diffusion (its *_metrics.csv)",
+            _sig(("loss", "fid", "kid", "time")), (
+                TagMap("loss", vm.LOSS_SMOOTHED, "smoothed", "crowsonkb/k-diffusion train.py "
+                       "(metrics_log.write: ema_stats['loss'], an EMA, at each evaluation)"),
+            ), None, K_DIFFUSION_HOOK),
+    Trainer("diffusers-unconditional", "diffusers train_unconditional.py",
+            _sig(("loss", "lr", "step")), (
+                TagMap("loss", vm.LOSS, "step",
+                       DIFFUSERS + "unconditional_image_generation/train_unconditional.py"),
+                TagMap("lr", vm.LEARNING_RATE, "step",
+                       DIFFUSERS + "unconditional_image_generation/train_unconditional.py"),
+            ), None, ACCELERATE_HOOK.format(scale="None", pred="model_output")
+            .replace("latents,", "clean_images,").replace("noisy_latents=noisy_latents",
+                                                            "noisy_latents=noisy_images")),
+    Trainer("diffusers", "diffusers training examples (text-to-image, DreamBooth, LoRA)",
+            _sig(("train_loss",), ("loss", "lr")), (
+                TagMap("train_loss", vm.LOSS, "step", DIFFUSERS + "text_to_image/"
+                       "train_text_to_image.py (the mean over accumulation and processes)"),
+                TagMap("loss", vm.LOSS, "step", DIFFUSERS + "dreambooth/train_dreambooth.py"),
+                TagMap("lr", vm.LEARNING_RATE, "step", DIFFUSERS + "dreambooth/"
+                       "train_dreambooth.py"),
+            ), None, ACCELERATE_HOOK.format(scale="vae.config.scaling_factor", pred="model_pred")),
+)
+
+# the guide's own names, the CompVis latent-diffusion code's, and ldmkit's own tags
+GENERIC = Trainer("generic", "a log with the guide's or ldmkit's tag names", (), tuple(
+    TagMap(foreign, tag, "step", source) for foreign, tag, source in (
+        ("loss", vm.LOSS, "the guide"), ("train/loss", vm.LOSS, "the guide"),
+        ("grad_norm", vm.GRAD_NORM, "the guide"), ("train/grad_norm", vm.GRAD_NORM, "the guide"),
+        ("learning_rate", vm.LEARNING_RATE, "the guide"),
+        ("train/learning_rate", vm.LEARNING_RATE, "the guide"), ("t_mean", vm.T_MEAN, "the guide"),
+        ("cos_eps_mean", vm.COS_EPS, "the guide"), ("z_std", vm.Z_STD, "the guide"),
+        ("train_loss", vm.LOSS, "diffusers examples"), ("step_loss", vm.LOSS, "diffusers"),
+        ("lr", vm.LEARNING_RATE, "diffusers examples"),
+        ("train/loss_simple", vm.LOSS, "CompVis/latent-diffusion ldm/models/diffusion/ddpm.py"),
+        ("train/loss_simple_step", vm.LOSS, "CompVis/latent-diffusion (Lightning's _step)"),
+        ("lr_abs", vm.LEARNING_RATE, "CompVis/latent-diffusion ldm/models/diffusion/ddpm.py"))),
+    None, ACCELERATE_HOOK.format(scale="vae.config.scaling_factor", pred="model_pred"))
+LDMKIT = Trainer("ldmkit", "ldmkit", (), (), "pretrain", "")
+
+
+def detect(tags: set[str]) -> Trainer:
+    """The trainer whose signature tags are all logged (first match; a loop with ldmkit's hook
+    logs its own tags too); else ldmkit's own log when it holds ldmkit's loss tag; else the
+    generic map."""
+    for trainer in TRAINERS:
+        if any(signature <= tags for signature in trainer.signatures):
+            return trainer
+    return LDMKIT if vm.LOSS in tags else GENERIC
+
+
+def _match(pattern: str, tag: str) -> str | None:
+    """What ``pattern``'s trailing '*' matched in ``tag`` ('' for an exact match), or None."""
+    if pattern.endswith("*"):
+        return tag[len(pattern) - 1:] if tag.startswith(pattern[:-1]) and \
+            len(tag) >= len(pattern) else None
+    return "" if tag == pattern else None
+
+
+@dataclass
+class Mapped:
+    """Records renamed to our tags, and for each of our tags the foreign tags it was read from."""
+
+    records: list[tuple[int, str, float]]
+    read_from: dict[str, list[str]] = field(default_factory=dict)
+
+
+def map_tags(trainer: Trainer, records: list[tuple[int, str, float]]) -> Mapped:
+    """Rename ``records`` by the trainer's rows, then the guide's generic names; a tag that no
+    row maps keeps its name, and a canonical tag when logged wins over what would map onto it."""
+    logged = {tag for _, tag, _ in records}
+    names: dict[str, str] = {}
+    for tag in logged:
+        names[tag] = tag
+        for row in trainer.tags + GENERIC.tags:
+            group = _match(row.foreign, tag)
+            if group is not None:
+                names[tag] = row.tag.replace(GROUP, group)
+                break
+    names = {t: ours for t, ours in names.items() if ours == t or ours not in logged}
+    mapped = Mapped([(step, names[tag], value) for step, tag, value in records if tag in names])
+    for tag, ours in names.items():
+        mapped.read_from.setdefault(ours, []).append(tag)
+    _main_learning_rate(trainer, mapped)
+    return mapped
+
+
+def _main_learning_rate(trainer: Trainer, mapped: Mapped) -> None:
+    """Per-group rates only: the backbone's group (unet, transformer, ...) is the run's rate."""
+    if vm.LEARNING_RATE in mapped.read_from:
+        return
+    prefix = vm.LEARNING_RATE + "/"
+    for group in trainer.main_lr_groups:
+        if prefix + group in mapped.read_from:
+            mapped.records += [(s, vm.LEARNING_RATE, v) for s, t, v in mapped.records
+                               if t == prefix + group]
+            mapped.read_from[vm.LEARNING_RATE] = mapped.read_from[prefix + group]
+            return
+
+
+def kind_of(trainer: Trainer, tag: str) -> Kind:
+    for row in trainer.tags:
+        if row.tag == tag:
+            return row.kind
+    return "step"
+
+
+# config keys that say the run starts from trained weights (diffusers, kohya and SimpleTuner
+# name the base model pretrained_model_name_or_path; OneTrainer base_model_name)
+FINETUNE_KEYS = ("pretrained_model_name_or_path", "base_model_name", "network_module",
+                 "lora_rank", "instance_prompt")
+FINETUNE_START = 0.5  # a first loss below this many guide units: never an untrained model's
+
+
+def _present(value: Any) -> bool:
+    return value not in (None, "", "None", "none", "null", False, "False")
+
+
+def infer_regime(trainer: Trainer, config: dict[str, Any], losses: list[float],
+                 window: int = 5) -> tuple[Regime, str]:
+    """Pretraining or fine-tuning, and why: the run's config, the trainer, else the log (a loss
+    that starts far below an untrained model's ~1 guide unit, ``losses`` in those units)."""
+    for key in FINETUNE_KEYS:
+        if _present(config.get(key)):
+            return "finetune", f"its config sets {key} = {str(config[key])[:60]}"
+    if trainer.regime is not None:
+        what = "fine-tunes a trained model" if trainer.regime == "finetune" else "trains from scratch"
+        return trainer.regime, f"{trainer.label} {what}"
+    first = [v for v in losses[:window] if math.isfinite(v)]
+    if first and statistics.median(first) < FINETUNE_START:
+        return "finetune", (f"its loss starts at {statistics.median(first):.3g} guide units, "
+                            "far below an untrained model's ~1")
+    return "pretrain", "its loss starts near an untrained model's"
+
+
+OBJECTIVES = {"epsilon": "eps", "eps": "eps", "v_prediction": "v", "v": "v", "sample": "x0",
+              "x0": "x0", "flow": "flow", "flow_matching": "flow", "flow-matching": "flow"}
+
+
+def objective_of(config: dict[str, Any]) -> str | None:
+    """The objective a foreign run's config names (diffusers' and SimpleTuner's
+    ``prediction_type``, kohya's ``v_parameterization``), or None."""
+    kind = str(config.get("prediction_type") or "").lower()
+    if kind in OBJECTIVES:
+        return OBJECTIVES[kind]
+    if str(config.get("v_parameterization", "")).lower() in ("true", "1"):
+        return "v"
+    return None
+
+
+def min_snr_gamma_of(config: dict[str, Any]) -> float | None:
+    """Min-SNR-gamma weighting (Hang et al. 2023) of a foreign run: diffusers' ``snr_gamma``,
+    kohya's ``min_snr_gamma``; None when off."""
+    for key in ("snr_gamma", "min_snr_gamma"):
+        try:
+            gamma = float(config.get(key))  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(gamma) and gamma > 0:
+            return gamma
+    return None

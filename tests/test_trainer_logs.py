@@ -1,0 +1,330 @@
+"""``ldmkit diagnose`` on the logs of the trainers people use, written the way each writes them.
+
+Where the logging code runs here it writes the logs itself: accelerate's TensorBoard tracker
+(which diffusers' examples, kohya's sd-scripts and SimpleTuner log through), torch's
+SummaryWriter (OneTrainer's), and MLflow's own client. W&B is not installed: its run files are
+written in the format of the W&B SDK's ``wandb-history.jsonl`` (one JSON object per step with
+``_step``, ``_runtime``, ``_timestamp``) and ``config.yaml`` (``{key: {desc, value}}``), and its
+panel's CSV export (``Step``, ``<run> - <metric>``, ``__MIN``/``__MAX``). Tag names, step axes and
+intervals follow each trainer's source, cited in ``ldmkit.vitals.trainers.TRAINERS``:
+
+- kohya train_network.py: ``loss/current``, ``loss/average`` (a moving average) and
+  ``lr/unet``, ``lr/textencoder`` every step; ``loss/epoch_average`` with the epoch as the step.
+- diffusers train_text_to_image_lora.py: ``train_loss`` every step, ``vars(args)`` as config;
+  train_unconditional.py: ``loss``, ``lr``, ``step``.
+- SimpleTuner trainer.py: ``train_loss``, ``optimization_loss``, ``learning_rate``, ``epoch``,
+  ``grad_norm`` every step.
+- OneTrainer GenericTrainer.py: ``loss/train_step``, ``smooth_loss/train_step``, ``lr/unet``.
+- k-diffusion train.py: W&B ``loss``, ``lr``, ``epoch``, ``ema_decay`` every step; its
+  ``<name>_metrics.csv`` (step,time,loss,fid,kid) at each evaluation with the EMA loss.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from torch.utils.tensorboard import SummaryWriter
+
+from ldmkit.cli import main
+from ldmkit.vitals import metrics as vm
+from ldmkit.vitals.offline import diagnose_log
+from ldmkit.vitals.readers import read_log
+
+STEPS = 600
+LR = 1e-4
+
+
+@dataclass
+class Run:
+    kind: str
+    loss: list[float]
+    lr: list[float]
+    grad: list[float]
+
+
+def make_run(kind: str, seed: int = 0) -> Run:
+    """Per-step values: a healthy run from scratch, one that diverges (NaN at step 400, the
+    gradient norm exploding from 300), one stuck at an untrained loss, and a fine-tune whose
+    loss is low and flat from the first step (median 0.008: below the guide's 0.01)."""
+    rng = random.Random(seed)
+    loss, grad = [], []
+    for step in range(1, STEPS + 1):
+        noise = rng.gauss(0, 1)
+        if kind == "stuck":
+            loss.append(1.0 + 0.02 * noise)
+        elif kind == "finetune":
+            loss.append(0.008 * math.exp(0.4 * noise))
+        else:
+            loss.append(max(0.02, 0.25 + 0.75 * math.exp(-step / 80) + 0.05 * noise))
+        grad.append(abs(1.5 + 0.4 * rng.gauss(0, 1)))
+        if kind == "diverging" and step >= 300:
+            grad[-1] = 300.0 * (step - 299)
+            if step >= 400:
+                loss[-1] = float("nan")
+    lr = [LR * min(1.0, s / 50) for s in range(1, STEPS + 1)]
+    return Run(kind, loss, lr, grad)
+
+
+def accelerate_log(tmp: Path, project: str, config: dict, rows) -> Path:
+    """Log ``rows`` (step, dict) with accelerate's own TensorBoard tracker."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    logging_dir = tmp / "logs"
+    accelerator = Accelerator(log_with="tensorboard", project_config=ProjectConfiguration(
+        project_dir=str(tmp), logging_dir=str(logging_dir)))
+    accelerator.init_trackers(project, config=config)
+    for step, values in rows:
+        accelerator.log(values, step=step)
+    accelerator.end_training()
+    return logging_dir
+
+
+def kohya(tmp: Path, run: Run) -> Path:
+    rows, average = [], []
+    for i, (loss, lr) in enumerate(zip(run.loss, run.lr, strict=True)):
+        average.append(loss)
+        rows.append((i + 1, {"loss/current": loss, "loss/average": sum(average) / len(average),
+                             "lr/textencoder": lr / 2, "lr/unet": lr}))
+        if (i + 1) % 200 == 0:  # an epoch of 200 steps; the epoch is the step
+            rows.append(((i + 1) // 200, {"loss/epoch_average": sum(average) / len(average)}))
+            average = []
+    config = {"pretrained_model_name_or_path": "runwayml/stable-diffusion-v1-5",
+              "network_module": "networks.lora", "learning_rate": LR}
+    return accelerate_log(tmp, "network_train", config, rows)
+
+
+def diffusers_lora(tmp: Path, run: Run) -> Path:
+    config = {"pretrained_model_name_or_path": "runwayml/stable-diffusion-v1-5", "rank": 4,
+              "learning_rate": LR, "snr_gamma": None, "prediction_type": None}
+    if run.kind != "finetune":  # a model trained from scratch: its config names no base model
+        config["pretrained_model_name_or_path"] = None
+    return accelerate_log(tmp, "text2image-fine-tune", config,
+                          [(i + 1, {"train_loss": v}) for i, v in enumerate(run.loss)])
+
+
+def diffusers_unconditional(tmp: Path, run: Run) -> Path:
+    rows = [(i + 1, {"loss": v, "lr": lr, "step": i + 1})
+            for i, (v, lr) in enumerate(zip(run.loss, run.lr, strict=True))]
+    return accelerate_log(tmp, "train_unconditional", {"ddpm_num_steps": 1000}, rows)
+
+
+def simpletuner(tmp: Path, run: Run) -> Path:
+    rows = [(i + 1, {"train_loss": v, "optimization_loss": v, "learning_rate": lr,
+                     "epoch": 1 + i // 200, "grad_norm": g})
+            for i, (v, lr, g) in enumerate(zip(run.loss, run.lr, run.grad, strict=True))]
+    return accelerate_log(tmp, "simpletuner", {"model_family": "sdxl", "lora_rank": 16}, rows)
+
+
+def onetrainer(tmp: Path, run: Run) -> Path:
+    directory = tmp / "workspace" / "tensorboard" / "2026-11-25_12-00-00"
+    with SummaryWriter(str(directory)) as writer:
+        ema = None
+        for i, (loss, lr) in enumerate(zip(run.loss, run.lr, strict=True)):
+            if math.isnan(loss):  # OneTrainer raises before logging a NaN loss
+                break
+            ema = loss if ema is None else 0.99 * ema + 0.01 * loss
+            writer.add_scalar("lr/unet", lr, i + 1)
+            writer.add_scalar("loss/train_step", loss, i + 1)
+            writer.add_scalar("smooth_loss/train_step", ema, i + 1)
+    return tmp / "workspace" / "tensorboard"
+
+
+def wandb_history(tmp: Path, run: Run) -> Path:
+    files = tmp / "wandb" / "run-20261125_120000-abc123" / "files"
+    files.mkdir(parents=True)
+    with (files / "wandb-history.jsonl").open("w") as fh:
+        for i, (loss, lr) in enumerate(zip(run.loss, run.lr, strict=True)):
+            row = {"epoch": i // 200, "loss": loss, "lr": lr, "ema_decay": 0.999,
+                   "_step": i, "_runtime": 0.5 * i, "_timestamp": 1.79e9 + 0.5 * i}
+            fh.write(json.dumps(row) + "\n")  # NaN written as NaN, as the SDK's encoder does
+    (files / "config.yaml").write_text(yaml.safe_dump({
+        "_wandb": {"desc": None, "value": {"cli_version": "0.19.0"}},
+        "lr": {"desc": None, "value": LR}}))
+    return tmp / "wandb"
+
+
+def k_diffusion_csv(tmp: Path, run: Run) -> Path:
+    path = tmp / "kdiff_metrics.csv"
+    lines, ema = ["step,time,loss,fid,kid"], None
+    for i, loss in enumerate(run.loss):
+        ema = loss if ema is None else 0.99 * ema + 0.01 * loss  # ema_stats['loss']
+        if (i + 1) % 25 == 0:  # every --evaluate-every steps
+            lines.append(f"{i + 1},{0.5 * i:g},{ema:g},{30 - i / 30:g},{0.02:g}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def wandb_csv(tmp: Path, run: Run) -> Path:
+    path = tmp / "wandb_export_2026-11-25.csv"
+    lines = ['"Step","sd-lora - train_loss","sd-lora - train_loss__MIN","sd-lora - train_loss__MAX"']
+    lines += [f'"{i}","{v}","{v - 0.01}","{v + 0.01}"' for i, v in enumerate(run.loss)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def mlflow_store(tmp: Path, run: Run) -> Path:
+    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    import mlflow
+
+    uri = (tmp / "mlruns").as_uri()
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run():
+        mlflow.log_params({"learning_rate": LR, "prediction_type": "epsilon"})
+        for i, (loss, lr, g) in enumerate(zip(run.loss, run.lr, run.grad, strict=True)):
+            mlflow.log_metrics({"train_loss": loss, "lr": lr, "grad_norm": g}, step=i + 1)
+    return tmp / "mlruns"
+
+
+WRITERS = {"kohya": kohya, "diffusers-lora": diffusers_lora,
+           "diffusers-unconditional": diffusers_unconditional, "simpletuner": simpletuner,
+           "onetrainer": onetrainer, "k-diffusion-wandb": wandb_history,
+           "k-diffusion-csv": k_diffusion_csv, "wandb-csv": wandb_csv, "mlflow": mlflow_store}
+TRAINER_LABELS = {"kohya": "kohya-ss sd-scripts", "onetrainer": "OneTrainer",
+                  "simpletuner": "SimpleTuner", "k-diffusion-wandb": "k-diffusion (W&B)",
+                  "k-diffusion-csv": "k-diffusion (its *_metrics.csv)",
+                  "diffusers-unconditional": "diffusers train_unconditional.py"}
+GRAD_LOGGED = {"simpletuner", "mlflow"}
+
+
+def codes(path: Path, **kwargs) -> set[str]:
+    return {f.code for f in diagnose_log(path, **kwargs).findings}
+
+
+@pytest.mark.parametrize("name", WRITERS)
+def test_a_healthy_run_of_every_format_raises_nothing(tmp_path, name):
+    path = WRITERS[name](tmp_path, make_run("healthy"))
+    diagnosis = diagnose_log(path)
+    assert diagnosis.findings == [] and diagnosis.scenario == "healthy"
+    if name in TRAINER_LABELS:
+        assert diagnosis.trainer == TRAINER_LABELS[name]
+    missing = {m.tag for m in diagnosis.missing}
+    assert {vm.COS_EPS, vm.Z_STD, vm.T_MEAN} <= missing  # no foreign trainer logs these
+    assert (vm.GRAD_NORM in missing) == (name not in GRAD_LOGGED)
+    assert "observe" in diagnosis.hook
+
+
+@pytest.mark.parametrize("name", WRITERS)
+def test_a_diverging_run_of_every_format_is_caught(tmp_path, name):
+    found = codes(WRITERS[name](tmp_path, make_run("diverging")))
+    if name == "onetrainer":  # it stops before logging a NaN loss: no grad norm, no NaN
+        assert found == set()
+        return
+    assert "loss_nonfinite" in found
+    assert ("grad_norm_exploding" in found) == (name in GRAD_LOGGED)
+
+
+@pytest.mark.parametrize("name", WRITERS)
+def test_a_stuck_run_of_every_format_is_caught(tmp_path, name):
+    diagnosis = diagnose_log(WRITERS[name](tmp_path, make_run("stuck")))
+    assert [f.code for f in diagnosis.findings] == ["loss_stuck_high"]
+
+
+@pytest.mark.parametrize("name", WRITERS)
+def test_a_low_flat_fine_tune_is_not_called_too_low(tmp_path, name):
+    path = WRITERS[name](tmp_path, make_run("finetune"))
+    diagnosis = diagnose_log(path)
+    assert diagnosis.regime == "finetune" and diagnosis.findings == []
+    # the same log judged as a run from scratch: the guide's "< 0.01: overfitting or leakage"
+    assert codes(path, mode="pretrain") == {"loss_too_low"}
+
+
+def test_kohya_epoch_and_smoothed_losses_are_never_read_as_steps(tmp_path):
+    log = read_log(kohya(tmp_path, make_run("healthy")))
+    assert [s for s, _ in log.series[vm.LOSS_EPOCH]] == [1, 2, 3]  # the epoch axis, kept apart
+    assert len(log.series[vm.LOSS]) == STEPS and log.series[vm.LOSS][0][0] == 1
+    assert log.read_from[vm.LOSS] == ["loss/current"]
+    assert log.read_from[vm.LOSS_SMOOTHED] == ["loss/average"]
+    assert log.read_from[vm.LEARNING_RATE] == ["lr/unet"]  # the backbone's group is the rate
+    assert log.series[vm.LEARNING_RATE + "/textencoder"][-1][1] == pytest.approx(LR / 2)
+    assert log.config["network_module"] == "networks.lora"  # accelerate's hparams.yml
+
+
+def test_a_smoothed_loss_alone_is_judged_on_its_level_and_says_so(tmp_path):
+    diagnosis = diagnose_log(k_diffusion_csv(tmp_path, make_run("stuck")))
+    assert [(f.code, f.metric) for f in diagnosis.findings] == [("loss_stuck_high",
+                                                                vm.LOSS_SMOOTHED)]
+    loss = next(m for m in diagnosis.missing if m.tag == vm.LOSS)
+    assert "moving average" in loss.reveals
+
+
+def test_json_names_the_tags_each_finding_read(tmp_path, capsys):
+    path = kohya(tmp_path, make_run("stuck"))
+    assert main(["diagnose", str(path), "--json", "--fail-on", "warning"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert out["trainer"] == "kohya-ss sd-scripts" and out["regime"] == "finetune"
+    assert "network_module" in out["regime_reason"] or "pretrained" in out["regime_reason"]
+    assert out["findings"][0]["tags_read"] == ["loss/current"]
+    assert vm.COS_EPS in {m["tag"] for m in out["missing_vitals"]}
+    table_code = main(["diagnose", str(path), "--fail-on", "never"])
+    text = capsys.readouterr().out
+    assert table_code == 0 and "[loss/current]" in text and "not logged, so not judged" in text
+    assert "AccelerateVitals" in text
+
+
+def test_objective_and_min_snr_come_from_the_config(tmp_path):
+    """A v-prediction run with min-SNR weighting: its loss units are read from the config, so
+    a loss that sits at its untrained level is still caught as stuck."""
+    from ldmkit.diffusion.parameterization import Parameterization
+
+    untrained = Parameterization("v", weighting="min_snr", min_snr_gamma=5.0).untrained_loss()
+    run = make_run("stuck")
+    run.loss = [untrained * v for v in run.loss]
+    path = accelerate_log(tmp_path, "text2image-fine-tune",
+                          {"prediction_type": "v_prediction", "snr_gamma": 5.0},
+                          [(i + 1, {"train_loss": v}) for i, v in enumerate(run.loss)])
+    assert codes(path) == {"loss_stuck_high"}
+    assert untrained < 0.9  # in eps units the same values would not look stuck
+    assert codes(path, objective="eps") == set()
+
+
+@pytest.mark.parametrize("damage", ["wandb-line", "csv-step", "mlflow-line", "tfevents",
+                                    "wandb-config"])
+def test_unreadable_files_give_one_line_naming_the_file(tmp_path, capsys, damage):
+    if damage == "wandb-line":
+        root = wandb_history(tmp_path, make_run("healthy"))
+        culprit = next(root.rglob("wandb-history.jsonl"))
+        lines = culprit.read_text().splitlines()
+        lines[3] = '{"loss": 0.5'
+        culprit.write_text("\n".join(lines) + "\n")
+    elif damage == "wandb-config":
+        root = wandb_history(tmp_path, make_run("healthy"))
+        culprit = next(root.rglob("config.yaml"))
+        culprit.write_text("lr: {desc: [unclosed\n")
+    elif damage == "csv-step":
+        root = culprit = k_diffusion_csv(tmp_path, make_run("healthy"))
+        lines = culprit.read_text().splitlines()
+        lines[2] = "x,1,0.5,3,0.1"
+        culprit.write_text("\n".join(lines) + "\n")
+    elif damage == "mlflow-line":
+        root = mlflow_store(tmp_path, make_run("healthy"))
+        culprit = next(root.rglob("metrics/train_loss"))
+        lines = culprit.read_text().splitlines()
+        lines[1] = "garbage"
+        culprit.write_text("\n".join(lines) + "\n")
+    else:
+        root = tmp_path / "tb"
+        root.mkdir()
+        culprit = root / "events.out.tfevents.1.host"
+        culprit.write_bytes(b"\x00\x01 not an event file" * 10)
+    assert main(["diagnose", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and str(culprit) in err
+
+
+@pytest.mark.parametrize("name", ["k-diffusion-wandb", "k-diffusion-csv", "mlflow"])
+def test_a_torn_last_record_of_a_live_log_is_read_up_to_it(tmp_path, name):
+    root = WRITERS[name](tmp_path, make_run("healthy"))
+    target = {"k-diffusion-wandb": lambda: next(root.rglob("wandb-history.jsonl")),
+              "k-diffusion-csv": lambda: root,
+              "mlflow": lambda: next(root.rglob("metrics/train_loss"))}[name]()
+    text = target.read_text()
+    target.write_text(text[:-7])  # the writer was killed mid-line
+    assert diagnose_log(root).findings == []
