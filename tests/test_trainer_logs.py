@@ -2,10 +2,11 @@
 
 Where the logging code runs here it writes the logs itself: accelerate's TensorBoard tracker
 (which diffusers' examples, kohya's sd-scripts and SimpleTuner log through), torch's
-SummaryWriter (OneTrainer's), and MLflow's own client. W&B is not installed: its run files are
-written in the format of the W&B SDK's ``wandb-history.jsonl`` (one JSON object per step with
-``_step``, ``_runtime``, ``_timestamp``) and ``config.yaml`` (``{key: {desc, value}}``), and its
-panel's CSV export (``Step``, ``<run> - <metric>``, ``__MIN``/``__MAX``). Tag names, step axes and
+SummaryWriter (OneTrainer's), MLflow's own client and the W&B SDK in offline mode (its
+``run-<id>.wandb``). Older W&B SDKs' ``wandb-history.jsonl`` (one JSON object per step with
+``_step``, ``_runtime``, ``_timestamp``) and ``config.yaml`` (``{key: {desc, value}}``), and the
+W&B panel's CSV export (``Step``, ``<run> - <metric>``, ``__MIN``/``__MAX``), are written in
+their documented formats. Tag names, step axes and
 intervals follow each trainer's source, cited in ``ldmkit.vitals.trainers.TRAINERS``:
 
 - kohya train_network.py: ``loss/current``, ``loss/average`` (a moving average) and
@@ -151,6 +152,19 @@ def wandb_history(tmp: Path, run: Run) -> Path:
     return tmp / "wandb"
 
 
+def wandb_offline(tmp: Path, run: Run) -> Path:
+    """k-diffusion's wandb.log calls, made by the real W&B SDK in offline mode (current SDKs
+    keep the history in run-<id>.wandb only)."""
+    import wandb
+
+    os.environ.update(WANDB_SILENT="true", WANDB_DISABLE_GIT="true")
+    config = {"lr": LR, "model": {"type": "image_v1"}}
+    with wandb.init(project="k-diffusion", mode="offline", dir=str(tmp), config=config) as wb:
+        for i, (loss, lr) in enumerate(zip(run.loss, run.lr, strict=True)):
+            wb.log({"epoch": i // 200, "loss": loss, "lr": lr, "ema_decay": 0.999}, step=i)
+    return tmp / "wandb"
+
+
 def k_diffusion_csv(tmp: Path, run: Run) -> Path:
     path = tmp / "kdiff_metrics.csv"
     lines, ema = ["step,time,loss,fid,kid"], None
@@ -186,9 +200,11 @@ def mlflow_store(tmp: Path, run: Run) -> Path:
 WRITERS = {"kohya": kohya, "diffusers-lora": diffusers_lora,
            "diffusers-unconditional": diffusers_unconditional, "simpletuner": simpletuner,
            "onetrainer": onetrainer, "k-diffusion-wandb": wandb_history,
+           "k-diffusion-wandb-offline": wandb_offline,
            "k-diffusion-csv": k_diffusion_csv, "wandb-csv": wandb_csv, "mlflow": mlflow_store}
 TRAINER_LABELS = {"kohya": "kohya-ss sd-scripts", "onetrainer": "OneTrainer",
                   "simpletuner": "SimpleTuner", "k-diffusion-wandb": "k-diffusion (W&B)",
+                  "k-diffusion-wandb-offline": "k-diffusion (W&B)",
                   "k-diffusion-csv": "k-diffusion (its *_metrics.csv)",
                   "diffusers-unconditional": "diffusers train_unconditional.py"}
 GRAD_LOGGED = {"simpletuner", "mlflow"}
@@ -286,7 +302,7 @@ def test_objective_and_min_snr_come_from_the_config(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["wandb-line", "csv-step", "mlflow-line", "tfevents",
-                                    "wandb-config"])
+                                    "wandb-config", "wandb-log"])
 def test_unreadable_files_give_one_line_naming_the_file(tmp_path, capsys, damage):
     if damage == "wandb-line":
         root = wandb_history(tmp_path, make_run("healthy"))
@@ -298,6 +314,10 @@ def test_unreadable_files_give_one_line_naming_the_file(tmp_path, capsys, damage
         root = wandb_history(tmp_path, make_run("healthy"))
         culprit = next(root.rglob("config.yaml"))
         culprit.write_text("lr: {desc: [unclosed\n")
+    elif damage == "wandb-log":
+        root = wandb_offline(tmp_path, make_run("healthy"))
+        culprit = next(root.rglob("*.wandb"))
+        culprit.write_bytes(b"PK\x03\x04" + culprit.read_bytes()[4:])
     elif damage == "csv-step":
         root = culprit = k_diffusion_csv(tmp_path, make_run("healthy"))
         lines = culprit.read_text().splitlines()
@@ -319,12 +339,14 @@ def test_unreadable_files_give_one_line_naming_the_file(tmp_path, capsys, damage
     assert len(err.strip().splitlines()) == 1 and str(culprit) in err
 
 
-@pytest.mark.parametrize("name", ["k-diffusion-wandb", "k-diffusion-csv", "mlflow"])
+@pytest.mark.parametrize("name", ["k-diffusion-wandb", "k-diffusion-csv", "mlflow",
+                                  "k-diffusion-wandb-offline"])
 def test_a_torn_last_record_of_a_live_log_is_read_up_to_it(tmp_path, name):
     root = WRITERS[name](tmp_path, make_run("healthy"))
     target = {"k-diffusion-wandb": lambda: next(root.rglob("wandb-history.jsonl")),
+              "k-diffusion-wandb-offline": lambda: next(root.rglob("*.wandb")),
               "k-diffusion-csv": lambda: root,
               "mlflow": lambda: next(root.rglob("metrics/train_loss"))}[name]()
-    text = target.read_text()
-    target.write_text(text[:-7])  # the writer was killed mid-line
+    data = target.read_bytes()
+    target.write_bytes(data[:-7])  # the writer was killed mid-record
     assert diagnose_log(root).findings == []

@@ -6,9 +6,9 @@ Which trainer wrote the tags, and what they mean, is ``ldmkit.vitals.trainers``'
 
 Formats: ldmkit's ``metrics.jsonl``; CSV, long (``step,tag,value``) or wide (a step column and
 one column per metric: k-diffusion's ``*_metrics.csv``, W&B's panel export); TensorBoard event
-files (accelerate's tracker writes the run's ``hparams.yml`` beside them); a Weights & Biases
-run directory (``files/wandb-history.jsonl`` and ``files/config.yaml``); an MLflow file store
-(``mlruns/<experiment>/<run>/metrics/<key>``, lines ``timestamp value step``).
+files (accelerate's tracker writes the run's ``hparams.yml`` beside them); an MLflow file store
+(``mlruns/<experiment>/<run>/metrics/<key>``, lines ``timestamp value step``). Weights & Biases
+runs: ``ldmkit.vitals.wandb_files``; which reader a path needs: ``ldmkit.vitals.readers``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class RawLog:
     config: dict[str, Any] = field(default_factory=dict)
 
 
-def _number(value: Any) -> float | None:
+def scalar(value: Any) -> float | None:
     """A logged scalar as float; None for what is not one (images, tables, text, booleans)."""
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         return None
@@ -50,7 +50,7 @@ def _number(value: Any) -> float | None:
         return None
 
 
-def _json_lines(path: Path, parse: Callable[[Any], list[Record]], what: str) -> list[Record]:
+def json_lines(path: Path, parse: Callable[[Any], list[Record]], what: str) -> list[Record]:
     """The records of each line of a JSON-lines file; a torn last line (a writer killed
     mid-line, or read while it writes) ends the file, a bad line elsewhere is an error."""
     records: list[Record] = []
@@ -70,50 +70,12 @@ def _json_lines(path: Path, parse: Callable[[Any], list[Record]], what: str) -> 
 
 
 def read_ldmkit_jsonl(path: Path) -> RawLog:
-    return RawLog(_json_lines(path, lambda rec: [(int(rec["step"]), str(rec["tag"]),
+    return RawLog(json_lines(path, lambda rec: [(int(rec["step"]), str(rec["tag"]),
                                                   float(rec["value"]))],
                               "a {step, tag, value} JSON object"), "ldmkit", str(path))
 
 
-def _wandb_row(row: dict[str, Any]) -> list[Record]:
-    step = int(row["_step"])
-    return [(step, key, number) for key, value in row.items()
-            if not key.startswith("_") and (number := _number(value)) is not None]
-
-
-def read_wandb_history(path: Path, config: dict[str, Any] | None = None) -> RawLog:
-    """W&B's ``wandb-history.jsonl``: one JSON object per logged step, the step in ``_step``."""
-    return RawLog(_json_lines(path, _wandb_row, "a W&B history row (a JSON object with _step)"),
-                  "wandb", str(path), config or {})
-
-
-def _wandb_config(path: Path) -> dict[str, Any]:
-    """W&B's ``config.yaml``: ``{key: {desc, value}}``; its own ``_wandb`` entry left out."""
-    if not path.is_file():
-        return {}
-    raw = _load_yaml(path)
-    return {k: v.get("value") if isinstance(v, dict) and "value" in v else v
-            for k, v in raw.items() if not str(k).startswith("_")}
-
-
-def read_wandb_dir(path: Path) -> RawLog:
-    """A ``wandb/`` folder (its newest ``run-*``), a run folder or its ``files/``."""
-    if path.name == "wandb" or any(path.glob("run-*")) or any(path.glob("offline-run-*")):
-        runs = sorted((p for p in path.iterdir() if p.name.startswith(("run-", "offline-run-"))
-                       and p.is_dir() and not p.is_symlink()), key=lambda p: p.name.split("-")[-2:])
-        if not runs:
-            raise UnreadableLog(f"'{path}' holds no W&B run-* folder")
-        path = runs[-1]
-    files = path / "files" if (path / "files").is_dir() else path
-    history = files / "wandb-history.jsonl"
-    if not history.is_file():
-        raise UnreadableLog(f"W&B run '{path}' has no files/wandb-history.jsonl (runs of newer "
-                            "SDKs keep history only on the server: export it as CSV from the "
-                            "W&B panel and pass that file)")
-    return read_wandb_history(history, _wandb_config(files / "config.yaml"))
-
-
-def _load_yaml(path: Path) -> dict[str, Any]:
+def load_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8", errors="replace"))
     except yaml.YAMLError as exc:
@@ -149,13 +111,13 @@ def read_csv(path: Path) -> RawLog:
     for number, row in enumerate(rows[1:], 2):
         if not any(cell.strip() for cell in row):
             continue
-        step = _number(row[steps[0]]) if len(row) > steps[0] else None
+        step = scalar(row[steps[0]]) if len(row) > steps[0] else None
         if step is None or not math.isfinite(step):
             if number == len(rows):  # a torn last line
                 break
             raise UnreadableLog(f"CSV '{path}' line {number} has no step; fix or delete that line")
         for i, name in columns.items():
-            if i < len(row) and row[i].strip() and (value := _number(row[i])) is not None:
+            if i < len(row) and row[i].strip() and (value := scalar(row[i])) is not None:
                 records.append((int(step), name, value))
     return RawLog(records, "csv-wide", str(path))
 
@@ -204,7 +166,7 @@ def read_tensorboard(files: list[Path], root: Path | None = None) -> RawLog:
             records.extend((e.step, tag, float(e.value)) for e in acc.Scalars(tag))
     config: dict[str, Any] = {}
     for hparams in sorted((root or files[0].parent).rglob("hparams.yml")):
-        config.update(_load_yaml(hparams))
+        config.update(load_yaml(hparams))
     return RawLog(records, "tensorboard", str(root or files[0]), config)
 
 
@@ -225,15 +187,15 @@ def read_mlflow(path: Path) -> RawLog:
     runs = _mlflow_runs(path)
     if not runs:
         raise UnreadableLog(f"'{path}' holds no MLflow run (a folder with meta.yaml and metrics/)")
-    run = max(runs, key=lambda r: (_load_yaml(r / "meta.yaml").get("start_time") or 0, r.name))
+    run = max(runs, key=lambda r: (load_yaml(r / "meta.yaml").get("start_time") or 0, r.name))
     records = []
     for file in sorted(p for p in (run / "metrics").rglob("*") if p.is_file()):
         key = file.relative_to(run / "metrics").as_posix()
         lines = file.read_text(encoding="utf-8", errors="replace").splitlines()
         for number, line in enumerate(lines, 1):
             parts = line.split()
-            value = _number(parts[1]) if len(parts) >= 2 else None
-            step = _number(parts[2]) if len(parts) >= 3 else 0.0
+            value = scalar(parts[1]) if len(parts) >= 2 else None
+            step = scalar(parts[2]) if len(parts) >= 3 else 0.0
             if value is None or step is None or not math.isfinite(step):
                 if number == len(lines):
                     break
@@ -244,45 +206,3 @@ def read_mlflow(path: Path) -> RawLog:
     config = {p.relative_to(params).as_posix(): p.read_text(encoding="utf-8", errors="replace")
               for p in sorted(params.rglob("*")) if p.is_file()} if params.is_dir() else {}
     return RawLog(records, "mlflow", str(run), config)
-
-
-def _is_wandb(path: Path) -> bool:
-    return (path.name == "wandb" or (path / "files" / "wandb-history.jsonl").is_file()
-            or (path / "wandb-history.jsonl").is_file()
-            or any(p.is_dir() for p in path.glob("run-*/files")))
-
-
-def _first_line(path: Path) -> str:
-    with path.open(encoding="utf-8", errors="replace") as fh:
-        return fh.readline(4096)
-
-
-def read_raw(path: Path) -> RawLog:
-    """The records of ``path``, whichever format it is; UnreadableLog with a one-line reason."""
-    if not path.exists():
-        raise UnreadableLog(f"'{path}' does not exist; pass a run directory, metrics.jsonl, CSV, "
-                            "TensorBoard log, W&B run or MLflow mlruns/ folder")
-    if path.is_dir():
-        readers: list[tuple[Callable[[Path], bool], Callable[[Path], RawLog]]] = [
-            (lambda p: (p / "metrics.jsonl").is_file(),
-             lambda p: read_ldmkit_jsonl(p / "metrics.jsonl")),
-            (_is_wandb, read_wandb_dir),
-            (is_mlflow, read_mlflow),
-            (lambda p: bool(event_files(p)), lambda p: read_tensorboard(event_files(p), p)),
-        ]
-        for accepts, read in readers:
-            if accepts(path):
-                return read(path)
-        raise UnreadableLog(f"'{path}' holds no metrics.jsonl, TensorBoard event files, W&B run "
-                            "or MLflow run")
-    if path.name == "wandb-history.jsonl":
-        return read_wandb_history(path, _wandb_config(path.parent / "config.yaml"))
-    if path.suffix == ".jsonl":
-        return read_wandb_history(path) if _first_line(path).startswith('{"_') or \
-            '"_step"' in _first_line(path) else read_ldmkit_jsonl(path)
-    if path.suffix == ".csv":
-        return read_csv(path)
-    if "tfevents" in path.name:
-        return read_tensorboard([path])
-    raise UnreadableLog(f"'{path}': unknown format; expected .jsonl, .csv, a TensorBoard "
-                        "events.out.tfevents.* file, a W&B run or an MLflow mlruns/ folder")

@@ -1,7 +1,8 @@
 """Read logged metrics from any trainer into series ``{tag: [(step, value), ...]}`` of our tags.
 
 Accepted: an ldmkit run directory (its ``metrics.jsonl``; ``ldmkit.diagnosis`` adds its config),
-JSONL, CSV, TensorBoard, a W&B run and an MLflow file store (``ldmkit.vitals.formats``). The
+JSONL, CSV, TensorBoard, an MLflow file store (``ldmkit.vitals.formats``) and a W&B run
+(``ldmkit.vitals.wandb_files``). The
 trainer that wrote it is recognised from its tags and its names mapped onto ours
 (``ldmkit.vitals.trainers``); the log keeps, for each of our tags, the names it was read from.
 """
@@ -9,13 +10,24 @@ trainer that wrote it is recognised from its tags and its names mapped onto ours
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ldmkit.vitals import metrics as vm
+from ldmkit.vitals import wandb_files
 from ldmkit.vitals.diagnose import Series
-from ldmkit.vitals.formats import UnreadableLog, read_raw
+from ldmkit.vitals.formats import (
+    RawLog,
+    UnreadableLog,
+    event_files,
+    is_mlflow,
+    read_csv,
+    read_ldmkit_jsonl,
+    read_mlflow,
+    read_tensorboard,
+)
 from ldmkit.vitals.trainers import LDMKIT, Trainer, detect, map_tags
 
 __all__ = ["LoadedLog", "UnreadableLog", "read_log"]
@@ -39,6 +51,44 @@ def _to_series(records: list[tuple[int, str, float]]) -> Series:
     for recs in series.values():
         recs.sort(key=lambda r: r[0])
     return series
+
+
+def _first_line(path: Path) -> str:
+    with path.open(encoding="utf-8", errors="replace") as fh:
+        return fh.readline(4096)
+
+
+DIRECTORY_READERS: tuple[tuple[Callable[[Path], bool], Callable[[Path], RawLog]], ...] = (
+    (lambda p: (p / "metrics.jsonl").is_file(), lambda p: read_ldmkit_jsonl(p / "metrics.jsonl")),
+    (wandb_files.is_wandb, wandb_files.read_dir),
+    (is_mlflow, read_mlflow),
+    (lambda p: bool(event_files(p)), lambda p: read_tensorboard(event_files(p), p)),
+)
+
+
+def read_raw(path: Path) -> RawLog:
+    """The records of ``path``, whichever format it is; UnreadableLog with a one-line reason."""
+    if not path.exists():
+        raise UnreadableLog(f"'{path}' does not exist; pass a run directory, metrics.jsonl, CSV, "
+                            "TensorBoard log, W&B run or MLflow mlruns/ folder")
+    if path.is_dir():
+        for accepts, read in DIRECTORY_READERS:
+            if accepts(path):
+                return read(path)
+        raise UnreadableLog(f"'{path}' holds no metrics.jsonl, TensorBoard event files, W&B run "
+                            "or MLflow run")
+    if path.suffix == ".wandb":
+        return wandb_files.read_transaction_log(path)
+    if path.suffix == ".jsonl":
+        if path.name == "wandb-history.jsonl" or '"_step"' in _first_line(path):
+            return wandb_files.read_history(path)
+        return read_ldmkit_jsonl(path)
+    if path.suffix == ".csv":
+        return read_csv(path)
+    if "tfevents" in path.name:
+        return read_tensorboard([path])
+    raise UnreadableLog(f"'{path}': unknown format; expected .jsonl, .csv, a TensorBoard "
+                        "events.out.tfevents.* file, a W&B run or an MLflow mlruns/ folder")
 
 
 def read_log(path: str | Path, latent_scale_factor: float | None = None,
