@@ -21,8 +21,7 @@ from ldmkit.vitals.trainers import LDMKIT, infer_regime, kind_of, min_snr_gamma_
 
 # the guide's vital signs (its metric tables), in its order
 GUIDE_TAGS = (vm.LOSS, vm.GRAD_NORM, vm.LEARNING_RATE, vm.T_MEAN, vm.COS_EPS, vm.Z_STD,
-              vm.PAIRWISE_PREFIX + "mean", vm.PAIRWISE_PREFIX + "min", vm.FINAL_PREFIX + "std",
-              vm.FINAL_PREFIX + "max")
+              vm.PAIRWISE_PREFIX + "mean", vm.FINAL_PREFIX + "std", vm.FINAL_PREFIX + "max")
 
 
 @dataclass(frozen=True)
@@ -113,8 +112,7 @@ def missing_vitals(log: LoadedLog) -> list[Missing]:
         if log.series.get(tag) and kind_of(log.trainer, tag) == "step":
             continue
         rules = [r for r in RULES if r.metric == tag]
-        reveals = "; ".join(dict.fromkeys(r.guide for r in rules)) or "whether it matches the " \
-            "value set"
+        reveals = "; ".join(dict.fromkeys(r.guide for r in rules))
         if tag == vm.LOSS and log.series.get(vm.LOSS_SMOOTHED):
             reveals += " (only a moving average is logged: levels are judged on it, single steps " \
                        "are not)"
