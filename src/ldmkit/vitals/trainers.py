@@ -89,10 +89,12 @@ TRAINERS: tuple[Trainer, ...] = (
         TagMap("lr/*", LR_GROUP, "step", "Nerogar/OneTrainer "
                "modules/modelSetup/BaseModelSetup.py report_to_tensorboard"),
     ), "finetune", """\
-from ldmkit.vitals.observer import VitalsMonitor
+from ldmkit.vitals.observer import VitalsMonitor, normalize_timesteps
 vitals = VitalsMonitor(self.config.workspace_dir + "/vitals")
-# GenericTrainer.train, after calculate_loss (model_output_data from model_setup.predict):
-vitals.observe_train_step(train_progress.global_step, loss, eps_pred, noise, t, latents)"""),
+# BaseStableDiffusionSetup.predict (epsilon): predicted_latent_noise, latent_noise, timestep,
+# scaled_latent_image; hand them out with model_output_data, then in GenericTrainer.train:
+vitals.observe_train_step(train_progress.global_step, loss, predicted_latent_noise,
+                          latent_noise, normalize_timesteps(timestep, 1000), scaled_latent_image)"""),
     Trainer("simpletuner", "SimpleTuner",
             _sig(("train_loss", "optimization_loss"), ("train_loss", "learning_rate", "epoch")), (
                 TagMap("train_loss", vm.LOSS, "step", "bghira/SimpleTuner "
