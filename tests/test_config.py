@@ -28,6 +28,17 @@ def test_class_conditional_mnist_is_mnist_with_labels():
     assert cond.data == mnist.data and cond.autoencoder == mnist.autoencoder
 
 
+def test_the_emoji_config_conditions_on_every_class_folder_of_the_shared_set():
+    cfg = load_config(ROOT / "configs" / "emoji.yaml")
+    images = ROOT / cfg.data.path
+    if not images.is_dir():
+        pytest.skip(f"{images} is not here (../shared/data beside the repository)")
+    classes = sorted(p.name for p in images.iterdir() if p.is_dir())
+    assert cfg.model.num_classes == len(classes) == 8 and cfg.data.channels == 3
+    assert cfg.data.source == "folder" and cfg.data.image_size == 64
+    assert cfg.train.cond_drop_prob > 0  # guidance needs the null class
+
+
 def test_overrides_are_typed_and_yaml_scientific_notation_is_a_float(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  lr: 1e-4\n")  # YAML 1.1 reads this as a string
