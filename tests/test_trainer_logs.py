@@ -278,6 +278,8 @@ def test_json_names_the_tags_each_finding_read(tmp_path, capsys):
     assert out["trainer"] == "kohya-ss sd-scripts" and out["regime"] == "finetune"
     assert "network_module" in out["regime_reason"] or "pretrained" in out["regime_reason"]
     assert out["findings"][0]["tags_read"] == ["loss/current"]
+    fix = out["findings"][0]["fix"]  # in kohya's own flags, not ldmkit's config keys
+    assert "--learning_rate" in fix and "train.lr" not in fix
     assert vm.COS_EPS in {m["tag"] for m in out["missing_vitals"]}
     table_code = main(["diagnose", str(path), "--fail-on", "never"])
     text = capsys.readouterr().out

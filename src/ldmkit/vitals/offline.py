@@ -7,6 +7,7 @@ signs the log lacks, each with what it would have revealed and the lines that ad
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,14 @@ from ldmkit.vitals.diagnose import Context, Finding, coverage, scenario
 from ldmkit.vitals.monitor import SEVERITY_RANK, replay
 from ldmkit.vitals.readers import LoadedLog, read_log
 from ldmkit.vitals.rules import RULES
-from ldmkit.vitals.trainers import LDMKIT, infer_regime, kind_of, min_snr_gamma_of, objective_of
+from ldmkit.vitals.trainers import (
+    LDMKIT,
+    in_trainer_terms,
+    infer_regime,
+    kind_of,
+    min_snr_gamma_of,
+    objective_of,
+)
 
 # the guide's vital signs (its metric tables), in its order
 GUIDE_TAGS = (vm.LOSS, vm.GRAD_NORM, vm.LEARNING_RATE, vm.T_MEAN, vm.COS_EPS, vm.Z_STD,
@@ -124,7 +132,8 @@ def diagnose_loaded(log: LoadedLog, ctx: Context, objective: str | None = None,
                     mode: str | None = None) -> Diagnosis:
     """The rules replayed over a log already read (``read_log``) under ``ctx``."""
     ctx, reason = foreign_context(log, ctx, objective, mode)
-    findings = replay(log.series, ctx)
+    findings = [dataclasses.replace(f, fix=in_trainer_terms(f.fix, log.trainer))
+                for f in replay(log.series, ctx)]
     name = scenario(findings, log.series, ctx)
     missing = missing_vitals(log)
     return Diagnosis(log.source, name, coverage(name, log.series), findings,

@@ -11,6 +11,7 @@ LoRA whose loss starts and stays at 0.1 is judged as the fine-tune it is.
 from __future__ import annotations
 
 import math
+import re
 import statistics
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -40,12 +41,21 @@ class Trainer:
     regime: Regime | None  # None: from its config or its log
     hook: str  # where the live vital signs go in its loop
     main_lr_groups: tuple[str, ...] = ("unet", "transformer", "prior", "group0")
+    # ldmkit's setting names in the rules' fixes -> this trainer's names for the same settings
+    settings: tuple[tuple[str, str], ...] = ()
 
 
 def _sig(*sets: tuple[str, ...]) -> tuple[frozenset[str], ...]:
     return tuple(frozenset(s) for s in sets)
 
 
+# the fixes quote ldmkit's settings; these are the same settings' names in the other trainers
+WORDS = (("train.warmup_steps", "the warmup steps"), ("warmup_steps", "the warmup steps"),
+         ("diffusion.latent_scale_factor", "the latent scale factor"),
+         ("train.lr", "the learning rate"), ("grad_clip", "gradient clipping"))
+FLAGS = (("train.warmup_steps", "--lr_warmup_steps"), ("warmup_steps", "--lr_warmup_steps"),
+         ("diffusion.latent_scale_factor", "the VAE's scaling_factor"),
+         ("train.lr", "--learning_rate"), ("grad_clip", "--max_grad_norm"))
 KOHYA = "kohya-ss/sd-scripts "
 DIFFUSERS = "huggingface/diffusers examples/"
 ACCELERATE_HOOK = """\
@@ -80,7 +90,8 @@ TRAINERS: tuple[Trainer, ...] = (
                        "library/train_util.py append_lr_to_logs (one per parameter group)"),
             ), "finetune",
             ACCELERATE_HOOK.format(scale="self.vae_scale_factor", pred="noise_pred")
-            + "\n# train_network.py: in process_batch, after get_noise_pred_and_target"),
+            + "\n# train_network.py: in process_batch, after get_noise_pred_and_target",
+            settings=FLAGS),
     Trainer("onetrainer", "OneTrainer", _sig(("loss/train_step",)), (
         TagMap("loss/train_step", vm.LOSS, "step", "Nerogar/OneTrainer "
                "modules/trainer/GenericTrainer.py (accumulated loss per update step)"),
@@ -94,7 +105,10 @@ vitals = VitalsMonitor(self.config.workspace_dir + "/vitals")
 # BaseStableDiffusionSetup.predict (epsilon): predicted_latent_noise, latent_noise, timestep,
 # scaled_latent_image; hand them out with model_output_data, then in GenericTrainer.train:
 vitals.observe_train_step(train_progress.global_step, loss, predicted_latent_noise,
-                          latent_noise, normalize_timesteps(timestep, 1000), scaled_latent_image)"""),
+                          latent_noise, normalize_timesteps(timestep, 1000), scaled_latent_image)""",
+            settings=(("train.warmup_steps", "learning_rate_warmup_steps"),
+                      ("warmup_steps", "learning_rate_warmup_steps"),
+                      ("train.lr", "learning_rate"), ("grad_clip", "clip_grad_norm"))),
     Trainer("simpletuner", "SimpleTuner",
             _sig(("train_loss", "optimization_loss"), ("train_loss", "learning_rate", "epoch")), (
                 TagMap("train_loss", vm.LOSS, "step", "bghira/SimpleTuner "
@@ -105,17 +119,17 @@ vitals.observe_train_step(train_progress.global_step, loss, predicted_latent_noi
                        "simpletuner/helpers/training/trainer.py _update_grad_metrics "
                        "(clip_grad_norm_'s pre-clipping norm)"),
             ), "finetune", ACCELERATE_HOOK.format(scale="vae.config.scaling_factor",
-                                                  pred="model_pred")),
+                                                  pred="model_pred"), settings=FLAGS),
     Trainer("k-diffusion", "k-diffusion (W&B)", _sig(("loss", "lr", "epoch", "ema_decay")), (
         TagMap("loss", vm.LOSS, "step", "crowsonkb/k-diffusion train.py (wandb.log: the "
                "gathered loss of the step)"),
         TagMap("lr", vm.LEARNING_RATE, "step", "crowsonkb/k-diffusion train.py"),
-    ), None, K_DIFFUSION_HOOK),
+    ), None, K_DIFFUSION_HOOK, settings=WORDS),
     Trainer("k-diffusion-csv", "k-diffusion (its *_metrics.csv)",
             _sig(("loss", "fid", "kid", "time")), (
                 TagMap("loss", vm.LOSS_SMOOTHED, "smoothed", "crowsonkb/k-diffusion train.py "
                        "(metrics_log.write: ema_stats['loss'], an EMA, at each evaluation)"),
-            ), None, K_DIFFUSION_HOOK),
+            ), None, K_DIFFUSION_HOOK, settings=WORDS),
     Trainer("diffusers-unconditional", "diffusers train_unconditional.py",
             _sig(("loss", "lr", "step")), (
                 TagMap("loss", vm.LOSS, "step",
@@ -124,7 +138,8 @@ vitals.observe_train_step(train_progress.global_step, loss, predicted_latent_noi
                        DIFFUSERS + "unconditional_image_generation/train_unconditional.py"),
             ), None, ACCELERATE_HOOK.format(scale="None", pred="model_output")
             .replace("latents,", "clean_images,").replace("noisy_latents=noisy_latents",
-                                                            "noisy_latents=noisy_images")),
+                                                            "noisy_latents=noisy_images"),
+            settings=FLAGS),
     Trainer("diffusers", "diffusers training examples (text-to-image, DreamBooth, LoRA)",
             _sig(("train_loss",), ("loss", "lr")), (
                 TagMap("train_loss", vm.LOSS, "step", DIFFUSERS + "text_to_image/"
@@ -132,7 +147,8 @@ vitals.observe_train_step(train_progress.global_step, loss, predicted_latent_noi
                 TagMap("loss", vm.LOSS, "step", DIFFUSERS + "dreambooth/train_dreambooth.py"),
                 TagMap("lr", vm.LEARNING_RATE, "step", DIFFUSERS + "dreambooth/"
                        "train_dreambooth.py"),
-            ), None, ACCELERATE_HOOK.format(scale="vae.config.scaling_factor", pred="model_pred")),
+            ), None, ACCELERATE_HOOK.format(scale="vae.config.scaling_factor", pred="model_pred"),
+            settings=FLAGS),
 )
 
 # the guide's own names, the CompVis latent-diffusion code's, and ldmkit's own tags
@@ -148,7 +164,8 @@ GENERIC = Trainer("generic", "a log with the guide's or ldmkit's tag names", (),
         ("train/loss_simple", vm.LOSS, "CompVis/latent-diffusion ldm/models/diffusion/ddpm.py"),
         ("train/loss_simple_step", vm.LOSS, "CompVis/latent-diffusion (Lightning's _step)"),
         ("lr_abs", vm.LEARNING_RATE, "CompVis/latent-diffusion ldm/models/diffusion/ddpm.py"))),
-    None, ACCELERATE_HOOK.format(scale="vae.config.scaling_factor", pred="model_pred"))
+    None, ACCELERATE_HOOK.format(scale="vae.config.scaling_factor", pred="model_pred"),
+    settings=WORDS)
 LDMKIT = Trainer("ldmkit", "ldmkit", (), (), "pretrain", "")
 
 
@@ -160,6 +177,16 @@ def detect(tags: set[str]) -> Trainer:
         if any(signature <= tags for signature in trainer.signatures):
             return trainer
     return LDMKIT if vm.LOSS in tags else GENERIC
+
+
+def in_trainer_terms(text: str, trainer: Trainer) -> str:
+    """A fix that names ldmkit's settings, with the trainer's names for them (one pass, so a
+    name put in is never replaced again)."""
+    if not trainer.settings:
+        return text
+    names = dict(trainer.settings)
+    pattern = "|".join(re.escape(k) for k in sorted(names, key=len, reverse=True))
+    return re.sub(rf"(?<![\w.])({pattern})(?!\w)", lambda m: names[m.group(1)], text)
 
 
 def _match(pattern: str, tag: str) -> str | None:
