@@ -24,16 +24,14 @@ from typing import Any
 
 import torch
 
-from ldmkit.diffusion.parameterization import Parameterization
 from ldmkit.vitals import metrics as vm
-from ldmkit.vitals.context import Context, Finding
 from ldmkit.vitals.monitor import LiveMonitor
-from ldmkit.vitals.rules import THRESHOLDS
-from ldmkit.vitals.signs import StepAccumulator, StepTensors, step_vitals
+from ldmkit.vitals.observer import StepVitals, hook_context
+from ldmkit.vitals.offline import with_objective
 from ldmkit.vitals.trainers import OBJECTIVES
 
 
-class AccelerateVitals:
+class AccelerateVitals(StepVitals):
     """Measure, log (``accelerator.log``) and diagnose one accelerate process's training steps.
 
     ``latent_scale_factor``: what the loop multiplies the VAE's latents by (None: unknown, the
@@ -46,11 +44,7 @@ class AccelerateVitals:
                  latent_scale_factor: float | None = None, log_every: int = 50,
                  log_dir: str | Path | None = None, thresholds: dict[str, float] | None = None,
                  on_critical: str = "warn", echo: Callable[[str], None] = print) -> None:
-        unknown = sorted(set(thresholds or {}) - set(THRESHOLDS))
-        if unknown:
-            raise ValueError(f"unknown threshold '{unknown[0]}'; allowed: {', '.join(THRESHOLDS)}")
-        if log_every < 1:
-            raise ValueError("log_every must be >= 1")
+        ctx = hook_context(latent_scale_factor, thresholds, log_every)
         config = noise_scheduler.config
         self.prediction_type = str(config.get("prediction_type") or "flow_matching")
         if self.prediction_type not in OBJECTIVES:
@@ -59,17 +53,16 @@ class AccelerateVitals:
         alphas = getattr(noise_scheduler, "alphas_cumprod", None)
         self.alphas_cumprod = None if alphas is None else torch.as_tensor(alphas).double()
         self.num_train_timesteps = int(config.get("num_train_timesteps") or 1000)
-        self.accelerator, self.log_every = accelerator, log_every
-        self.acc = StepAccumulator()
-        self.live: LiveMonitor | None = None
+        self.accelerator = accelerator
+        live = None
         if accelerator.is_main_process:
-            ctx = Context.of(latent_scale_factor, thresholds)
-            ctx.loss_scale = Parameterization(OBJECTIVES[self.prediction_type]).untrained_loss()
             directory = Path(log_dir or accelerator.logging_dir or ".")
             directory.mkdir(parents=True, exist_ok=True)
-            self.live = LiveMonitor(directory, ctx, on_critical, echo)
-            if latent_scale_factor is not None:
-                self._log(0, {vm.SCALE_FACTOR: float(latent_scale_factor)})
+            live = LiveMonitor(directory, with_objective(ctx, OBJECTIVES[self.prediction_type]),
+                               on_critical, echo)
+        super().__init__(live, log_every)
+        if live is not None and latent_scale_factor is not None:
+            self._log(0, {vm.SCALE_FACTOR: float(latent_scale_factor)})
 
     def eps_estimate(self, model_pred: torch.Tensor, timesteps: torch.Tensor,
                      noisy_latents: torch.Tensor | None,
@@ -103,33 +96,10 @@ class AccelerateVitals:
         ``timesteps``, the scaled clean ``latents``, and the gradient norm before clipping
         (``accelerator.clip_grad_norm_``'s return value). Logged every ``log_every`` steps."""
         eps_pred, t = self.eps_estimate(model_pred, timesteps, noisy_latents, sigmas)
-        norm = None if grad_norm is None else torch.as_tensor(grad_norm).detach().float()
-        self.acc.add(step_vitals(StepTensors(loss.detach().float(), eps_pred, noise.detach(),
-                                             t, latents.detach(), norm,
-                                             self.prediction_type == "epsilon")))
-        if step % self.log_every == 0:
-            values = self.acc.read()
-            if lr is not None:
-                values[vm.LEARNING_RATE] = float(lr)
-            self._log(step, values)
-
-    def observe_samples(self, step: int, latents: torch.Tensor) -> dict[str, float]:
-        """Generated latents as handed to the VAE's decoder (divided by the scale)."""
-        values = vm.sample_vitals(latents.detach().float().cpu())
-        self._log(step, values)
-        return values
+        self.observe_train_step(step, loss, eps_pred, noise, t, latents, grad_norm, lr,
+                                loss_is_eps_mse=self.prediction_type == "epsilon")
 
     def _log(self, step: int, values: dict[str, float]) -> None:
         self.accelerator.log(values, step=step)
         if self.live is not None:
             self.live.observe(step, values)
-
-    @property
-    def findings(self) -> list[Finding]:
-        """The findings active now on the main process, most severe first."""
-        return self.live.active() if self.live is not None else []
-
-    @property
-    def should_stop(self) -> bool:
-        """True once a critical finding was raised with ``on_critical='stop'``."""
-        return self.live is not None and self.live.stop_finding is not None

@@ -32,65 +32,84 @@ def normalize_timesteps(timesteps: torch.Tensor, num_train_timesteps: int) -> to
     return timesteps.float() / max(num_train_timesteps - 1, 1)
 
 
-class VitalsMonitor:
+def hook_context(latent_scale_factor: float | None, thresholds: dict[str, float] | None,
+                 log_every: int) -> Context:
+    """A hook's arguments checked (before it writes anything) and made the rules' context."""
+    unknown = sorted(set(thresholds or {}) - set(THRESHOLDS))
+    if unknown:
+        raise ValueError(f"unknown threshold '{unknown[0]}'; allowed: {', '.join(THRESHOLDS)}")
+    if log_every < 1:
+        raise ValueError("log_every must be >= 1")
+    return Context.of(latent_scale_factor, thresholds)
+
+
+class StepVitals:
+    """What every hook into another training loop shares: the per-step vitals averaged over
+    ``log_every`` steps on the device (read once per interval, so observing costs no host sync
+    per step), the sample vitals, and the live findings. A subclass says where values go
+    (``_log``); ``live`` is None in a process that does not diagnose."""
+
+    def __init__(self, live: LiveMonitor | None, log_every: int) -> None:
+        self.live, self.log_every, self.acc = live, log_every, StepAccumulator()
+
+    def _log(self, step: int, values: dict[str, float]) -> None:
+        raise NotImplementedError
+
+    def observe_train_step(self, step: int, loss: torch.Tensor, eps_pred: torch.Tensor,
+                           eps: torch.Tensor, t: torch.Tensor, z: torch.Tensor,
+                           grad_norm: torch.Tensor | float | None = None,
+                           lr: float | None = None, loss_is_eps_mse: bool = True) -> None:
+        """One optimizer step: its loss, predicted and true noise ``[B, ...]``, ``t`` in [0, 1]
+        ``[B]``, the scaled clean latents ``z`` fed to the model, the gradient norm before
+        clipping and the learning rate. Logged every ``log_every`` steps."""
+        norm = None if grad_norm is None else torch.as_tensor(grad_norm).detach().float()
+        self.acc.add(step_vitals(StepTensors(loss.detach(), eps_pred.detach(), eps.detach(),
+                                             t.detach(), z.detach(), norm, loss_is_eps_mse)))
+        if step % self.log_every == 0:
+            values = self.acc.read()
+            if lr is not None:
+                values[vm.LEARNING_RATE] = float(lr)
+            self._log(step, values)
+
+    def observe_samples(self, step: int, latents: torch.Tensor) -> dict[str, float]:
+        """Generated latents as handed to the decoder (divided by the scale), ``[N, ...]``."""
+        values = vm.sample_vitals(latents.detach().float().cpu())
+        self._log(step, values)
+        return values
+
+    @property
+    def findings(self) -> list[Finding]:
+        """The findings active now, most severe first."""
+        return self.live.active() if self.live is not None else []
+
+    @property
+    def should_stop(self) -> bool:
+        """True once a critical finding was raised with ``on_critical='stop'``."""
+        return self.live is not None and self.live.stop_finding is not None
+
+
+class VitalsMonitor(StepVitals):
     """Measure, log and diagnose a diffusion training loop from the tensors of its steps.
 
     ``latent_scale_factor`` is the scale the loop multiplies the encoder's latents by (None if
-    unknown: the sample checks that need it are skipped). Train vitals are averaged over
-    ``log_every`` steps on the device and read once per interval, so observing costs no host
-    sync per step.
+    unknown: the sample checks that need it are skipped). Logs go to ``metrics.jsonl`` and
+    TensorBoard in ``log_dir``.
     """
 
     def __init__(self, log_dir: str | Path, latent_scale_factor: float | None = None,
                  log_every: int = 50, thresholds: dict[str, float] | None = None,
                  tensorboard: bool = True, on_critical: str = "warn",
                  echo: Callable[[str], None] = print) -> None:
-        unknown = sorted(set(thresholds or {}) - set(THRESHOLDS))
-        if unknown:
-            raise ValueError(f"unknown threshold '{unknown[0]}'; allowed: {', '.join(THRESHOLDS)}")
-        if log_every < 1:
-            raise ValueError("log_every must be >= 1")
-        self.log_every = log_every
+        ctx = hook_context(latent_scale_factor, thresholds, log_every)
         self.logger = MetricLogger(log_dir, tensorboard)
-        ctx = Context.of(latent_scale_factor, thresholds)
-        self.live = LiveMonitor(Path(log_dir), ctx, on_critical, echo)
+        super().__init__(LiveMonitor(Path(log_dir), ctx, on_critical, echo), log_every)
         self.live.text_sink = self.logger.log_text
         self.logger.observers.append(self.live)
-        self.acc = StepAccumulator()
         if latent_scale_factor is not None:
             self.logger.log(0, {vm.SCALE_FACTOR: latent_scale_factor})
 
-    def observe_train_step(self, step: int, loss: torch.Tensor, eps_pred: torch.Tensor,
-                           eps: torch.Tensor, t: torch.Tensor, z: torch.Tensor,
-                           grad_norm: torch.Tensor | float | None = None,
-                           lr: float | None = None) -> None:
-        """One optimizer step: its loss, predicted and true noise ``[B, ...]``, ``t`` in [0, 1]
-        ``[B]``, the scaled clean latents ``z`` fed to the model, the gradient norm before
-        clipping and the learning rate. Logged every ``log_every`` steps."""
-        norm = None if grad_norm is None else torch.as_tensor(grad_norm).detach().float()
-        self.acc.add(step_vitals(StepTensors(loss.detach(), eps_pred.detach(), eps.detach(),
-                                             t.detach(), z.detach(), norm)))
-        if step % self.log_every == 0:
-            values = self.acc.read()
-            if lr is not None:
-                values[vm.LEARNING_RATE] = float(lr)
-            self.logger.log(step, values)
-
-    def observe_samples(self, step: int, latents: torch.Tensor) -> dict[str, float]:
-        """Generated latents as handed to the decoder (divided by the scale), ``[N, ...]``."""
-        values = vm.sample_vitals(latents.detach().float().cpu())
-        self.logger.log(step, values)
-        return values
-
-    @property
-    def findings(self) -> list[Finding]:
-        """The findings active now, most severe first."""
-        return self.live.active()
-
-    @property
-    def should_stop(self) -> bool:
-        """True once a critical finding was raised with ``on_critical='stop'``."""
-        return self.live.stop_finding is not None
+    def _log(self, step: int, values: dict[str, float]) -> None:
+        self.logger.log(step, values)  # the live monitor observes the logger
 
     def scenario(self) -> str:
         return scenario(self.findings, self.live.series, self.live.ctx)
