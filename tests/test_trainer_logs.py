@@ -303,15 +303,20 @@ def test_objective_and_min_snr_come_from_the_config(tmp_path):
     assert codes(path, objective="eps") == set()
 
 
+def replace_line(path: Path, index: int, text: str) -> Path:
+    """``path`` with its line ``index`` (0-based) replaced by ``text``: a damaged middle line."""
+    lines = path.read_text().splitlines()
+    lines[index] = text
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 @pytest.mark.parametrize("damage", ["wandb-line", "csv-step", "mlflow-line", "tfevents",
                                     "wandb-config", "wandb-log"])
 def test_unreadable_files_give_one_line_naming_the_file(tmp_path, capsys, damage):
     if damage == "wandb-line":
         root = wandb_history(tmp_path, make_run("healthy"))
-        culprit = next(root.rglob("wandb-history.jsonl"))
-        lines = culprit.read_text().splitlines()
-        lines[3] = '{"loss": 0.5'
-        culprit.write_text("\n".join(lines) + "\n")
+        culprit = replace_line(next(root.rglob("wandb-history.jsonl")), 3, '{"loss": 0.5')
     elif damage == "wandb-config":
         root = wandb_history(tmp_path, make_run("healthy"))
         culprit = next(root.rglob("config.yaml"))
@@ -321,16 +326,11 @@ def test_unreadable_files_give_one_line_naming_the_file(tmp_path, capsys, damage
         culprit = next(root.rglob("*.wandb"))
         culprit.write_bytes(b"PK\x03\x04" + culprit.read_bytes()[4:])
     elif damage == "csv-step":
-        root = culprit = k_diffusion_csv(tmp_path, make_run("healthy"))
-        lines = culprit.read_text().splitlines()
-        lines[2] = "x,1,0.5,3,0.1"
-        culprit.write_text("\n".join(lines) + "\n")
+        root = culprit = replace_line(k_diffusion_csv(tmp_path, make_run("healthy")), 2,
+                                      "x,1,0.5,3,0.1")
     elif damage == "mlflow-line":
         root = mlflow_store(tmp_path, make_run("healthy"))
-        culprit = next(root.rglob("metrics/train_loss"))
-        lines = culprit.read_text().splitlines()
-        lines[1] = "garbage"
-        culprit.write_text("\n".join(lines) + "\n")
+        culprit = replace_line(next(root.rglob("metrics/train_loss")), 1, "garbage")
     else:
         root = tmp_path / "tb"
         root.mkdir()
