@@ -64,10 +64,11 @@ def reference(cfg: Config, num: int) -> Reference:
 
 
 def train_for(budget_s: float, run_dir: Path, config_path: Path, scale: float, steps: int,
-              *sets: str) -> None:
+              *sets: str, env: dict[str, str] | None = None) -> None:
     """``ldmkit train config_path`` on the shared stage 1 and cache, in a subprocess whose clock
     starts at launch, stopped with SIGTERM (it checkpoints) at ``budget_s``; its output in
-    ``WORK/<run>.log``. ``steps`` sets where the cosine decay ends."""
+    ``WORK/<run>.log``. ``steps`` sets where the cosine decay ends; ``env``: the subprocess's
+    environment (default: this one's)."""
     cmd = [sys.executable, "-m", "ldmkit", "train", str(config_path)]
     for s in [f"run_dir={run_dir}", f"data.path={DATA}", f"data.latent_cache={CACHE}",
               f"autoencoder.pretrained={STAGE1}", f"diffusion.latent_scale_factor={scale}",
@@ -75,7 +76,7 @@ def train_for(budget_s: float, run_dir: Path, config_path: Path, scale: float, s
               "train.sample_every=100000", *sets]:
         cmd += ["--set", s]
     with (WORK / f"{run_dir.name}.log").open("w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             proc.wait(timeout=budget_s)
         except subprocess.TimeoutExpired:

@@ -16,6 +16,7 @@ from PIL import Image
 
 from ldmkit.cli import main
 from ldmkit.diagnosis import diagnose_path as diagnose_log
+from ldmkit.fastpath import choose
 from ldmkit.logging import read_metrics
 from ldmkit.train import train
 from ldmkit.vitals import metrics as vm
@@ -199,10 +200,15 @@ def test_a_nan_from_one_module_is_traced_to_that_module(tmp_path, monkeypatch):
 
     monkeypatch.setattr(layers.SelfAttention, "forward", poisoned)
     monkeypatch.setattr(unet.UNet, "__init__", build_and_poison)
-    train(tiny_config(train={"steps": 4, "sample_every": 100}), tmp_path / "run")
+    cfg = tiny_config(train={"steps": 4, "sample_every": 100})
+    train(cfg, tmp_path / "run")
     (origin,) = [e for e in events(tmp_path / "run") if e["code"].startswith("nonfinite_")]
     assert origin["code"] == "nonfinite_forward" and origin["step"] == 1
-    assert "'mid.0.attn'" in origin["message"] and "fp32" in origin["message"]
+    # the message names the precision the step ran in: auto's choice on this machine
+    bf16 = choose(cfg.train.precision, False, torch.device("cpu"), "train", 4).bf16
+    assert "'mid.0.attn'" in origin["message"]
+    assert ("bf16 autocast" if bf16 else "(finite inputs, non-finite output; fp32)") \
+        in origin["message"]
 
 
 def test_a_nan_in_the_data_is_traced_to_its_dataset_index(tmp_path):

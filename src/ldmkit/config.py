@@ -125,9 +125,10 @@ class TrainConfig:
     grad_accum_steps: int = ranged(1, lo=1, hi=4096)  # micro-batches per step (batch_size: the step's)
     val_every: int = ranged(250, lo=0)  # deterministic validation loss (0: off); ldmkit.validation
     eval_every: int = ranged(0, lo=0)  # eval/* on 256 samples during training (0: off; labels)
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast of the UNet forward
-    compile: bool = False  # torch.compile the UNet (GPU; slow to start on CPU)
-    channels_last: bool = False  # NHWC memory format (faster convolutions on recent GPUs)
+    # bf16 autocast of the networks' forwards; auto: where the device has native bf16 (fastpath.py)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: bool | Literal["auto"] = "auto"  # torch.compile; auto: where it pays (fastpath.py)
+    channels_last: bool = False  # NHWC memory format (measured slower on CPU: BENCHMARKS.md)
     # a class-conditional model trains the null class on this share of samples (CFG needs it)
     cond_drop_prob: float = ranged(0.1, lo=0.0, hi=1.0)
 

@@ -14,6 +14,7 @@ from ldmkit.config import Config, TrainConfig
 from ldmkit.diagnosis import context_of
 from ldmkit.diffusion.parameterization import Net
 from ldmkit.distributed import Dist, any_rank
+from ldmkit.fastpath import EAGER_FP32, Compiled, FastPath
 from ldmkit.logging import MetricLogger
 from ldmkit.preemption import StopRequest
 from ldmkit.vitals.diagnose import Finding, event_finding
@@ -29,8 +30,12 @@ class Runtime:
     logger: MetricLogger
     stop: StopRequest
     monitor: LiveMonitor | None = None
-    bf16: bool = False
+    fast: FastPath = EAGER_FP32  # the training step's precision and compilation (fastpath.py)
     channels_last: bool = False
+
+    @property
+    def bf16(self) -> bool:
+        return self.fast.bf16
 
     def stop_requested(self) -> bool:
         """Whether any rank was asked to stop (a collective under DDP): what sampling asks at
@@ -38,13 +43,13 @@ class Runtime:
         return any_rank(self.stop.requested, self.d, self.device)
 
 
-def forward_model(model: nn.Module, rt: Runtime) -> Net:
+def forward_model(model: nn.Module | Compiled, rt: Runtime) -> Net:
     """The backbone as the loss calls it: bf16 autocast and NHWC inputs when configured."""
 
     def forward(x: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
         if rt.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(rt.device.type, torch.bfloat16, enabled=rt.bf16):
+        with rt.fast.autocast():
             return model(x, t, **cond)
 
     return forward

@@ -22,6 +22,7 @@ from ldmkit.diffusion.parameterization import Parameterization, parameterization
 from ldmkit.diffusion.samplers import run_sampler
 from ldmkit.distributed import SINGLE, Dist, all_gather_cat, shard, shard_size
 from ldmkit.errors import LdmkitError
+from ldmkit.fastpath import EAGER_FP32, Compiled, FastPath, choose
 from ldmkit.files import check_output
 from ldmkit.images import image_grid, save_png, to_pil
 from ldmkit.logging import MetricLogger
@@ -55,9 +56,29 @@ def start_noise(num: int, shape: tuple[int, ...], seed: int
 
 
 @torch.no_grad()
-def decode_images(ae: Autoencoder, latents: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+def decode_images(ae: Autoencoder, latents: torch.Tensor, batch_size: int = 256,
+                  fast: FastPath = EAGER_FP32) -> torch.Tensor:
     """Decoder-space latents ``[N, C, h, w]`` -> uint8 images ``[N, C, H, W]``, in batches."""
-    return torch.cat([to_uint8(ae.decode(z)) for z in latents.split(batch_size)])
+    with fast.autocast():
+        return torch.cat([to_uint8(ae.decode(z)) for z in latents.split(batch_size)])
+
+
+def sampling_path(cfg: Config, device: torch.device, num: int, steps: int) -> FastPath:
+    """The fast path of sampling ``num`` samples in ``steps`` steps with the config's
+    ``train.precision`` and ``train.compile`` (fastpath.py): the sampler's denoiser and the
+    decoder run in bf16 where the device has it, compiled only for very large jobs."""
+    return choose(cfg.train.precision, cfg.train.compile, device, "sample", num * steps)
+
+
+def autocast_net(net: nn.Module | Compiled, fast: FastPath) -> Callable[..., torch.Tensor]:
+    """``net`` run under the fast path's autocast; the samplers integrate its output in fp32
+    (``Parameterization.predict``)."""
+
+    def forward(x: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
+        with fast.autocast():
+            return net(x, t, **cond)
+
+    return forward
 
 
 def class_cycle(num: int, num_classes: int) -> torch.Tensor:
@@ -71,7 +92,7 @@ def generate(model: nn.Module, ae: Autoencoder, scale: float, cfg: Config, num: 
              sampler: str, steps: int, seed: int, eta: float = 0.0,
              batch_size: int = 256, d: Dist = SINGLE,
              interrupt: Callable[[], bool] | None = None, labels: torch.Tensor | None = None,
-             guidance: float | None = None) -> Samples:
+             guidance: float | None = None, fast: FastPath | None = None) -> Samples:
     """Sample ``num`` latents in batches from ``N(0, I)`` drawn with ``seed``, then decode.
 
     A class-conditional model (its ``num_classes``) samples ``labels`` (default: every class
@@ -80,8 +101,10 @@ def generate(model: nn.Module, ae: Autoencoder, scale: float, cfg: Config, num: 
     and the latents are gathered, so the sample vitals are those of all ``num`` samples; rank 0
     alone decodes (others get no images). ``interrupt`` is asked at every sampler step; when it
     says yes, sampling ends with ``Preempted`` (a SIGTERM must not wait for a whole sampling).
+    ``fast``: bf16 and compilation (default: ``sampling_path`` of the config on this device).
     """
     device = next(model.parameters()).device
+    fast = fast or sampling_path(cfg, device, num, steps)
     shape = (ae.latent_channels, cfg.data.image_size // ae.downsample_factor,
              cfg.data.image_size // ae.downsample_factor)
     shard_size(num, d, "the number of samples")
@@ -105,14 +128,15 @@ def generate(model: nn.Module, ae: Autoencoder, scale: float, cfg: Config, num: 
         if interrupt is not None and interrupt():
             raise Preempted("sampling", i, "stop")
 
+    net = autocast_net(Compiled(model, fast, what="the sampler's denoiser"), fast)
     try:
-        parts = [run_sampler(sampler, param.denoiser(model, cond, guidance, interval),
+        parts = [run_sampler(sampler, param.denoiser(net, cond, guidance, interval),
                              chunk.to(device), param.schedule, steps, eta, gen, check)
                  for chunk, cond in zip(noise.split(batch_size), parts_cond, strict=True)]
     finally:
         model.train(was_training)
     latents = all_gather_cat(torch.cat(parts).float(), d).cpu() / scale
-    images = (decode_images(ae, latents, batch_size) if d.is_main
+    images = (decode_images(ae, latents, batch_size, fast) if d.is_main
               else torch.empty(0, dtype=torch.uint8))
     return Samples(latents, images, sample_vitals(latents, labels), labels)
 

@@ -21,10 +21,11 @@ from ldmkit.config import AutoencoderConfig, Config
 from ldmkit.data import BatchOrder, ImageData, to_uint8
 from ldmkit.distributed import SINGLE, Dist, all_sum
 from ldmkit.errors import CheckpointError
+from ldmkit.fastpath import Compiled, choose, record
 from ldmkit.files import write_dir_atomically
 from ldmkit.images import image_grid
 from ldmkit.logging import MetricLogger
-from ldmkit.models.autoencoder import Autoencoder
+from ldmkit.models.autoencoder import Autoencoder, Posterior
 from ldmkit.models.diffusers_vae import DiffusersAutoencoder, is_diffusers_vae, load_diffusers_vae
 from ldmkit.preemption import Preempted, StopRequest
 
@@ -56,6 +57,11 @@ def train_autoencoder(cfg: Config, data: ImageData, run_dir: Path, logger: Metri
     order = BatchOrder(len(data), ae_cfg.batch_size, cfg.seed + 1)
     gen = torch.Generator().manual_seed(cfg.seed + 2)
     sums = torch.zeros(3)
+    fast = choose(cfg.train.precision, cfg.train.compile, torch.device("cpu"), "autoencoder",
+                  ae_cfg.steps)
+    record(run_dir, "autoencoder", 0, fast)
+    net = Compiled(ae, fast, tqdm.write, "the autoencoder")
+    latent_hw = (cfg.data.image_size // ae.downsample_factor,) * 2
     bar = tqdm(range(ae_cfg.steps), desc="autoencoder", dynamic_ncols=True, mininterval=1.0)
     for step in bar:
         if stop is not None and stop.requested:
@@ -64,14 +70,9 @@ def train_autoencoder(cfg: Config, data: ImageData, run_dir: Path, logger: Metri
         for group in opt.param_groups:
             group["lr"] = ae_cfg.lr * 0.5 * (1 + math.cos(math.pi * step / ae_cfg.steps))
         x = data.batch(order.next())
-        post = ae.encode(x)
-        mse = (ae.decode(post.sample(gen)) - x).pow(2).mean()
-        kl = post.kl()
-        loss = mse + ae_cfg.kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sums += torch.stack([mse.detach(), kl.detach(), psnr(mse.detach())])
+        noise = torch.randn((len(x), ae.latent_channels, *latent_hw), generator=gen)
+        mse, kl = net.run(_autoencoder_step, net, opt, x, noise, ae_cfg.kl_weight)
+        sums += torch.stack([mse, kl, psnr(mse)])
         if (step + 1) % ae_cfg.log_every == 0 or step + 1 == ae_cfg.steps:
             n = (step % ae_cfg.log_every) + 1
             mse_v, kl_v, psnr_v = (sums / n).tolist()
@@ -84,6 +85,20 @@ def train_autoencoder(cfg: Config, data: ImageData, run_dir: Path, logger: Metri
         pairs = to_uint8(torch.cat([x, ae.decode(ae.encode(x).mean)]))
     save_autoencoder(ae, ae_cfg, cfg.data.channels, run_dir / AE_DIR, pairs)
     return ae
+
+
+def _autoencoder_step(net: Compiled, opt: torch.optim.Optimizer, x: torch.Tensor,
+                      noise: torch.Tensor, kl_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One update of reconstruction MSE + ``kl_weight`` * KL; returns both (detached). The
+    loss and the KL are fp32 whatever the network's autocast."""
+    with net.fast.autocast():
+        recon, mean, logvar = net(x, noise)
+    mse = (recon - x).pow(2).mean()
+    kl = Posterior(mean, logvar).kl()
+    opt.zero_grad(set_to_none=True)
+    (mse + kl_weight * kl).backward()
+    opt.step()
+    return mse.detach(), kl.detach()
 
 
 def save_autoencoder(ae: Autoencoder, cfg: AutoencoderConfig, channels: int, path: Path,

@@ -47,6 +47,7 @@ from ldmkit.divergence import (
 )
 from ldmkit.errors import ConfigError
 from ldmkit.evaluate import InLoopEval
+from ldmkit.fastpath import Compiled, choose, record
 from ldmkit.files import write_text_atomic
 from ldmkit.latents import LazyData, prepare_latents
 from ldmkit.logging import MetricLogger
@@ -197,8 +198,9 @@ def _train(cfg: Config, run_dir: Path | None, resume: bool, stop_at: int | None,
     with start_run(cfg, run_dir, resume, data, d) as opened, \
             MetricLogger(opened.run_dir, cfg.tensorboard, enabled=d.is_main) as logger, \
             StopRequest() as stop:
-        rt = Runtime(d, resolve_device(opened.cfg.device, d), logger, stop,
-                     bf16=cfg.train.precision == "bf16", channels_last=cfg.train.channels_last)
+        tc, device = opened.cfg.train, resolve_device(opened.cfg.device, d)
+        rt = Runtime(d, device, logger, stop, channels_last=tc.channels_last,
+                     fast=choose(tc.precision, tc.compile, device, "train", tc.steps))
         torch.manual_seed(opened.cfg.seed)
         try:
             ae, latents, scale = prepare_latents(opened.cfg, opened.run_dir, logger, stop, d, data)
@@ -233,6 +235,7 @@ def _start_state(opened: OpenedRun, cfg: Config, ae: Autoencoder, latents: Laten
         rt.logger.rewind(state.step if opened.ckpt else -1)
         rewind_findings(run_dir, state.step if opened.ckpt else -1)
     write_text_atomic(run_dir / CONFIG_FILE, to_yaml(cfg))
+    record(run_dir, "train", state.step, rt.fast, tqdm.write)
     rt.monitor = attach_monitor(cfg, run_dir, rt.logger, scale, state.step)
     if state.step == 0:
         rt.logger.log(0, {vm.SCALE_FACTOR: scale})
@@ -244,6 +247,14 @@ def _start_state(opened: OpenedRun, cfg: Config, ae: Autoencoder, latents: Laten
     if cfg.vitals.on_nonfinite != "skip" and opened.ckpt is None:
         save_state(run_dir, cfg, state)  # the run's start: healthy weights to go back to
     return state
+
+
+def _network(model: torch.nn.Module, rt: Runtime) -> tuple[DDP | None, Compiled]:
+    """The training step's network: DDP-wrapped under torchrun, compiled where it pays (the
+    checkpoints save ``model`` itself, so no wrapper's prefix reaches them)."""
+    ddp = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None) \
+        if rt.d.active else None
+    return ddp, Compiled(ddp or model, rt.fast, tqdm.write)
 
 
 def _validate(state: LoopState, vset: validation.ValidationSet | None, rt: Runtime,
@@ -272,12 +283,8 @@ def _diffusion(opened: OpenedRun, ae: Autoencoder, latents: LatentPosteriors, sc
         vm.CopyReference.of, ae.decode, latents.mean, parts.train, cfg.seed))
     evaluator = InLoopEval.of(cfg.data, parts.train, d) if tc.eval_every else None
     model = state.model
-    ddp = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None) \
-        if d.active else None
-    wrapped = ddp or model
-    if tc.compile:
-        wrapped = torch.compile(wrapped)
-    net, params = forward_model(wrapped, rt), list(model.parameters())
+    ddp, compiled = _network(model, rt)
+    net, params = forward_model(compiled, rt), list(model.parameters())
     scratch = [torch.empty_like(p) for p in params]  # the weights before a measured update
     ratio_every = vm.update_ratio_every(tc.log_every)
     param, first_step = parameterization(cfg), state.step
@@ -295,9 +302,10 @@ def _diffusion(opened: OpenedRun, ae: Autoencoder, latents: LatentPosteriors, sc
         set_lr(state.opt, lr)
         b = draw_batch(state, parts.train, latents, scale, cfg, d, rt.device)
         measure = scratch if state.step % ratio_every == 0 else None
-        applied, step_vitals = train_step(net, params, state.opt, step_param, b.z, b.t, b.eps,
-                                          tc.grad_clip, measure, tc.grad_accum_steps,
-                                          ddp.no_sync if ddp else None, b.cond)
+        applied, step_vitals = compiled.run(train_step, net, params, state.opt, step_param,
+                                            b.z, b.t, b.eps, tc.grad_clip, measure,
+                                            tc.grad_accum_steps, ddp.no_sync if ddp else None,
+                                            b.cond)
         step_vitals = global_vitals(step_vitals, b.z, d)
         first_bad, previous_applied = not applied and previous_applied, applied
         abnormal = is_abnormal(applied, step_vitals[vm.GRAD_NORM], explode)

@@ -73,7 +73,7 @@ class Parameterization:
         o = out.float()
         alpha, sigma = (_col(v, x) for v in self.schedule.alpha_sigma(t))
         if self.objective == "eps":
-            return Prediction(out, (x - sigma * o) / alpha, out)
+            return Prediction(out, (x - sigma * o) / alpha, o)
         if self.objective == "v":
             return Prediction(out, alpha * x - sigma * o, sigma * x + alpha * o)
         if self.objective == "x0":

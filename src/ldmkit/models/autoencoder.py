@@ -82,8 +82,17 @@ class Autoencoder(nn.Module):
         self.decoder = Decoder(channels, base_channels, channel_mult, latent_channels)
 
     def encode(self, x: torch.Tensor) -> Posterior:
-        mean, logvar = self.encoder(x).chunk(2, dim=1)
+        mean, logvar = self.encoder(x).float().chunk(2, dim=1)  # fp32 under autocast too
         return Posterior(mean, logvar.clamp(-30.0, 20.0))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(z)
+        return self.decoder(z).float()
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Stage 1's training pass: ``x`` -> (reconstruction from the posterior sample with
+        ``noise`` ``[B, z, h, w]``, mean, logvar). The noise comes in, so that the pass holds
+        no generator and compiles as one graph."""
+        post = self.encode(x)
+        return self.decode(post.mean + torch.exp(0.5 * post.logvar) * noise), post.mean, \
+            post.logvar

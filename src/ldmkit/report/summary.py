@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ldmkit.diagnosis import run_context
+from ldmkit.fastpath import recorded
 from ldmkit.files import write_text_atomic
 from ldmkit.vitals.signs import SIGNS, Band, band_status
 
@@ -41,9 +42,11 @@ def summary_text(result: TrainResult) -> str:
     lines = [f"# ldmkit run {run_dir.name}", "",
              f"- steps: {result.step}, wall time: {result.seconds / 60:.1f} min",
              f"- latent_scale_factor: {scale:.4f} (healthy final_latent_stats/std ~ "
-             f"{1 / scale:.3f})", f"- scenario: **{result.verdict}**", "",
-             "| vital sign | final | guide's healthy range | applied to this run | |",
-             "|---|---|---|---|---|"]
+             f"{1 / scale:.3f})", f"- scenario: **{result.verdict}**"]
+    fast = recorded(run_dir)
+    lines += [f"- computed in: {fast}"] if fast else []
+    lines += ["", "| vital sign | final | guide's healthy range | applied to this run | |",
+              "|---|---|---|---|---|"]
     for sign in SIGNS:
         if sign.healthy and sign.tag in vitals:
             ranges = sign.bands(ctx)

@@ -1,0 +1,238 @@
+"""Does the fast path (``precision: auto``, ``compile: auto``) train models as good as fp32?
+
+Run: ``.venv/bin/python benchmarks/fastpath_quality.py [mnist] [demo]`` (both by default; about
+50 minutes on 2 cores; ``mnist`` needs ``../shared/data/mnist``; ``--report`` re-renders
+BENCHMARKS.md from the saved results). Every run is a subprocess, one after the other.
+
+- ``mnist``: ``configs/mnist.yaml``'s stage 2 for the same wall-clock budget (10 minutes from
+  launch) on the shared stage 1 (``_mnist.py``): fp32 eager with seeds 0 and 1 (their spread
+  is the yardstick), and the defaults (``auto``) with seed 0, each with ``train.steps`` set from
+  its measured step time so that the cosine decay ends near the budget (the auto run's compile
+  time, measured here with an empty inductor cache, is taken off its budget first; the run
+  itself also starts with an empty cache). Each final EMA model samples ``EVAL_NUM`` images
+  from the same noise with DPM-Solver++(2M) 20 steps on its own path (the fp32 runs in fp32,
+  the auto run on the auto path), scored with ``ldmkit.evaluate.quality_metrics``; the fp32
+  seed-0 model is also sampled on the auto path, to separate sampling from training.
+- ``demo``: ``ldmkit run configs/digits.yaml`` as ``make demo`` runs it, timed from launch,
+  fp32 eager with seeds 0 and 1 and the defaults with seeds 0 and 1: wall time, the diagnosis
+  and the final vital signs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _mnist import CONFIG, EVAL_SEED, ROOT, WORK, config, reference, stage1, train_for  # noqa: E402
+from report import machine, write_section  # noqa: E402
+from throughput import step_fn  # noqa: E402
+
+from ldmkit.config import from_dict  # noqa: E402
+from ldmkit.evaluate import quality_metrics  # noqa: E402
+from ldmkit.fastpath import EAGER_FP32, Compiled, choose  # noqa: E402
+from ldmkit.logging import read_metrics  # noqa: E402
+from ldmkit.models.registry import backbone_spec, build_backbone  # noqa: E402
+from ldmkit.resume import load_for_sampling  # noqa: E402
+from ldmkit.sample import generate, sampling_path  # noqa: E402
+
+EVAL_NUM = 2000
+FP32 = ["train.precision=fp32", "train.compile=false"]
+MNIST_RUNS = {"fp32, seed 0": [*FP32, "seed=0"], "fp32, seed 1": [*FP32, "seed=1"],
+              "auto, seed 0": ["seed=0"]}
+DEMO_RUNS = {"fp32, seed 0": [*FP32, "seed=0"], "fp32, seed 1": [*FP32, "seed=1"],
+             "auto, seed 0": ["seed=0"], "auto, seed 1": ["seed=1"]}
+DEMO_VITALS = ("vae/psnr", "loss/total_loss", "diffusion/cos_eps_mean", "latent/z_std",
+               "optimization/grad_norm", "validation_ema/loss", "final_latent_stats/std",
+               "sample_diversity/pairwise_mse_mean")
+QUALITY = ("eval/fd", "eval/precision", "eval/recall", "eval/class_coverage")
+RESULTS = ROOT / "runs" / "bench-fastpath-quality.json"
+PARTS = ("mnist", "demo")
+
+
+def cold_env() -> dict[str, str]:
+    """This environment with an empty inductor cache: a run compiles from scratch."""
+    return {**os.environ, "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="ldmkit-inductor-")}
+
+
+def step_seconds(sets: list[str]) -> tuple[float, float]:
+    """(median seconds per training step, seconds to compile) on the path ``sets`` choose."""
+    cfg = config(*sets)
+    fast = choose(cfg.train.precision, cfg.train.compile, torch.device("cpu"), "train",
+                  cfg.train.steps)
+    model = build_backbone(backbone_spec(cfg.model, 4, 8))
+    net = Compiled(model, fast)
+
+    def forward(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with fast.autocast():
+            return net(x, t)
+
+    step = step_fn(model, False, forward)
+    start = time.perf_counter()
+    step()
+    step()
+    compiling = time.perf_counter() - start if fast.compile else 0.0
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(5):
+            step()
+        times.append((time.perf_counter() - start) / 5)
+    return statistics.median(times), compiling
+
+
+def mnist(minutes: float) -> dict:
+    setup = stage1()
+    ref = reference(setup.cfg, EVAL_NUM)
+    budget, out = minutes * 60, {}
+    for name, sets in MNIST_RUNS.items():
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="ldmkit-inductor-")
+        step_s, compile_s = step_seconds(sets)
+        steps = int(0.9 * (budget - compile_s) / step_s)
+        run_dir = WORK / ("fastpath-" + name.replace(", ", "-").replace(" ", ""))
+        if run_dir.exists():
+            raise SystemExit(f"{run_dir} exists; move it away to measure again")
+        train_for(budget, run_dir, CONFIG, setup.scale, steps, *sets, env=cold_env())
+        cfg_dict, step, model, ae, scale, _ = load_for_sampling(run_dir)
+        cfg = from_dict(cfg_dict)
+        paths = {"own": EAGER_FP32 if "fp32" in name else None}
+        if name == "fp32, seed 0":
+            paths["auto path"] = None
+        scored = {}
+        for label, fast in paths.items():
+            fast = fast or sampling_path(from_dict({**cfg_dict, "train": {
+                **cfg_dict["train"], "precision": "auto", "compile": "auto"}}),
+                torch.device("cpu"), EVAL_NUM, 20)
+            samples = generate(model, ae, scale, cfg, EVAL_NUM, "dpmpp_2m", 20, EVAL_SEED,
+                               fast=fast)
+            scored[label] = {k: v for k, v in quality_metrics(ref, samples.images).items()
+                             if k in QUALITY}
+        out[name] = {"step": step, "planned_steps": steps, "step_s": step_s,
+                     "compile_s": compile_s, "fastpath": fastpath_records(run_dir),
+                     **scored}
+        print(name, json.dumps(out[name]), flush=True)
+    return out
+
+
+def fastpath_records(run_dir: Path) -> list[dict]:
+    path = run_dir / "fastpath.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def final_vitals(run_dir: Path) -> dict[str, float]:
+    last: dict[str, float] = {}
+    for record in read_metrics(run_dir / "metrics.jsonl"):
+        if record["tag"] in DEMO_VITALS:
+            last[record["tag"]] = record["value"]
+    return last
+
+
+def demo() -> dict:
+    out = {}
+    for name, sets in DEMO_RUNS.items():
+        run_dir = Path(tempfile.mkdtemp(prefix="ldmkit-demo-")) / "run"
+        cmd = [sys.executable, "-m", "ldmkit", "run", str(ROOT / "configs/digits.yaml"),
+               "--set", f"run_dir={run_dir}"]
+        for s in sets:
+            cmd += ["--set", s]
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       env=cold_env())
+        seconds = time.perf_counter() - start
+        diagnosis = json.loads(subprocess.run(
+            [sys.executable, "-m", "ldmkit", "diagnose", str(run_dir), "--json"], check=True,
+            capture_output=True, text=True).stdout)
+        out[name] = {"seconds": seconds, "scenario": diagnosis["scenario"],
+                     "findings": [f["code"] for f in diagnosis["findings"]],
+                     "vitals": final_vitals(run_dir), "run_dir": str(run_dir),
+                     "fastpath": fastpath_records(run_dir)}
+        print(name, json.dumps(out[name]), flush=True)
+    return out
+
+
+def spread(rows: dict, key: str, pick) -> str:
+    fp32 = [pick(rows[n])[key] for n in rows if n.startswith("fp32")]
+    return f"{min(fp32):.3f} to {max(fp32):.3f}"
+
+
+def section(results: dict) -> str:
+    text = [f"""## Quality on the fast path (`benchmarks/fastpath_quality.py`)
+
+Machine: {results['machine']}. Command: `.venv/bin/python benchmarks/fastpath_quality.py`."""]
+    if results.get("mnist"):
+        m = results["mnist"]
+        rows = []
+        for name, r in m.items():
+            for label in ("own", "auto path"):
+                if label in r:
+                    q = r[label]
+                    rows.append(f"| {name} | {label if label != 'own' else 'its own'} | "
+                                f"{r['step']} | {r['step_s'] * 1e3:.0f} ms | "
+                                f"{r['compile_s']:.0f} s | {q['eval/fd']:.2f} | "
+                                f"{q['eval/precision']:.3f} | {q['eval/recall']:.3f} | "
+                                f"{q['eval/class_coverage']:.3f} |")
+        text.append(f"""
+MNIST, {results['minutes']:g} minutes of stage 2 each from launch (start-up and compiling
+included), shared stage 1, batch 128, EMA weights, {EVAL_NUM} samples (DPM-Solver++(2M) 20
+steps, the same noise) on the run's own path; the fp32 seed-0 model also on the auto path.
+"compile" is the compile time measured before the run with an empty cache, taken off the
+budget when planning the run's steps.
+
+| run | sampled on | steps | step | compile | FD | precision | recall | coverage |
+|---|---|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+The two fp32 seeds span FD {spread(m, 'eval/fd', lambda r: r['own'])}.""")
+    if results.get("demo"):
+        d = results["demo"]
+        tags = [t for t in DEMO_VITALS if all(t in r["vitals"] for r in d.values())]
+        head = " | ".join(f"`{t}`" for t in tags)
+        rows = "\n".join(f"| {n} | {r['seconds'] / 60:.2f} min | {r['scenario']} | "
+                         + " | ".join(f"{r['vitals'][t]:.3f}" for t in tags) + " |"
+                         for n, r in d.items())
+        text.append(f"""
+`make demo`'s run (`ldmkit run configs/digits.yaml`), wall time from launch, each with an
+empty inductor cache; the diagnosis and the final vital signs.
+
+| run | time | verdict | {head} |
+|---|---|---|{'---|' * len(tags)}
+{rows}""")
+    return "\n".join(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("parts", nargs="*", help=f"any of {', '.join(PARTS)}; all when none")
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--report", action="store_true",
+                        help=f"re-render BENCHMARKS.md from {RESULTS.name}; measure nothing")
+    args = parser.parse_args()
+    if unknown := set(args.parts) - set(PARTS):
+        parser.error(f"unknown part {sorted(unknown)[0]}; choose from {', '.join(PARTS)}")
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    if not args.report:
+        results["machine"] = machine()
+        for part in args.parts or PARTS:
+            if part == "mnist":
+                results["minutes"] = args.minutes
+                results["mnist"] = mnist(args.minutes)
+            else:
+                results["demo"] = demo()
+            RESULTS.parent.mkdir(parents=True, exist_ok=True)
+            RESULTS.write_text(json.dumps(results, indent=2))
+    body = section(results)
+    print(body)
+    write_section("fastpath_quality", body)
+
+
+if __name__ == "__main__":
+    main()
