@@ -24,7 +24,8 @@ test: $(STAMP)
 
 # in this order: sampler_quality samples the MNIST model that time_to_quality trains
 bench: $(STAMP)
-	for script in throughput scaleout time_to_quality sampler_quality objectives conditional; do \
+	for script in throughput scaleout time_to_quality sampler_quality objectives conditional \
+			fastpath fastpath_quality; do \
 		$(BIN)/python benchmarks/$$script.py || exit 1; done
 
 lint: $(STAMP)

@@ -38,15 +38,17 @@ SETTINGS = {"train": {**TINY["train"], "steps": STEPS, "checkpoint_every": 6, "l
                       "sample_every": 40, "checkpoint_keep": 2}}
 
 
-# the other kinds of run: a DiT trained by flow matching, micro-batches accumulated, and a
-# class-conditional UNet
+# the other kinds of run: a DiT trained by flow matching, micro-batches accumulated, a
+# class-conditional UNet, and one compiled (every job: stage 1, the step, the sampler)
 DIT_FLOW = {"model": {"type": "dit", "patch_size": 2, "hidden_size": 32, "depth": 2,
                       "num_heads": 2},
             "diffusion": {"objective": "flow", "schedule": "linear"}}
 KINDS = {"dit-flow": DIT_FLOW,
          "unet-accum": {"train": {**SETTINGS["train"], "grad_accum_steps": 4}},
          # labels dropped at random each step (the training generator) and cond_gap logged
-         "unet-class-conditional": {"model": {**TINY["model"], "num_classes": 10}}}
+         "unet-class-conditional": {"model": {**TINY["model"], "num_classes": 10}},
+         "unet-compiled": {"train": {**SETTINGS["train"], "compile": True,
+                                     "sample_every": 1000}}}
 
 
 def write_config(tmp_path: Path, name: str, sections: dict | None = None) -> tuple[Path, Path]:
