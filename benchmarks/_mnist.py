@@ -68,12 +68,14 @@ def train_for(budget_s: float, run_dir: Path, config_path: Path, scale: float, s
     """``ldmkit train config_path`` on the shared stage 1 and cache, in a subprocess whose clock
     starts at launch, stopped with SIGTERM (it checkpoints) at ``budget_s``; its output in
     ``WORK/<run>.log``. ``steps`` sets where the cosine decay ends; ``env``: the subprocess's
-    environment (default: this one's)."""
+    environment (default: this one's). fp32 eager unless ``sets`` say otherwise: the figures
+    of these benchmarks were measured so, against fp32 reference loops."""
     cmd = [sys.executable, "-m", "ldmkit", "train", str(config_path)]
     for s in [f"run_dir={run_dir}", f"data.path={DATA}", f"data.latent_cache={CACHE}",
               f"autoencoder.pretrained={STAGE1}", f"diffusion.latent_scale_factor={scale}",
               f"train.steps={steps}", f"train.checkpoint_every={max(1, steps // 10)}",
-              "train.sample_every=100000", *sets]:
+              "train.sample_every=100000", "train.precision=fp32", "train.compile=false",
+              *sets]:
         cmd += ["--set", s]
     with (WORK / f"{run_dir.name}.log").open("w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)

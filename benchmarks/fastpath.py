@@ -209,6 +209,38 @@ def best(results: dict, model: str) -> dict:
     return min((r for r in results["rows"] if r["model"] == model), key=lambda r: r["step_s"])
 
 
+def _reading(s: dict, p: dict | None) -> str:
+    """What the table says about each default (``ldmkit.fastpath``), in words."""
+    x = {(r["model"], r["option"]): base_ratio(s, r) for r in s["rows"]}
+    unet, ae, dit, hf = "ldmkit UNet", "ldmkit autoencoder (stage 1)", "ldmkit DiT", \
+        "diffusers UNet2DModel"
+    text = (f"What the defaults take from it: bf16 pays for the convolutional models (UNet "
+            f"{x[unet, 'bf16']:.2f}x, autoencoder {x[ae, 'bf16']:.2f}x) and compiling on top "
+            f"more ({x[unet, 'bf16 + compile']:.2f}x, {x[ae, 'bf16 + compile']:.2f}x), so "
+            f"`precision: auto` takes bf16 on this CPU and `compile: auto` compiles a job once "
+            f"it is long enough to win back its compile time. The DiT at this size is the "
+            f"exception: {x[dit, 'bf16']:.2f}x in bf16 and {x[dit, 'compile']:.2f}x compiled "
+            f"in fp32, so on a CPU a small DiT trains faster with `precision: fp32`. "
+            f"channels_last gives {x[unet, 'channels_last']:.2f}x / "
+            f"{x[unet, 'bf16 + channels_last']:.2f}x (fp32 / bf16) on ldmkit's UNet and "
+            f"{x[hf, 'channels_last']:.2f}x / {x[hf, 'bf16 + channels_last']:.2f}x on diffusers': "
+            f"it stays off.")
+    if p:
+        t = {r["option"]: r for r in p["rows"]}
+        saved = t["bf16"]["median_s"] - t["bf16 + compile"]["median_s"]
+        text += (f" Sampling gains {t['fp32']['median_s'] / t['bf16']['median_s']:.2f}x from "
+                 f"bf16; compiling saves {saved:.2f} s per 64 x 50 evaluations against "
+                 f"{t['bf16 + compile']['first_s']:.0f} s to compile, so it pays from about "
+                 f"{t['bf16 + compile']['first_s'] / max(saved, 1e-9) * 3200:,.0f} samples x "
+                 f"evaluations.")
+    return text
+
+
+def base_ratio(s: dict, row: dict) -> float:
+    base = next(r for r in s["rows"] if r["model"] == row["model"] and r["option"] == "fp32")
+    return base["step_s"] / row["step_s"]
+
+
 def section(results: dict) -> str:
     s, text = results.get("steps"), [f"""## Precision and compilation (`benchmarks/fastpath.py`)
 
@@ -245,6 +277,8 @@ median of 3 alternating rounds; the first call includes compiling.
 
 Encoding the {p['encode_images']} digits into latents: {enc['fp32']:.2f} s fp32,
 {enc['bf16']:.2f} s bf16.""")
+    if s:
+        text.append("\n" + _reading(s, results.get("sampling")))
     return "\n".join(text)
 
 

@@ -4,15 +4,14 @@ Run: ``.venv/bin/python benchmarks/fastpath_quality.py [mnist] [demo]`` (both by
 50 minutes on 2 cores; ``mnist`` needs ``../shared/data/mnist``; ``--report`` re-renders
 BENCHMARKS.md from the saved results). Every run is a subprocess, one after the other.
 
-- ``mnist``: ``configs/mnist.yaml``'s stage 2 for the same wall-clock budget (10 minutes from
-  launch) on the shared stage 1 (``_mnist.py``): fp32 eager with seeds 0 and 1 (their spread
-  is the yardstick), and the defaults (``auto``) with seed 0, each with ``train.steps`` set from
-  its measured step time so that the cosine decay ends near the budget (the auto run's compile
-  time, measured here with an empty inductor cache, is taken off its budget first; the run
-  itself also starts with an empty cache). Each final EMA model samples ``EVAL_NUM`` images
-  from the same noise with DPM-Solver++(2M) 20 steps on its own path (the fp32 runs in fp32,
-  the auto run on the auto path), scored with ``ldmkit.evaluate.quality_metrics``; the fp32
-  seed-0 model is also sampled on the auto path, to separate sampling from training.
+- ``mnist``: ``configs/mnist.yaml``'s stage 2 on the shared stage 1 (``_mnist.py``), every
+  run the same number of steps (``mnist``'s docstring): fp32 eager with seeds 0 and 1 (their
+  spread is the yardstick) and bf16 compiled, auto's path for runs of 3000 steps and more,
+  with seed 0, each starting with an empty inductor cache. Each final EMA model samples
+  ``EVAL_NUM`` images from the same noise with DPM-Solver++(2M) 20 steps on its own path (the
+  fp32 runs in fp32, the fast run on the auto path), scored with
+  ``ldmkit.evaluate.quality_metrics``; the fp32 seed-0 model is also sampled on the auto path,
+  to separate sampling from training.
 - ``demo``: ``ldmkit run configs/digits.yaml`` as ``make demo`` runs it, timed from launch,
   fp32 eager with seeds 0 and 1 and the defaults with seeds 0 and 1: wall time, the diagnosis
   and the final vital signs.
@@ -47,10 +46,13 @@ from ldmkit.sample import generate, sampling_path  # noqa: E402
 
 EVAL_NUM = 2000
 FP32 = ["train.precision=fp32", "train.compile=false"]
-MNIST_RUNS = {"fp32, seed 0": [*FP32, "seed=0"], "fp32, seed 1": [*FP32, "seed=1"],
-              "auto, seed 0": ["seed=0"]}
-DEMO_RUNS = {"fp32, seed 0": [*FP32, "seed=0"], "fp32, seed 1": [*FP32, "seed=1"],
-             "auto, seed 0": ["seed=0"], "auto, seed 1": ["seed=1"]}
+# auto's bf16, compiled as auto compiles runs from 3000 steps (named over train_for's fp32)
+FAST = ["train.precision=auto", "train.compile=true"]
+MNIST_RUNS = {"fp32, seed 0": [*FP32, "seed=0"], "bf16 + compile, seed 0": [*FAST, "seed=0"],
+              "fp32, seed 1": [*FP32, "seed=1"]}
+# alternating, so that a machine slowing down over the runs hits both paths alike
+DEMO_RUNS = {"fp32, seed 0": [*FP32, "seed=0"], "auto, seed 0": ["seed=0"],
+             "fp32, seed 1": [*FP32, "seed=1"], "auto, seed 1": ["seed=1"]}
 DEMO_VITALS = ("vae/psnr", "loss/total_loss", "diffusion/cos_eps_mean", "latent/z_std",
                "optimization/grad_norm", "validation_ema/loss", "final_latent_stats/std",
                "sample_diversity/pairwise_mse_mean")
@@ -90,18 +92,28 @@ def step_seconds(sets: list[str]) -> tuple[float, float]:
     return statistics.median(times), compiling
 
 
-def mnist(minutes: float) -> dict:
+def mnist(minutes: float, steps: int | None = None) -> dict:
+    """Every run trains the same number of steps: what fp32 eager plans for ``minutes`` from
+    its measured step time. Equal steps isolate the question (does the fast path train as
+    good a model?) from this machine's speed, which drifted by 50 % over one session; each
+    run's wall time to finish is recorded beside it. A run directory that already holds its
+    final checkpoint is scored again, not retrained. ``steps``: that number instead of the
+    plan."""
     setup = stage1()
     ref = reference(setup.cfg, EVAL_NUM)
-    budget, out = minutes * 60, {}
+    steps = steps or int(0.9 * minutes * 60 / step_seconds(MNIST_RUNS["fp32, seed 0"])[0])
+    out = {}
     for name, sets in MNIST_RUNS.items():
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="ldmkit-inductor-")
-        step_s, compile_s = step_seconds(sets)
-        steps = int(0.9 * (budget - compile_s) / step_s)
         run_dir = WORK / ("fastpath-" + name.replace(", ", "-").replace(" ", ""))
-        if run_dir.exists():
-            raise SystemExit(f"{run_dir} exists; move it away to measure again")
-        train_for(budget, run_dir, CONFIG, setup.scale, steps, *sets, env=cold_env())
+        final = run_dir / "checkpoints" / f"step_{steps:07d}"
+        seconds = None
+        if not final.is_dir():
+            if run_dir.exists():
+                raise SystemExit(f"{run_dir} exists without step {steps}; move it away")
+            start = time.perf_counter()
+            train_for(10 * minutes * 60, run_dir, CONFIG, setup.scale, steps, *sets,
+                      env=cold_env())
+            seconds = time.perf_counter() - start
         cfg_dict, step, model, ae, scale, _ = load_for_sampling(run_dir)
         cfg = from_dict(cfg_dict)
         paths = {"own": EAGER_FP32 if "fp32" in name else None}
@@ -116,8 +128,7 @@ def mnist(minutes: float) -> dict:
                                fast=fast)
             scored[label] = {k: v for k, v in quality_metrics(ref, samples.images).items()
                              if k in QUALITY}
-        out[name] = {"step": step, "planned_steps": steps, "step_s": step_s,
-                     "compile_s": compile_s, "fastpath": fastpath_records(run_dir),
+        out[name] = {"step": step, "seconds": seconds, "fastpath": fastpath_records(run_dir),
                      **scored}
         print(name, json.dumps(out[name]), flush=True)
     return out
@@ -175,20 +186,21 @@ Machine: {results['machine']}. Command: `.venv/bin/python benchmarks/fastpath_qu
             for label in ("own", "auto path"):
                 if label in r:
                     q = r[label]
+                    took = f"{r['seconds'] / 60:.1f} min" if r.get("seconds") else "-"
                     rows.append(f"| {name} | {label if label != 'own' else 'its own'} | "
-                                f"{r['step']} | {r['step_s'] * 1e3:.0f} ms | "
-                                f"{r['compile_s']:.0f} s | {q['eval/fd']:.2f} | "
+                                f"{r['step']} | {took} | {q['eval/fd']:.2f} | "
                                 f"{q['eval/precision']:.3f} | {q['eval/recall']:.3f} | "
                                 f"{q['eval/class_coverage']:.3f} |")
         text.append(f"""
-MNIST, {results['minutes']:g} minutes of stage 2 each from launch (start-up and compiling
-included), shared stage 1, batch 128, EMA weights, {EVAL_NUM} samples (DPM-Solver++(2M) 20
-steps, the same noise) on the run's own path; the fp32 seed-0 model also on the auto path.
-"compile" is the compile time measured before the run with an empty cache, taken off the
-budget when planning the run's steps.
+MNIST, stage 2 for {next(iter(m.values()))['step']} steps each (what fp32 eager plans for
+{results['minutes']:g} minutes here), shared stage 1, batch 128, EMA weights, {EVAL_NUM}
+samples (DPM-Solver++(2M) 20 steps, the same noise) on the run's own path; the fp32 seed-0
+model also on the auto path. "time": from launch to exit (final samples), compiling (empty cache)
+included; the runs ran one after the other on a machine whose speed drifted, so compare
+times with care (`fastpath.py` alternates; this does not).
 
-| run | sampled on | steps | step | compile | FD | precision | recall | coverage |
-|---|---|---|---|---|---|---|---|---|
+| run | sampled on | steps | time | FD | precision | recall | coverage |
+|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
 The two fp32 seeds span FD {spread(m, 'eval/fd', lambda r: r['own'])}.""")
@@ -213,6 +225,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("parts", nargs="*", help=f"any of {', '.join(PARTS)}; all when none")
     parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--steps", type=int, help="MNIST steps of every run (default: what "
+                        "fp32 eager does in --minutes here)")
     parser.add_argument("--report", action="store_true",
                         help=f"re-render BENCHMARKS.md from {RESULTS.name}; measure nothing")
     args = parser.parse_args()
@@ -224,7 +238,7 @@ def main() -> None:
         for part in args.parts or PARTS:
             if part == "mnist":
                 results["minutes"] = args.minutes
-                results["mnist"] = mnist(args.minutes)
+                results["mnist"] = mnist(args.minutes, args.steps)
             else:
                 results["demo"] = demo()
             RESULTS.parent.mkdir(parents=True, exist_ok=True)
