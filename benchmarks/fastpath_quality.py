@@ -48,7 +48,8 @@ EVAL_NUM = 2000
 FP32 = ["train.precision=fp32", "train.compile=false"]
 # auto's bf16, compiled as auto compiles runs from 3000 steps (named over train_for's fp32)
 FAST = ["train.precision=auto", "train.compile=true"]
-MNIST_RUNS = {"fp32, seed 0": [*FP32, "seed=0"], "bf16 + compile, seed 0": [*FAST, "seed=0"],
+MNIST_RUNS = {"bf16, seed 0": ["train.precision=auto", "train.compile=false", "seed=0"],
+              "fp32, seed 0": [*FP32, "seed=0"], "bf16 + compile, seed 0": [*FAST, "seed=0"],
               "fp32, seed 1": [*FP32, "seed=1"]}
 # alternating, so that a machine slowing down over the runs hits both paths alike
 DEMO_RUNS = {"fp32, seed 0": [*FP32, "seed=0"], "auto, seed 0": ["seed=0"],
@@ -170,9 +171,16 @@ def demo() -> dict:
     return out
 
 
-def spread(rows: dict, key: str, pick) -> str:
-    fp32 = [pick(rows[n])[key] for n in rows if n.startswith("fp32")]
-    return f"{min(fp32):.3f} to {max(fp32):.3f}"
+def _mnist_reading(m: dict) -> str:
+    """The table's answer in words: which path trains as good a model."""
+    fd = {name: r["own"]["eval/fd"] for name, r in m.items()}
+    fp32 = [v for n, v in fd.items() if n.startswith("fp32")]
+    text = (f"fp32 eager FD {min(fp32):.2f}" + (f" to {max(fp32):.2f} over {len(fp32)} seeds"
+                                                 if len(fp32) > 1 else ""))
+    others = ", ".join(f"{n}: {v:.2f}" for n, v in fd.items() if not n.startswith("fp32"))
+    return (f"{text}; {others}. bf16 eager trains the same model to within a few tenths of FD "
+            "(and the fp32 model sampled on the auto path scores the same), while the compiled "
+            "run trained a clearly worse one: `compile: auto` therefore leaves training eager.")
 
 
 def section(results: dict) -> str:
@@ -203,7 +211,7 @@ times with care (`fastpath.py` alternates; this does not).
 |---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
-The two fp32 seeds span FD {spread(m, 'eval/fd', lambda r: r['own'])}.""")
+{_mnist_reading(m)}""")
     if results.get("demo"):
         d = results["demo"]
         tags = [t for t in DEMO_VITALS if all(t in r["vitals"] for r in d.values())]

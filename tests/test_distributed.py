@@ -93,8 +93,8 @@ def test_two_processes_log_the_same_vitals_as_one(tmp_path, shared_ae):
 
 
 def test_ddp_resume_continues_to_the_same_weights(tmp_path, shared_ae):
-    """On the default (auto) settings: bf16 autocast where this CPU has it, eager (too few
-    steps to pay for compiling), the choice printed by every run."""
+    """On the default (auto) settings: bf16 autocast where this CPU has it, eager (auto does
+    not compile training), the choice printed by every run."""
     ae = {**GLOBAL["autoencoder"], "pretrained": shared_ae}
     cfg_a, run_a = write(tmp_path, "straight", autoencoder=ae)
     cfg_b, run_b = write(tmp_path, "split", autoencoder=ae)

@@ -55,17 +55,18 @@ def test_cpu_flags_come_from_cpuinfo(tmp_path):
     assert cpu_flags(tmp_path / "missing") <= set(fastpath.CPU_BF16_FLAGS)
 
 
-def test_auto_compiles_only_jobs_long_enough_to_pay(monkeypatch):
+def test_auto_compiles_only_where_it_pays_and_trains_as_well(monkeypatch):
     monkeypatch.setattr(fastpath, "compiler_problem", lambda device: None)
-    least = fastpath.COMPILE_PAYS_FROM[("cpu", "train")]
-    short, long = (choose("auto", "auto", CPU, "train", n, NATIVE) for n in (least - 1, least))
+    least = fastpath.AUTO_COMPILE[("cpu", "sample")][0]
+    short, long = (choose("auto", "auto", CPU, "sample", n, NATIVE) for n in (least - 1, least))
     assert not short.compile and "too few to pay" in short.compile_reason
     assert long.compile and f">= {least}" in long.compile_reason
+    # training compiled trained a worse model here: auto leaves it to compile: true
+    train_auto = choose("auto", "auto", CPU, "train", 10**9, NATIVE)
+    assert not train_auto.compile and "worse" in train_auto.compile_reason
     assert choose("auto", True, CPU, "train", 1, NATIVE).compile
-    assert not choose("auto", False, CPU, "train", 10**9, NATIVE).compile
-    sampling = fastpath.COMPILE_PAYS_FROM[("cpu", "sample")]
-    assert not choose("auto", "auto", CPU, "sample", sampling - 1, NATIVE).compile
-    assert not choose("auto", "auto", torch.device("mps"), "train", 10**9, NATIVE).compile
+    assert not choose("auto", False, CPU, "sample", 10**9, NATIVE).compile
+    assert not choose("auto", "auto", torch.device("mps"), "sample", 10**9, NATIVE).compile
 
 
 def test_without_a_cpp_compiler_compile_stays_eager_and_says_why(monkeypatch):

@@ -7,12 +7,13 @@
   weights, the optimizer, the loss and every vital sign stay fp32: autocast only lowers the
   precision of the network's matmuls and convolutions, and its outputs are cast back
   (``Parameterization.predict``), so no threshold of the guide moves.
-- **Compilation.** ``torch.compile`` costs tens of seconds once per process (60 s for the demo
+- **Compilation.** ``torch.compile`` costs tens of seconds once per process (76 s for the demo
   UNet's training step on this project's 2-core CPU, cold cache) and saves a share of every
-  call afterwards, so ``auto`` compiles a job only when it does enough work to win that back:
-  ``COMPILE_PAYS_FROM`` holds the break-even points measured in BENCHMARKS.md ("Precision and
-  compilation"). A compilation that fails (no C++ compiler, an unsupported operation) falls
-  back to eager with one line saying why, never a crash (``Compiled``).
+  call afterwards, so ``auto`` compiles a job only when it does enough work to win that back
+  and where compiled training was measured to train as well (``AUTO_COMPILE``; it was not, so
+  training compiles only with ``compile: true``). A compilation that fails (no C++ compiler,
+  an unsupported operation) falls back to eager with one line saying why, never a crash
+  (``Compiled``).
 
 The choice depends only on the device, its flags, the configuration and the job's size, never
 on a timing, so a resumed run makes the same choice and resumes bitwise on the same machine.
@@ -39,20 +40,22 @@ from ldmkit.files import open_append
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo names of native bf16 arithmetic
 CXX_COMPILERS = ("g++", "c++", "clang++")  # what inductor's CPU backend can build with
 
-# Where `compile: auto` compiles: the work from which compiling pays back its cost, per job.
-# train: optimizer steps; autoencoder: stage-1 steps; sample: network evaluations x samples.
-# CPU: BENCHMARKS.md "Precision and compilation", demo models on this project's 2-core CPU,
-# cold inductor cache: train 76 s to compile, 33 ms saved per step (bf16 eager -> bf16
-# compiled) -> 2300; autoencoder 37 s, 29 ms -> 1300; sampling 33 s, 66 us per sample and
-# evaluation -> 500 000; rounded up. CUDA is not measured here
-# (no GPU): the CPU's points, which compile times of the same order make conservative.
-COMPILE_PAYS_FROM: dict[tuple[str, str], int] = {
-    ("cpu", "train"): 3000,
-    ("cpu", "autoencoder"): 1500,
-    ("cpu", "sample"): 500_000,
-    ("cuda", "train"): 3000,
-    ("cuda", "autoencoder"): 1500,
-    ("cuda", "sample"): 500_000,
+# `compile: auto` per (device, job): the work from which compiling pays back its compile time,
+# or None where auto never compiles, with why. train: optimizer steps; autoencoder: stage-1
+# steps; sample: network evaluations x samples. Break-even points, BENCHMARKS.md "Precision
+# and compilation" (demo models on this project's 2-core CPU, cold inductor cache): train 76 s
+# to compile, 33 ms saved per step (bf16 eager -> bf16 compiled): 2300 steps; autoencoder 37 s,
+# 29 ms: 1300; sampling 35 s, 66 us per sample and evaluation: 500 000, rounded up. Training
+# compiled is left to `compile: true`: at equal steps, a bf16 compiled MNIST run trained a
+# worse model than fp32 or bf16 eager (BENCHMARKS.md "Quality on the fast path").
+WORSE = "a compiled run trained a worse MNIST model here (BENCHMARKS.md); train.compile: true"
+AUTO_COMPILE: dict[tuple[str, str], tuple[int | None, str]] = {
+    ("cpu", "train"): (None, WORSE),
+    ("cpu", "autoencoder"): (None, "compiled stage 1 is not verified to train as well"),
+    ("cpu", "sample"): (500_000, "where it pays"),
+    ("cuda", "train"): (None, "not measured on a GPU here; train.compile: true"),
+    ("cuda", "autoencoder"): (None, "not measured on a GPU here"),
+    ("cuda", "sample"): (500_000, "where it pays (the CPU's break-even; no GPU measured)"),
 }
 UNIT = {"train": "training steps", "autoencoder": "autoencoder steps",
         "sample": "network evaluations x samples", "encode": "images"}
@@ -156,11 +159,15 @@ def choose(precision: str, compile: bool | str, device: torch.device, job: str, 
     elif compile is True:
         compiled, how = True, "compiled (train.compile: true)"
     else:
-        least = COMPILE_PAYS_FROM.get((device.type, job))
+        least, reason = AUTO_COMPILE.get((device.type, job), (None, "never for this job"))
         compiled = least is not None and work >= least
-        how = (f"compiled (compile auto: {work} {UNIT[job]} >= {least}, where it pays)"
-               if compiled else f"eager (compile auto: {work} {UNIT[job]} < "
-               f"{least if least is not None else 'any'}, too few to pay for compiling)")
+        if least is None:
+            how = f"eager (compile auto: {reason})"
+        elif compiled:
+            how = f"compiled (compile auto: {work} {UNIT[job]} >= {least}, {reason})"
+        else:
+            how = (f"eager (compile auto: {work} {UNIT[job]} < {least}, too few to pay for "
+                   "compiling)")
     return FastPath(device.type, bf16, compiled, why, how)
 
 
