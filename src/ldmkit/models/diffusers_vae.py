@@ -43,10 +43,10 @@ class DiffusersAutoencoder(nn.Module):
 
     def encode(self, x: torch.Tensor) -> Posterior:
         dist = self.vae.encode(x).latent_dist
-        return Posterior(dist.mean, dist.logvar)
+        return Posterior(dist.mean.float(), dist.logvar.float())  # fp32 under autocast too
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(z).sample
+        return self.vae.decode(z).sample.float()
 
 
 def load_diffusers_vae(path: Path) -> DiffusersAutoencoder:
