@@ -35,7 +35,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import machine, write_section  # noqa: E402
-from throughput import CFG, diffusers_unet, flops, params  # noqa: E402
+from throughput import CFG, diffusers_unet, flops, matmul_peak, params  # noqa: E402
 
 from ldmkit.config import load_config  # noqa: E402
 from ldmkit.data import load_data  # noqa: E402
@@ -105,18 +105,6 @@ def models() -> dict[str, tuple[Callable[[], torch.nn.Module], Callable, tuple, 
         "ldmkit autoencoder (stage 1)": (lambda: build_autoencoder(CFG.autoencoder, 1),
                                          lambda net, x, noise: net(x, noise), pixels, plain),
     }
-
-
-def matmul_peak(dtype: torch.dtype) -> float:
-    """This machine's matmul throughput in GFLOP/s at ``dtype`` (2048^2, median of 5)."""
-    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
-    a @ b
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - start)
-    return 2 * 2048**3 / statistics.median(times) / 1e9
 
 
 def seconds(step: Callable[[], None], n: int = STEPS) -> float:

@@ -83,9 +83,9 @@ def flops(step) -> int:
     return counter.get_total_flops()
 
 
-def matmul_peak() -> float:
-    """This machine's fp32 matmul throughput in GFLOP/s (median of 5, 2048^2)."""
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+def matmul_peak(dtype: torch.dtype = torch.float32) -> float:
+    """This machine's matmul throughput at ``dtype`` in GFLOP/s (median of 5, 2048^2)."""
+    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
     a @ b
     times = []
     for _ in range(5):
