@@ -14,14 +14,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ldmkit.classifier import load_or_train
 from ldmkit.config import Config, load_config
-from ldmkit.data import load_data
-from ldmkit.evaluate import Reference
-from ldmkit.latents import prepare_latents
-from ldmkit.logging import MetricLogger
+from ldmkit.data.latents import prepare_latents
+from ldmkit.data.sources import load_data
+from ldmkit.data.stage1 import LatentPosteriors
 from ldmkit.models.autoencoder import Autoencoder
-from ldmkit.stage1 import LatentPosteriors
+from ldmkit.sampling.classifier import load_or_train
+from ldmkit.sampling.evaluate import Reference
+from ldmkit.vitals.logs.metrics_jsonl import MetricLogger
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs/mnist.yaml"

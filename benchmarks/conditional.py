@@ -12,7 +12,7 @@ BENCHMARKS.md from the saved results).
   stage 1 (``_mnist.py``; the latent cache holds the labels), as an ``ldmkit train`` subprocess
   stopped with SIGTERM at the budget, then sampled from the same noise at each of ``SCALES``
   (DPM-Solver++(2M), 20 steps, every class in turn) and scored with
-  ``ldmkit.evaluate.quality_metrics``: FD, precision, recall and class accuracy per scale.
+  ``ldmkit.sampling.evaluate.quality_metrics``: FD, precision, recall and class accuracy per scale.
 - ``emoji``: ``ldmkit run configs/emoji.yaml`` as it ships (both stages, sampling, report),
   timed as a subprocess, then ``ldmkit eval --guidance`` over ``EMOJI_SCALES`` with
   ``EMOJI_NUM`` samples each against the emoji images the in-project classifier holds out.
@@ -40,10 +40,10 @@ from report import machine, write_section  # noqa: E402
 from ldmkit.config import from_dict, load_config  # noqa: E402
 from ldmkit.diffusion.condition import LABELS  # noqa: E402
 from ldmkit.diffusion.parameterization import Parameterization  # noqa: E402
-from ldmkit.evaluate import CLASS_ACCURACY, eval_run, quality_metrics  # noqa: E402
 from ldmkit.models.registry import backbone_spec, build_backbone  # noqa: E402
-from ldmkit.resume import load_for_sampling  # noqa: E402
-from ldmkit.sample import generate  # noqa: E402
+from ldmkit.sampling.evaluate import CLASS_ACCURACY, eval_run, quality_metrics  # noqa: E402
+from ldmkit.sampling.generate import generate  # noqa: E402
+from ldmkit.sampling.trained import load_for_sampling  # noqa: E402
 from ldmkit.vitals.metrics import guidance_tag  # noqa: E402
 
 CONFIG = ROOT / "configs/mnist-cond.yaml"

@@ -13,7 +13,7 @@ results). ``fastpath_quality.py`` checks that the fast path trains models as goo
   apart. FLOPs per step are counted once (the same for every option); the share of the matmul
   peak is against the peak of the variant's precision.
 - ``sampling``: 64 samples of the demo UNet with DDIM 50 steps, decoded, through
-  ``ldmkit.sample.generate`` on each path; and encoding the digits into latents, fp32 vs bf16.
+  ``ldmkit.sampling.generate.generate`` on each path; and encoding the digits into latents, fp32 vs bf16.
 """
 
 from __future__ import annotations
@@ -38,13 +38,13 @@ from report import machine, write_section  # noqa: E402
 from throughput import CFG, diffusers_unet, flops, matmul_peak, params  # noqa: E402
 
 from ldmkit.config import load_config  # noqa: E402
-from ldmkit.data import load_data  # noqa: E402
+from ldmkit.data.latents import encode_batches  # noqa: E402
+from ldmkit.data.sources import load_data  # noqa: E402
+from ldmkit.data.stage1 import build_autoencoder  # noqa: E402
 from ldmkit.diffusion.parameterization import Parameterization  # noqa: E402
-from ldmkit.fastpath import FastPath  # noqa: E402
-from ldmkit.latents import encode_batches  # noqa: E402
 from ldmkit.models.registry import backbone_spec, build_backbone  # noqa: E402
-from ldmkit.sample import generate  # noqa: E402
-from ldmkit.stage1 import build_autoencoder  # noqa: E402
+from ldmkit.platform.fastpath import FastPath  # noqa: E402
+from ldmkit.sampling.generate import generate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "runs" / "bench-fastpath.json"
@@ -198,7 +198,7 @@ def best(results: dict, model: str) -> dict:
 
 
 def _reading(s: dict, p: dict | None) -> str:
-    """What the table says about each default (``ldmkit.fastpath``), in words."""
+    """What the table says about each default (``ldmkit.platform.fastpath``), in words."""
     x = {(r["model"], r["option"]): base_ratio(s, r) for r in s["rows"]}
     unet, ae, dit, hf = "ldmkit UNet", "ldmkit autoencoder (stage 1)", "ldmkit DiT", \
         "diffusers UNet2DModel"
@@ -257,7 +257,7 @@ trains {theirs['step_s'] / ours['step_s']:.2f}x as fast as diffusers' UNet2DMode
                          for r in p["rows"])
         enc = p["encode"]
         text.append(f"""
-Sampling: 64 samples of the demo UNet, DDIM 50 steps, decoded (`ldmkit.sample.generate`),
+Sampling: 64 samples of the demo UNet, DDIM 50 steps, decoded (`ldmkit.sampling.generate.generate`),
 median of 3 alternating rounds; the first call includes compiling.
 
 | path | 64 samples | first call |

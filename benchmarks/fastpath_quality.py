@@ -10,7 +10,7 @@ BENCHMARKS.md from the saved results). Every run is a subprocess, one after the 
   with seed 0, each starting with an empty inductor cache. Each final EMA model samples
   ``EVAL_NUM`` images from the same noise with DPM-Solver++(2M) 20 steps on its own path (the
   fp32 runs in fp32, the fast run on the auto path), scored with
-  ``ldmkit.evaluate.quality_metrics``; the fp32 seed-0 model is also sampled on the auto path,
+  ``ldmkit.sampling.evaluate.quality_metrics``; the fp32 seed-0 model is also sampled on the auto path,
   to separate sampling from training.
 - ``demo``: ``ldmkit run configs/digits.yaml`` as ``make demo`` runs it, timed from launch,
   fp32 eager with seeds 0 and 1 and the defaults with seeds 0 and 1: wall time, the diagnosis
@@ -37,12 +37,12 @@ from report import machine, write_section  # noqa: E402
 from throughput import step_fn  # noqa: E402
 
 from ldmkit.config import from_dict  # noqa: E402
-from ldmkit.evaluate import quality_metrics  # noqa: E402
-from ldmkit.fastpath import EAGER_FP32, Compiled, choose  # noqa: E402
-from ldmkit.logging import read_metrics  # noqa: E402
 from ldmkit.models.registry import backbone_spec, build_backbone  # noqa: E402
-from ldmkit.resume import load_for_sampling  # noqa: E402
-from ldmkit.sample import generate, sampling_path  # noqa: E402
+from ldmkit.platform.fastpath import EAGER_FP32, Compiled, choose  # noqa: E402
+from ldmkit.sampling.evaluate import quality_metrics  # noqa: E402
+from ldmkit.sampling.generate import generate, sampling_path  # noqa: E402
+from ldmkit.sampling.trained import load_for_sampling  # noqa: E402
+from ldmkit.vitals.logs.metrics_jsonl import read_metrics  # noqa: E402
 
 EVAL_NUM = 2000
 FP32 = ["train.precision=fp32", "train.compile=false"]

@@ -9,7 +9,7 @@ train`` subprocess whose clock starts at launch and which is stopped with SIGTER
 cosine decay ends near the budget. Each final EMA model is sampled from the same noise with
 DPM-Solver++(2M) at 20 steps; the flow models also with Heun at 6 steps (11 network
 evaluations) and Euler at 100, the usual samplers of rectified flow. Scored with
-``ldmkit.evaluate.quality_metrics`` on ``EVAL_NUM`` samples.
+``ldmkit.sampling.evaluate.quality_metrics`` on ``EVAL_NUM`` samples.
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ from report import machine, write_section  # noqa: E402
 from throughput import seconds_per_step, step_fn  # noqa: E402
 
 from ldmkit.config import from_dict, load_config  # noqa: E402
-from ldmkit.evaluate import quality_metrics  # noqa: E402
 from ldmkit.models.registry import backbone_spec, build_backbone  # noqa: E402
-from ldmkit.resume import load_for_sampling  # noqa: E402
-from ldmkit.sample import generate  # noqa: E402
+from ldmkit.sampling.evaluate import quality_metrics  # noqa: E402
+from ldmkit.sampling.generate import generate  # noqa: E402
+from ldmkit.sampling.trained import load_for_sampling  # noqa: E402
 
 EVAL_NUM = 2000
 FLOW = ["diffusion.objective=flow", "diffusion.schedule=linear"]

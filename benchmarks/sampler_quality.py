@@ -20,9 +20,9 @@ from report import machine, write_section  # noqa: E402
 
 from ldmkit.config import from_dict  # noqa: E402
 from ldmkit.errors import CheckpointError  # noqa: E402
-from ldmkit.evaluate import quality_metrics  # noqa: E402
-from ldmkit.resume import load_for_sampling  # noqa: E402
-from ldmkit.sample import generate  # noqa: E402
+from ldmkit.sampling.evaluate import quality_metrics  # noqa: E402
+from ldmkit.sampling.generate import generate  # noqa: E402
+from ldmkit.sampling.trained import load_for_sampling  # noqa: E402
 
 SAMPLERS = (("ddpm", 1000), ("ddim", 50), ("ddim", 20), ("dpmpp_2m", 20), ("dpmpp_2m", 10))
 NUM, REAL = 1000, 2000

@@ -21,14 +21,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import machine, write_section  # noqa: E402
 
 from ldmkit.config import load_config  # noqa: E402
-from ldmkit.data import BatchOrder, load_data  # noqa: E402
+from ldmkit.data.latents import build_cache, cache_meta, encode_in_memory, read_cache  # noqa: E402
+from ldmkit.data.sources import BatchOrder, load_data  # noqa: E402
+from ldmkit.data.stage1 import build_autoencoder, save_autoencoder  # noqa: E402
 from ldmkit.diffusion.schedule import sample_t  # noqa: E402
-from ldmkit.latents import build_cache, cache_meta, encode_in_memory, read_cache  # noqa: E402
 from ldmkit.models.registry import backbone_spec, build_backbone  # noqa: E402
-from ldmkit.optim import build_optimizer  # noqa: E402
-from ldmkit.sample import parameterization  # noqa: E402
-from ldmkit.stage1 import build_autoencoder, save_autoencoder  # noqa: E402
-from ldmkit.train import train, train_step  # noqa: E402
+from ldmkit.sampling.generate import parameterization  # noqa: E402
+from ldmkit.training.loop import train, train_step  # noqa: E402
+from ldmkit.training.optim import build_optimizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 REPEATS = 3

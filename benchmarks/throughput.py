@@ -23,11 +23,11 @@ from report import machine, write_section  # noqa: E402
 from ldmkit.config import load_config  # noqa: E402
 from ldmkit.diffusion.parameterization import Parameterization  # noqa: E402
 from ldmkit.diffusion.schedule import sample_t  # noqa: E402
-from ldmkit.logging import MetricLogger  # noqa: E402
 from ldmkit.models.registry import backbone_spec, build_backbone  # noqa: E402
-from ldmkit.runtime import attach_monitor  # noqa: E402
-from ldmkit.train import train_step  # noqa: E402
+from ldmkit.training.loop import train_step  # noqa: E402
+from ldmkit.training.runtime import attach_monitor  # noqa: E402
 from ldmkit.vitals import metrics as vm  # noqa: E402
+from ldmkit.vitals.logs.metrics_jsonl import MetricLogger  # noqa: E402
 from ldmkit.vitals.signs import StepAccumulator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -248,10 +248,10 @@ paid on every {every}th step: {share:.2%} of a bare step (target <= 0.5 %: {rati
 
 def validation_section() -> str:
     """The deterministic validation, a sampling's copy check and in-loop eval vs training time."""
-    from ldmkit import validation
-    from ldmkit.evaluate import InLoopEval
-    from ldmkit.optim import EMA
-    from ldmkit.stage1 import LatentPosteriors, build_autoencoder
+    from ldmkit.data.stage1 import LatentPosteriors, build_autoencoder
+    from ldmkit.sampling.evaluate import InLoopEval
+    from ldmkit.training import held_out as validation
+    from ldmkit.training.optim import EMA
 
     model = build_backbone(backbone_spec(CFG.model, 4, 8))
     ema, ae = EMA(model, 0.999), build_autoencoder(CFG.autoencoder, 1).eval()

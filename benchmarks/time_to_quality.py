@@ -18,7 +18,7 @@ and UNet size, one after the other (never side by side, so none slows another), 
   compared with a tuned peer, not only with a recipe; its EMA weights are copied at each budget.
 
 Each is sampled with its own library's DPM-Solver++(2M), 20 steps, from the same noise, decoded
-by the shared decoder and scored with ``ldmkit.evaluate.quality_metrics``.
+by the shared decoder and scored with ``ldmkit.sampling.evaluate.quality_metrics``.
 """
 
 from __future__ import annotations
@@ -47,12 +47,12 @@ from _mnist import CONFIG, EVAL_SEED, LDMKIT_20MIN, STAGE1, WORK, Setup, referen
 from report import machine, write_section  # noqa: E402
 from throughput import diffusers_unet, seconds_per_step, step_fn  # noqa: E402
 
-from ldmkit.checkpoint import list_checkpoints  # noqa: E402
-from ldmkit.data import BatchOrder  # noqa: E402
-from ldmkit.evaluate import Reference, quality_metrics  # noqa: E402
+from ldmkit.data.sources import BatchOrder  # noqa: E402
 from ldmkit.models.registry import backbone_spec, build_backbone  # noqa: E402
-from ldmkit.resume import load_for_sampling  # noqa: E402
-from ldmkit.sample import decode_images, generate, start_noise  # noqa: E402
+from ldmkit.run.checkpoint import list_checkpoints  # noqa: E402
+from ldmkit.sampling.evaluate import Reference, quality_metrics  # noqa: E402
+from ldmkit.sampling.generate import decode_images, generate, start_noise  # noqa: E402
+from ldmkit.sampling.trained import load_for_sampling  # noqa: E402
 
 BUDGETS_MIN = (5, 10, 20)
 EVAL_NUM = 2000

@@ -16,8 +16,8 @@ from sklearn.datasets import load_digits  # noqa: E402
 
 from ldmkit.integrations.accelerate import AccelerateVitals  # noqa: E402
 from ldmkit.vitals import metrics as vm  # noqa: E402
+from ldmkit.vitals.logs.readers import read_log  # noqa: E402
 from ldmkit.vitals.offline import diagnose_log  # noqa: E402
-from ldmkit.vitals.readers import read_log  # noqa: E402
 
 
 class _Main:

@@ -16,8 +16,9 @@ from ldmkit.config import DiTConfig, UNetConfig, from_dict
 from ldmkit.errors import ConfigError
 from ldmkit.models.dit import DiT
 from ldmkit.models.registry import backbone_spec, build_backbone
-from ldmkit.resume import load_for_sampling, load_run_config
-from ldmkit.train import train
+from ldmkit.run.layout import RunDir
+from ldmkit.sampling.trained import load_for_sampling
+from ldmkit.training.loop import train
 from ldmkit.vitals import metrics as vm
 
 TINY_DIT = {"type": "dit", "patch_size": 2, "hidden_size": 32, "depth": 2, "num_heads": 2}
@@ -113,7 +114,7 @@ def test_a_dit_run_trains_resumes_exactly_samples_and_records_its_backbone(tmp_p
     straight = train(cfg, tmp_path / "straight")
     assert straight.step == 8 and torch.isfinite(torch.tensor(straight.vitals[vm.LOSS]))
     train(cfg, tmp_path / "split", stop_at=4)
-    train(load_run_config(tmp_path / "split"), tmp_path / "split", resume=True)
+    train(RunDir(tmp_path / "split").load_config(), tmp_path / "split", resume=True)
     a, b = (load_file(str(tmp_path / run / "checkpoints/step_0000008/weights.safetensors"))
             for run in ("straight", "split"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -169,7 +170,7 @@ def test_a_run_saved_before_the_registry_still_samples_and_resumes(tmp_path, cap
         meta["config"]["unet"] = {k: v for k, v in meta["config"].pop("model").items()
                                   if k != "type"}
         meta_path.write_text(json.dumps(meta))
-    assert isinstance(load_run_config(old).model, UNetConfig)
+    assert isinstance(RunDir(old).load_config().model, UNetConfig)
     assert load_for_sampling(old).backbone == load_for_sampling(run).backbone
     assert main(["sample", str(old), "--num", "2", "--steps", "2", "--out",
                  str(tmp_path / "s")]) == 0

@@ -17,24 +17,24 @@ import torch
 from PIL import Image
 from test_faults import assert_healthy, config, raised
 
-from ldmkit.classifier import load_or_train
 from ldmkit.cli import main
 from ldmkit.config import from_dict
-from ldmkit.data import check_labels, load_data
-from ldmkit.diagnosis import diagnose_path, read_run
+from ldmkit.data.latents import build_cache, cache_meta, read_cache
+from ldmkit.data.sources import check_labels, load_data
 from ldmkit.diffusion import condition
 from ldmkit.diffusion.condition import LABELS, NULL_LABEL, dropped, guided
 from ldmkit.diffusion.parameterization import Parameterization
 from ldmkit.errors import ConfigError, DataError, LdmkitError
-from ldmkit.latents import build_cache, cache_meta, read_cache
-from ldmkit.logging import MetricLogger
 from ldmkit.models.autoencoder import Autoencoder
 from ldmkit.models.registry import build_backbone
 from ldmkit.report.html import guidance_sweep, render_html
-from ldmkit.resume import load_for_sampling
-from ldmkit.sample import generate, requested_labels
-from ldmkit.train import train
+from ldmkit.run.context import diagnose_path, read_run
+from ldmkit.sampling.classifier import load_or_train
+from ldmkit.sampling.generate import generate, requested_labels
+from ldmkit.sampling.trained import load_for_sampling
+from ldmkit.training.loop import train
 from ldmkit.vitals import metrics as vm
+from ldmkit.vitals.logs.metrics_jsonl import MetricLogger
 
 # -- the condition and guidance --------------------------------------------------------------
 

@@ -8,7 +8,7 @@ from conftest import SHARED_DATA
 from PIL import Image
 
 from ldmkit.config import DataConfig
-from ldmkit.data import BatchOrder, load_data
+from ldmkit.data.sources import BatchOrder, load_data
 from ldmkit.errors import DataError
 
 

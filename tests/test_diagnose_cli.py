@@ -8,7 +8,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from ldmkit.cli import main
 from ldmkit.vitals import metrics as vm
-from ldmkit.vitals.readers import read_log
+from ldmkit.vitals.logs.readers import read_log
 
 SCALE_BUG = with_values(healthy_series(), vm.Z_STD, lambda s, v: 0.15)
 

@@ -12,7 +12,7 @@ from conftest import TINY, tiny_config
 from diffusers import AutoencoderKL
 
 from ldmkit.cli import main
-from ldmkit.train import train
+from ldmkit.training.loop import train
 from ldmkit.vitals import metrics as vm
 
 
@@ -76,7 +76,7 @@ def test_export_is_loaded_by_diffusers_and_reproduces_the_model(tmp_path):
 
     from ldmkit.diffusion.schedule import CosineSchedule
     from ldmkit.models.diffusers_export import LdmkitAutoencoder, LdmkitUNet
-    from ldmkit.resume import load_for_sampling
+    from ldmkit.sampling.trained import load_for_sampling
 
     run = train(tiny_config(train={"steps": 4}), tmp_path / "run")
     assert main(["export", str(run.run_dir), str(tmp_path / "out")]) == 0

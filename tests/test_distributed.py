@@ -15,9 +15,9 @@ import yaml
 from conftest import TINY, tiny_config
 from safetensors.torch import load_file
 
-from ldmkit.logging import read_metrics
-from ldmkit.train import train
+from ldmkit.training.loop import train
 from ldmkit.vitals import metrics as vm
+from ldmkit.vitals.logs.metrics_jsonl import read_metrics
 from ldmkit.vitals.signs import TRAIN_TAGS
 
 pytestmark = pytest.mark.slow

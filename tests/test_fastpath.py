@@ -12,15 +12,15 @@ import torch
 from conftest import tiny_config
 from safetensors.torch import load_file
 
-from ldmkit import fastpath
 from ldmkit.cli import main
 from ldmkit.diffusion.parameterization import OBJECTIVES, Parameterization
 from ldmkit.diffusion.schedule import LinearSchedule
-from ldmkit.fastpath import EAGER_FP32, FastPath, choose, cpu_flags
 from ldmkit.models.unet import UNet
-from ldmkit.resume import load_for_sampling
-from ldmkit.sample import generate
-from ldmkit.train import train
+from ldmkit.platform import fastpath
+from ldmkit.platform.fastpath import EAGER_FP32, FastPath, choose, cpu_flags
+from ldmkit.sampling.generate import generate
+from ldmkit.sampling.trained import load_for_sampling
+from ldmkit.training.loop import train
 
 CPU = torch.device("cpu")
 NATIVE = frozenset({"sse2", "avx512f", "avx512_bf16"})

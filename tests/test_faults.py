@@ -21,8 +21,8 @@ from faults import Fault
 
 from ldmkit.cli import main
 from ldmkit.config import Config, from_dict
-from ldmkit.diagnosis import diagnose_path as diagnose_log
-from ldmkit.train import TrainResult, train
+from ldmkit.run.context import diagnose_path as diagnose_log
+from ldmkit.training.loop import TrainResult, train
 
 pytestmark = pytest.mark.slow
 

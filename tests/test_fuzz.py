@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from ldmkit.config import Config, from_dict, load_config
-from ldmkit.data import load_data
+from ldmkit.data.sources import load_data
 from ldmkit.errors import LdmkitError
-from ldmkit.vitals.readers import read_log
+from ldmkit.vitals.logs.readers import read_log
 
 FAST = settings(max_examples=150, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])

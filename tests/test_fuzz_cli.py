@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from ldmkit.cli import main
 from ldmkit.config import Config
-from ldmkit.train import train
+from ldmkit.training.loop import train
 
 pytestmark = pytest.mark.slow
 SETTINGS = settings(max_examples=int(os.environ.get("LDMKIT_FUZZ_EXAMPLES", 120)), deadline=None,

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from ldmkit import VitalsMonitor, normalize_timesteps
-from ldmkit.logging import read_metrics
 from ldmkit.vitals import metrics as vm
+from ldmkit.vitals.logs.metrics_jsonl import read_metrics
 from ldmkit.vitals.offline import diagnose_log
 from ldmkit.vitals.signs import TRAIN_TAGS
 

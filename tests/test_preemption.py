@@ -23,12 +23,12 @@ import yaml
 from conftest import TINY, tiny_config
 from safetensors.torch import load_file
 
-from ldmkit import checkpoint as checkpoint_module
-from ldmkit.checkpoint import list_checkpoints, load_checkpoint
 from ldmkit.cli import main
 from ldmkit.errors import CheckpointError
-from ldmkit.train import train
-from ldmkit.vitals.readers import read_log
+from ldmkit.run import checkpoint as checkpoint_module
+from ldmkit.run.checkpoint import list_checkpoints, load_checkpoint
+from ldmkit.training.loop import train
+from ldmkit.vitals.logs.readers import read_log
 
 pytestmark = pytest.mark.slow
 

@@ -6,14 +6,14 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from ldmkit.classifier import cache_root, load_or_train
 from ldmkit.cli import main
 from ldmkit.config import DataConfig
-from ldmkit.evaluate import Reference, quality_metrics
-from ldmkit.images import save_png, to_pil
-from ldmkit.logging import read_metrics
-from ldmkit.quality import class_coverage, frechet_distance, memorization_rate, precision_recall
-from ldmkit.train import train
+from ldmkit.platform.images import save_png, to_pil
+from ldmkit.sampling.classifier import cache_root, load_or_train
+from ldmkit.sampling.evaluate import Reference, quality_metrics
+from ldmkit.sampling.quality import class_coverage, frechet_distance, memorization_rate, precision_recall
+from ldmkit.training.loop import train
+from ldmkit.vitals.logs.metrics_jsonl import read_metrics
 
 
 def gaussian(n: int, d: int = 8, seed: int = 0) -> torch.Tensor:

@@ -15,11 +15,11 @@ from faults import Fault
 from PIL import Image
 
 from ldmkit.cli import main
-from ldmkit.diagnosis import diagnose_path as diagnose_log
-from ldmkit.fastpath import choose
-from ldmkit.logging import read_metrics
-from ldmkit.train import train
+from ldmkit.platform.fastpath import choose
+from ldmkit.run.context import diagnose_path as diagnose_log
+from ldmkit.training.loop import train
 from ldmkit.vitals import metrics as vm
+from ldmkit.vitals.logs.metrics_jsonl import read_metrics
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 

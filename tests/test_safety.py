@@ -18,10 +18,10 @@ from conftest import TINY, tiny_config
 from safetensors.torch import load_file
 
 from ldmkit.cli import main
-from ldmkit.files import open_append, write_bytes_atomic
-from ldmkit.rundir import RunLock
-from ldmkit.sample import generate
-from ldmkit.train import train
+from ldmkit.platform.files import open_append, write_bytes_atomic
+from ldmkit.run.layout import RunLock
+from ldmkit.sampling.generate import generate
+from ldmkit.training.loop import train
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,7 +138,7 @@ def test_a_second_writer_is_refused_naming_the_holder_and_readers_still_work(fin
 def test_the_lock_is_released_when_its_holder_is_killed(finished, tmp_path):
     run = copy_run(finished, tmp_path / "run")
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
-                               "from ldmkit.rundir import RunLock; RunLock(Path(sys.argv[1]))"
+                               "from ldmkit.run.layout import RunLock; RunLock(Path(sys.argv[1]))"
                                ".acquire(); print('held', flush=True); time.sleep(60)", str(run)],
                               stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
@@ -285,8 +285,8 @@ def test_resume_overrides_are_refused_or_recorded(finished, tmp_path, capsys):
 # 9. a stop request ends sampling at its next step
 def test_generate_stops_at_the_next_sampler_step_when_asked(finished):
     from ldmkit.config import from_dict
-    from ldmkit.preemption import Preempted
-    from ldmkit.resume import load_for_sampling
+    from ldmkit.platform.preemption import Preempted
+    from ldmkit.sampling.trained import load_for_sampling
 
     cfg_dict, _, model, ae, scale, _ = load_for_sampling(finished)
     asked = []

@@ -13,11 +13,11 @@ from safetensors.torch import load_file
 from ldmkit.cli import main
 from ldmkit.diffusion.parameterization import Parameterization
 from ldmkit.errors import ConfigError
-from ldmkit.logging import read_metrics
 from ldmkit.models.unet import UNet
-from ldmkit.resume import load_run_config
-from ldmkit.train import train, train_step
+from ldmkit.run.layout import RunDir
+from ldmkit.training.loop import train, train_step
 from ldmkit.vitals import metrics as vm
+from ldmkit.vitals.logs.metrics_jsonl import read_metrics
 from ldmkit.vitals.signs import TRAIN_TAGS, StepAccumulator
 
 
@@ -71,7 +71,7 @@ def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path):
     cfg = tiny_config()
     straight = train(cfg, tmp_path / "straight")
     train(cfg, tmp_path / "split", stop_at=8)
-    resumed = train(load_run_config(tmp_path / "split"), tmp_path / "split", resume=True)
+    resumed = train(RunDir(tmp_path / "split").load_config(), tmp_path / "split", resume=True)
     assert straight.step == resumed.step == 12
     a = load_file(str(tmp_path / "straight/checkpoints/step_0000012/weights.safetensors"))
     b = load_file(str(tmp_path / "split/checkpoints/step_0000012/weights.safetensors"))
@@ -105,7 +105,7 @@ def test_run_logs_every_vital_sign_and_writes_checkpoints_without_pickles(tmp_pa
         result.latent_scale_factor)
     assert not list(run_dir.rglob("*.pt")) and not list(run_dir.rglob("*.pkl"))
     assert len(list((run_dir / "samples" / "final").glob("0*.png"))) == 8
-    saved = load_run_config(run_dir)
+    saved = RunDir(run_dir).load_config()
     assert saved.diffusion.latent_scale_factor == pytest.approx(result.latent_scale_factor)
 
 

@@ -7,7 +7,7 @@ SummaryWriter (OneTrainer's), MLflow's own client and the W&B SDK in offline mod
 ``_step``, ``_runtime``, ``_timestamp``) and ``config.yaml`` (``{key: {desc, value}}``), and the
 W&B panel's CSV export (``Step``, ``<run> - <metric>``, ``__MIN``/``__MAX``), are written in
 their documented formats. Tag names, step axes and
-intervals follow each trainer's source, cited in ``ldmkit.vitals.trainers.TRAINERS``:
+intervals follow each trainer's source, cited in ``ldmkit.vitals.logs.trainers.TRAINERS``:
 
 - kohya train_network.py: ``loss/current``, ``loss/average`` (a moving average) and
   ``lr/unet``, ``lr/textencoder`` every step; ``loss/epoch_average`` with the epoch as the step.
@@ -35,8 +35,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 from ldmkit.cli import main
 from ldmkit.vitals import metrics as vm
+from ldmkit.vitals.logs.readers import read_log
 from ldmkit.vitals.offline import diagnose_log
-from ldmkit.vitals.readers import read_log
 
 STEPS = 600
 LR = 1e-4

@@ -14,14 +14,14 @@ from conftest import SHARED_DATA, tiny_config
 from rich.console import Console
 from safetensors.torch import load as load_bytes
 
-from ldmkit import validation
 from ldmkit.config import load_config, to_dict
-from ldmkit.logging import read_metrics
 from ldmkit.report.html import noise_level_map
-from ldmkit.resume import load_run_config
-from ldmkit.train import train
+from ldmkit.report.watch import watch
+from ldmkit.run.layout import RunDir
+from ldmkit.training import held_out as validation
+from ldmkit.training.loop import train
 from ldmkit.vitals import metrics as vm
-from ldmkit.watch import watch
+from ldmkit.vitals.logs.metrics_jsonl import read_metrics
 
 
 def validation_records(run_dir) -> dict[tuple[int, str], float]:
@@ -98,7 +98,7 @@ def test_a_run_saved_before_validation_keeps_training_on_every_image(tmp_path):
     old = to_dict(tiny_config())
     del old["data"]["val_fraction"]  # what a run saved before validation existed holds
     text.write_text(yaml.safe_dump(old))
-    assert load_run_config(tmp_path).data.val_fraction == 0.0
+    assert RunDir(tmp_path).load_config().data.val_fraction == 0.0
     assert load_config(text).data.val_fraction == 0.02  # a new experiment file: the default
 
 
@@ -153,8 +153,8 @@ def test_two_images_trained_long_overfit_and_are_copied_and_a_healthy_run_is_not
 def test_samples_that_copy_training_images_raise_memorization(tmp_path, monkeypatch):
     """The wiring, with samples planted as exact copies of the training images as the decoder
     renders them, from the first sampling on."""
-    from ldmkit import train as train_module
-    from ldmkit.sample import generate
+    from ldmkit.sampling.generate import generate
+    from ldmkit.training import loop as train_module
 
     def copying(model, ae, scale, cfg, num, *args, **kwargs):
         samples = generate(model, ae, scale, cfg, num, *args, **kwargs)

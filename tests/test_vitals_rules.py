@@ -6,7 +6,7 @@ import random
 import pytest
 
 from ldmkit.config import TrainConfig
-from ldmkit.optim import lr_at
+from ldmkit.config.schedule import lr_at
 from ldmkit.vitals import metrics as vm
 from ldmkit.vitals.diagnose import Context, evaluate, scenario
 from ldmkit.vitals.monitor import replay
@@ -317,7 +317,7 @@ def test_memorization_rising_over_three_evaluations():
 def test_loss_rules_read_each_objective_in_its_own_units():
     """Flow's velocity target has variance 2: its healthy loss sits where eps's would be stuck."""
     from ldmkit.config import from_dict
-    from ldmkit.diagnosis import context_of
+    from ldmkit.run.context import context_of
 
     flow = context_of(from_dict({"diffusion": {"objective": "flow", "schedule": "linear"}}), SCALE)
     eps = context_of(from_dict({}), SCALE)

@@ -7,8 +7,8 @@ import json
 from rich.console import Console
 
 from ldmkit.cli import main
+from ldmkit.report.watch import MetricsFollower, sparkline, watch
 from ldmkit.vitals import metrics as vm
-from ldmkit.watch import MetricsFollower, sparkline, watch
 
 
 def line(step: int, tag: str, value: float) -> str:

@@ -7,7 +7,7 @@ import sys
 
 from ldmkit.config import SAMPLERS
 from ldmkit.errors import LdmkitError
-from ldmkit.preemption import Preempted
+from ldmkit.platform.preemption import Preempted
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -93,8 +93,8 @@ def _parser() -> argparse.ArgumentParser:
 def _train(args: argparse.Namespace, report: bool) -> int:
     from ldmkit.config import load_config
     from ldmkit.report import write_html_report, write_report
-    from ldmkit.resume import load_run_config
-    from ldmkit.train import train
+    from ldmkit.run.layout import RunDir
+    from ldmkit.training.loop import train
 
     until = getattr(args, "until", None)
     if until is not None and until < 1:
@@ -102,7 +102,7 @@ def _train(args: argparse.Namespace, report: bool) -> int:
     if args.command == "train" and args.resume:
         if args.config:
             raise LdmkitError("give either a config or --resume RUN_DIR, not both")
-        result = train(load_run_config(args.resume, args.overrides), args.resume, resume=True,
+        result = train(RunDir(args.resume).load_config(args.overrides), args.resume, resume=True,
                        stop_at=until)
     elif not args.config:
         raise LdmkitError("missing config: ldmkit train configs/digits.yaml")
@@ -133,7 +133,7 @@ def _scales(text: str) -> list[float]:
 
 
 def _sample(args: argparse.Namespace) -> None:
-    from ldmkit.sample import sample_run
+    from ldmkit.sampling.generate import sample_run
 
     if args.num < 2 or args.steps < 1:
         raise LdmkitError("--num must be >= 2 and --steps >= 1")
@@ -149,14 +149,14 @@ def _sample(args: argparse.Namespace) -> None:
 def _encode(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from ldmkit.latents import encode_run
+    from ldmkit.data.latents import encode_run
 
     path = encode_run(Path(args.run_dir), Path(args.out) if args.out else None)
     print(f"latent cache: {path}")
 
 
 def _diagnose(args: argparse.Namespace) -> int:
-    from ldmkit.diagnosis import diagnose_path
+    from ldmkit.run.context import diagnose_path
     from ldmkit.vitals.monitor import SEVERITY_RANK
     from ldmkit.vitals.offline import format_table
 
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(f"report: {write_html_report(args.run_dir, args.out)}")
         elif args.command == "eval":
-            from ldmkit.evaluate import eval_run
+            from ldmkit.sampling.evaluate import eval_run
 
             if args.num < 10:
                 raise LdmkitError("--num must be >= 10 for the metrics to mean anything")
@@ -190,13 +190,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "export":
             from pathlib import Path
 
-            from ldmkit.export import export_diffusers
-            from ldmkit.files import check_output
+            from ldmkit.platform.files import check_output
+            from ldmkit.sampling.export import export_diffusers
 
             check_output(Path(args.out), "OUT", directory=True)
             print(f"exported: {export_diffusers(args.run_dir, args.out)}")
         elif args.command == "watch":
-            from ldmkit.watch import watch
+            from ldmkit.report.watch import watch
 
             watch(args.run_dir, args.interval, args.once)
         elif args.command == "encode":

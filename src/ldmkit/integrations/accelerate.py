@@ -25,10 +25,10 @@ from typing import Any
 import torch
 
 from ldmkit.vitals import metrics as vm
+from ldmkit.vitals.logs.trainers import OBJECTIVES
 from ldmkit.vitals.monitor import LiveMonitor
 from ldmkit.vitals.observer import StepVitals, hook_context
 from ldmkit.vitals.offline import with_objective
-from ldmkit.vitals.trainers import OBJECTIVES
 
 
 class AccelerateVitals(StepVitals):

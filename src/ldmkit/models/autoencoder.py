@@ -2,7 +2,7 @@
 
 The encoder outputs a diagonal Gaussian posterior; a small KL term keeps the latent space smooth
 so stage 2 can model it. The latent scale is *not* a constant here: it is calibrated from data
-(``ldmkit.stage1.calibrate_latent_scale``) and stored with the run.
+(``ldmkit.data.stage1.calibrate_latent_scale``) and stored with the run.
 """
 
 from __future__ import annotations

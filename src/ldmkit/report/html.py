@@ -14,17 +14,17 @@ import base64
 from html import escape
 from pathlib import Path
 
-from ldmkit.diagnosis import read_run
-from ldmkit.files import check_no_links, check_output, read_regular, write_text_atomic
-from ldmkit.logging import json_objects
+from ldmkit.platform.files import check_no_links, check_output, read_regular, write_text_atomic
+from ldmkit.run.context import read_run
+from ldmkit.run.layout import REPORT_HTML, RunDir
 from ldmkit.vitals import metrics as vm
-from ldmkit.vitals.monitor import FINDINGS_FILE
+from ldmkit.vitals.logs.metrics_jsonl import json_objects
 from ldmkit.vitals.offline import diagnose_loaded
 from ldmkit.vitals.signs import PLOTTED, bands
 
 from .svg import Marker, heat_map, line_plot
 
-REPORT_FILE = "report.html"
+REPORT_FILE = REPORT_HTML
 
 
 def shown_tags(series: dict) -> list[str]:
@@ -98,14 +98,14 @@ def _img(path: Path, caption: str) -> str:
 
 
 def _raised(run_dir: Path) -> list[dict]:
-    path = run_dir / FINDINGS_FILE
+    path = RunDir(run_dir).findings
     if not path.is_file():
         return []
     return [event for _, event in json_objects(path) if event.get("event") == "raised"]
 
 
 def _grids(run_dir: Path) -> list[tuple[Path, str]]:
-    samples = run_dir / "samples"
+    samples = RunDir(run_dir).samples_root
     if not samples.is_dir():
         return []
     during = sorted(samples.glob("step_*/grid.png"))
@@ -139,7 +139,7 @@ def _noise_level_section(series: dict) -> str:
     if not heat:
         return ""
     return ("<h2>Validation loss per noise level</h2><p>Fixed held-out points "
-            "(ldmkit.validation), raw weights; each row is coloured by its loss over its first "
+            "(ldmkit.training.held_out), raw weights; each row is coloured by its loss over its first "
             "validation. High t (top) is where an image's structure is decided, low t (bottom) "
             "its detail; the least noisy levels stay pale even in healthy runs (noise is hard "
             f"to tell from detail there).</p>{heat}")
@@ -155,8 +155,8 @@ def render_html(run_dir: Path) -> str:
                    for e in raised if e.get("metric") == tag]
         plots.append(line_plot(tag, log.series[tag], bands(tag, ctx), markers))
     evals = {t: v[-1][1] for t, v in log.series.items() if t.startswith("eval/") and v}
-    recon = run_dir / "autoencoder" / "reconstructions.png"
-    config = run_dir / "config.yaml"
+    recon = RunDir(run_dir).autoencoder / "reconstructions.png"
+    config = RunDir(run_dir).config
     css = "healthy" if diagnosis.scenario == "healthy" else (
         "too_early" if diagnosis.scenario == "too_early" else "other")
     scale = "unknown" if log.latent_scale_factor is None else f"{log.latent_scale_factor:.4g}"
@@ -197,7 +197,7 @@ def write_html_report(run_dir: str | Path, out: str | Path | None = None) -> Pat
     run_dir = Path(run_dir)
     if out is not None:
         check_output(Path(out), "--out", directory=False)
-    path = Path(out) if out else run_dir / REPORT_FILE
+    path = Path(out) if out else RunDir(run_dir).report_html
     check_no_links(run_dir)  # what the report embeds stays inside the run
     write_text_atomic(path, render_html(run_dir))
     return path

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ldmkit.diagnosis import run_context
-from ldmkit.fastpath import recorded
-from ldmkit.files import write_text_atomic
+from ldmkit.platform.fastpath import recorded
+from ldmkit.platform.files import write_text_atomic
+from ldmkit.run.context import run_context
+from ldmkit.run.layout import RunDir
 from ldmkit.vitals.signs import SIGNS, Band, band_status
 
 if TYPE_CHECKING:
-    from ldmkit.train import TrainResult
+    from ldmkit.training.loop import TrainResult
 
 # the last column: 'ok' inside a good range or where no range judges the value
 MARK = {"bad": "bad", "off": "off", "good": "ok", None: "ok"}
@@ -65,11 +66,11 @@ def summary_text(result: TrainResult) -> str:
               f"- metrics: {run_dir / 'metrics.jsonl'} (TensorBoard: {run_dir / 'tensorboard'})",
               f"- findings: {run_dir / 'findings.jsonl'}",
               f"- checkpoints: {run_dir / 'checkpoints'}",
-              f"- report: {run_dir / 'report.md'} and {run_dir / 'report.html'}"]
+              f"- report: {RunDir(run_dir).report_md} and {RunDir(run_dir).report_html}"]
     return "\n".join(lines) + "\n"
 
 
 def write_report(result: TrainResult) -> str:
     text = summary_text(result)
-    write_text_atomic(result.run_dir / "report.md", text)
+    write_text_atomic(RunDir(result.run_dir).report_md, text)
     return text

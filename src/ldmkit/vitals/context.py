@@ -29,7 +29,7 @@ class Finding:
 class Context:
     """What the rules need besides the series: thresholds, the latent scale, the configured
     learning rate, and the units of the loss. Built from ldmkit's config by
-    ``ldmkit.diagnosis.context_of``; a foreign loop passes what it knows."""
+    ``ldmkit.run.context.context_of``; a foreign loop passes what it knows."""
 
     thresholds: dict[str, float] = field(default_factory=threshold_defaults)
     latent_scale_factor: float | None = None

@@ -29,7 +29,7 @@ UPDATE_RATIO = "optimization/update_ratio"
 LOSS_SMOOTHED = "loss/smoothed"
 LOSS_EPOCH = "loss/epoch_average"
 EPS_MSE = "loss/eps_mse"  # the implied noise estimate's MSE, when the objective is not eps
-# the deterministic validation loss (ldmkit.validation): raw weights, then EMA weights;
+# the deterministic validation loss (ldmkit.training.held_out): raw weights, then EMA weights;
 # PREFIX + "loss_t{k}" is bucket k of VAL_BUCKETS, t in [k / 10, (k + 1) / 10)
 VAL_PREFIX = "validation/"
 VAL_EMA_PREFIX = "validation_ema/"
@@ -47,7 +47,7 @@ def val_bucket_label(k: int) -> str:
     return f"t {k / VAL_BUCKETS:.1f}-{(k + 1) / VAL_BUCKETS:.1f}"
 
 
-EVAL_MEMORIZATION = "eval/memorization"  # ldmkit.quality, with the in-project classifier
+EVAL_MEMORIZATION = "eval/memorization"  # ldmkit.sampling.quality, with the in-project classifier
 NEAREST_PREFIX = "sample_diversity/nearest_train_ratio_"
 COPY_SHARE = "sample_diversity/copy_share"
 COPY_RATIO = 1 / 3  # nearest / second-nearest training image below this: a copy

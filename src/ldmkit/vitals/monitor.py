@@ -12,7 +12,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from ldmkit.files import open_append
+from ldmkit.platform.files import open_append
 from ldmkit.vitals.diagnose import Context, Finding, Series, evaluate
 
 FINDINGS_FILE = "findings.jsonl"

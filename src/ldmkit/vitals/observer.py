@@ -19,9 +19,9 @@ from types import TracebackType
 
 import torch
 
-from ldmkit.logging import MetricLogger
 from ldmkit.vitals import metrics as vm
 from ldmkit.vitals.diagnose import Context, Finding, scenario
+from ldmkit.vitals.logs.metrics_jsonl import MetricLogger
 from ldmkit.vitals.monitor import LiveMonitor
 from ldmkit.vitals.rules import THRESHOLDS
 from ldmkit.vitals.signs import StepAccumulator, StepTensors, step_vitals

@@ -15,10 +15,8 @@ from pathlib import Path
 from ldmkit.diffusion.parameterization import Parameterization
 from ldmkit.vitals import metrics as vm
 from ldmkit.vitals.diagnose import Context, Finding, coverage, scenario
-from ldmkit.vitals.monitor import SEVERITY_RANK, replay
-from ldmkit.vitals.readers import LoadedLog, read_log
-from ldmkit.vitals.rules import RULES
-from ldmkit.vitals.trainers import (
+from ldmkit.vitals.logs.readers import LoadedLog, read_log
+from ldmkit.vitals.logs.trainers import (
     LDMKIT,
     in_trainer_terms,
     infer_regime,
@@ -26,6 +24,8 @@ from ldmkit.vitals.trainers import (
     min_snr_gamma_of,
     objective_of,
 )
+from ldmkit.vitals.monitor import SEVERITY_RANK, replay
+from ldmkit.vitals.rules import RULES
 
 # the guide's vital signs (its metric tables), in its order
 GUIDE_TAGS = (vm.LOSS, vm.GRAD_NORM, vm.LEARNING_RATE, vm.T_MEAN, vm.COS_EPS, vm.Z_STD,
@@ -77,7 +77,7 @@ def diagnose_log(path: str | Path, latent_scale_factor: float | None = None,
     """Read ``path`` (any format of ``vitals.formats``) and replay the rules over it under the
     guide's defaults; ``objective`` says what the loss is (flow's starts at 2) and ``mode``
     (pretrain, finetune) overrides the regime inferred. An ldmkit run with its config:
-    ``ldmkit.diagnosis.diagnose_path``."""
+    ``ldmkit.run.context.diagnose_path``."""
     log = read_log(path, latent_scale_factor)
     return diagnose_loaded(log, Context.of(log.latent_scale_factor, thresholds), objective, mode)
 

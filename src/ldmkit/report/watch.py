@@ -1,0 +1,134 @@
+"""``ldmkit watch``: a live terminal view of a run's vital signs and open findings.
+
+Follows ``metrics.jsonl`` as it grows (complete lines only, so a line being written is read on
+the next refresh) and re-evaluates the guide's rules on each refresh, so what it shows is what
+``ldmkit diagnose`` would say at that moment. Works on any directory a ``VitalsMonitor`` writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from ldmkit.errors import LdmkitError
+from ldmkit.report.html import shown_tags
+from ldmkit.report.svg import heat_color
+from ldmkit.run.context import run_context
+from ldmkit.run.layout import RunDir
+from ldmkit.vitals import metrics as vm
+from ldmkit.vitals.diagnose import Context, Series, coverage, evaluate, scenario
+from ldmkit.vitals.monitor import TAIL
+from ldmkit.vitals.signs import band_status, bands
+
+SPARK = "▁▂▃▄▅▆▇█"
+STYLE = {"good": "green", "bad": "bold red", "off": "white", None: "white"}
+
+
+class MetricsFollower:
+    """Reads the records appended to a ``metrics.jsonl`` since the last call."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset = path, 0
+        self.series: Series = {}
+
+    def poll(self) -> int:
+        """Add new complete records to ``series``; returns how many were read."""
+        if not self.path.is_file():
+            return 0
+        with self.path.open("rb") as fh:
+            fh.seek(self.offset)
+            chunk = fh.read()
+        end = chunk.rfind(b"\n") + 1  # a line still being written waits for the next poll
+        count = 0
+        for line in chunk[:end].decode("utf-8", errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+                self.series.setdefault(str(rec["tag"]), []).append(
+                    (int(rec["step"]), float(rec["value"])))
+                count += 1
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError, OverflowError):
+                continue
+        self.offset += end
+        return count
+
+
+def sparkline(values: list[float], width: int = 20) -> str:
+    finite = [v for v in values[-width:] if math.isfinite(v)]
+    if not finite:
+        return ""
+    lo, hi = min(finite), max(finite)
+    return "".join(SPARK[int((v - lo) / (hi - lo) * (len(SPARK) - 1)) if hi > lo else 0]
+                   for v in finite)
+
+
+def noise_level_rows(series: Series, width: int = 40) -> list[Text]:
+    """The validation loss per noise level as coloured cells, noisiest level on top, one
+    column per validation (the last ``width``): blue learned, white as untrained, red worse."""
+    rows = [series.get(vm.val_bucket_tag(k), []) for k in range(vm.VAL_BUCKETS)]
+    if not any(rows):
+        return []
+    out = [Text("validation loss per noise level (each row over its first value; blue: "
+                "learned, white: as untrained, red: worse)", style="bold")]
+    for k in reversed(range(vm.VAL_BUCKETS)):
+        finite = [v for _, v in rows[k] if math.isfinite(v) and v > 0]
+        line = Text(vm.val_bucket_label(k) + " ")
+        for _, v in rows[k][-width:]:
+            line.append("█", style=heat_color(v / finite[0]) if finite else "black")
+        if rows[k]:
+            line.append(f" {rows[k][-1][1]:.3g}")
+        out.append(line)
+    return out
+
+
+def render(run_dir: Path, series: Series, ctx: Context) -> Group:
+    logged = [v for _, v in series.get(vm.SCALE_FACTOR, []) if math.isfinite(v)]
+    if logged:
+        ctx.latent_scale_factor = logged[-1]
+    tail = {tag: recs[-TAIL:] for tag, recs in series.items()}
+    findings = evaluate(tail, ctx)
+    step = max((s for recs in series.values() for s, _ in recs), default=0)
+    table = Table(title=f"{run_dir.name} · step {step} · scenario "
+                        f"{coverage(scenario(findings, tail, ctx), tail)}", expand=False)
+    for column in ("vital sign", "step", "value", "trend"):
+        table.add_column(column)
+    for tag in shown_tags(series):
+        last_step, value = series[tag][-1]
+        style = STYLE[band_status(value, bands(tag, ctx))]
+        table.add_row(tag, str(last_step), Text(f"{value:.4g}", style=style),
+                      sparkline([v for _, v in series[tag]]))
+    lines = [Text(f"{f.severity.upper()} {f.code} (step {f.step}): {f.message}. Fix: {f.fix}",
+                  style="bold red" if f.severity == "critical" else "yellow") for f in findings]
+    if not series:
+        lines = [Text(f"waiting for {RunDir(run_dir).metrics} ...", style="dim")]
+    elif not findings:
+        lines = [Text("no open findings", style="green")]
+    return Group(table, *noise_level_rows(series), *lines)
+
+
+def watch(run_dir: str | Path, interval: float = 2.0, once: bool = False,
+          console: Console | None = None) -> None:
+    """Refresh every ``interval`` seconds until Ctrl-C (or print one frame with ``once``)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise LdmkitError(f"'{run_dir}' is not a directory; pass a run directory")
+    console = console or Console()
+    follower, ctx = MetricsFollower(RunDir(run_dir).metrics), run_context(run_dir)
+    follower.poll()
+    if once:
+        console.print(render(run_dir, follower.series, ctx))
+        return
+    with Live(render(run_dir, follower.series, ctx), console=console, refresh_per_second=4) as live:
+        try:
+            while True:
+                time.sleep(interval)
+                if follower.poll():
+                    live.update(render(run_dir, follower.series, ctx))
+        except KeyboardInterrupt:
+            pass

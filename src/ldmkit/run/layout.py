@@ -1,0 +1,238 @@
+"""Run directories: their layout, ldmkit's own, one writer at a time, never left through a link.
+
+``RunDir`` owns every path of a run (config, metrics, findings, changes, checkpoints, samples of
+a step, the held-out set, the fast-path record, reports) and the queries over its checkpoints:
+the latest, the newest at or before a step, and moving those after a step into quarantine.
+Everything that reads or writes a run asks it for the path, so the layout is written once.
+
+A run directory is recognised by its owner file (``files.OWNER_FILE`` reading ``run``), or, for
+runs made before owner files, by its ``config.yaml``. ldmkit writes only into a directory that
+is new, empty or a run: a non-empty directory of the user's is refused before anything is
+written. Commands that write into a run (``train``, ``run``, ``sample``, ``eval``, ``encode``)
+hold an exclusive OS lock (``flock``) on ``RUN/.lock`` for as long as they run; the kernel
+releases it on any exit, SIGKILL included. ``diagnose``, ``report`` and ``watch`` only read and
+take no lock, so they work while a run trains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from ldmkit.config import Config, load_config
+from ldmkit.errors import CheckpointError, LdmkitError
+from ldmkit.platform.fastpath import FASTPATH_FILE
+from ldmkit.platform.files import OWNER_FILE, check_no_links, owner_of, write_text_atomic
+from ldmkit.run.checkpoint import list_checkpoints, step_of
+from ldmkit.vitals.logs.metrics_jsonl import METRICS_FILE
+from ldmkit.vitals.monitor import FINDINGS_FILE
+
+CONFIG_FILE = "config.yaml"
+RUN_KIND = "run"
+LOCK_FILE = ".lock"
+CHANGES_FILE = "changes.jsonl"  # what each --resume --set changed, at which step
+CLASSES_FILE = "classes.json"  # a folder dataset's class names, label by label
+VAL_FILE = "validation.safetensors"  # the held-out points (training/held_out.py)
+AE_DIR = "autoencoder"  # stage 1: weights, meta.json, reconstructions.png
+CHECKPOINTS_DIR = "checkpoints"
+QUARANTINE_DIR = "diverged"  # checkpoints saved after a divergence began, under checkpoints/
+SAMPLES_DIR = "samples"
+FINAL_SAMPLES = "final"
+REPORT_MD, REPORT_HTML = "report.md", "report.html"
+TENSORBOARD_DIR = "tensorboard"
+
+
+class RunDir:
+    """The paths of one run directory and the queries over its checkpoints."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def config(self) -> Path:
+        return self.path / CONFIG_FILE
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / METRICS_FILE
+
+    @property
+    def findings(self) -> Path:
+        return self.path / FINDINGS_FILE
+
+    @property
+    def changes(self) -> Path:
+        return self.path / CHANGES_FILE
+
+    @property
+    def classes_file(self) -> Path:
+        return self.path / CLASSES_FILE
+
+    @property
+    def validation(self) -> Path:
+        return self.path / VAL_FILE
+
+    @property
+    def fastpath(self) -> Path:
+        return self.path / FASTPATH_FILE
+
+    @property
+    def autoencoder(self) -> Path:
+        return self.path / AE_DIR
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS_DIR
+
+    @property
+    def report_md(self) -> Path:
+        return self.path / REPORT_MD
+
+    @property
+    def report_html(self) -> Path:
+        return self.path / REPORT_HTML
+
+    @property
+    def samples_root(self) -> Path:
+        return self.path / SAMPLES_DIR
+
+    def samples(self, step: int | None) -> Path:
+        """Where the samples of a training step go (``step_0000100``); None: the final ones."""
+        return self.samples_root / (FINAL_SAMPLES if step is None else f"step_{step:07d}")
+
+    def all_checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        return list_checkpoints(self.checkpoints)
+
+    def latest_checkpoint(self) -> Path:
+        ckpts = self.all_checkpoints()
+        if not ckpts:
+            raise CheckpointError(f"no checkpoint in '{self.checkpoints}'; train first with "
+                                  "`ldmkit train CONFIG` or point at another run directory")
+        return ckpts[-1]
+
+    def latest_checkpoint_or_none(self) -> Path | None:
+        ckpts = self.all_checkpoints()
+        return ckpts[-1] if ckpts else None
+
+    def checkpoint_at_most(self, step: int) -> Path | None:
+        """The newest checkpoint saved at or before ``step`` (a healthy one to go back to)."""
+        kept = [c for c in self.all_checkpoints() if step_of(c) <= step]
+        return kept[-1] if kept else None
+
+    def quarantine_after(self, step: int) -> None:
+        """Move checkpoints newer than ``step`` to ``checkpoints/diverged/`` (never deleted)."""
+        for ckpt in self.all_checkpoints():
+            if step_of(ckpt) <= step:
+                continue
+            target = self.checkpoints / QUARANTINE_DIR / ckpt.name
+            target.parent.mkdir(exist_ok=True)
+            suffix = 1
+            while target.exists():
+                target, suffix = self.checkpoints / QUARANTINE_DIR / f"{ckpt.name}.{suffix}", \
+                    suffix + 1
+            ckpt.rename(target)
+
+    def load_config(self, overrides: list[str] | None = None) -> Config:
+        """The resolved config the run was started with, plus ``--set`` overrides."""
+        if not self.config.is_file():
+            raise CheckpointError(f"'{self.path}' is not an ldmkit run directory (no "
+                                  f"{CONFIG_FILE})")
+        return load_config(self.config, overrides, saved=True)
+
+    def classes(self) -> list[str] | None:
+        """The class names the run's labels stand for (folder datasets), or None."""
+        try:
+            names = json.loads(self.classes_file.read_text())
+        except (OSError, ValueError):
+            return None
+        return names if isinstance(names, list) and all(isinstance(n, str) for n in names) \
+            else None
+
+
+class RunBusy(LdmkitError):
+    """Another process is writing into the run directory."""
+
+
+def is_run(path: Path) -> bool:
+    """An ldmkit run: its owner file says so, or (older runs) it holds a ``config.yaml``."""
+    return owner_of(path) == RUN_KIND or (path.is_dir() and (path / CONFIG_FILE).is_file())
+
+
+def check_new_run_dir(path: Path) -> None:
+    """A fresh run may start in a new or empty directory only, never in a user's."""
+    if path.is_symlink() and not path.is_dir():
+        raise LdmkitError(f"run_dir '{path}' is a dangling symbolic link; choose another run_dir")
+    if path.exists() and not path.is_dir():
+        raise LdmkitError(f"run_dir '{path}' is a file; choose a new directory")
+    if path.is_dir() and any(path.iterdir()) and not is_run(path):
+        raise LdmkitError(f"run_dir '{path}' is a non-empty directory that is not an ldmkit run; "
+                          "ldmkit writes runs only into new or empty directories: choose another "
+                          "run_dir")
+    parent = path.parent if not path.exists() else path
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise LdmkitError(f"run_dir '{path}': '{parent}' is not writable; choose another run_dir")
+
+
+def claim(path: Path) -> None:
+    """Create the run directory (or adopt an older run) and write its owner file."""
+    path.mkdir(parents=True, exist_ok=True)
+    if owner_of(path) != RUN_KIND:
+        write_text_atomic(path / OWNER_FILE, RUN_KIND + "\n")
+
+
+class RunLock:
+    """An exclusive, non-blocking ``flock`` on ``RUN/.lock`` holding the writer's PID."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            raise LdmkitError(f"cannot lock '{self.path}' ({exc.strerror}); the run directory "
+                              "must be writable and hold no link named .lock") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunBusy(f"run directory '{self.path.parent}' is in use by another ldmkit "
+                          f"process (PID {holder}); wait for it to finish or stop it, then retry "
+                          "(diagnose, report and watch work meanwhile)") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing releases the flock
+            self._fd = None
+
+
+@contextlib.contextmanager
+def writing_run(run_dir: Path) -> Iterator[None]:
+    """Hold ``run_dir`` for writing: no links inside it, no other writer while held."""
+    if not is_run(run_dir):
+        raise CheckpointError(f"'{run_dir}' is not an ldmkit run directory (no {CONFIG_FILE})")
+    check_no_links(run_dir)
+    lock = RunLock(run_dir).acquire()
+    try:
+        yield
+    finally:
+        lock.release()

@@ -1,0 +1,141 @@
+"""``ldmkit eval RUN``: sample quality of a trained run, logged as ``eval/*``.
+
+Generates ``num`` images with the run's EMA weights and sampler, embeds them, held-out real
+images and the training images with the dataset's classifier (``ldmkit.sampling.classifier``), and
+computes the metrics of ``ldmkit.sampling.quality``. The values are appended to the run's
+``metrics.jsonl`` at its last step, so ``ldmkit report`` shows them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ldmkit.config import Config, DataConfig, from_dict
+from ldmkit.data.sources import load_data, to_signed
+from ldmkit.errors import DataError, LdmkitError
+from ldmkit.models.autoencoder import Autoencoder
+from ldmkit.platform.distributed import SINGLE, Dist, broadcast_float
+from ldmkit.platform.preemption import StopRequest
+from ldmkit.run.layout import writing_run
+from ldmkit.sampling.classifier import Classifier, load_or_train
+from ldmkit.sampling.generate import generate, guided_tags
+from ldmkit.sampling.quality import (
+    class_coverage,
+    copy_distance,
+    frechet_distance,
+    memorization_rate,
+    precision_recall,
+)
+from ldmkit.sampling.trained import load_for_sampling
+from ldmkit.vitals.logs.metrics_jsonl import MetricLogger
+
+
+@dataclass
+class Reference:
+    """The real images a run is judged against, embedded once: held-out images (FD,
+    precision/recall) and the images the model trained on (memorization)."""
+
+    clf: Classifier
+    real: torch.Tensor  # [N, 128]
+    train: torch.Tensor  # [M, 128]
+    copy_distance: float  # memorization's threshold, from the training set alone
+
+    @classmethod
+    def of(cls, clf: Classifier, real_images: torch.Tensor,
+           train_images: torch.Tensor) -> Reference:
+        """From uint8 images ``[N, C, H, W]``."""
+        train = clf.embed(to_signed(train_images))[0]
+        return cls(clf, clf.embed(to_signed(real_images))[0], train, copy_distance(train))
+
+
+def quality_metrics(ref: Reference, fake_images: torch.Tensor,
+                    labels: torch.Tensor | None = None) -> dict[str, float]:
+    """``eval/*`` of uint8 images ``[N, C, H, W]`` against the reference sets; with the class
+    each image was asked for (a class-conditional model), ``eval/class_accuracy``: the share
+    the classifier assigns to that class (chance: one over the number of classes)."""
+    fake, predicted = ref.clf.embed(to_signed(fake_images))
+    precision, recall = precision_recall(ref.real, fake)
+    values = {"eval/fd": frechet_distance(fake, ref.real), "eval/precision": precision,
+              "eval/recall": recall,
+              "eval/class_coverage": class_coverage(predicted, ref.clf.classes),
+              "eval/memorization": memorization_rate(fake, ref.train,
+                                                      threshold=ref.copy_distance),
+              "eval/classifier_accuracy": ref.clf.held_out_accuracy}
+    if labels is not None:
+        values[CLASS_ACCURACY] = (predicted == labels).float().mean().item()
+    return values
+
+
+CLASS_ACCURACY = "eval/class_accuracy"
+
+
+EVAL_NUM, EVAL_SAMPLER, EVAL_STEPS = 256, "dpmpp_2m", 20  # the in-loop budget
+
+
+@dataclass
+class InLoopEval:
+    """``train.eval_every``: the ``eval/*`` metrics on a small budget during training (EVAL_NUM
+    samples, DPM-Solver++(2M) with EVAL_STEPS steps), against references embedded once. The
+    memorization reference is the images stage 2 trains on (the validation split excluded)."""
+
+    ref: Reference | None  # rank 0's; the other ranks only help sampling
+
+    @classmethod
+    def of(cls, data: DataConfig, train_index: torch.Tensor, d: Dist = SINGLE
+           ) -> InLoopEval | None:
+        """None (rank 0 says why) when the dataset has no labels for the classifier."""
+        ref = None
+        if d.is_main:
+            try:
+                clf, _, held_out = load_or_train(data)
+                trained_on = load_data(data).images[train_index]
+                ref = Reference.of(clf, held_out.images[:EVAL_NUM * 4], trained_on)
+            except DataError as exc:
+                print(f"eval during training: off ({exc})")
+        if not broadcast_float(1.0 if ref is not None else 0.0, d):
+            return None
+        return cls(ref)
+
+    def measure(self, model: torch.nn.Module, ae: Autoencoder, scale: float, cfg: Config,
+                d: Dist = SINGLE, interrupt: Callable[[], bool] | None = None
+                ) -> dict[str, float]:
+        """Every rank samples its shard; rank 0 gets the images and the metrics."""
+        samples = generate(model, ae, scale, cfg, EVAL_NUM, EVAL_SAMPLER, EVAL_STEPS,
+                           cfg.sample.seed + 1, d=d, interrupt=interrupt, guidance=1.0)
+        return quality_metrics(self.ref, samples.images, samples.labels) \
+            if self.ref is not None else {}
+
+
+def eval_run(run_dir: str | Path, num: int = 1000, sampler: str | None = None,
+             steps: int | None = None, seed: int = 1,
+             guidance: list[float] | None = None) -> dict[str, float]:
+    """``ldmkit eval``: the metrics at the run's guidance scale, or at each of ``guidance``
+    (a class-conditional model's fidelity/diversity sweep; each scale but 1 logged under
+    ``TAG@cfgG``, with its sample vitals)."""
+    run_dir = Path(run_dir)
+    with writing_run(run_dir), StopRequest() as stop:
+        cfg_dict, step, model, ae, scale, _ = load_for_sampling(run_dir)
+        cfg = from_dict(cfg_dict)
+        conditional = bool(getattr(model, "num_classes", None))
+        scales = guidance or [cfg.sample.guidance_scale]
+        if len(scales) > 1 and not conditional:
+            raise LdmkitError("--guidance with several scales needs a class-conditional model "
+                              "(model.num_classes); this run's is unconditional")
+        clf, _, held_out = load_or_train(cfg.data)
+        trained_on = load_data(cfg.data)  # what the diffusion model saw: memorization's reference
+        ref = Reference.of(clf, held_out.images[:num], trained_on.images)
+        s, values = cfg.sample, {}
+        for g in scales:
+            samples = generate(model, ae, scale, cfg, num, sampler or s.sampler,
+                               steps or s.steps, seed, s.eta, interrupt=lambda: stop.requested,
+                               guidance=g)
+            measured = {**quality_metrics(ref, samples.images, samples.labels),
+                        **(samples.vitals if len(scales) > 1 else {})}
+            values |= guided_tags(measured, g if conditional else 1.0)
+        with MetricLogger(run_dir, tensorboard=cfg.tensorboard) as logger:
+            logger.log(step, values)
+    return values

@@ -1,0 +1,154 @@
+"""What a run does about a step that is not finite: never apply it, and go back to healthy weights.
+
+A non-finite loss is the end of a divergence that began earlier: a learning rate too high
+blows the weights up over a few steps before the loss overflows (guide: loss "NaN or inf:
+training has collapsed, likely due to a learning rate that is too high"; grad_norm "> 100:
+exploding gradients"). So the weights to go back to are not the newest checkpoint's but those
+saved before the divergence began. ``LoopState.sick_since`` is the first step of the current run
+of abnormal steps (a non-finite loss or gradient, or a pre-clipping gradient norm above the
+``grad_norm_high`` threshold). The weights saved at step c produced step c + 1's gradient,
+so checkpoint c is known healthy when c + 1 < sick_since, or when it is the run's start.
+Newer checkpoints move to ``checkpoints/diverged/``: kept for inspection, never resumed from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ldmkit.config import Config
+from ldmkit.platform.distributed import barrier
+from ldmkit.run.checkpoint import step_of
+from ldmkit.run.layout import RunDir
+from ldmkit.training.state import LoopState, restore_state, rewind_findings
+from ldmkit.vitals import metrics as vm
+from ldmkit.vitals.diagnose import Finding, event_finding, retry_lr
+
+if TYPE_CHECKING:
+    from ldmkit.training.runtime import Runtime
+
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a non-finite step first went wrong: ``batch`` (the data), ``forward`` (the first
+    module whose output is not finite from finite inputs), ``backward`` (a finite loss with a
+    non-finite gradient), or ``unknown``; ``name`` says which indices, module or parameter."""
+
+    where: str
+    name: str
+    bf16: bool
+
+
+def locate_nonfinite(model: nn.Module, forward: Callable, z: torch.Tensor, t: torch.Tensor,
+                     index: torch.Tensor, bf16: bool,
+                     describe: Callable[[list[int]], str] = lambda rows: f"dataset indices {rows}",
+                     cond: dict[str, torch.Tensor] | None = None) -> Origin:
+    """Find the origin of a non-finite step: its batch is checked, then its forward pass is run
+    again with a hook on every module (in execution order), then the gradients the step left
+    on the parameters are read. Costs one forward, and only on a non-finite step."""
+    bad = ~torch.isfinite(z.detach().flatten(1)).all(1).cpu()
+    if bad.any():
+        rows = index[: len(bad)][bad][:8].tolist()
+        return Origin("batch", describe(rows), bf16)
+    found: list[str] = []
+
+    def hook(name: str) -> Callable:
+        def check(module: nn.Module, inputs: tuple, output: object) -> None:
+            outs = output if isinstance(output, tuple) else (output,)
+            if found or all(torch.isfinite(o).all() for o in outs if torch.is_tensor(o)):
+                return
+            if all(torch.isfinite(i).all() for i in inputs if torch.is_tensor(i)):
+                found.append(name)
+        return check
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
+    devices = [z.device] if z.device.type == "cuda" else []
+    try:  # the re-run must not move the RNG that dropout and the next steps draw from
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            forward(z, t, **(cond or {}))
+    finally:
+        for handle in handles:
+            handle.remove()
+    if found:
+        return Origin("forward", found[0], bf16)
+    grads = [n for n, p in model.named_parameters()
+             if p.grad is not None and not torch.isfinite(p.grad).all()]
+    if grads:  # backward runs from the output: the last in module order went first
+        return Origin("backward", f"{grads[-1]} (and {len(grads) - 1} more)", bf16)
+    return Origin("unknown", "the loss", bf16)
+
+
+def origin_finding(origin: Origin, step: int, value: float, lr: float) -> Finding:
+    """The event that names a non-finite step's origin, with the fix that matches it."""
+    return event_finding(f"nonfinite_{origin.where}", step, value, name=origin.name,
+                         precision="bf16 autocast" if origin.bf16 else "fp32",
+                         lr=retry_lr(lr))
+
+
+def is_abnormal(applied: bool, grad_norm: torch.Tensor, explode: float) -> bool:
+    """A step that was not applied, or whose gradient norm is past the guide's > 100."""
+    return not applied or not float(grad_norm) <= explode
+
+
+def healthy_bound(sick_since: int) -> int:
+    """The newest step whose saved weights are known to predate the divergence."""
+    return max(sick_since - 2, 0)
+
+
+def on_nonfinite(cfg: Config, run_dir: Path, state: LoopState, step_vitals: dict,
+                 lr: float, rt: Runtime) -> Finding:
+    """Act on a step that was not applied (``vitals.on_nonfinite`` = rollback or stop).
+
+    Both go back to the last healthy checkpoint. Rollback restores it, rewinds the logs to it
+    and scales the learning rate by ``rollback_lr_factor``. Stop (or rollbacks exhausted) logs
+    the interval that diverged, so the report and ``diagnose`` show it, and leaves the healthy
+    checkpoint as the one ``--resume`` continues from. The event is recorded at the healthy
+    checkpoint's step, so a later rewind keeps it. Returns the event's finding: critical when
+    training must stop.
+    """
+    vc, diverged_at = cfg.vitals, state.step + 1
+    began = state.sick_since or diverged_at
+    value = float(step_vitals[vm.LOSS])
+    if rt.d.is_main:
+        RunDir(run_dir).quarantine_after(healthy_bound(began))
+    barrier(rt.d)
+    ckpt = RunDir(run_dir).checkpoint_at_most(healthy_bound(began))
+    effective = cfg.train.lr * state.lr_scale
+    common = {"began": began, "to": step_of(ckpt), "n": state.rollbacks, "max": vc.max_rollbacks,
+              "lr_scale": state.lr_scale, "lr": retry_lr(effective), "run": str(run_dir)}
+    if vc.on_nonfinite == "stop" or state.rollbacks >= vc.max_rollbacks or ckpt is None:
+        code = "nonfinite_stop" if vc.on_nonfinite == "stop" or ckpt is None \
+            else "rollback_exhausted"
+        state.acc.add(step_vitals)
+        rt.logger.log(diverged_at, {**state.acc.read(), vm.LEARNING_RATE: lr,
+                                    vm.NONFINITE_STEPS: state.nonfinite})
+        finding = event_finding(code, diverged_at, value, **common)
+    else:
+        rollbacks, lr_scale = state.rollbacks + 1, state.lr_scale * vc.rollback_lr_factor
+        restore_state(ckpt, state)
+        state.rollbacks, state.lr_scale = rollbacks, lr_scale
+        if rt.d.is_main:
+            rt.logger.rewind(state.step)
+            rewind_findings(run_dir, state.step)
+        if rt.monitor is not None:
+            rt.monitor.prime(rt.logger.series_until(state.step))
+        finding = event_finding("nonfinite_rollback", diverged_at, value,
+                                **{**common, "n": rollbacks, "lr_scale": lr_scale,
+                                   "lr": cfg.train.lr * lr_scale})
+    announce(rt, finding, step_of(ckpt))
+    return finding
+
+
+def announce(rt: Runtime, finding: Finding, at_step: int) -> None:
+    """Print and record a finding the trainer raised itself."""
+    if rt.monitor is not None:
+        rt.monitor.record(finding, at_step)
+    elif rt.d.is_main:
+        tqdm.write(f"[vitals] {finding.severity.upper()} {finding.code}: {finding.message}")

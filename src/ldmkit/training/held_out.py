@@ -1,0 +1,218 @@
+"""A deterministic validation loss, per noise level.
+
+The training loss of a diffusion model says little from one interval to the next: it is
+dominated by which noise levels a batch happened to draw (the guide's diffusion/t_mean row says
+why: low and high t are not equally hard). So a fixed set is drawn once per run and stored in
+``RUN/validation.safetensors``: held-out images (``data.val_fraction``, at most ``data.val_max``;
+an IDX test file instead when there is one), ``POINTS`` timesteps stratified over [0, 1], one
+noise tensor per point. Every ``train.val_every`` steps the same points are scored with the raw
+and the EMA weights, and with the same noise and timesteps on a fixed sample of training images
+(``validation/train_loss``), so the gap between training and held-out loss is not blurred by
+different noise levels (kohya's sd-scripts, OneTrainer and SimpleTuner added such a loss in
+2025). Rank 0 evaluates in fixed chunks: the values depend on the weights only, not on the
+number of processes, and are the same after a resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from ldmkit.config import Config, DataConfig
+from ldmkit.data.sources import find_idx, load_data
+from ldmkit.data.stage1 import LatentPosteriors
+from ldmkit.diffusion.condition import LABELS, NULL_LABEL
+from ldmkit.diffusion.parameterization import Net, Parameterization
+from ldmkit.errors import DataError
+from ldmkit.models.autoencoder import Autoencoder
+from ldmkit.platform.files import read_regular, write_bytes_atomic
+from ldmkit.run.layout import RunDir
+from ldmkit.vitals import metrics as vm
+
+POINTS = 1000  # fixed (image, t, noise) points: 100 per noise-level bucket
+PROBE_MIN = 64  # training images the train_loss probe uses (all when fewer)
+CHUNK = 250
+VERSION = "2"  # 1 stored each point's image index, always the point's own index
+
+
+@dataclass(frozen=True)
+class Split:
+    """Dataset indices stage 2 trains on, and those held out for validation."""
+
+    train: torch.Tensor  # [n_train] int64, sorted
+    held_out: torch.Tensor  # [n_val] int64, sorted; empty when a test file validates
+
+
+def test_images_path(cfg: DataConfig) -> Path | None:
+    """An IDX test file beside a training file: the natural validation set."""
+    if cfg.source != "idx" or cfg.split != "train" or not cfg.path or not Path(cfg.path).is_dir():
+        return None
+    return find_idx(Path(cfg.path), "test", "images")
+
+
+def split(n: int, cfg: Config) -> Split:
+    """Hold out ``min(val_max, floor(val_fraction * n))`` images by a permutation of the seed,
+    or none when the IDX test file is the validation set. It depends on ``data`` and ``seed``
+    only, which a resume cannot change: the images a run trains on never change mid-run (with
+    ``train.val_every: 0`` they stay held out; ``data.val_fraction: 0`` trains on all)."""
+    everything = torch.arange(n)
+    k = min(cfg.data.val_max, int(cfg.data.val_fraction * n))
+    if test_images_path(cfg.data) is not None or k == 0 or k >= n:
+        return Split(everything, everything[:0])
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7))
+    return Split(perm[k:].sort().values, perm[:k].sort().values)
+
+
+@dataclass
+class ValidationSet:
+    """The fixed points: point ``k`` scores image ``k % len(latents)`` at ``t[k]``."""
+
+    latents: torch.Tensor  # [N, C, h, w] posterior means of the validation images (unscaled)
+    probe: torch.Tensor  # [M, C, h, w] posterior means of a fixed sample of training images
+    t: torch.Tensor  # [K] stratified: one point in each of K equal strata of [0, 1]
+    eps: torch.Tensor  # [K, C, h, w]
+    held_out: torch.Tensor  # [N] dataset indices (empty for a test file)
+    labels: torch.Tensor  # [N] class of each validation image (NULL_LABEL: none)
+    probe_labels: torch.Tensor  # [M]
+    source: str
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name).contiguous() for f in dataclasses.fields(self)
+                if f.name != "source"}
+
+
+@torch.no_grad()
+def draw(cfg: Config, parts: Split, latents: LatentPosteriors, ae: Autoencoder
+         ) -> ValidationSet | None:
+    """Draw the fixed points (own generator: the training draws are unchanged)."""
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 8)
+    test_path = test_images_path(cfg.data)
+    known = latents.labels if latents.labels is not None else \
+        torch.full((len(latents.mean),), NULL_LABEL)
+    if test_path is not None:
+        test = load_data(dataclasses.replace(cfg.data, split="test", limit=cfg.data.val_max))
+        rows = torch.arange(min(len(test), cfg.data.val_max))
+        val = torch.cat([ae.encode(x).mean for x in test.batch(rows).split(256)])
+        labels = test.labels[rows] if test.labels is not None else torch.full_like(rows, NULL_LABEL)
+        source = f"{len(val)} images of the test file {test_path.name}"
+    elif len(parts.held_out):
+        val, labels = latents.mean[parts.held_out].clone(), known[parts.held_out].clone()
+        source = f"{len(val)} of {len(latents.mean)} images held out (data.val_fraction)"
+    else:
+        return None
+    pick = torch.randperm(len(parts.train), generator=gen)[:max(PROBE_MIN, len(val))]
+    probe_rows = parts.train[pick.sort().values]
+    probe = latents.mean[probe_rows].clone()
+    t = (torch.arange(POINTS, dtype=torch.float64) + torch.rand(POINTS, generator=gen,
+                                                                 dtype=torch.float64)) / POINTS
+    eps = torch.randn((POINTS, *val.shape[1:]), generator=gen)
+    return ValidationSet(val, probe, t.float(), eps, parts.held_out, labels,
+                         known[probe_rows].clone(), source)
+
+
+def save(vset: ValidationSet, path: Path) -> None:
+    write_bytes_atomic(path, save_safetensors(vset.tensors(), {"source": vset.source,
+                                                               "version": VERSION}))
+
+
+def load(path: Path, expected: ValidationSet) -> ValidationSet | None:
+    """The stored set, or None when it is absent, unreadable or not drawn for this split and
+    shape (it is ldmkit's own and is drawn again, identically from the seed)."""
+    try:
+        raw = read_regular(path)
+        tensors = load_safetensors(raw)
+        meta = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")]).get("__metadata__", {})
+    except (OSError, SafetensorError, ValueError, UnicodeDecodeError):
+        return None
+    names = {f.name for f in dataclasses.fields(ValidationSet)} - {"source"}
+    if set(tensors) != names or meta.get("version") != VERSION:
+        return None
+    vset = ValidationSet(**tensors, source=str(meta.get("source", "")))
+    same = all(getattr(vset, n).shape == getattr(expected, n).shape for n in names) \
+        and torch.equal(vset.held_out, expected.held_out)
+    finite = all(torch.isfinite(v.float()).all() for v in vset.tensors().values())
+    return vset if same and finite else None
+
+
+def prepare(cfg: Config, run_dir: Path, parts: Split, latents: LatentPosteriors,
+            ae: Autoencoder) -> ValidationSet | None:
+    """The run's validation set: the stored one, or drawn and stored now (rank 0 only)."""
+    if cfg.train.val_every == 0:
+        return None
+    try:
+        drawn = draw(cfg, parts, latents, ae)
+    except DataError as exc:
+        print(f"validation: off ({exc})")
+        return None
+    if drawn is None:
+        print(f"validation: off (data.val_fraction {cfg.data.val_fraction} of "
+              f"{len(latents.mean)} images holds out none; raise it)")
+        return None
+    path = RunDir(run_dir).validation
+    stored = load(path, drawn) if path.exists() else None
+    if stored is None:
+        save(drawn, path)
+    print(f"validation: {drawn.source}, {POINTS} fixed points, every {cfg.train.val_every} steps")
+    return stored or drawn
+
+
+@torch.no_grad()
+def _score(forward: Net, param: Parameterization, x0: torch.Tensor, labels: torch.Tensor | None,
+           vset: ValidationSet, scale: float, device: torch.device
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per point ``[K]``: the objective's loss, the noise MSE, the cosine of predicted and true
+    noise (the loss unweighted: a weighting would make noise levels incomparable). ``labels``:
+    a class-conditional model's condition for each image of ``x0``."""
+    losses, eps_mse, cosines = [], [], []
+    for rows in torch.arange(len(vset.t)).split(CHUNK):
+        z0 = scale * x0[rows % len(x0)].to(device)
+        t, eps = vset.t[rows].to(device), vset.eps[rows].to(device)
+        cond = {} if labels is None else {LABELS: labels[rows % len(x0)].to(device)}
+        out = param.loss(forward, z0, t, eps, cond)
+        err = (out.eps_pred.float() - eps).pow(2).flatten(1).mean(1)
+        cos = vm.cos_eps(out.eps_pred, eps)
+        losses.append(out.per_sample.double().cpu())
+        eps_mse.append(err.double().cpu())
+        cosines.append(cos.double().cpu())
+    return torch.cat(losses), torch.cat(eps_mse), torch.cat(cosines)
+
+
+def measure(model: nn.Module, ema_model: nn.Module, wrap: Callable[[nn.Module], Net],
+            param: Parameterization, vset: ValidationSet, scale: float) -> dict[str, float]:
+    """``validation/*`` (raw weights) and ``validation_ema/*`` (EMA weights) of the fixed set;
+    a class-conditional model is scored given each image's class.
+
+    Eval mode (no dropout) and no RNG draw: training continues exactly as without it.
+    """
+    device = next(model.parameters()).device
+    conditional = bool(getattr(model, "num_classes", None))
+    val_labels = vset.labels if conditional else None
+    probe_labels = vset.probe_labels if conditional else None
+    bucket = (vset.t * vm.VAL_BUCKETS).long().clamp(max=vm.VAL_BUCKETS - 1)
+    values: dict[str, float] = {}
+    for prefix, net in ((vm.VAL_PREFIX, model), (vm.VAL_EMA_PREFIX, ema_model)):
+        was_training = net.training
+        net.eval()
+        try:
+            loss, eps_mse, cos = _score(wrap(net), param, vset.latents, val_labels, vset,
+                                        scale, device)
+            if prefix == vm.VAL_PREFIX:
+                values[vm.VAL_TRAIN_LOSS] = _score(wrap(net), param, vset.probe, probe_labels,
+                                                   vset, scale, device)[0].mean().item()
+        finally:
+            net.train(was_training)
+        values[prefix + "loss"] = loss.mean().item()
+        values[prefix + "eps_mse"] = eps_mse.mean().item()
+        values[prefix + "cos_eps_mean"] = cos.mean().item()
+        for k in range(vm.VAL_BUCKETS):
+            values[vm.val_bucket_tag(k, prefix)] = loss[bucket == k].mean().item()
+    return values

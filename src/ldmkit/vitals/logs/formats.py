@@ -1,0 +1,208 @@
+"""Read the files other trainers log to into ``(step, tag, value)`` records and their run config.
+
+Each reader returns a ``RawLog``: the records with the tags exactly as written, the
+hyperparameters the run saved beside them (flattened; {} when none), and which format it was.
+Which trainer wrote the tags, and what they mean, is ``ldmkit.vitals.logs.trainers``' business.
+
+Formats: ldmkit's ``metrics.jsonl``; CSV, long (``step,tag,value``) or wide (a step column and
+one column per metric: k-diffusion's ``*_metrics.csv``, W&B's panel export); TensorBoard event
+files (accelerate's tracker writes the run's ``hparams.yml`` beside them); an MLflow file store
+(``mlruns/<experiment>/<run>/metrics/<key>``, lines ``timestamp value step``). Weights & Biases
+runs: ``ldmkit.vitals.logs.wandb_files``; which reader a path needs: ``ldmkit.vitals.logs.readers``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ldmkit.errors import LdmkitError
+
+Record = tuple[int, str, float]
+
+
+class UnreadableLog(LdmkitError):
+    """A metrics source is missing, malformed or empty."""
+
+
+@dataclass
+class RawLog:
+    records: list[Record]
+    fmt: str
+    source: str
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def scalar(value: Any) -> float | None:
+    """A logged scalar as float; None for what is not one (images, tables, text, booleans)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        return float(value)
+    except (ValueError, OverflowError):
+        return None
+
+
+def json_lines(path: Path, parse: Callable[[Any], list[Record]], what: str) -> list[Record]:
+    """The records of each line of a JSON-lines file; a torn last line (a writer killed
+    mid-line, or read while it writes) ends the file, a bad line elsewhere is an error."""
+    records: list[Record] = []
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records += parse(json.loads(line))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, OverflowError,
+                AttributeError):
+            if number == len(lines):
+                break
+            raise UnreadableLog(f"'{path}' line {number} is not {what}; fix or delete that "
+                                "line") from None
+    return records
+
+
+def read_ldmkit_jsonl(path: Path) -> RawLog:
+    return RawLog(json_lines(path, lambda rec: [(int(rec["step"]), str(rec["tag"]),
+                                                  float(rec["value"]))],
+                              "a {step, tag, value} JSON object"), "ldmkit", str(path))
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8", errors="replace"))
+    except yaml.YAMLError as exc:
+        raise UnreadableLog(f"'{path}' is not readable YAML ({str(exc).splitlines()[0]}); "
+                            "repair or remove it") from None
+    return data if isinstance(data, dict) else {}
+
+
+def read_csv(path: Path) -> RawLog:
+    """Long (``step,tag,value``) or wide (a ``step``/``Step``/``_step`` column, one per metric).
+
+    W&B's panel export names columns ``<run> - <metric>`` with ``__MIN``/``__MAX`` companions
+    (the range of a smoothed plot): the run prefix is dropped and the companions are skipped.
+    """
+    try:
+        with path.open(newline="", encoding="utf-8", errors="replace") as fh:
+            rows = list(csv.reader(fh))
+    except csv.Error as exc:
+        raise UnreadableLog(f"'{path}' is not a readable CSV ({exc}); export step,tag,value "
+                            "rows or a step column with one column per metric") from None
+    if not rows:
+        raise UnreadableLog(f"CSV '{path}' is empty")
+    header = [c.strip() for c in rows[0]]
+    if {"step", "tag", "value"} <= set(header):
+        return RawLog(_long_rows(path, header, rows[1:]), "csv", str(path))
+    steps = [i for i, c in enumerate(header) if c.lower() in ("step", "_step", "global_step")]
+    if not steps:
+        raise UnreadableLog(f"CSV '{path}' has columns {header[:6]}; it needs step,tag,value or "
+                            "a step column")
+    columns = {i: c.split(" - ", 1)[-1] for i, c in enumerate(header)
+               if i != steps[0] and c and not c.endswith(("__MIN", "__MAX"))}
+    records = []
+    for number, row in enumerate(rows[1:], 2):
+        if not any(cell.strip() for cell in row):
+            continue
+        step = scalar(row[steps[0]]) if len(row) > steps[0] else None
+        if step is None or not math.isfinite(step):
+            if number == len(rows):  # a torn last line
+                break
+            raise UnreadableLog(f"CSV '{path}' line {number} has no step; fix or delete that line")
+        for i, name in columns.items():
+            if i < len(row) and row[i].strip() and (value := scalar(row[i])) is not None:
+                records.append((int(step), name, value))
+    return RawLog(records, "csv-wide", str(path))
+
+
+def _long_rows(path: Path, header: list[str], rows: list[list[str]]) -> list[Record]:
+    index = {name: header.index(name) for name in ("step", "tag", "value")}
+    records = []
+    for number, row in enumerate(rows, 2):
+        if not any(cell.strip() for cell in row):
+            continue
+        try:
+            records.append((int(float(row[index["step"]])), row[index["tag"]].strip(),
+                            float(row[index["value"]])))
+        except (IndexError, ValueError, OverflowError):
+            if number == len(rows) + 1:
+                break
+            raise UnreadableLog(f"CSV '{path}' line {number} has a bad step or value; "
+                                "fix or delete that line") from None
+    return records
+
+
+def event_files(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if "tfevents" in p.name and p.is_file()
+                  and not p.is_symlink())
+
+
+def read_tensorboard(files: list[Path], root: Path | None = None) -> RawLog:
+    """One accumulator per directory, so restarts purged with ``purge_step`` read as TensorBoard
+    shows them (no duplicated steps); a single file is read alone. accelerate's tracker saves
+    the run's hyperparameters as ``hparams.yml`` under the log directory: they become the
+    config."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    records = []
+    sources = sorted({f.parent for f in files}) if len(files) > 1 else files
+    for file in sources:
+        acc = EventAccumulator(str(file), size_guidance={"scalars": 0})
+        try:
+            acc.Reload()
+            acc.FirstEventTimestamp()  # every real event file starts with a version event
+        except Exception as exc:  # TensorBoard raises DataLossError, ValueError and others
+            raise UnreadableLog(f"'{file}' is not a readable TensorBoard event log "
+                                f"({type(exc).__name__}); pass the run's events.out.tfevents.* "
+                                "file or its directory") from None
+        for tag in acc.Tags().get("scalars", []):
+            records.extend((e.step, tag, float(e.value)) for e in acc.Scalars(tag))
+    config: dict[str, Any] = {}
+    for hparams in sorted((root or files[0].parent).rglob("hparams.yml")):
+        config.update(load_yaml(hparams))
+    return RawLog(records, "tensorboard", str(root or files[0]), config)
+
+
+def _mlflow_runs(path: Path) -> list[Path]:
+    if (path / "metrics").is_dir():
+        return [path]
+    runs = [p.parent for p in path.glob("*/metrics") if p.is_dir()]
+    runs += [p.parent for p in path.glob("*/*/metrics") if p.is_dir()]
+    return [r for r in runs if (r / "meta.yaml").is_file() and not r.is_symlink()]
+
+
+def is_mlflow(path: Path) -> bool:
+    return bool(_mlflow_runs(path))
+
+
+def read_mlflow(path: Path) -> RawLog:
+    """MLflow's file store: ``mlruns/``, one experiment or one run; the newest run is read."""
+    runs = _mlflow_runs(path)
+    if not runs:
+        raise UnreadableLog(f"'{path}' holds no MLflow run (a folder with meta.yaml and metrics/)")
+    run = max(runs, key=lambda r: (load_yaml(r / "meta.yaml").get("start_time") or 0, r.name))
+    records = []
+    for file in sorted(p for p in (run / "metrics").rglob("*") if p.is_file()):
+        key = file.relative_to(run / "metrics").as_posix()
+        lines = file.read_text(encoding="utf-8", errors="replace").splitlines()
+        for number, line in enumerate(lines, 1):
+            parts = line.split()
+            value = scalar(parts[1]) if len(parts) >= 2 else None
+            step = scalar(parts[2]) if len(parts) >= 3 else 0.0
+            if value is None or step is None or not math.isfinite(step):
+                if number == len(lines):
+                    break
+                raise UnreadableLog(f"MLflow metric file '{file}' line {number} is not "
+                                    "'timestamp value step'; fix or delete that line")
+            records.append((int(step), key, value))
+    params = run / "params"
+    config = {p.relative_to(params).as_posix(): p.read_text(encoding="utf-8", errors="replace")
+              for p in sorted(params.rglob("*")) if p.is_file()} if params.is_dir() else {}
+    return RawLog(records, "mlflow", str(run), config)

@@ -1,0 +1,111 @@
+"""Read logged metrics from any trainer into series ``{tag: [(step, value), ...]}`` of our tags.
+
+Accepted: an ldmkit run directory (its ``metrics.jsonl``; ``ldmkit.run.context`` adds its config),
+JSONL, CSV, TensorBoard, an MLflow file store (``ldmkit.vitals.logs.formats``) and a W&B run
+(``ldmkit.vitals.logs.wandb_files``). The
+trainer that wrote it is recognised from its tags and its names mapped onto ours
+(``ldmkit.vitals.logs.trainers``); the log keeps, for each of our tags, the names it was read from.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ldmkit.vitals import metrics as vm
+from ldmkit.vitals.diagnose import Series
+from ldmkit.vitals.logs import wandb_files
+from ldmkit.vitals.logs.formats import (
+    RawLog,
+    UnreadableLog,
+    event_files,
+    is_mlflow,
+    read_csv,
+    read_ldmkit_jsonl,
+    read_mlflow,
+    read_tensorboard,
+)
+from ldmkit.vitals.logs.trainers import LDMKIT, Trainer, detect, map_tags
+
+__all__ = ["LoadedLog", "UnreadableLog", "read_log"]
+
+
+@dataclass
+class LoadedLog:
+    series: Series
+    source: str
+    latent_scale_factor: float | None = None
+    trainer: Trainer = LDMKIT
+    fmt: str = "ldmkit"
+    config: dict[str, Any] = field(default_factory=dict)  # the run's saved hyperparameters
+    read_from: dict[str, list[str]] = field(default_factory=dict)  # our tag -> logged names
+
+
+def _to_series(records: list[tuple[int, str, float]]) -> Series:
+    series: Series = {}
+    for step, tag, value in records:
+        series.setdefault(tag, []).append((step, value))
+    for recs in series.values():
+        recs.sort(key=lambda r: r[0])
+    return series
+
+
+def _first_line(path: Path) -> str:
+    with path.open(encoding="utf-8", errors="replace") as fh:
+        return fh.readline(4096)
+
+
+DIRECTORY_READERS: tuple[tuple[Callable[[Path], bool], Callable[[Path], RawLog]], ...] = (
+    (lambda p: (p / "metrics.jsonl").is_file(), lambda p: read_ldmkit_jsonl(p / "metrics.jsonl")),
+    (wandb_files.is_wandb, wandb_files.read_dir),
+    (is_mlflow, read_mlflow),
+    (lambda p: bool(event_files(p)), lambda p: read_tensorboard(event_files(p), p)),
+)
+
+
+def read_raw(path: Path) -> RawLog:
+    """The records of ``path``, whichever format it is; UnreadableLog with a one-line reason."""
+    if not path.exists():
+        raise UnreadableLog(f"'{path}' does not exist; pass a run directory, metrics.jsonl, CSV, "
+                            "TensorBoard log, W&B run or MLflow mlruns/ folder")
+    if path.is_dir():
+        for accepts, read in DIRECTORY_READERS:
+            if accepts(path):
+                return read(path)
+        raise UnreadableLog(f"'{path}' holds no metrics.jsonl, TensorBoard event files, W&B run "
+                            "or MLflow run")
+    if path.suffix == ".wandb":
+        return wandb_files.read_transaction_log(path)
+    if path.suffix == ".jsonl":
+        if path.name == "wandb-history.jsonl" or '"_step"' in _first_line(path):
+            return wandb_files.read_history(path)
+        return read_ldmkit_jsonl(path)
+    if path.suffix == ".csv":
+        return read_csv(path)
+    if "tfevents" in path.name:
+        return read_tensorboard([path])
+    raise UnreadableLog(f"'{path}': unknown format; expected .jsonl, .csv, a TensorBoard "
+                        "events.out.tfevents.* file, a W&B run or an MLflow mlruns/ folder")
+
+
+def read_log(path: str | Path, latent_scale_factor: float | None = None,
+             require_values: bool = True) -> LoadedLog:
+    """Series and context of ``path``; raises UnreadableLog with a one-line reason.
+
+    ``require_values=False`` accepts a log without loss or sample values (a run's report after
+    it stopped before its first log interval)."""
+    raw = read_raw(Path(path))
+    trainer = detect({tag for _, tag, _ in raw.records})
+    mapped = map_tags(trainer, raw.records)
+    series = _to_series(mapped.records)
+    judged = (vm.LOSS, vm.LOSS_SMOOTHED, vm.PAIRWISE_PREFIX + "mean")
+    if require_values and not any(tag in series for tag in judged):
+        found = sorted({tag for _, tag, _ in raw.records})
+        raise UnreadableLog(f"'{path}' has no loss or sample-diversity values to diagnose "
+                            f"(tags found: {', '.join(found[:8]) or 'none'})")
+    logged = [v for _, v in series.get(vm.SCALE_FACTOR, []) if math.isfinite(v)]
+    return LoadedLog(series, raw.source, logged[-1] if logged else latent_scale_factor, trainer,
+                     raw.fmt, raw.config, mapped.read_from)
