@@ -41,9 +41,10 @@ from ldmkit.config import from_dict, load_config  # noqa: E402
 from ldmkit.diffusion.condition import LABELS  # noqa: E402
 from ldmkit.diffusion.parameterization import Parameterization  # noqa: E402
 from ldmkit.models.registry import backbone_spec, build_backbone  # noqa: E402
-from ldmkit.sampling.evaluate import CLASS_ACCURACY, eval_run, quality_metrics  # noqa: E402
+from ldmkit.sampling.evaluate import eval_run, quality_metrics  # noqa: E402
 from ldmkit.sampling.generate import generate  # noqa: E402
 from ldmkit.sampling.trained import load_for_sampling  # noqa: E402
+from ldmkit.vitals import metrics as vm  # noqa: E402
 from ldmkit.vitals.metrics import guidance_tag  # noqa: E402
 
 CONFIG = ROOT / "configs/mnist-cond.yaml"
@@ -59,7 +60,7 @@ EMOJI_RUN = ROOT / "runs/bench-emoji"
 EMOJI_SCALES = (1.0, 2.0, 3.0, 4.0, 6.0)
 EMOJI_NUM = 800  # the classifier holds out half of the 1636 images: 818 to compare with
 PARTS = ("cost", "mnist", "emoji")
-QUALITY = ("eval/fd", "eval/precision", "eval/recall", CLASS_ACCURACY)
+QUALITY = ("eval/fd", "eval/precision", "eval/recall", vm.EVAL_CLASS_ACCURACY)
 
 
 def step_cost() -> dict[str, dict[str, float]]:
@@ -155,7 +156,7 @@ against class-conditional with guidance 4 (both halves in one batched forward), 
 """)
     if "mnist" in results:
         rows = "\n".join(f"| {r['guidance']:g} | {r['eval/fd']:.2f} | {r['eval/precision']:.3f} "
-                         f"| {r['eval/recall']:.3f} | {r[CLASS_ACCURACY]:.3f} |"
+                         f"| {r['eval/recall']:.3f} | {r[vm.EVAL_CLASS_ACCURACY]:.3f} |"
                          for r in results["mnist"])
         step = results["mnist"][0]["step"]
         parts.append(f"""`configs/mnist-cond.yaml` trained {MINUTES} minutes of stage 2 ({step} steps, EMA
@@ -171,7 +172,7 @@ asked for (chance 0.1). One run, one seed.
     if "emoji" in results:
         e = results["emoji"]
         rows = "\n".join(f"| {r['guidance']:g} | {r['eval/fd']:.2f} | {r['eval/precision']:.3f} "
-                         f"| {r['eval/recall']:.3f} | {r[CLASS_ACCURACY]:.3f} |" for r in e["rows"])
+                         f"| {r['eval/recall']:.3f} | {r[vm.EVAL_CLASS_ACCURACY]:.3f} |" for r in e["rows"])
         parts.append(f"""`ldmkit run configs/emoji.yaml` as shipped (autoencoder, {e['steps']} steps of the
 class-conditional UNet, sampling, report): **{e['wall_s'] / 60:.1f} minutes** on this machine. Then
 `ldmkit eval --guidance` with {EMOJI_NUM} samples per scale (the run's sampler, every class in

@@ -1,7 +1,8 @@
 """The package map is the architecture: each package imports only packages below it.
 
 Checked on the source, function-level imports included, so a shortcut taken inside a function
-still fails here; and, for ``ldmkit.vitals`` (which other people's loops import), on what a
+still fails here (imports under ``if TYPE_CHECKING:`` are annotations only and load nothing);
+and, for ``ldmkit.vitals`` (which other people's loops import), on what a
 fresh interpreter actually loads.
 """
 
@@ -18,8 +19,9 @@ SRC = Path(ldmkit.__file__).parent
 # low to high; a package may import its own rank and the ranks before it
 LAYERS = [
     {"errors", "platform"},
+    {"diffusion"},
     {"config"},
-    {"diffusion", "models"},
+    {"models"},
     {"vitals"},
     {"run"},
     {"data"},
@@ -31,7 +33,7 @@ LAYERS = [
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 # what ldmkit.vitals may load: the diffusion math for loss units, the platform's safe files
 VITALS_MAY_LOAD = ("ldmkit", "ldmkit.errors", "ldmkit.platform", "ldmkit.platform.files",
-                   "ldmkit.diffusion", "ldmkit.diffusion.parameterization",
+                   "ldmkit.diffusion", "ldmkit.diffusion.parameterization", "ldmkit.diffusion.registry",
                    "ldmkit.diffusion.condition", "ldmkit.diffusion.schedule")
 
 
@@ -42,8 +44,14 @@ def _package(module: str) -> str:
 
 def _imports(module: str, source: str) -> list[str]:
     """The ldmkit modules that ``source`` (the text of ``module``) imports, anywhere in it."""
+    tree = ast.parse(source)
+    typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+                   and getattr(node.test, "id", None) == "TYPE_CHECKING"
+                   for n in ast.walk(node)}
     found = []
-    for node in ast.walk(ast.parse(source)):
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.ImportFrom) and node.level:
             base = module.rsplit(".", node.level)[0]
             found.append(f"{base}.{node.module}" if node.module else base)
@@ -78,7 +86,8 @@ def test_no_package_imports_a_higher_one():
 def test_the_checker_sees_upward_imports_anywhere():
     """The layer test can fail: imports inside functions and relative ones are found."""
     source = ("def f():\n    from ldmkit.training.loop import train\n"
-              "from ..run import layout\nfrom . import metrics\nimport ldmkit.report.html\n")
+              "from ..run import layout\nfrom . import metrics\nimport ldmkit.report.html\n"
+              "if TYPE_CHECKING:\n    from ldmkit.sampling.trained import Trained\n")
     found = _imports("ldmkit.vitals.logs.readers", source)
     assert sorted(found) == ["ldmkit.report.html", "ldmkit.training.loop", "ldmkit.vitals.logs",
                              "ldmkit.vitals.run"]
@@ -98,3 +107,11 @@ def test_the_vitals_package_loads_only_what_it_may():
     assert any(m.startswith("ldmkit.vitals.logs.") for m in loaded)
     extra = [m for m in loaded if not m.startswith("ldmkit.vitals") and m not in VITALS_MAY_LOAD]
     assert extra == []
+
+
+def test_the_cli_starts_without_torch():
+    """``ldmkit --help`` and argument errors answer at once: the CLI and the config (with the
+    objectives' and samplers' names it validates against) do not import torch."""
+    code = "import sys, ldmkit.cli, ldmkit.config; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -178,3 +179,26 @@ def test_a_run_saved_before_the_registry_still_samples_and_resumes(tmp_path, cap
     capsys.readouterr()
     assert main(["train", "--resume", str(old), "--set", "unet.num_heads=2"]) == 2
     assert "cannot change model.num_heads when resuming" in capsys.readouterr().err
+
+
+def test_each_backbone_entry_is_its_config_section_network_and_export_adapter():
+    """The registry and the config agree, and every entry's export adapter exists (a new
+    backbone without one is refused by export, below)."""
+    import importlib
+
+    from ldmkit.config.schema import MODELS
+    from ldmkit.models.registry import BACKBONES
+
+    assert set(BACKBONES) == set(MODELS)
+    exporters = importlib.import_module("ldmkit.models.diffusers_export")
+    for name, entry in BACKBONES.items():
+        assert entry.config is MODELS[name] and callable(getattr(exporters, entry.export))
+
+
+def test_export_refuses_an_unknown_backbone_in_one_line():
+    """A backbone without an entry is never written as another one (a UNet, say)."""
+    from ldmkit.errors import LdmkitError
+    from ldmkit.models.registry import export_backbone
+
+    with pytest.raises(LdmkitError, match="cannot export backbone type 'mamba'.*exports unet, dit"):
+        export_backbone({"type": "mamba", "args": {}}, torch.nn.Linear(1, 1), Path("/nonexistent"))

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from ldmkit.diffusion.parameterization import OBJECTIVES, Parameterization
+from ldmkit.diffusion.parameterization import Parameterization
+from ldmkit.diffusion.registry import OBJECTIVES
 from ldmkit.diffusion.samplers import SAMPLER_NAMES, eps_denoiser, run_sampler, sample_ddim
 from ldmkit.diffusion.schedule import CosineSchedule, LinearSchedule, add_noise, sample_t
 

@@ -13,7 +13,8 @@ from conftest import tiny_config
 from safetensors.torch import load_file
 
 from ldmkit.cli import main
-from ldmkit.diffusion.parameterization import OBJECTIVES, Parameterization
+from ldmkit.diffusion.parameterization import Parameterization
+from ldmkit.diffusion.registry import OBJECTIVES
 from ldmkit.diffusion.schedule import LinearSchedule
 from ldmkit.models.unet import UNet
 from ldmkit.platform import fastpath

@@ -13,6 +13,7 @@ from ldmkit.training.loop import TrainResult
 from ldmkit.vitals import metrics as vm
 from ldmkit.vitals.context import Context
 from ldmkit.vitals.signs import (
+    BY_TAG,
     PLOTTED,
     SIGNS,
     TRAIN_TAGS,
@@ -73,8 +74,9 @@ def test_every_band_and_every_plotted_tag_comes_from_the_table():
     ctx = Context.of(0.6436, loss_scale=2.0)
     from ldmkit.report.html import shown_tags
 
-    series = {tag: [(1, 0.5)] for tag in ("eval/fd", "other/tag", *reversed(PLOTTED))}
-    assert shown_tags(series) == [s.tag for s in SIGNS] + ["eval/fd"]  # the table's order
+    series = {tag: [(1, 0.5)] for tag in ("eval/new_score", "other/tag", *reversed(PLOTTED))}
+    # the table's order, then eval figures it does not know yet
+    assert shown_tags(series) == [s.tag for s in SIGNS] + ["eval/new_score"]
     assert bands("no/such_tag", ctx) == []
     (good, *bad) = bands(vm.LOSS, ctx)
     assert (good.low, good.high) == pytest.approx((0.2, 0.8))  # the guide's 0.1-0.4, flow's units
@@ -94,3 +96,17 @@ def test_the_summary_shows_the_ranges_the_rules_apply_to_this_run(tmp_path: Path
     assert "good -8.67 to 8.67; bad < -57.8, > 57.8 | ok" in rows[vm.FINAL_PREFIX + "min"]
     assert rows[vm.Z_STD].rstrip(" |").endswith("bad")
     assert "good 0.1 to 0.4" in rows[vm.LOSS]
+
+
+def test_the_tag_lists_of_diagnosis_report_and_sweep_come_from_the_signs_groups():
+    from ldmkit.vitals.offline import GUIDE_TAGS
+    from ldmkit.vitals.signs import QUALITY_TAGS, SWEPT, tags_of
+
+    assert QUALITY_TAGS == (vm.EVAL_FD, vm.EVAL_PRECISION, vm.EVAL_RECALL)
+    assert SWEPT == QUALITY_TAGS + (vm.EVAL_CLASS_ACCURACY,)
+    assert set(tags_of("eval")) >= set(SWEPT) and vm.VAE_PSNR in tags_of("autoencoder")
+    assert all(BY_TAG[t].guide for t in GUIDE_TAGS)
+    # the guide's signs a rule reads; pairwise_mse_min is judged inside mode_collapse
+    assert {vm.LOSS, vm.Z_STD, vm.PAIRWISE_PREFIX + "mean", vm.FINAL_PREFIX + "max"} <= set(GUIDE_TAGS)
+    assert vm.PAIRWISE_PREFIX + "min" not in GUIDE_TAGS
+    assert {s.group for s in SIGNS} == {"train", "sample", "validation", "eval", "autoencoder"}

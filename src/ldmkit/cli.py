@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from ldmkit.config import SAMPLERS
+from ldmkit.diffusion.registry import OBJECTIVE_NAMES
 from ldmkit.errors import LdmkitError
 from ldmkit.platform.preemption import Preempted
 
@@ -79,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     diagnose.add_argument("--json", action="store_true", help="machine-readable output")
     diagnose.add_argument("--fail-on", choices=("never", "warning", "critical"),
                           default="critical", help="exit 1 when a finding this severe is present")
-    diagnose.add_argument("--objective", choices=("eps", "v", "x0", "flow"), default=None,
+    diagnose.add_argument("--objective", choices=OBJECTIVE_NAMES, default=None,
                           help="what the logged loss regresses (read from a run's config when "
                                "there is one): flow's loss starts at 2, the others' at 1")
     diagnose.add_argument("--mode", choices=("pretrain", "finetune"), default=None,
@@ -92,9 +93,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _train(args: argparse.Namespace, report: bool) -> int:
     from ldmkit.config import load_config
-    from ldmkit.report import write_html_report, write_report
+    from ldmkit.pipeline import train_and_report
     from ldmkit.run.layout import RunDir
-    from ldmkit.training.loop import train
 
     until = getattr(args, "until", None)
     if until is not None and until < 1:
@@ -102,21 +102,20 @@ def _train(args: argparse.Namespace, report: bool) -> int:
     if args.command == "train" and args.resume:
         if args.config:
             raise LdmkitError("give either a config or --resume RUN_DIR, not both")
-        result = train(RunDir(args.resume).load_config(args.overrides), args.resume, resume=True,
-                       stop_at=until)
+        done = train_and_report(RunDir(args.resume).load_config(args.overrides), args.resume,
+                                resume=True, stop_at=until)
     elif not args.config:
         raise LdmkitError("missing config: ldmkit train configs/digits.yaml")
     else:
-        result = train(load_config(args.config, args.overrides), stop_at=until)
-    if result.rank != 0 or (result.preempted_by and result.step == 0):
-        return 0  # the trainer printed how to resume; only rank 0 reports, after stage 1
-    text = write_report(result)
-    html = write_html_report(result.run_dir)
+        done = train_and_report(load_config(args.config, args.overrides), stop_at=until)
+    result = done.result
+    if done.summary is None:
+        return 0
     if report and not result.preempted_by:
-        print(text)
+        print(done.summary)
     else:
         print(f"trained {result.step} steps; scenario: {result.verdict}; "
-              f"run directory: {result.run_dir}; report: {html}")
+              f"run directory: {result.run_dir}; report: {done.html}")
     return 1 if result.stopped_by else 0
 
 

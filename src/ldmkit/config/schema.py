@@ -17,6 +17,7 @@ import yaml
 
 from ldmkit.config.typed import build, check, ranged
 from ldmkit.config.untrusted import MAX_CONFIG_BYTES, brief, check_size
+from ldmkit.diffusion.registry import OBJECTIVE_NAMES, OBJECTIVES, SAMPLERS
 from ldmkit.errors import ConfigError
 
 
@@ -66,6 +67,26 @@ class UNetConfig:
     dropout: float = ranged(0.0, lo=0.0, hi=1.0)
     num_classes: int | None = ranged(None, lo=1, hi=1_000_000)  # null: unconditional
 
+    def check(self, latent: int) -> None:
+        """The latent halves at every level; every self-attention layer splits its channels into
+        ``num_heads`` equal heads."""
+        levels = 2 ** (len(self.channel_mult) - 1)
+        if latent % levels:
+            raise ConfigError(
+                f"latent size {latent} must be divisible by {levels} (from model.channel_mult)"
+            )
+        size, widths = latent, []
+        for i, mult in enumerate(self.channel_mult):
+            if size in self.attention_resolutions:
+                widths.append((self.base_channels * mult, f"at {size}x{size}"))
+            size = size // 2 if i < len(self.channel_mult) - 1 else size
+        widths.append((self.base_channels * self.channel_mult[-1], "in the middle block"))
+        for width, where in widths:
+            if width % self.num_heads:
+                raise ConfigError(f"model.num_heads {self.num_heads} does not divide the {width} channels "
+                                  f"of the attention {where} (model.base_channels x channel_mult); "
+                                  "choose a num_heads that divides them")
+
 
 @dataclass
 class DiTConfig:
@@ -78,6 +99,18 @@ class DiTConfig:
     depth: int = ranged(6, lo=1, hi=128)
     num_heads: int = ranged(4, lo=1, hi=256)
     num_classes: int | None = ranged(None, lo=1, hi=1_000_000)  # null: unconditional
+
+    def check(self, latent: int) -> None:
+        if latent % self.patch_size:
+            raise ConfigError(f"latent size {latent} must be divisible by model.patch_size "
+                              f"{self.patch_size}; choose a patch size that divides it")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"model.num_heads {self.num_heads} does not divide model.hidden_size "
+                              f"{self.hidden_size}; choose a num_heads that divides it")
+        if self.hidden_size % 4:
+            raise ConfigError(f"model.hidden_size {self.hidden_size} must be a multiple of 4 (the 2-D "
+                              "sin-cos position embedding gives a quarter of it to each of sin and "
+                              "cos of row and column)")
 
 
 MODELS = {"unet": UNetConfig, "dit": DiTConfig}  # model.type -> its section (models/registry.py)
@@ -93,7 +126,7 @@ class DiffusionConfig:
     samplers unstable. ``linear``: the rectified-flow path, for the ``flow`` objective.
     """
 
-    objective: Literal["eps", "v", "x0", "flow"] = "eps"
+    objective: Literal[OBJECTIVE_NAMES] = "eps"  # diffusion/registry.py
     schedule: Literal["cosine", "linear"] = "cosine"
     loss_weighting: Literal["none", "min_snr"] = "none"
     min_snr_gamma: float = ranged(5.0, lo=0.0, strict=True)
@@ -133,7 +166,6 @@ class TrainConfig:
     cond_drop_prob: float = ranged(0.1, lo=0.0, hi=1.0)
 
 
-SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "euler", "heun")  # diffusion/samplers.py
 
 
 @dataclass
@@ -192,10 +224,11 @@ def _validate(cfg: Config) -> Config:
     """Cross-field checks that a single type cannot express."""
     if cfg.data.source in ("folder", "idx") and not cfg.data.path:
         raise ConfigError(f"data.source '{cfg.data.source}' needs data.path; set it to a directory")
-    if (cfg.diffusion.objective == "flow") != (cfg.diffusion.schedule == "linear"):
-        raise ConfigError(f"diffusion.objective '{cfg.diffusion.objective}' does not go with "
-                          f"diffusion.schedule '{cfg.diffusion.schedule}': flow needs the linear "
-                          "path, and eps, v and x0 the cosine schedule")
+    objective = OBJECTIVES[cfg.diffusion.objective]
+    if cfg.diffusion.schedule not in objective.schedules:
+        raise ConfigError(f"diffusion.objective '{objective.name}' does not go with "
+                          f"diffusion.schedule '{cfg.diffusion.schedule}': {objective.name} "
+                          f"needs diffusion.schedule {' or '.join(objective.schedules)}")
     if cfg.train.batch_size % cfg.train.grad_accum_steps:
         raise ConfigError(f"train.batch_size {cfg.train.batch_size} must be divisible by "
                           f"train.grad_accum_steps {cfg.train.grad_accum_steps}: each step's "
@@ -209,10 +242,7 @@ def _validate(cfg: Config) -> Config:
             f"downsampling factor {factor} (from autoencoder.channel_mult)"
         )
     latent = cfg.data.image_size // factor
-    if isinstance(cfg.model, DiTConfig):
-        _check_dit(cfg.model, latent)
-    else:
-        _check_unet(cfg.model, latent)
+    cfg.model.check(latent)
     _check_device(cfg.device)
     if len(cfg.train.betas) != 2 or not all(0 <= b < 1 for b in cfg.train.betas):
         raise ConfigError(f"train.betas must be two numbers in [0, 1), got {cfg.train.betas}")
@@ -221,40 +251,6 @@ def _validate(cfg: Config) -> Config:
         raise ConfigError(f"sample.guidance_interval must be [low, high] times with low <= high "
                           f"in [0, 1], got {interval}")
     return cfg
-
-
-def _check_dit(m: DiTConfig, latent: int) -> None:
-    if latent % m.patch_size:
-        raise ConfigError(f"latent size {latent} must be divisible by model.patch_size "
-                          f"{m.patch_size}; choose a patch size that divides it")
-    if m.hidden_size % m.num_heads:
-        raise ConfigError(f"model.num_heads {m.num_heads} does not divide model.hidden_size "
-                          f"{m.hidden_size}; choose a num_heads that divides it")
-    if m.hidden_size % 4:
-        raise ConfigError(f"model.hidden_size {m.hidden_size} must be a multiple of 4 (the 2-D "
-                          "sin-cos position embedding gives a quarter of it to each of sin and "
-                          "cos of row and column)")
-
-
-def _check_unet(u: UNetConfig, latent: int) -> None:
-    """The latent halves at every level; every self-attention layer splits its channels into
-    ``num_heads`` equal heads."""
-    levels = 2 ** (len(u.channel_mult) - 1)
-    if latent % levels:
-        raise ConfigError(
-            f"latent size {latent} must be divisible by {levels} (from model.channel_mult)"
-        )
-    size, widths = latent, []
-    for i, mult in enumerate(u.channel_mult):
-        if size in u.attention_resolutions:
-            widths.append((u.base_channels * mult, f"at {size}x{size}"))
-        size = size // 2 if i < len(u.channel_mult) - 1 else size
-    widths.append((u.base_channels * u.channel_mult[-1], "in the middle block"))
-    for width, where in widths:
-        if width % u.num_heads:
-            raise ConfigError(f"model.num_heads {u.num_heads} does not divide the {width} channels "
-                              f"of the attention {where} (model.base_channels x channel_mult); "
-                              "choose a num_heads that divides them")
 
 
 def _check_device(name: str) -> None:

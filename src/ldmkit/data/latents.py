@@ -39,10 +39,9 @@ from ldmkit.platform.distributed import SINGLE, Dist, barrier, broadcast_float
 from ldmkit.platform.fastpath import EAGER_FP32, FastPath, choose
 from ldmkit.platform.files import check_output, check_replaceable, write_dir_atomically, write_text_atomic
 from ldmkit.platform.preemption import Preempted, StopRequest
-from ldmkit.run.layout import AE_DIR, RunDir
+from ldmkit.run.layout import RunDir
 from ldmkit.vitals.logs.metrics_jsonl import MetricLogger
 
-CACHE_DIR = "latents"
 CACHE_KIND = "latent_cache"
 ENCODE_BATCH = 256
 # data settings that do not change what is encoded (the cache holds every image)
@@ -64,7 +63,7 @@ def cache_dir(cfg: Config, run_dir: Path) -> Path | None:
     setting = cfg.data.latent_cache
     if setting == "off":
         return None
-    return run_dir / CACHE_DIR if setting == "auto" else Path(setting)
+    return RunDir(run_dir).latent_cache if setting == "auto" else Path(setting)
 
 
 def cache_meta(cfg: Config, ae_dir: Path) -> dict:
@@ -193,7 +192,7 @@ def encoded_dataset(ae: Autoencoder, cfg: Config, run_dir: Path, data: LazyData,
     if path is None:
         return encode_in_memory(ae, data.get(), encoding_path(cfg))
     check_replaceable(path, CACHE_KIND)
-    meta = cache_meta(cfg, run_dir / AE_DIR)
+    meta = cache_meta(cfg, RunDir(run_dir).autoencoder)
     if d.is_main:
         latents = read_cache(path, meta)
         if latents is None:
@@ -214,7 +213,7 @@ def stage1_autoencoder(cfg: Config, run_dir: Path, logger: MetricLogger, data: L
                        stop: StopRequest | None, d: Dist = SINGLE) -> Autoencoder:
     """Reuse the run's autoencoder, copy a pretrained one in, or train it (rank 0; the other
     ranks wait, and stop with it if it is preempted)."""
-    own, preempted = run_dir / AE_DIR, None
+    own, preempted = RunDir(run_dir).autoencoder, None
     if d.is_main and not is_autoencoder_dir(own):
         if cfg.autoencoder.pretrained:
             load_autoencoder(cfg.autoencoder.pretrained)  # fails early on a broken one
@@ -262,7 +261,7 @@ def prepare_latents(cfg: Config, run_dir: Path, logger: MetricLogger,
 def data_needed(cfg: Config, run_dir: Path) -> bool:
     """Whether the run will read the images: to train stage 1, or to encode them because no
     cache of this autoencoder and data exists yet."""
-    own = run_dir / AE_DIR
+    own = RunDir(run_dir).autoencoder
     ae_dir = own if is_autoencoder_dir(own) else (
         autoencoder_dir(cfg.autoencoder.pretrained) if cfg.autoencoder.pretrained else None)
     path = cache_dir(cfg, run_dir)
@@ -274,8 +273,8 @@ def data_needed(cfg: Config, run_dir: Path) -> bool:
 def check_stage1_paths(cfg: Config, run_dir: Path, cache: Path | None) -> None:
     """Before a run writes anything: the autoencoder and cache directories it would write are
     absent or ldmkit's own (``files.check_replaceable``)."""
-    if not is_autoencoder_dir(run_dir / AE_DIR):
-        check_replaceable(run_dir / AE_DIR, AE_KIND)
+    if not is_autoencoder_dir(RunDir(run_dir).autoencoder):
+        check_replaceable(RunDir(run_dir).autoencoder, AE_KIND)
     if cache is not None:
         check_replaceable(cache, CACHE_KIND)
 
@@ -285,11 +284,11 @@ def encode_run(run_dir: Path, out: Path | None = None) -> Path:
     from ldmkit.run.layout import writing_run
 
     cfg = RunDir(run_dir).load_config()
-    path = out or cache_dir(cfg, run_dir) or run_dir / CACHE_DIR
+    path = out or cache_dir(cfg, run_dir) or RunDir(run_dir).latent_cache
     if out is not None:
         check_output(out, "--out", directory=True)
     check_replaceable(path, CACHE_KIND)
     with writing_run(run_dir):
-        ae = load_autoencoder(run_dir / AE_DIR)
+        ae = load_autoencoder(RunDir(run_dir).autoencoder)
         encoded_dataset(ae, cfg, run_dir, LazyData(cfg.data), path=path)
     return path

@@ -27,7 +27,8 @@ from ldmkit.platform.fastpath import Compiled, choose, record
 from ldmkit.platform.files import write_dir_atomically
 from ldmkit.platform.images import image_grid
 from ldmkit.platform.preemption import Preempted, StopRequest
-from ldmkit.run.layout import AE_DIR
+from ldmkit.run.layout import AE_DIR, RunDir
+from ldmkit.vitals import metrics as vm
 from ldmkit.vitals.logs.metrics_jsonl import MetricLogger
 
 AE_KIND = "autoencoder"
@@ -59,7 +60,7 @@ def train_autoencoder(cfg: Config, data: ImageData, run_dir: Path, logger: Metri
     sums = torch.zeros(3)
     fast = choose(cfg.train.precision, cfg.train.compile, torch.device("cpu"), "autoencoder",
                   ae_cfg.steps)
-    record(run_dir, "autoencoder", 0, fast)
+    record(RunDir(run_dir).fastpath, "autoencoder", 0, fast)
     net = Compiled(ae, fast, tqdm.write, "the autoencoder")
     latent_hw = (cfg.data.image_size // ae.downsample_factor,) * 2
     bar = tqdm(range(ae_cfg.steps), desc="autoencoder", dynamic_ncols=True, mininterval=1.0)
@@ -76,14 +77,14 @@ def train_autoencoder(cfg: Config, data: ImageData, run_dir: Path, logger: Metri
         if (step + 1) % ae_cfg.log_every == 0 or step + 1 == ae_cfg.steps:
             n = (step % ae_cfg.log_every) + 1
             mse_v, kl_v, psnr_v = (sums / n).tolist()
-            logger.log(step + 1, {"vae/recon_mse": mse_v, "vae/kl": kl_v, "vae/psnr": psnr_v})
+            logger.log(step + 1, {vm.VAE_RECON_MSE: mse_v, vm.VAE_KL: kl_v, vm.VAE_PSNR: psnr_v})
             bar.set_postfix(mse=f"{mse_v:.4f}", psnr=f"{psnr_v:.1f}")
             sums.zero_()
     ae.eval().requires_grad_(False)
     with torch.no_grad():
         x = data.batch(torch.arange(min(8, len(data))))
         pairs = to_uint8(torch.cat([x, ae.decode(ae.encode(x).mean)]))
-    save_autoencoder(ae, ae_cfg, cfg.data.channels, run_dir / AE_DIR, pairs)
+    save_autoencoder(ae, ae_cfg, cfg.data.channels, RunDir(run_dir).autoencoder, pairs)
     return ae
 
 

@@ -1,21 +1,12 @@
 """The one object between the backbone and everything else (k-diffusion's ``Denoiser``, EDM2's
 ``Precond`` + loss): it turns the network's output into estimates of the clean latents (x0) and
 the noise (eps), and computes the training loss. Samplers, the vital signs, validation and
-export see those estimates only, never the objective.
-
-Objectives, with ``x_t = alpha(t) x0 + sigma(t) eps``:
-
-- ``eps``: the network predicts the noise (Ho et al. 2020). ``x0 = (x - sigma out) / alpha``.
-- ``v``: ``v = alpha eps - sigma x0`` (Salimans & Ho 2022), on a VP schedule
-  (``alpha^2 + sigma^2 = 1``): ``x0 = alpha x - sigma out``, ``eps = sigma x + alpha out``.
-- ``x0``: the network predicts the clean latents. ``eps = (x - alpha out) / sigma``.
-- ``flow``: rectified flow on the linear path ``x_t = (1 - t) x0 + t eps`` with velocity target
-  ``eps - x0`` (Liu et al. 2022; Esser et al. 2024): ``x0 = x - t out``, ``eps = x + (1 - t) out``.
+export see those estimates only, never the objective. The objectives themselves are entries of
+``diffusion/registry.py``.
 
 Loss weighting ``min_snr`` (Hang et al. 2023) weights each sample so that its loss, expressed
 as an x0-error, counts ``min(snr, gamma)``: the objective's squared error equals ``c(t)`` times
-the x0 error (eps: ``snr``; v: ``snr + 1``; x0: 1; flow: ``1 / t^2``), so the weight is
-``min(snr, gamma) / c(t)``.
+the x0 error (``Objective.x0_error_factor``), so the weight is ``min(snr, gamma) / c(t)``.
 """
 
 from __future__ import annotations
@@ -27,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ldmkit.diffusion.condition import Cond, guided
+from ldmkit.diffusion.registry import OBJECTIVES, Objective
 from ldmkit.diffusion.schedule import CosineSchedule, LinearSchedule, Schedule
 
 if TYPE_CHECKING:
@@ -34,7 +26,6 @@ if TYPE_CHECKING:
 
 Net = Callable[..., torch.Tensor]  # net(x, t, **cond): a backbone (models/registry.py)
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-OBJECTIVES = ("eps", "v", "x0", "flow")
 
 
 @dataclass
@@ -65,41 +56,31 @@ class Parameterization:
     weighting: str = "none"
     min_snr_gamma: float = 5.0
 
+    @property
+    def spec(self) -> Objective:
+        """The objective's registry entry (``diffusion/registry.py``)."""
+        return OBJECTIVES[self.objective]
+
     def predict(self, net: Net, x: torch.Tensor, t: torch.Tensor,
                 cond: Cond | None = None) -> Prediction:
         """The network's output at ``(x_t, t)`` (given the condition) as estimates of x0 and
         eps."""
         out = net(x, t, **cond) if cond else net(x, t)
-        o = out.float()
         alpha, sigma = (_col(v, x) for v in self.schedule.alpha_sigma(t))
-        if self.objective == "eps":
-            return Prediction(out, (x - sigma * o) / alpha, o)
-        if self.objective == "v":
-            return Prediction(out, alpha * x - sigma * o, sigma * x + alpha * o)
-        if self.objective == "x0":
-            return Prediction(out, o, (x - alpha * o) / sigma)
-        tt = _col(t.float(), x)
-        return Prediction(out, x - tt * o, x + (1 - tt) * o)
+        x0, eps = self.spec.estimates(out.float(), x, alpha, sigma, _col(t.float(), x))
+        return Prediction(out, x0, eps)
 
     def target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """What the network regresses onto."""
-        if self.objective == "eps":
-            return eps
-        if self.objective == "x0":
-            return x0
-        if self.objective == "flow":
-            return eps - x0
         alpha, sigma = (_col(v, x0) for v in self.schedule.alpha_sigma(t))
-        return alpha * eps - sigma * x0
+        return self.spec.target(x0, eps, alpha, sigma)
 
     def weight(self, t: torch.Tensor) -> torch.Tensor | None:
         """Per-sample loss weights ``[B]``, or None for the plain mean."""
         if self.weighting == "none":
             return None
         snr = self.schedule.logsnr(t).exp()
-        x0_error_factor = {"eps": snr, "v": snr + 1, "x0": torch.ones_like(snr),
-                           "flow": 1 / t.double().clamp(min=1e-6) ** 2}[self.objective]
-        return (snr.clamp(max=self.min_snr_gamma) / x0_error_factor).float()
+        return (snr.clamp(max=self.min_snr_gamma) / self.spec.x0_error_factor(snr, t)).float()
 
     def noised(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """``x_t = alpha(t) x0 + sigma(t) eps``."""
@@ -122,9 +103,8 @@ class Parameterization:
         uniform t: where the objective's loss starts (the guide's "starts near 1.0" is eps's;
         flow's velocity target has variance 2). The rules read losses in these units."""
         t = (torch.arange(1000, dtype=torch.float64) + 0.5) / 1000
-        power = 2.0 if self.objective == "flow" else 1.0  # E[target^2] per element
         weight = self.weight(t) if weighted else None
-        return power * (1.0 if weight is None else weight.double().mean().item())
+        return self.spec.target_power * (1.0 if weight is None else weight.double().mean().item())
 
     def denoiser(self, net: Net, cond: Cond | None = None, guidance: float = 1.0,
                  interval: tuple[float, float] = (0.0, 1.0)) -> Denoiser:

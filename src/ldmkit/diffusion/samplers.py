@@ -16,8 +16,8 @@ from collections.abc import Callable
 
 import torch
 
-from ldmkit.config import SAMPLERS
 from ldmkit.diffusion.parameterization import Denoiser, Net, Parameterization
+from ldmkit.diffusion.registry import SAMPLERS
 from ldmkit.diffusion.schedule import Schedule
 
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]

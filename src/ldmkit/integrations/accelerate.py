@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
+from ldmkit.diffusion.registry import OBJECTIVE_ALIASES, OBJECTIVES
 from ldmkit.vitals import metrics as vm
-from ldmkit.vitals.logs.trainers import OBJECTIVES
 from ldmkit.vitals.monitor import LiveMonitor
 from ldmkit.vitals.observer import StepVitals, hook_context
 from ldmkit.vitals.offline import with_objective
@@ -47,9 +47,11 @@ class AccelerateVitals(StepVitals):
         ctx = hook_context(latent_scale_factor, thresholds, log_every)
         config = noise_scheduler.config
         self.prediction_type = str(config.get("prediction_type") or "flow_matching")
-        if self.prediction_type not in OBJECTIVES:
+        if self.prediction_type not in OBJECTIVE_ALIASES:
             raise ValueError(f"prediction_type '{self.prediction_type}' is not one of "
-                             f"{', '.join(OBJECTIVES)}; hand eps estimates to VitalsMonitor")
+                             f"{', '.join(OBJECTIVE_ALIASES)}; hand eps estimates to "
+                             "VitalsMonitor")
+        self.objective = OBJECTIVES[OBJECTIVE_ALIASES[self.prediction_type]]
         alphas = getattr(noise_scheduler, "alphas_cumprod", None)
         self.alphas_cumprod = None if alphas is None else torch.as_tensor(alphas).double()
         self.num_train_timesteps = int(config.get("num_train_timesteps") or 1000)
@@ -58,7 +60,7 @@ class AccelerateVitals(StepVitals):
         if accelerator.is_main_process:
             directory = Path(log_dir or accelerator.logging_dir or ".")
             directory.mkdir(parents=True, exist_ok=True)
-            live = LiveMonitor(directory, with_objective(ctx, OBJECTIVES[self.prediction_type]),
+            live = LiveMonitor(directory, with_objective(ctx, self.objective.name),
                                on_critical, echo)
         super().__init__(live, log_every)
         if live is not None and latent_scale_factor is not None:
@@ -69,24 +71,24 @@ class AccelerateVitals(StepVitals):
                      sigmas: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(the noise the prediction implies ``[B, ...]``, t in [0, 1] ``[B]``)."""
         pred = model_pred.detach().float()
-        if self.prediction_type == "epsilon":
-            return pred, timesteps.float() / max(self.num_train_timesteps - 1, 1)
-        if noisy_latents is None:
-            raise ValueError(f"prediction_type {self.prediction_type}: pass noisy_latents so "
-                             "the noise estimate can be formed")
-        x_t = noisy_latents.detach().float()
         shape = (-1,) + (1,) * (pred.dim() - 1)
-        if self.alphas_cumprod is None:  # flow matching: x_t = (1 - s) x0 + s eps, v = eps - x0
+        if self.alphas_cumprod is None:  # flow matching: x_t = (1 - s) x0 + s eps
             if sigmas is None:
                 raise ValueError("a flow-matching scheduler: pass the sigmas of the batch")
-            s = sigmas.detach().float().reshape(shape)
-            return x_t + (1 - s) * pred, sigmas.detach().float().flatten()
-        acp = self.alphas_cumprod.to(timesteps.device)[timesteps.long()].float().reshape(shape)
-        a, s = acp.sqrt(), (1 - acp).sqrt()
-        t = timesteps.float() / max(self.num_train_timesteps - 1, 1)
-        if self.prediction_type == "v_prediction":  # v = a eps - s x0
-            return a * pred + s * x_t, t
-        return (x_t - a * pred) / s.clamp(min=1e-4), t  # sample: x0 predicted
+            t = sigmas.detach().float().flatten()
+            a, s = 1 - t, t
+        else:
+            acp = self.alphas_cumprod.to(timesteps.device)[timesteps.long()].float()
+            a, s = acp.sqrt(), (1 - acp).sqrt().clamp(min=1e-4)
+            t = timesteps.float() / max(self.num_train_timesteps - 1, 1)
+        if noisy_latents is None and self.objective.name != "eps":
+            raise ValueError(f"prediction_type {self.prediction_type}: pass noisy_latents so "
+                             "the noise estimate can be formed")
+        # the eps objective's noise estimate is its output and does not read x_t
+        x_t = pred if noisy_latents is None else noisy_latents.detach().float()
+        _, eps = self.objective.estimates(pred, x_t, a.reshape(shape), s.reshape(shape),
+                                          t.reshape(shape))
+        return eps, t
 
     def observe(self, step: int, loss: torch.Tensor, model_pred: torch.Tensor,
                 noise: torch.Tensor, timesteps: torch.Tensor, latents: torch.Tensor,
@@ -97,7 +99,7 @@ class AccelerateVitals(StepVitals):
         (``accelerator.clip_grad_norm_``'s return value). Logged every ``log_every`` steps."""
         eps_pred, t = self.eps_estimate(model_pred, timesteps, noisy_latents, sigmas)
         self.observe_train_step(step, loss, eps_pred, noise, t, latents, grad_norm, lr,
-                                loss_is_eps_mse=self.prediction_type == "epsilon")
+                                loss_is_eps_mse=self.objective.name == "eps")
 
     def _log(self, step: int, values: dict[str, float]) -> None:
         self.accelerator.log(values, step=step)

@@ -11,6 +11,8 @@ exported as itself). Importing this module needs diffusers.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from diffusers import ConfigMixin, DDIMScheduler, DiTTransformer2DModel, ModelMixin
 from diffusers.configuration_utils import register_to_config
@@ -31,7 +33,6 @@ def discrete_alphas_cumprod(schedule: CosineSchedule, steps: int) -> torch.Tenso
     return torch.sigmoid(schedule.logsnr(t))
 
 
-PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 
 
 def discrete_scheduler(param: Parameterization, steps: int = 1000) -> DDIMScheduler:
@@ -41,7 +42,7 @@ def discrete_scheduler(param: Parameterization, steps: int = 1000) -> DDIMSchedu
     previous = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
     betas = (1 - alphas_cumprod / previous).tolist()
     return DDIMScheduler(num_train_timesteps=steps, trained_betas=betas, clip_sample=False,
-                         prediction_type=PREDICTION_TYPES[param.objective], set_alpha_to_one=True,
+                         prediction_type=param.spec.prediction_type, set_alpha_to_one=True,
                          timestep_spacing="trailing")
 
 
@@ -128,3 +129,15 @@ def dit_to_diffusers(model: DiT, in_channels: int, latent_size: int, patch_size:
                 weights[f"{theirs}attn1.{name}.{key}"] = part
     target.load_state_dict(weights)
     return target
+
+
+def export_unet(model: UNet, args: dict, out: Path) -> None:
+    """``out/unet``: the UNet as ``LdmkitUNet`` (diffusers' ``UNet2DModel`` call convention)."""
+    unet = LdmkitUNet(**{"sample_size" if k == "latent_size" else k: v for k, v in args.items()})
+    unet.net.load_state_dict(model.state_dict())
+    unet.save_pretrained(out / "unet", safe_serialization=True)
+
+
+def export_dit(model: DiT, args: dict, out: Path) -> None:
+    """``out/transformer``: the DiT as diffusers' own ``DiTTransformer2DModel``."""
+    dit_to_diffusers(model, **args).save_pretrained(out / "transformer", safe_serialization=True)

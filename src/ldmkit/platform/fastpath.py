@@ -252,24 +252,24 @@ class Compiled:
             return step(*args, **kwargs)
 
 
-FASTPATH_FILE = "fastpath.jsonl"  # RunDir.fastpath
+FASTPATH_FILE = "fastpath.jsonl"  # RunDir.fastpath: a run's choices, one record per job and start
 
 
-def record(run_dir: Path, job: str, step: int, fast: FastPath,
+def record(path: Path, job: str, step: int, fast: FastPath,
            echo: Callable[[str], None] = print) -> None:
-    """Print the choice and its reasons, and append them to ``RUN/fastpath.jsonl`` (one record
-    per job and start, so a resumed run on another machine shows both)."""
+    """Print the choice and its reasons, and append them to ``path`` (``RUN/fastpath.jsonl``:
+    one record per job and start, so a resumed run on another machine shows both)."""
     echo(f"fast path ({job}): {fast.describe()}")
-    with open_append(run_dir / FASTPATH_FILE) as fh:
+    with open_append(path) as fh:
         fh.write(json.dumps({"job": job, "at_step": step, **fast.as_dict(),
                              "torch": torch.__version__}) + "\n")
 
 
-def recorded(run_dir: Path, job: str = "train") -> str | None:
-    """The last recorded choice of ``job`` in ``RUN/fastpath.jsonl`` in words, or None (a run
-    made before it, or an unreadable record)."""
+def recorded(path: Path, job: str = "train") -> str | None:
+    """The last recorded choice of ``job`` in ``path`` (``RUN/fastpath.jsonl``) in words, or
+    None (a run made before it, or an unreadable record)."""
     try:
-        lines = (run_dir / FASTPATH_FILE).read_text().splitlines()
+        lines = path.read_text().splitlines()
     except OSError:
         return None
     for line in reversed(lines):

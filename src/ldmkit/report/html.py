@@ -20,7 +20,7 @@ from ldmkit.run.layout import REPORT_HTML, RunDir
 from ldmkit.vitals import metrics as vm
 from ldmkit.vitals.logs.metrics_jsonl import json_objects
 from ldmkit.vitals.offline import diagnose_loaded
-from ldmkit.vitals.signs import PLOTTED, bands
+from ldmkit.vitals.signs import PLOTTED, SWEPT, bands
 
 from .svg import Marker, heat_map, line_plot
 
@@ -31,10 +31,7 @@ def shown_tags(series: dict) -> list[str]:
     """The vital signs present in ``series`` in the guide's order, then any ``eval/*`` (guided
     figures, ``TAG@cfgG``, have their own section)."""
     return [t for t in PLOTTED if t in series] + sorted(
-        t for t in series if t.startswith("eval/") and "@cfg" not in t)
-
-
-SWEPT = ("eval/fd", "eval/precision", "eval/recall", "eval/class_accuracy")
+        t for t in series if t.startswith(vm.EVAL_PREFIX) and "@cfg" not in t and t not in PLOTTED)
 
 
 def guidance_sweep(series: dict) -> dict[str, list[tuple[float, float]]]:
@@ -101,7 +98,7 @@ def _raised(run_dir: Path) -> list[dict]:
     path = RunDir(run_dir).findings
     if not path.is_file():
         return []
-    return [event for _, event in json_objects(path) if event.get("event") == "raised"]
+    return [event for event in json_objects(path) if event.get("event") == "raised"]
 
 
 def _grids(run_dir: Path) -> list[tuple[Path, str]]:
@@ -154,7 +151,7 @@ def render_html(run_dir: Path) -> str:
         markers = [Marker(e["step"], f'{e["severity"]} {e["code"]}: {e["message"]}', e["severity"])
                    for e in raised if e.get("metric") == tag]
         plots.append(line_plot(tag, log.series[tag], bands(tag, ctx), markers))
-    evals = {t: v[-1][1] for t, v in log.series.items() if t.startswith("eval/") and v}
+    evals = {t: v[-1][1] for t, v in log.series.items() if t.startswith(vm.EVAL_PREFIX) and v}
     recon = RunDir(run_dir).autoencoder / "reconstructions.png"
     config = RunDir(run_dir).config
     css = "healthy" if diagnosis.scenario == "healthy" else (

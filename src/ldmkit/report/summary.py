@@ -38,13 +38,14 @@ def summary_text(result: TrainResult) -> str:
     """The final value of each vital sign of ``signs.SIGNS`` next to the guide's words and the
     ranges its rules apply to this run (its loss units and latent scale)."""
     run_dir, scale, vitals = result.run_dir, result.latent_scale_factor, result.vitals
+    run = RunDir(run_dir)
     ctx = run_context(run_dir)
     ctx.latent_scale_factor = scale
     lines = [f"# ldmkit run {run_dir.name}", "",
              f"- steps: {result.step}, wall time: {result.seconds / 60:.1f} min",
              f"- latent_scale_factor: {scale:.4f} (healthy final_latent_stats/std ~ "
              f"{1 / scale:.3f})", f"- scenario: **{result.verdict}**"]
-    fast = recorded(run_dir)
+    fast = recorded(run.fastpath)
     lines += [f"- computed in: {fast}"] if fast else []
     lines += ["", "| vital sign | final | guide's healthy range | applied to this run | |",
               "|---|---|---|---|---|"]
@@ -63,10 +64,10 @@ def summary_text(result: TrainResult) -> str:
         lines.append("No open findings: no rule of the guide fires on this run (a value 'off' "
                      "its good range alone is not a finding).")
     lines += ["", f"- samples: {result.grid if result.grid else '(none yet)'}",
-              f"- metrics: {run_dir / 'metrics.jsonl'} (TensorBoard: {run_dir / 'tensorboard'})",
-              f"- findings: {run_dir / 'findings.jsonl'}",
-              f"- checkpoints: {run_dir / 'checkpoints'}",
-              f"- report: {RunDir(run_dir).report_md} and {RunDir(run_dir).report_html}"]
+              f"- metrics: {run.metrics} (TensorBoard: {run.tensorboard})",
+              f"- findings: {run.findings}",
+              f"- checkpoints: {run.checkpoints}",
+              f"- report: {run.report_md} and {run.report_html}"]
     return "\n".join(lines) + "\n"
 
 

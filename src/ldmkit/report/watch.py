@@ -7,7 +7,6 @@ the next refresh) and re-evaluates the guide's rules on each refresh, so what it
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from ldmkit.run.context import run_context
 from ldmkit.run.layout import RunDir
 from ldmkit.vitals import metrics as vm
 from ldmkit.vitals.diagnose import Context, Series, coverage, evaluate, scenario
+from ldmkit.vitals.logs.metrics_jsonl import metrics_reader
 from ldmkit.vitals.monitor import TAIL
 from ldmkit.vitals.signs import band_status, bands
 
@@ -32,31 +32,20 @@ STYLE = {"good": "green", "bad": "bold red", "off": "white", None: "white"}
 
 
 class MetricsFollower:
-    """Reads the records appended to a ``metrics.jsonl`` since the last call."""
+    """The records appended to a ``metrics.jsonl`` since the last call, as series."""
 
     def __init__(self, path: Path):
-        self.path, self.offset = path, 0
+        self.path, self.reader = path, metrics_reader(path)
         self.series: Series = {}
 
     def poll(self) -> int:
         """Add new complete records to ``series``; returns how many were read."""
         if not self.path.is_file():
             return 0
-        with self.path.open("rb") as fh:
-            fh.seek(self.offset)
-            chunk = fh.read()
-        end = chunk.rfind(b"\n") + 1  # a line still being written waits for the next poll
-        count = 0
-        for line in chunk[:end].decode("utf-8", errors="replace").splitlines():
-            try:
-                rec = json.loads(line)
-                self.series.setdefault(str(rec["tag"]), []).append(
-                    (int(rec["step"]), float(rec["value"])))
-                count += 1
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError, OverflowError):
-                continue
-        self.offset += end
-        return count
+        records = self.reader.poll()
+        for step, tag, value in records:
+            self.series.setdefault(tag, []).append((step, value))
+        return len(records)
 
 
 def sparkline(values: list[float], width: int = 20) -> str:

@@ -28,8 +28,7 @@ from ldmkit.errors import CheckpointError, LdmkitError
 from ldmkit.platform.fastpath import FASTPATH_FILE
 from ldmkit.platform.files import OWNER_FILE, check_no_links, owner_of, write_text_atomic
 from ldmkit.run.checkpoint import list_checkpoints, step_of
-from ldmkit.vitals.logs.metrics_jsonl import METRICS_FILE
-from ldmkit.vitals.monitor import FINDINGS_FILE
+from ldmkit.vitals.logs.metrics_jsonl import FINDINGS_FILE, METRICS_FILE
 
 CONFIG_FILE = "config.yaml"
 RUN_KIND = "run"
@@ -43,7 +42,8 @@ QUARANTINE_DIR = "diverged"  # checkpoints saved after a divergence began, under
 SAMPLES_DIR = "samples"
 FINAL_SAMPLES = "final"
 REPORT_MD, REPORT_HTML = "report.md", "report.html"
-TENSORBOARD_DIR = "tensorboard"
+TENSORBOARD_DIR = "tensorboard"  # written by vitals.logs.metrics_jsonl.MetricLogger
+LATENT_CACHE_DIR = "latents"  # data.latent_cache: auto
 
 
 class RunDir:
@@ -89,6 +89,14 @@ class RunDir:
     @property
     def autoencoder(self) -> Path:
         return self.path / AE_DIR
+
+    @property
+    def latent_cache(self) -> Path:
+        return self.path / LATENT_CACHE_DIR
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / TENSORBOARD_DIR
 
     @property
     def checkpoints(self) -> Path:

@@ -31,6 +31,7 @@ from ldmkit.sampling.quality import (
     precision_recall,
 )
 from ldmkit.sampling.trained import load_for_sampling
+from ldmkit.vitals import metrics as vm
 from ldmkit.vitals.logs.metrics_jsonl import MetricLogger
 
 
@@ -59,18 +60,15 @@ def quality_metrics(ref: Reference, fake_images: torch.Tensor,
     the classifier assigns to that class (chance: one over the number of classes)."""
     fake, predicted = ref.clf.embed(to_signed(fake_images))
     precision, recall = precision_recall(ref.real, fake)
-    values = {"eval/fd": frechet_distance(fake, ref.real), "eval/precision": precision,
-              "eval/recall": recall,
-              "eval/class_coverage": class_coverage(predicted, ref.clf.classes),
-              "eval/memorization": memorization_rate(fake, ref.train,
+    values = {vm.EVAL_FD: frechet_distance(fake, ref.real), vm.EVAL_PRECISION: precision,
+              vm.EVAL_RECALL: recall,
+              vm.EVAL_CLASS_COVERAGE: class_coverage(predicted, ref.clf.classes),
+              vm.EVAL_MEMORIZATION: memorization_rate(fake, ref.train,
                                                       threshold=ref.copy_distance),
-              "eval/classifier_accuracy": ref.clf.held_out_accuracy}
+              vm.EVAL_CLASSIFIER_ACCURACY: ref.clf.held_out_accuracy}
     if labels is not None:
-        values[CLASS_ACCURACY] = (predicted == labels).float().mean().item()
+        values[vm.EVAL_CLASS_ACCURACY] = (predicted == labels).float().mean().item()
     return values
-
-
-CLASS_ACCURACY = "eval/class_accuracy"
 
 
 EVAL_NUM, EVAL_SAMPLER, EVAL_STEPS = 256, "dpmpp_2m", 20  # the in-loop budget

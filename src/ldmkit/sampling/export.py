@@ -14,21 +14,18 @@ import shutil
 from pathlib import Path
 
 from ldmkit.config import from_dict
+from ldmkit.diffusion.registry import OBJECTIVES
 from ldmkit.errors import CheckpointError, LdmkitError
 from ldmkit.models.diffusers_vae import CONFIG_FILE, is_diffusers_vae
+from ldmkit.models.registry import export_backbone
 from ldmkit.platform.files import check_no_links
-from ldmkit.run.layout import AE_DIR
+from ldmkit.run.layout import RunDir
 from ldmkit.sampling.generate import parameterization
 
 
 def export_diffusers(run_dir: str | Path, out: str | Path) -> Path:
     try:
-        from ldmkit.models.diffusers_export import (
-            LdmkitAutoencoder,
-            LdmkitUNet,
-            discrete_scheduler,
-            dit_to_diffusers,
-        )
+        from ldmkit.models.diffusers_export import LdmkitAutoencoder, discrete_scheduler
     except ImportError:
         raise LdmkitError("export needs diffusers: pip install diffusers") from None
     from ldmkit.sampling.trained import load_for_sampling
@@ -39,20 +36,14 @@ def export_diffusers(run_dir: str | Path, out: str | Path) -> Path:
         raise CheckpointError(f"'{out}' is not empty; choose a new directory for the export")
     cfg_dict, step, model, ae, scale, backbone = load_for_sampling(run_dir)
     cfg = from_dict(cfg_dict)
-    if cfg.diffusion.objective == "flow":
-        raise LdmkitError("export writes diffusers' DDIM scheduler, which has no flow-matching "
-                          "prediction type; sample the run with `ldmkit sample` instead")
-    args = backbone["args"]
-    if backbone["type"] == "dit":
-        dit_to_diffusers(model, **args).save_pretrained(out / "transformer",
-                                                        safe_serialization=True)
-    else:
-        unet = LdmkitUNet(**{"sample_size" if k == "latent_size" else k: v
-                             for k, v in args.items()})
-        unet.net.load_state_dict(model.state_dict())
-        unet.save_pretrained(out / "unet", safe_serialization=True)
+    objective = OBJECTIVES[cfg.diffusion.objective]
+    if objective.prediction_type is None:
+        raise LdmkitError(f"export writes diffusers' DDIM scheduler, which has no prediction "
+                          f"type for the {objective.name} objective; sample the run with "
+                          "`ldmkit sample` instead")
+    export_backbone(backbone, model, out)
     discrete_scheduler(parameterization(cfg)).save_pretrained(out / "scheduler")
-    source = run_dir / AE_DIR
+    source = RunDir(run_dir).autoencoder
     if is_diffusers_vae(source):
         shutil.copytree(source, out / "vae", ignore=shutil.ignore_patterns("*.bin", "*.png"))
         config = json.loads((out / "vae" / CONFIG_FILE).read_text())

@@ -231,7 +231,7 @@ def _start_state(opened: OpenedRun, cfg: Config, ae: Autoencoder, latents: Laten
         rt.logger.rewind(state.step if opened.ckpt else -1)
         rewind_findings(run_dir, state.step if opened.ckpt else -1)
     write_text_atomic(RunDir(run_dir).config, to_yaml(cfg))
-    record(run_dir, "train", state.step, rt.fast, tqdm.write)
+    record(RunDir(run_dir).fastpath, "train", state.step, rt.fast, tqdm.write)
     rt.monitor = attach_monitor(cfg, run_dir, rt.logger, scale, state.step)
     if state.step == 0:
         rt.logger.log(0, {vm.SCALE_FACTOR: scale})

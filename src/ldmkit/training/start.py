@@ -24,6 +24,7 @@ from ldmkit.platform.files import write_text_atomic
 from ldmkit.run.context import check_thresholds
 from ldmkit.run.layout import RunDir, RunLock, claim
 from ldmkit.training.resume import OpenedRun, check_checkpoint, open_run, record_changes
+from ldmkit.vitals.logs.metrics_jsonl import check_readable
 
 
 def resolve_device(name: str, d: Dist = SINGLE) -> torch.device:
@@ -55,6 +56,8 @@ def preflight(opened: OpenedRun, data: LazyData) -> None:
         load_autoencoder(cfg.autoencoder.pretrained)
     if opened.ckpt is not None:
         check_checkpoint(cfg, run_dir, opened.ckpt)
+    if opened.continuing:
+        check_readable(run_dir)  # the rewind rewrites the logs: a damaged line fails here
     if data_needed(cfg, run_dir):
         data.get()  # a missing, empty or unreadable dataset fails here
 

@@ -15,6 +15,7 @@ from ldmkit.vitals import metrics as vm
 from ldmkit.vitals.checks import CHECKS, samples_judgeable
 from ldmkit.vitals.context import Context, Finding, Series, Verdict
 from ldmkit.vitals.rules import ALWAYS, EVENTS, RULES
+from ldmkit.vitals.signs import QUALITY_TAGS
 
 __all__ = ["Context", "Finding", "Series", "coverage", "evaluate", "event_finding", "retry_lr",
            "scenario"]
@@ -88,7 +89,6 @@ def scenario(findings: list[Finding], series: Series, ctx: Context) -> str:
     return "healthy"
 
 
-QUALITY_TAGS = ("eval/fd", "eval/precision", "eval/recall")
 
 
 def coverage(scenario_name: str, series: Series) -> str:

@@ -47,7 +47,20 @@ def val_bucket_label(k: int) -> str:
     return f"t {k / VAL_BUCKETS:.1f}-{(k + 1) / VAL_BUCKETS:.1f}"
 
 
-EVAL_MEMORIZATION = "eval/memorization"  # ldmkit.sampling.quality, with the in-project classifier
+# sample quality (ldmkit.sampling.evaluate): against held-out data, with the in-project classifier
+EVAL_PREFIX = "eval/"
+EVAL_FD = EVAL_PREFIX + "fd"
+EVAL_PRECISION = EVAL_PREFIX + "precision"
+EVAL_RECALL = EVAL_PREFIX + "recall"
+EVAL_CLASS_COVERAGE = EVAL_PREFIX + "class_coverage"
+EVAL_MEMORIZATION = EVAL_PREFIX + "memorization"
+EVAL_CLASSIFIER_ACCURACY = EVAL_PREFIX + "classifier_accuracy"
+EVAL_CLASS_ACCURACY = EVAL_PREFIX + "class_accuracy"  # class-conditional: asked-for class hit
+# stage 1 (ldmkit.data.stage1); their own TensorBoard run and rewind stage
+VAE_PREFIX = "vae/"
+VAE_RECON_MSE = VAE_PREFIX + "recon_mse"
+VAE_KL = VAE_PREFIX + "kl"
+VAE_PSNR = VAE_PREFIX + "psnr"
 NEAREST_PREFIX = "sample_diversity/nearest_train_ratio_"
 COPY_SHARE = "sample_diversity/copy_share"
 COPY_RATIO = 1 / 3  # nearest / second-nearest training image below this: a copy

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from ldmkit.platform.files import open_append
 from ldmkit.vitals.diagnose import Context, Finding, Series, evaluate
+from ldmkit.vitals.logs.metrics_jsonl import FINDINGS_FILE
 
-FINDINGS_FILE = "findings.jsonl"
 TAIL = 64  # records per tag a rule may look back on; keeps each evaluation O(tags * TAIL)
 SEVERITY_RANK = {"info": 0, "warning": 1, "critical": 2}
 

@@ -26,10 +26,11 @@ from ldmkit.vitals.logs.trainers import (
 )
 from ldmkit.vitals.monitor import SEVERITY_RANK, replay
 from ldmkit.vitals.rules import RULES
+from ldmkit.vitals.signs import SIGNS
 
 # the guide's vital signs (its metric tables), in its order
-GUIDE_TAGS = (vm.LOSS, vm.GRAD_NORM, vm.LEARNING_RATE, vm.T_MEAN, vm.COS_EPS, vm.Z_STD,
-              vm.PAIRWISE_PREFIX + "mean", vm.FINAL_PREFIX + "std", vm.FINAL_PREFIX + "max")
+# the guide's signs that a rule reads: what a log without them cannot be judged on
+GUIDE_TAGS = tuple(s.tag for s in SIGNS if s.guide and any(r.metric == s.tag for r in RULES))
 
 
 @dataclass(frozen=True)

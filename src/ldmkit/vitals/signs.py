@@ -6,7 +6,9 @@ how DDP ranks combine (``ranks``), the guide's healthy range in words (``healthy
 ranges the rules apply, converted to the run's loss units and latent scale (``bands``). The
 trainer's step and its DDP reduction, ``VitalsMonitor``, the interval accumulator, the HTML
 report, ``watch`` and the end-of-run summary all read ``SIGNS``; a new vital sign is one entry
-here plus its rows in ``rules.py``. Nothing here imports the trainer.
+here plus its rows in ``rules.py``. Each sign has a group (train, sample, validation, eval,
+autoencoder), from which the diagnosis, the report and the guidance sweep take their tag lists.
+Nothing here imports the trainer.
 """
 
 from __future__ import annotations
@@ -41,10 +43,15 @@ class Band:
     high: float | None
 
 
+Group = Literal["train", "sample", "validation", "eval", "autoencoder"]
+
+
 @dataclass(frozen=True)
 class VitalSign:
     tag: str
+    group: Group
     healthy: str = ""  # the guide's words; empty: not a row of the end-of-run summary
+    guide: bool = False  # a row of the guide's tables (the diagnosis lists it when missing)
     step: Callable[[StepTensors], torch.Tensor | None] | None = None  # None: logged elsewhere
     # across ranks: "mean" of equal shards, "pooled_std" (the std of the StepTensors field
     # ``pooled``, from the ranks' moments), "same" (identical on every rank already, e.g. the
@@ -53,6 +60,8 @@ class VitalSign:
     pooled: str | None = None
     interval: Literal["mean", "median"] = "mean"  # median: a ratio spanning decades
     bands: Callable[[Context], list[Band]] = lambda ctx: []
+    quality: bool = False  # its presence means sample quality was measured (the verdict says so)
+    swept: bool = False  # plotted against the guidance scale (``ldmkit eval --guidance``)
 
 
 def _loss_bands(ctx: Context) -> list[Band]:
@@ -110,60 +119,85 @@ def _final_extreme_bands(ctx: Context) -> list[Band]:
 
 def _pairwise(stat: str, healthy: str, bands: Callable[[Context], list[Band]] = lambda c: []
               ) -> VitalSign:
-    return VitalSign(vm.PAIRWISE_PREFIX + stat, healthy, bands=bands)
+    return VitalSign(vm.PAIRWISE_PREFIX + stat, "sample", healthy, True, bands=bands)
+
+
+def _train(tag: str, healthy: str, step: Callable[[StepTensors], torch.Tensor | None] | None,
+           ranks: Literal["mean", "pooled_std", "same"] = "same", **fields: object) -> VitalSign:
+    """A sign of the guide's training-dynamics table, computed from each step's tensors."""
+    return VitalSign(tag, "train", healthy, True, step, ranks, **fields)  # type: ignore[arg-type]
+
+
+def _eval(tag: str, quality: bool = False, swept: bool = False) -> VitalSign:
+    return VitalSign(tag, "eval", quality=quality, swept=swept)
 
 
 SIGNS: tuple[VitalSign, ...] = (
-    VitalSign(vm.LOSS, "starts ~1.0, decreases to 0.1-0.4 (x the objective's untrained loss)",
-              lambda s: s.loss.float(), "mean", bands=_loss_bands),
-    VitalSign(vm.GRAD_NORM, "stable, 0.1-10",
-              lambda s: None if s.grad_norm is None else s.grad_norm.float(), "same",
-              bands=lambda ctx: [Band("good", 0.1, 10.0),
-                                 Band("bad", ctx.thr("grad_norm_high"), None),
-                                 Band("bad", None, ctx.thr("grad_norm_low"))]),
-    VitalSign(vm.LEARNING_RATE, "as configured"),
-    VitalSign(vm.T_MEAN, "~0.5 on average", lambda s: s.t.float().mean(), "mean",
-              bands=_t_mean_bands),
-    VitalSign(vm.COS_EPS, "climbs above 0.5", lambda s: vm.cos_eps_mean(s.eps_pred, s.eps),
-              "mean", bands=lambda ctx: [Band("good", 0.5, 1.0),
-                                         Band("bad", None, ctx.thr("cos_eps_random"))]),
-    VitalSign(vm.Z_STD, "~1.0", lambda s: vm.latent_std(s.z), "pooled_std", "z",
-              bands=_z_std_bands),
-    VitalSign(vm.EPS_MSE, "", lambda s: None if s.loss_is_eps_mse else
+    _train(vm.LOSS, "starts ~1.0, decreases to 0.1-0.4 (x the objective's untrained loss)",
+           lambda s: s.loss.float(), "mean", bands=_loss_bands),
+    _train(vm.GRAD_NORM, "stable, 0.1-10",
+           lambda s: None if s.grad_norm is None else s.grad_norm.float(), "same",
+           bands=lambda ctx: [Band("good", 0.1, 10.0), Band("bad", ctx.thr("grad_norm_high"), None),
+                              Band("bad", None, ctx.thr("grad_norm_low"))]),
+    _train(vm.LEARNING_RATE, "as configured", None),
+    _train(vm.T_MEAN, "~0.5 on average", lambda s: s.t.float().mean(), "mean",
+           bands=_t_mean_bands),
+    _train(vm.COS_EPS, "climbs above 0.5", lambda s: vm.cos_eps_mean(s.eps_pred, s.eps), "mean",
+           bands=lambda ctx: [Band("good", 0.5, 1.0), Band("bad", None, ctx.thr("cos_eps_random"))]),
+    _train(vm.Z_STD, "~1.0", lambda s: vm.latent_std(s.z), "pooled_std", pooled="z",
+           bands=_z_std_bands),
+    VitalSign(vm.EPS_MSE, "train", "", False, lambda s: None if s.loss_is_eps_mse else
               (s.eps_pred.float() - s.eps.float()).pow(2).mean(), "mean"),
-    VitalSign(vm.UPDATE_RATIO, "well above 1e-8 (weights change)", interval="median",
+    VitalSign(vm.UPDATE_RATIO, "train", "well above 1e-8 (weights change)", interval="median",
               bands=lambda ctx: [Band("bad", None, ctx.thr("update_ratio_low"))]),
-    VitalSign(vm.COND_GAP, "well above 0 (the labels move the prediction)", bands=lambda ctx: [
-        Band("bad", None, ctx.thr("cond_gap_low"))]),
-    VitalSign(vm.VAL_LOSS, bands=lambda ctx: [
+    VitalSign(vm.COND_GAP, "train", "well above 0 (the labels move the prediction)",
+              bands=lambda ctx: [Band("bad", None, ctx.thr("cond_gap_low"))]),
+    VitalSign(vm.VAL_LOSS, "validation", bands=lambda ctx: [
         Band("bad", ctx.thr("val_stuck_high") * ctx.guide_unit(vm.VAL_LOSS), None)]),
-    VitalSign(vm.VAL_TRAIN_LOSS),
-    VitalSign(vm.VAL_EMA_PREFIX + "loss"),
-    VitalSign(vm.VAL_PREFIX + "cos_eps_mean"),
+    VitalSign(vm.VAL_TRAIN_LOSS, "validation"),
+    VitalSign(vm.VAL_EMA_PREFIX + "loss", "validation"),
+    VitalSign(vm.VAL_PREFIX + "cos_eps_mean", "validation"),
     _pairwise("mean", "> 0.1 for unit-variance latents", _pairwise_mean_bands),
     _pairwise("std", "non-zero"),
     _pairwise("min", "well above 0"),
     _pairwise("max", "high"),
-    VitalSign(vm.WITHIN_CLASS, "> 0.1 for unit-variance latents, like the batch's",
+    VitalSign(vm.WITHIN_CLASS, "sample", "> 0.1 for unit-variance latents, like the batch's",
               bands=_pairwise_mean_bands),
-    VitalSign(vm.LEAST_DIVERSE_MSE, "> 0.1 for unit-variance latents: no class collapsed",
-              bands=_pairwise_mean_bands),
-    VitalSign(vm.FINAL_PREFIX + "mean", "~0.0", bands=_final_mean_bands),
-    VitalSign(vm.FINAL_PREFIX + "std", "~1/latent_scale_factor", bands=_final_std_bands),
-    VitalSign(vm.FINAL_PREFIX + "min", ">= -3 at the guide's scale 1.86",
+    VitalSign(vm.LEAST_DIVERSE_MSE, "sample",
+              "> 0.1 for unit-variance latents: no class collapsed", bands=_pairwise_mean_bands),
+    VitalSign(vm.FINAL_PREFIX + "mean", "sample", "~0.0", True, bands=_final_mean_bands),
+    VitalSign(vm.FINAL_PREFIX + "std", "sample", "~1/latent_scale_factor", True,
+              bands=_final_std_bands),
+    VitalSign(vm.FINAL_PREFIX + "min", "sample", ">= -3 at the guide's scale 1.86", True,
               bands=_final_extreme_bands),
-    VitalSign(vm.FINAL_PREFIX + "max", "<= 3 at the guide's scale 1.86",
+    VitalSign(vm.FINAL_PREFIX + "max", "sample", "<= 3 at the guide's scale 1.86", True,
               bands=_final_extreme_bands),
-    VitalSign(vm.COPY_SHARE, bands=lambda ctx: [Band("bad", ctx.thr("copy_share_high"), None)]),
-    VitalSign(vm.NEAREST_PREFIX + "median"),
-    VitalSign("vae/recon_mse"),
-    VitalSign("vae/psnr"),
+    VitalSign(vm.COPY_SHARE, "sample",
+              bands=lambda ctx: [Band("bad", ctx.thr("copy_share_high"), None)]),
+    VitalSign(vm.NEAREST_PREFIX + "median", "sample"),
+    VitalSign(vm.VAE_RECON_MSE, "autoencoder"),
+    VitalSign(vm.VAE_PSNR, "autoencoder"),
+    _eval(vm.EVAL_FD, quality=True, swept=True),
+    _eval(vm.EVAL_PRECISION, quality=True, swept=True),
+    _eval(vm.EVAL_RECALL, quality=True, swept=True),
+    _eval(vm.EVAL_CLASS_ACCURACY, swept=True),
+    _eval(vm.EVAL_CLASS_COVERAGE),
+    _eval(vm.EVAL_MEMORIZATION),
+    _eval(vm.EVAL_CLASSIFIER_ACCURACY),
 )
 BY_TAG = {sign.tag: sign for sign in SIGNS}
 # what every optimizer step logs (given a gradient norm), in the guide's order
 TRAIN_TAGS = tuple(s.tag for s in SIGNS if s.step is not None and s.tag != vm.EPS_MSE) + (
     vm.LEARNING_RATE,)
 PLOTTED = tuple(s.tag for s in SIGNS)  # the report's and watch's rows, in this order
+
+
+def tags_of(group: Group) -> tuple[str, ...]:
+    return tuple(s.tag for s in SIGNS if s.group == group)
+
+
+QUALITY_TAGS = tuple(s.tag for s in SIGNS if s.quality)  # the verdict's "sample quality measured"
+SWEPT = tuple(s.tag for s in SIGNS if s.swept)  # the report's guidance sweep
 
 
 def bands(tag: str, ctx: Context) -> list[Band]:

@@ -19,13 +19,14 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import yaml
 
 from ldmkit.errors import LdmkitError
 
 Record = tuple[int, str, float]
+T = TypeVar("T")
 
 
 class UnreadableLog(LdmkitError):
@@ -50,29 +51,48 @@ def scalar(value: Any) -> float | None:
         return None
 
 
-def json_lines(path: Path, parse: Callable[[Any], list[Record]], what: str) -> list[Record]:
-    """The records of each line of a JSON-lines file; a torn last line (a writer killed
-    mid-line, or read while it writes) ends the file, a bad line elsewhere is an error."""
-    records: list[Record] = []
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            records += parse(json.loads(line))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError, OverflowError,
-                AttributeError):
-            if number == len(lines):
-                break
-            raise UnreadableLog(f"'{path}' line {number} is not {what}; fix or delete that "
-                                "line") from None
-    return records
+class JsonLines(Generic[T]):
+    """The one reader of JSON-lines logs (ldmkit's ``metrics.jsonl`` and ``findings.jsonl``,
+    W&B's history), read whole or followed as they grow.
+
+    The policy for a live or killed writer: a last line that does not parse is torn (being
+    written, or its writer was killed mid-line) and is left for the next ``poll``; a line that
+    does not parse with lines after it is damaged, an ``UnreadableLog`` naming its number.
+    A JSON object is unparseable until its closing brace, so a half-written record is never
+    taken for a whole one.
+    """
+
+    def __init__(self, path: Path, parse: Callable[[Any], list[T]], what: str):
+        self.path, self.parse, self.what = path, parse, what
+        self.offset, self.lines_read = 0, 0
+
+    def poll(self) -> list[T]:
+        """The records of the lines added since the last call (all of them on the first)."""
+        with self.path.open("rb") as fh:
+            fh.seek(self.offset)
+            chunk = fh.read()
+        lines = chunk.split(b"\n")
+        out: list[T] = []
+        for index, raw in enumerate(lines):
+            last = index == len(lines) - 1
+            text = raw.decode("utf-8", errors="replace")
+            if text.strip():
+                try:
+                    out += self.parse(json.loads(text))
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError, OverflowError,
+                        AttributeError):
+                    if last or (index == len(lines) - 2 and not lines[-1].strip()):
+                        break  # torn: read again on the next poll
+                    raise UnreadableLog(f"'{self.path}' line {self.lines_read + 1} is not "
+                                        f"{self.what}; fix or delete that line") from None
+            self.offset += len(raw) + (0 if last else 1)
+            self.lines_read += 0 if last else 1
+        return out
 
 
-def read_ldmkit_jsonl(path: Path) -> RawLog:
-    return RawLog(json_lines(path, lambda rec: [(int(rec["step"]), str(rec["tag"]),
-                                                  float(rec["value"]))],
-                              "a {step, tag, value} JSON object"), "ldmkit", str(path))
+def json_lines(path: Path, parse: Callable[[Any], list[T]], what: str) -> list[T]:
+    """Every record of a JSON-lines file, by ``JsonLines``' policy."""
+    return JsonLines(path, parse, what).poll()
 
 
 def load_yaml(path: Path) -> dict[str, Any]:

@@ -10,45 +10,55 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from ldmkit.platform.files import open_append, write_text_atomic
+from ldmkit.vitals import metrics as vm
+from ldmkit.vitals.logs.formats import JsonLines, RawLog, Record, json_lines
 
 METRICS_FILE = "metrics.jsonl"
-STAGE1_PREFIX = "vae/"
+FINDINGS_FILE = "findings.jsonl"  # the rules' events (``vitals.monitor``)
 
 
 def stage_of(tag: str) -> str:
-    return "autoencoder" if tag.startswith(STAGE1_PREFIX) else "diffusion"
+    return "autoencoder" if tag.startswith(vm.VAE_PREFIX) else "diffusion"
 
 
-def json_objects(path: Path) -> Iterator[tuple[str, dict]]:
-    """(line, object) for each line of a JSONL file that holds a JSON object; torn or foreign
-    lines (a run killed mid-write) are skipped."""
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(obj, dict):
-            yield line, obj
+def record_of(obj: Any) -> list[Record]:
+    """A ``{step, tag, value}`` line as a record; non-finite values are logged as strings."""
+    return [(int(obj["step"]), str(obj["tag"]), float(obj["value"]))]
+
+
+def metrics_reader(path: Path) -> JsonLines[Record]:
+    """A reader of a ``metrics.jsonl`` that can be polled as the run writes it (``watch``)."""
+    return JsonLines(path, record_of, "a {step, tag, value} JSON object")
+
+
+def json_objects(path: Path, what: str = "a JSON object") -> list[dict]:
+    """The objects of a JSON-lines file of ldmkit's (``findings.jsonl``), by the one policy."""
+    def one(obj: Any) -> list[dict]:
+        if not isinstance(obj, dict):
+            raise TypeError
+        return [obj]
+
+    return json_lines(path, one, what)
 
 
 def rewind_jsonl(path: Path, step: int, stage: str, step_key: str = "step") -> None:
-    """Drop ``stage``'s records after ``step`` and any torn line, atomically (tmp + rename).
+    """Drop ``stage``'s records after ``step`` and a torn last line, atomically (tmp + rename).
 
     A resumed run repeats exactly the steps after its checkpoint, so their old records would
-    otherwise appear twice.
+    otherwise appear twice. A damaged line is an ``UnreadableLog``, found by the preflight
+    (``check_readable``) before anything is written.
     """
     if not path.is_file():
         return
     kept = []
-    for line, rec in json_objects(path):
+    for rec in json_objects(path):
         tag, at = str(rec.get("tag", rec.get("metric", ""))), rec.get(step_key, 0)
         if stage_of(tag) != stage or (isinstance(at, int) and at <= step):
-            kept.append(line)
+            kept.append(json.dumps(rec))
     write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
@@ -130,15 +140,20 @@ class MetricLogger:
         self.close()
 
 
+def read_ldmkit_jsonl(path: Path) -> RawLog:
+    """A ``metrics.jsonl`` for the diagnosis: ldmkit's own, or a ``VitalsMonitor``'s."""
+    return RawLog(metrics_reader(path).poll(), "ldmkit", str(path))
+
+
 def read_metrics(path: str | Path) -> list[dict]:
-    """Records of a ``metrics.jsonl``; non-finite values come back as floats. Lines that are not
-    ``{step, tag, value}`` records (torn or edited by hand) are skipped, as a rewind drops them."""
-    records = []
-    for _, rec in json_objects(Path(path)):
-        try:
-            rec["step"], rec["tag"], rec["value"] = int(rec["step"]), str(rec["tag"]), \
-                float(rec["value"])
-        except (KeyError, TypeError, ValueError, OverflowError):
-            continue
-        records.append(rec)
-    return records
+    """The ``{step, tag, value}`` records of a ``metrics.jsonl`` (values as floats)."""
+    return [{"step": step, "tag": tag, "value": value}
+            for step, tag, value in metrics_reader(Path(path)).poll()]
+
+
+def check_readable(run_dir: Path) -> None:
+    """Before a resume writes anything: the run's logs read by the one policy (a damaged line
+    is a one-line error naming it; a torn last line is fine, the rewind drops it)."""
+    for name in (METRICS_FILE, FINDINGS_FILE):
+        if (run_dir / name).is_file():
+            json_objects(run_dir / name)

@@ -24,10 +24,10 @@ from ldmkit.vitals.logs.formats import (
     event_files,
     is_mlflow,
     read_csv,
-    read_ldmkit_jsonl,
     read_mlflow,
     read_tensorboard,
 )
+from ldmkit.vitals.logs.metrics_jsonl import METRICS_FILE, read_ldmkit_jsonl
 from ldmkit.vitals.logs.trainers import LDMKIT, Trainer, detect, map_tags
 
 __all__ = ["LoadedLog", "UnreadableLog", "read_log"]
@@ -59,7 +59,7 @@ def _first_line(path: Path) -> str:
 
 
 DIRECTORY_READERS: tuple[tuple[Callable[[Path], bool], Callable[[Path], RawLog]], ...] = (
-    (lambda p: (p / "metrics.jsonl").is_file(), lambda p: read_ldmkit_jsonl(p / "metrics.jsonl")),
+    (lambda p: (p / METRICS_FILE).is_file(), lambda p: read_ldmkit_jsonl(p / METRICS_FILE)),
     (wandb_files.is_wandb, wandb_files.read_dir),
     (is_mlflow, read_mlflow),
     (lambda p: bool(event_files(p)), lambda p: read_tensorboard(event_files(p), p)),

@@ -16,6 +16,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ldmkit.diffusion.registry import OBJECTIVE_ALIASES
 from ldmkit.vitals import metrics as vm
 
 Kind = Literal["step", "smoothed", "epoch"]
@@ -273,16 +274,12 @@ def infer_regime(trainer: Trainer, config: dict[str, Any], losses: list[float],
     return "pretrain", "its loss starts near an untrained model's"
 
 
-OBJECTIVES = {"epsilon": "eps", "eps": "eps", "v_prediction": "v", "v": "v", "sample": "x0",
-              "x0": "x0", "flow": "flow", "flow_matching": "flow", "flow-matching": "flow"}
-
-
 def objective_of(config: dict[str, Any]) -> str | None:
     """The objective a foreign run's config names (diffusers' and SimpleTuner's
     ``prediction_type``, kohya's ``v_parameterization``), or None."""
     kind = str(config.get("prediction_type") or "").lower()
-    if kind in OBJECTIVES:
-        return OBJECTIVES[kind]
+    if kind in OBJECTIVE_ALIASES:
+        return OBJECTIVE_ALIASES[kind]
     if str(config.get("v_parameterization", "")).lower() in ("true", "1"):
         return "v"
     return None
