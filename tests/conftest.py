@@ -1,7 +1,10 @@
-"""Shared fixtures: a tiny experiment that trains end to end in seconds on 2 CPU cores."""
+"""Shared fixtures: a tiny experiment that trains end to end in seconds on 2 CPU cores, and
+one finished run of it that every test which only reads a healthy run shares (a test that
+changes a run copies it first: ``copy_run``)."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -40,3 +43,17 @@ def tiny_config(**sections: dict) -> Config:
 @pytest.fixture
 def tiny() -> Config:
     return tiny_config()
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """``TINY`` trained as it is (12 steps, stage 1 included): read it, never change it."""
+    from ldmkit.training.loop import train
+
+    return train(tiny_config(), tmp_path_factory.mktemp("tiny") / "run")
+
+
+def copy_run(run: Path, dest: Path) -> Path:
+    """A copy of a finished run for a test that changes it (links kept as links)."""
+    shutil.copytree(run, dest, symlinks=True)
+    return dest

@@ -63,11 +63,11 @@ def test_unknown_threshold_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_the_diffusers_example_runs_and_its_log_is_diagnosable(tmp_path):
-    out = subprocess.run([sys.executable, str(EXAMPLE), "--steps", "40", "--log-every", "10",
+    out = subprocess.run([sys.executable, str(EXAMPLE), "--steps", "50", "--log-every", "10",
                           "--sample-every", "20", "--log-dir", str(tmp_path / "log")],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "scenario:" in out.stdout
     tags = {r["tag"] for r in read_metrics(tmp_path / "log" / "metrics.jsonl")}
     assert set(TRAIN_TAGS) <= tags and vm.PAIRWISE_PREFIX + "mean" in tags
-    assert diagnose_log(tmp_path / "log").scenario in ("healthy", "too_early")
+    assert diagnose_log(tmp_path / "log").scenario == "healthy"  # 5 records: judged

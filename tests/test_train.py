@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import copy_run, tiny_config
 from safetensors.torch import load_file
 
 from ldmkit.cli import main
@@ -67,25 +67,24 @@ def test_nonfinite_step_is_not_applied():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path):
-    cfg = tiny_config()
-    straight = train(cfg, tmp_path / "straight")
-    train(cfg, tmp_path / "split", stop_at=8)
+def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path, tiny_run):
+    straight = tiny_run  # tiny_config() trained without a stop
+    train(tiny_config(), tmp_path / "split", stop_at=8)
     resumed = train(RunDir(tmp_path / "split").load_config(), tmp_path / "split", resume=True)
     assert straight.step == resumed.step == 12
-    a = load_file(str(tmp_path / "straight/checkpoints/step_0000012/weights.safetensors"))
+    a = load_file(str(straight.run_dir / "checkpoints/step_0000012/weights.safetensors"))
     b = load_file(str(tmp_path / "split/checkpoints/step_0000012/weights.safetensors"))
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    logged = {(r["step"], r["tag"]): r["value"] for r in read_metrics(tmp_path / "straight/metrics.jsonl")}
+    logged = {(r["step"], r["tag"]): r["value"] for r in read_metrics(straight.run_dir / "metrics.jsonl")}
     for r in read_metrics(tmp_path / "split/metrics.jsonl"):
         if r["step"] > 8 and r["tag"].startswith(("loss/", "diffusion/", "optimization/")):
             assert r["value"] == logged[(r["step"], r["tag"])]
 
 
-def test_run_logs_every_vital_sign_and_writes_checkpoints_without_pickles(tmp_path):
-    run_dir = tmp_path / "run"
-    result = train(tiny_config(), run_dir)
+def test_run_logs_every_vital_sign_and_writes_checkpoints_without_pickles(tiny_run):
+    result = tiny_run
+    run_dir = result.run_dir
     records = read_metrics(run_dir / "metrics.jsonl")
     tags = {r["tag"] for r in records}
     assert set(TRAIN_TAGS) <= tags
@@ -109,14 +108,14 @@ def test_run_logs_every_vital_sign_and_writes_checkpoints_without_pickles(tmp_pa
     assert saved.diffusion.latent_scale_factor == pytest.approx(result.latent_scale_factor)
 
 
-def test_pretrained_autoencoder_is_reused(tmp_path):
-    first = train(tiny_config(), tmp_path / "a")
-    cfg = tiny_config(autoencoder={"pretrained": str(first.run_dir)}, train={"steps": 4})
+def test_pretrained_autoencoder_is_reused(tmp_path, tiny_run):
+    first = copy_run(tiny_run.run_dir, tmp_path / "a")
+    cfg = tiny_config(autoencoder={"pretrained": str(first)}, train={"steps": 4})
     train(cfg, tmp_path / "b")
     tags = {r["tag"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl")}
     assert "vae/recon_mse" not in tags  # stage 1 was not retrained
     # the run is self-contained: it samples after the pretrained source is gone
-    shutil.rmtree(first.run_dir)
+    shutil.rmtree(first)
     assert main(["sample", str(tmp_path / "b"), "--num", "4", "--steps", "3",
                  "--out", str(tmp_path / "s")]) == 0
 
@@ -167,6 +166,8 @@ def test_bf16_autocast_and_channels_last_paths_train_on_cpu(tmp_path):
     result = train(cfg, tmp_path / "run")
     assert result.step == 8
     assert 0.0 < result.vitals[vm.LOSS] < 1.5 and result.vitals[vm.GRAD_NORM] > 0
+    used = [json.loads(line) for line in RunDir(result.run_dir).fastpath.read_text().splitlines()]
+    assert {(r["job"], r["precision"]) for r in used} >= {("train", "bf16")}  # not ignored
 
 
 def test_update_ratio_is_the_relative_size_of_the_applied_update():
@@ -198,10 +199,10 @@ def test_interval_median_survives_a_checkpoint_between_log_steps():
 
 
 @pytest.mark.slow
-def test_no_update_is_raised_when_training_has_no_effect_and_not_otherwise(tmp_path):
-    healthy = train(tiny_config(), tmp_path / "healthy")
+def test_no_update_is_raised_when_training_has_no_effect_and_not_otherwise(tmp_path, tiny_run):
+    healthy = tiny_run
     assert "no_update" not in {f.code for f in healthy.findings}
-    ratios = [r["value"] for r in read_metrics(tmp_path / "healthy" / "metrics.jsonl")
+    ratios = [r["value"] for r in read_metrics(healthy.run_dir / "metrics.jsonl")
               if r["tag"] == vm.UPDATE_RATIO]
     assert len(ratios) == 3 and all(1e-5 < r < 0.1 for r in ratios)
     frozen = train(tiny_config(train={"lr": 1e-30}), tmp_path / "frozen")

@@ -18,7 +18,7 @@ from ldmkit.config import load_config, to_dict
 from ldmkit.report.html import noise_level_map
 from ldmkit.report.watch import watch
 from ldmkit.run.layout import RunDir
-from ldmkit.training import held_out as validation
+from ldmkit.training import held_out
 from ldmkit.training.loop import train
 from ldmkit.vitals import metrics as vm
 from ldmkit.vitals.logs.metrics_jsonl import read_metrics
@@ -31,24 +31,24 @@ def validation_records(run_dir) -> dict[tuple[int, str], float]:
 
 def test_split_holds_out_a_fixed_capped_share_disjoint_from_training():
     cfg = tiny_config(data={"val_fraction": 0.02, "val_max": 15})
-    parts = validation.split(1000, cfg)
+    parts = held_out.split(1000, cfg)
     assert len(parts.held_out) == 15  # 2 % of 1000 = 20, capped by val_max
     assert set(parts.held_out.tolist()).isdisjoint(parts.train.tolist())
     assert sorted(parts.held_out.tolist() + parts.train.tolist()) == list(range(1000))
-    assert torch.equal(validation.split(1000, cfg).held_out, parts.held_out)
-    assert len(validation.split(1000, tiny_config(data={"val_fraction": 0.0})).held_out) == 0
+    assert torch.equal(held_out.split(1000, cfg).held_out, parts.held_out)
+    assert len(held_out.split(1000, tiny_config(data={"val_fraction": 0.0})).held_out) == 0
     # what --resume may change (train.*) never changes which images are trained on
-    assert torch.equal(validation.split(1000, tiny_config(
+    assert torch.equal(held_out.split(1000, tiny_config(
         data={"val_fraction": 0.02, "val_max": 15}, train={"val_every": 0})).held_out,
         parts.held_out)
-    assert len(validation.split(10, cfg).held_out) == 0  # 2 % of 10 images is none
+    assert len(held_out.split(10, cfg).held_out) == 0  # 2 % of 10 images is none
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "mnist").is_dir(), reason="needs ../shared/data/mnist")
 def test_an_idx_test_file_is_the_validation_set_and_nothing_is_held_out():
     cfg = tiny_config(data={"source": "idx", "path": str(SHARED_DATA / "mnist")})
-    assert validation.test_images_path(cfg.data).name.startswith("t10k-images")
-    assert len(validation.split(60000, cfg).held_out) == 0
+    assert held_out.test_images_path(cfg.data).name.startswith("t10k-images")
+    assert len(held_out.split(60000, cfg).held_out) == 0
 
 
 def test_validation_is_the_same_after_a_resume_and_never_trains_on_held_out_images(tmp_path):
@@ -67,7 +67,7 @@ def test_validation_is_the_same_after_a_resume_and_never_trains_on_held_out_imag
     assert straight[(12, vm.VAL_LOSS)] < straight[(0, vm.VAL_LOSS)]
     # a NaN planted in a held-out image's cached latents: training never draws it
     run = tmp_path / "straight"
-    held = load_bytes((run / validation.VAL_FILE).read_bytes())["held_out"].tolist()
+    held = load_bytes(RunDir(run).validation.read_bytes())["held_out"].tolist()
     assert len(held) == 5
     mean = np.load(run / "latents" / "mean.npy", mmap_mode="r+")
     mean[held] = np.nan
@@ -84,7 +84,7 @@ def test_validation_is_the_same_after_a_resume_and_never_trains_on_held_out_imag
 def test_a_damaged_validation_file_is_drawn_again_identically(tmp_path, capsys):
     cfg = tiny_config(train={"steps": 4, "val_every": 4, "sample_every": 100})
     train(cfg, tmp_path / "run")
-    path = tmp_path / "run" / validation.VAL_FILE
+    path = RunDir(tmp_path / "run").validation
     before = load_bytes(path.read_bytes())
     path.write_bytes(path.read_bytes()[:100])
     train(tiny_config(train={"steps": 8, "val_every": 4, "sample_every": 100}), tmp_path / "run",
@@ -159,7 +159,7 @@ def test_samples_that_copy_training_images_raise_memorization(tmp_path, monkeypa
     def copying(model, ae, scale, cfg, num, *args, **kwargs):
         samples = generate(model, ae, scale, cfg, num, *args, **kwargs)
         run = tmp_path / "run"
-        train_index = validation.split(256, cfg).train
+        train_index = held_out.split(256, cfg).train
         mean = torch.from_numpy(np.load(run / "latents" / "mean.npy"))[train_index[:num]]
         samples.images = ((ae.decode(mean).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         return samples

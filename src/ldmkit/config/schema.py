@@ -158,9 +158,9 @@ class TrainConfig:
     grad_accum_steps: int = ranged(1, lo=1, hi=4096)  # micro-batches per step (batch_size: the step's)
     val_every: int = ranged(250, lo=0)  # deterministic validation loss (0: off); ldmkit.training.held_out
     eval_every: int = ranged(0, lo=0)  # eval/* on 256 samples during training (0: off; labels)
-    # bf16 autocast of the networks' forwards; auto: where the device has native bf16 (fastpath.py)
+    # bf16 autocast of the networks' forwards; auto: where the device has native bf16 (platform/fastpath.py)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    compile: bool | Literal["auto"] = "auto"  # torch.compile; auto: where it pays (fastpath.py)
+    compile: bool | Literal["auto"] = "auto"  # torch.compile; auto: where it pays (platform/fastpath.py)
     channels_last: bool = False  # NHWC memory format (measured slower on CPU: BENCHMARKS.md)
     # a class-conditional model trains the null class on this share of samples (CFG needs it)
     cond_drop_prob: float = ranged(0.1, lo=0.0, hi=1.0)

@@ -5,8 +5,8 @@ tensors of each step (``ldmkit.vitals.metrics``); every ``sample_every`` steps a
 EMA model samples and the sample vitals are logged. A step whose loss or gradient is not finite
 is never applied to the weights; ``vitals.on_nonfinite`` says whether to skip it, roll back to
 the last checkpoint with a lower learning rate, or stop. SIGTERM/SIGINT end the run after the
-current step with a checkpoint (``ldmkit.platform.preemption``); checkpoints and resume are in
-``ldmkit.training.resume``.
+current step with a checkpoint (``ldmkit.platform.preemption``); the loop state a checkpoint holds is
+``ldmkit.training.state``, what a resume may change ``ldmkit.training.resume``.
 """
 
 from __future__ import annotations

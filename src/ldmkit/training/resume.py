@@ -75,7 +75,7 @@ def open_run(cfg: Config, run_dir: Path | None, resume: bool) -> OpenedRun:
     a preempted command), continues that run. Rerunning may change only ``train.steps``;
     ``--resume`` may change what does not alter what the checkpoint means (``FIXED_ON_RESUME``
     lists what it may not), and the changes are printed and recorded in the run. A fresh run
-    goes into a new or empty directory only (``rundir.check_new_run_dir``).
+    goes into a new or empty directory only (``run.layout.check_new_run_dir``).
     """
     chosen = run_dir or (Path(cfg.run_dir) if cfg.run_dir else None)
     if chosen is None:

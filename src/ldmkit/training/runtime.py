@@ -30,7 +30,7 @@ class Runtime:
     logger: MetricLogger
     stop: StopRequest
     monitor: LiveMonitor | None = None
-    fast: FastPath = EAGER_FP32  # the training step's precision and compilation (fastpath.py)
+    fast: FastPath = EAGER_FP32  # the training step's precision and compilation (platform/fastpath.py)
     channels_last: bool = False
 
     @property

@@ -3,7 +3,7 @@
 Nothing is written before the config, the device, the data, the checkpoint to resume and the
 directories the run would replace have all been checked, so a command refused for bad input
 leaves the run (or the directory it named) exactly as it was and can be rerun as soon as the
-input is fixed. Then rank 0 creates the directory, takes its lock (``rundir.RunLock``) for the
+input is fixed. Then rank 0 creates the directory, takes its lock (``run.layout.RunLock``) for the
 whole command and writes ``config.yaml``.
 """
 

@@ -1,7 +1,7 @@
 """One optimizer step of stage 2 and the vital signs it measures (vitals/signs.py).
 
 The condition (diffusion/condition.py) travels with the batch through the micro-batches, the
-parameterization and the backbone. Separate from the loop (train.py) so that a benchmark or
+parameterization and the backbone. Separate from the loop (training/loop.py) so that a benchmark or
 another loop can run the same step.
 """
 
