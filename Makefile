@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench install clean
+.PHONY: demo test test-quick lint bench install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,9 +18,18 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/ldmkit run configs/digits.yaml
 
+# two workers of one thread each: the tests' tiny models gain little from a second thread, and
+# two processes of two threads each on 2 cores spin (OpenMP); see README, "Tests"
+TEST_ENV := OMP_NUM_THREADS=1
+TEST_ARGS := -n 2 --dist loadgroup --durations=15
+
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/pytest -q
+	$(TEST_ENV) $(BIN)/pytest -q $(TEST_ARGS)
+
+# the edit-test loop: everything not marked slow (under 3 minutes)
+test-quick: $(STAMP)
+	$(TEST_ENV) $(BIN)/pytest -q $(TEST_ARGS) -m "not slow"
 
 # in this order: sampler_quality samples the MNIST model that time_to_quality trains
 bench: $(STAMP)

@@ -4,6 +4,7 @@ changes a run copies it first: ``copy_run``)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -57,3 +58,22 @@ def copy_run(run: Path, dest: Path) -> Path:
     """A copy of a finished run for a test that changes it (links kept as links)."""
     shutil.copytree(run, dest, symlinks=True)
     return dest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """The in-project classifier's cache in this session's (this worker's) temporary folder:
+    tests never write into the user's ``~/.cache``, and parallel workers never share one."""
+    previous = os.environ.get("LDMKIT_CACHE")
+    os.environ["LDMKIT_CACHE"] = str(tmp_path_factory.mktemp("ldmkit-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("LDMKIT_CACHE", None)
+    else:
+        os.environ["LDMKIT_CACHE"] = previous
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first (in file order), so that parallel workers (``make test`` runs two) end
+    together instead of one finishing a long test alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -110,6 +110,7 @@ def test_the_dit_is_diffusers_dit_transformer_with_the_same_weights(num_classes)
         assert torch.allclose(out, model(x, t, labels=ours), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_dit_run_trains_resumes_exactly_samples_and_records_its_backbone(tmp_path):
     cfg = dit_config(train={"steps": 8, "checkpoint_every": 4, "sample_every": 100})
     straight = train(cfg, tmp_path / "straight")
@@ -130,6 +131,7 @@ def test_a_dit_run_trains_resumes_exactly_samples_and_records_its_backbone(tmp_p
     assert (tmp_path / "s" / "grid.png").is_file()
 
 
+@pytest.mark.slow
 def test_export_of_a_dit_run_is_loaded_and_sampled_by_plain_diffusers(tmp_path):
     pytest.importorskip("diffusers")
     from diffusers import DDIMScheduler, DiTTransformer2DModel
@@ -157,6 +159,7 @@ def test_export_of_a_dit_run_is_loaded_and_sampled_by_plain_diffusers(tmp_path):
     assert torch.isfinite(images).all() and images.shape == (4, 1, 16, 16)
 
 
+@pytest.mark.slow
 def test_a_run_saved_before_the_registry_still_samples_and_resumes(tmp_path, capsys):
     """Old runs: a ``unet:`` config section and checkpoints without a backbone spec."""
     run = train(tiny_config(train={"steps": 4, "sample_every": 100}), tmp_path / "run").run_dir

@@ -240,6 +240,7 @@ def class_accuracy(run_dir: Path, guidance: float, num: int = 200) -> float:
     return (predicted == samples.labels).float().mean().item()
 
 
+@pytest.mark.xdist_group("conditional_run")
 @pytest.mark.slow
 def test_a_class_conditional_run_follows_its_labels_and_is_healthy(conditional_run):
     assert_healthy(conditional_run)
@@ -272,6 +273,7 @@ def test_dropping_every_label_is_diagnosed(tmp_path, ae_digits):
     assert serious == {"conditioning_ignored"}
 
 
+@pytest.mark.xdist_group("conditional_run")
 @pytest.mark.slow
 def test_sampling_classes_and_guidance_from_the_command_line(tmp_path, conditional_run, capsys):
     run_dir = tmp_path / "copy"
@@ -308,6 +310,7 @@ def test_guidance_from_a_model_without_the_null_class_is_flagged(tmp_path, ae_di
     assert "WARNING cfg_without_uncond" in capsys.readouterr().out
 
 
+@pytest.mark.xdist_group("conditional_run")
 @pytest.mark.slow
 @pytest.mark.parametrize("guidance, expected", [(50.0, True), (1.0, False)])
 def test_too_strong_guidance_is_told_apart_from_a_sick_model(tmp_path, conditional_run, guidance,
@@ -338,6 +341,7 @@ class CollapsedClass(torch.nn.Module):
         return torch.where((labels == self.label).view(-1, 1, 1, 1), fixed, out)
 
 
+@pytest.mark.xdist_group("conditional_run")
 @pytest.mark.slow
 def test_one_collapsed_class_is_found_while_the_batch_looks_diverse(tmp_path, conditional_run):
     run_dir = tmp_path / "copy"
@@ -353,6 +357,7 @@ def test_one_collapsed_class_is_found_while_the_batch_looks_diverse(tmp_path, co
     assert set(findings) == {"class_collapse"} and "class 3" in findings["class_collapse"].message
 
 
+@pytest.mark.xdist_group("conditional_run")
 @pytest.mark.slow
 def test_a_class_conditional_run_exports_with_its_labels(tmp_path, conditional_run):
     pytest.importorskip("diffusers")

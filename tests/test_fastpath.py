@@ -130,6 +130,7 @@ def final_weights(run_dir) -> dict[str, torch.Tensor]:
                          / "weights.safetensors"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["forward", "backward"])
 def test_a_failing_compile_falls_back_to_eager_with_one_line(tmp_path, monkeypatch, capsys,
                                                               shared_ae, where):

@@ -163,6 +163,7 @@ def test_learning_rate_not_what_the_user_set(tmp_path, ae_digits, capsys):
     assert [f["code"] for f in out["findings"]] == ["lr_mismatch"]
 
 
+@pytest.mark.xdist_group("healthy_digits_run")
 def test_too_few_ddpm_steps_at_sampling(tmp_path, healthy_digits_run, capsys):
     """A healthy model sampled with one ancestral step: std and extremes blow up."""
     run_dir = tmp_path / "copy"
@@ -215,6 +216,7 @@ def assert_healthy(run_dir: Path) -> None:
     assert diagnosis.findings == [] and diagnosis.scenario == "healthy"
 
 
+@pytest.mark.xdist_group("healthy_digits_run")
 def test_healthy_digits_seed0(healthy_digits_run):
     assert_healthy(healthy_digits_run)
 

@@ -125,7 +125,9 @@ def straight_run(tmp_path: Path, kind: str) -> Path:
     return run_dir
 
 
-@pytest.mark.parametrize("kind", ["unet-eps", *KINDS])
+# the kind whose reference the SIGTERM test shares runs on the same worker as that test
+@pytest.mark.parametrize("kind", [pytest.param("unet-eps", marks=pytest.mark.xdist_group(
+    "preemption_reference")), *KINDS])
 def test_sigkill_at_a_random_step_then_resume_is_bitwise_identical(tmp_path, request, kind):
     reference = (request.getfixturevalue("reference") if kind == "unet-eps" else
                  straight_run(tmp_path, kind))
@@ -143,6 +145,7 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_identical(tmp_path, req
     assert_same_run(run_dir, reference)
 
 
+@pytest.mark.xdist_group("preemption_reference")
 def test_sigterm_saves_exits_0_and_the_same_command_continues(tmp_path, reference):
     config, run_dir = write_config(tmp_path, "terminated")
     proc = spawn("train", str(config))

@@ -62,6 +62,7 @@ def test_run_writes_a_self_contained_report(run_dir):
     assert not re.search(r'src="(?!data:)', html), "every image must be embedded"
 
 
+@pytest.mark.slow
 def test_every_plot_renders_in_headless_chromium(run_dir, tmp_path):
     browser = chromium()
     report = run_dir / "report.html"

@@ -210,6 +210,7 @@ def test_no_update_is_raised_when_training_has_no_effect_and_not_otherwise(tmp_p
     assert finding.severity == "critical" and frozen.scenario == "not_learning"
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_is_the_same_step_and_resumes_exactly(tmp_path):
     """batch_size is the step's batch; grad_accum_steps splits it into micro-batches, so the
     vitals and the update are those of the whole batch (to float summation order, so fp32:

@@ -51,6 +51,7 @@ def test_an_idx_test_file_is_the_validation_set_and_nothing_is_held_out():
     assert len(held_out.split(60000, cfg).held_out) == 0
 
 
+@pytest.mark.slow
 def test_validation_is_the_same_after_a_resume_and_never_trains_on_held_out_images(tmp_path):
     cfg = tiny_config(train={"steps": 12, "val_every": 4, "sample_every": 100})
     train(cfg, tmp_path / "straight")
