@@ -54,6 +54,14 @@ def tiny_run(tmp_path_factory):
     return train(tiny_config(), tmp_path_factory.mktemp("tiny") / "run")
 
 
+@pytest.fixture(scope="session")
+def ae_digits(tmp_path_factory) -> str:
+    """The fault and conditioning tests' stage 1 (``test_faults.BASE``), trained once."""
+    from test_faults import train_autoencoder
+
+    return train_autoencoder(tmp_path_factory.mktemp("ae") / "digits")
+
+
 def copy_run(run: Path, dest: Path) -> Path:
     """A copy of a finished run for a test that changes it (links kept as links)."""
     shutil.copytree(run, dest, symlinks=True)

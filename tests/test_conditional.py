@@ -216,18 +216,11 @@ def test_guidance_interval_is_checked():
 CONDITIONAL = {"model": {"num_classes": 10}, "train": {"steps": 800}}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def conditional_run(tmp_path_factory, ae_digits) -> Path:
     path = tmp_path_factory.mktemp("conditional") / "run"
     train(config(autoencoder={"pretrained": ae_digits}, **CONDITIONAL), path)
     return path
-
-
-@pytest.fixture(scope="module")
-def ae_digits(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("ae") / "digits"
-    train(config(train={"steps": 10}), path)
-    return str(path)
 
 
 def class_accuracy(run_dir: Path, guidance: float, num: int = 200) -> float:

@@ -43,7 +43,7 @@ def write(tmp_path: Path, name: str, **extra) -> tuple[Path, Path]:
     return tmp_path / f"{name}.yaml", run_dir
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def shared_ae(tmp_path_factory) -> str:
     """One stage 1 for all runs, so the comparison is about stage 2 alone."""
     path = tmp_path_factory.mktemp("ae") / "ae"

@@ -112,7 +112,7 @@ def failing_compile(where: str):
     return functools.partial(torch.compile, backend=backend)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def shared_ae(tmp_path_factory) -> str:
     """One eager stage 1, so that the compiled runs compile stage 2 alone."""
     path = tmp_path_factory.mktemp("ae") / "ae"
@@ -148,6 +148,7 @@ def test_a_failing_compile_falls_back_to_eager_with_one_line(tmp_path, monkeypat
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("inductor")  # after or before the other real compile: one cold cache
 def test_compiled_checkpoints_load_eager_and_eager_ones_resume_compiled(tmp_path, shared_ae):
     """Real inductor: what a compiled run saves has no ``_orig_mod.`` prefix and samples
     eagerly; an eager run resumes compiled; both record the choice in fastpath.jsonl."""

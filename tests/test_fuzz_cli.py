@@ -108,7 +108,7 @@ def test_train_with_random_config_values(tmp_path_factory, monkeypatch, changes,
     assert {p: after.get(p) for p in before} == before, "a file outside the run changed"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def finished(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("finished") / "run"
     with contextlib.redirect_stdout(io.StringIO()):

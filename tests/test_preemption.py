@@ -108,7 +108,7 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
     assert tb["loss/total_loss"] == tb_ref["loss/total_loss"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("reference")
     config, run_dir = write_config(tmp, "straight")
@@ -126,8 +126,10 @@ def straight_run(tmp_path: Path, kind: str) -> Path:
 
 
 # the kind whose reference the SIGTERM test shares runs on the same worker as that test
-@pytest.mark.parametrize("kind", [pytest.param("unet-eps", marks=pytest.mark.xdist_group(
-    "preemption_reference")), *KINDS])
+@pytest.mark.parametrize("kind", [
+    pytest.param("unet-eps", marks=pytest.mark.xdist_group("preemption_reference")),
+    *[pytest.param(kind, marks=pytest.mark.xdist_group("inductor")) if kind == "unet-compiled"
+      else kind for kind in KINDS]])
 def test_sigkill_at_a_random_step_then_resume_is_bitwise_identical(tmp_path, request, kind):
     reference = (request.getfixturevalue("reference") if kind == "unet-eps" else
                  straight_run(tmp_path, kind))

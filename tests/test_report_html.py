@@ -37,7 +37,7 @@ def chromium() -> str:
     return found
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def run_dir(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("report")
     cfg = {**TINY, "run_dir": str(tmp / "run"), "diffusion": {"latent_scale_factor": 0.1}}

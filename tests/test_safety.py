@@ -45,7 +45,7 @@ def one_line_error(capsys) -> str:
     return err
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def finished(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("finished") / "run"
     train(tiny_config(train={"steps": 4, "sample_every": 100}), run)
