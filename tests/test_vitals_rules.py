@@ -12,7 +12,7 @@ from ldmkit.vitals.checks import CHECKS
 from ldmkit.vitals.diagnose import Context, evaluate, scenario
 from ldmkit.vitals.monitor import replay
 from ldmkit.vitals.rules import CODES, RULES, THRESHOLDS
-from ldmkit.vitals.signs import TRAIN_TAGS
+from ldmkit.vitals.signs import BY_TAG, SIGNS, TRAIN_TAGS
 
 SCALE = 0.8
 TRAIN = TrainConfig(steps=2000, lr=1e-3, warmup_steps=100)
@@ -330,3 +330,48 @@ def test_loss_rules_read_each_objective_in_its_own_units():
     assert "loss_stuck_high" not in codes(series, flow)
     weighted = context_of(from_dict({"diffusion": {"loss_weighting": "min_snr"}}), SCALE)
     assert 0 < weighted.loss_scale < 1 and weighted.val_loss_scale == 1.0
+
+
+def _inside(band) -> float:
+    """A value well inside a band (open ends stretched by half)."""
+    if band.low is not None and band.high is not None:
+        return (band.low + band.high) / 2
+    if band.low is None:
+        return band.high - 0.5 * abs(band.high)
+    return band.low * 1.5 if band.low > 0 else band.low * 0.5
+
+
+def _judged(tag: str, value: float, context: Context) -> set[str]:
+    """The codes a rule on ``tag`` raises when a healthy run's ``tag`` holds ``value``: at every
+    log step for a train sign, at its last three samplings (or validations) otherwise, with the
+    run's other sample vitals left out (a pairwise MSE alone says nothing of the samples' std)."""
+    group = BY_TAG[tag].group
+    series = {t: v for t, v in healthy_series().items()
+              if group == "train" or t not in BY_TAG or BY_TAG[t].group != group}
+    steps = [s for s, _ in series[vm.LOSS]]
+    series[tag] = [(s, value) for s in (steps if group == "train" else steps[-3:])]
+    return {f.code for f in replay(series, context) if f.severity in ("warning", "critical")
+            and RULES_BY_METRIC.get(f.code) == tag}
+
+
+RULES_BY_METRIC = {rule.code: rule.metric for rule in RULES}
+
+
+# judged together with other signs, so one sign alone cannot say: the batch's pairwise MSE with
+# the samples' std (diversity share), a class's with the batch's, the extremes min with max
+CROSS_SIGN = {vm.PAIRWISE_PREFIX + "mean", vm.LEAST_DIVERSE_MSE, vm.FINAL_PREFIX + "max"}
+
+
+@pytest.mark.parametrize("tag", sorted({s.tag for s in SIGNS if s.bands(ctx())}
+                                       & set(RULES_BY_METRIC.values()) - CROSS_SIGN))
+def test_the_bands_the_plots_shade_are_the_ones_the_rules_judge(tag):
+    """A vital sign's bands (signs.py, shaded by the report and watch) and its rules (rules.py,
+    checks.py) agree: held inside a bad band it raises a finding on that sign, inside its good
+    band none. The two cannot drift apart unnoticed."""
+    context = ctx()
+    for band in BY_TAG[tag].bands(context):
+        codes = _judged(tag, _inside(band), context)
+        if band.kind == "bad":
+            assert codes, f"{tag} at {_inside(band):.3g} is in a bad band; no rule fired"
+        else:
+            assert not codes, f"{tag} at {_inside(band):.3g} is in its good band; {codes} fired"
