@@ -19,6 +19,7 @@ from ldmkit.diffusion.schedule import LinearSchedule
 from ldmkit.models.unet import UNet
 from ldmkit.platform import fastpath
 from ldmkit.platform.fastpath import EAGER_FP32, FastPath, choose, cpu_flags
+from ldmkit.run.layout import RunDir
 from ldmkit.sampling.generate import generate
 from ldmkit.sampling.trained import load_for_sampling
 from ldmkit.training.loop import train
@@ -148,10 +149,10 @@ def test_a_failing_compile_falls_back_to_eager_with_one_line(tmp_path, monkeypat
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("inductor")  # after or before the other real compile: one cold cache
 def test_compiled_checkpoints_load_eager_and_eager_ones_resume_compiled(tmp_path, shared_ae):
-    """Real inductor: what a compiled run saves has no ``_orig_mod.`` prefix and samples
-    eagerly; an eager run resumes compiled; both record the choice in fastpath.jsonl."""
+    """The suite's one real inductor compile: what a compiled run saves has no ``_orig_mod.``
+    prefix and samples eagerly; an eager run resumes compiled; both record the choice in
+    fastpath.jsonl; a compiled run stopped and resumed compiled is exact (bitwise)."""
     compiled_run = tmp_path / "compiled"
     train(tiny_config(**short_run(shared_ae, compile=True, precision="auto")), compiled_run)
     weights = final_weights(compiled_run)
@@ -172,3 +173,11 @@ def test_compiled_checkpoints_load_eager_and_eager_ones_resume_compiled(tmp_path
     jobs = [json.loads(line) for line in (eager_run / "fastpath.jsonl").read_text()
             .splitlines()]
     assert [(r["at_step"], r["compile"]) for r in jobs] == [(0, False), (6, True)]
+
+    # a compiled run stopped and resumed (compiled) ends with the uninterrupted one's weights
+    split_run = tmp_path / "split"
+    train(tiny_config(**short_run(shared_ae, compile=True, precision="auto")), split_run,
+          stop_at=3)
+    train(RunDir(split_run).load_config(), split_run, resume=True)
+    split = final_weights(split_run)
+    assert split.keys() == weights.keys() and all(torch.equal(split[k], weights[k]) for k in weights)

@@ -63,8 +63,9 @@ def test_unknown_threshold_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_the_diffusers_example_runs_and_its_log_is_diagnosable(tmp_path):
-    out = subprocess.run([sys.executable, str(EXAMPLE), "--steps", "50", "--log-every", "10",
-                          "--sample-every", "20", "--log-dir", str(tmp_path / "log")],
+    out = subprocess.run([sys.executable, str(EXAMPLE), "--steps", "50", "--batch-size", "32",
+                          "--log-every", "10", "--sample-every", "20",
+                          "--log-dir", str(tmp_path / "log")],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "scenario:" in out.stdout
