@@ -5,7 +5,7 @@ changes a run copies it first: ``copy_run``)."""
 from __future__ import annotations
 
 import os
-import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -63,8 +63,9 @@ def ae_digits(tmp_path_factory) -> str:
 
 
 def copy_run(run: Path, dest: Path) -> Path:
-    """A copy of a finished run for a test that changes it (links kept as links)."""
-    shutil.copytree(run, dest, symlinks=True)
+    """A copy of a finished run for a test that changes it: links, modes and times as they
+    are (``cp -a``)."""
+    subprocess.run(["cp", "-a", str(run), str(dest)], check=True)
     return dest
 
 

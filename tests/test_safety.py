@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY, tiny_config
+from conftest import TINY, copy_run, tiny_config
 from safetensors.torch import load_file
 
 from ldmkit.cli import main
@@ -50,11 +50,6 @@ def finished(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("finished") / "run"
     train(tiny_config(train={"steps": 4, "sample_every": 100}), run)
     return run
-
-
-def copy_run(run: Path, dest: Path) -> Path:
-    subprocess.run(["cp", "-a", str(run), str(dest)], check=True)
-    return dest
 
 
 # 1. the latent-cache writer never removes a directory ldmkit did not create

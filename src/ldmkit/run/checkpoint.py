@@ -63,7 +63,7 @@ def optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, tor
 def save_checkpoint(ckpt_root: Path, step: int, weights: dict[str, torch.Tensor],
                     training: dict[str, torch.Tensor], meta: dict, keep: int) -> Path:
     """Write ``step_XXXXXXX`` atomically and delete all but the newest ``keep``."""
-    final = ckpt_root / checkpoint_name(step)
+    final = ckpt_root / step_dir_name(step)
 
     def write(tmp: Path) -> None:
         save_file({k: v.detach().contiguous() for k, v in weights.items()},
@@ -78,7 +78,8 @@ def save_checkpoint(ckpt_root: Path, step: int, weights: dict[str, torch.Tensor]
     return final
 
 
-def checkpoint_name(step: int) -> str:
+def step_dir_name(step: int) -> str:
+    """``step_0001000``: a checkpoint's directory, and that of the samples of the same step."""
     return f"step_{step:07d}"
 
 

@@ -27,7 +27,7 @@ from ldmkit.config import Config, load_config
 from ldmkit.errors import CheckpointError, LdmkitError
 from ldmkit.platform.fastpath import FASTPATH_FILE
 from ldmkit.platform.files import OWNER_FILE, check_no_links, owner_of, write_text_atomic
-from ldmkit.run.checkpoint import list_checkpoints, step_of
+from ldmkit.run.checkpoint import list_checkpoints, step_dir_name, step_of
 from ldmkit.vitals.logs.metrics_jsonl import FINDINGS_FILE, METRICS_FILE
 
 CONFIG_FILE = "config.yaml"
@@ -54,9 +54,6 @@ class RunDir:
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
-
-    def __truediv__(self, name: str) -> Path:
-        return self.path / name
 
     @property
     def config(self) -> Path:
@@ -116,7 +113,7 @@ class RunDir:
 
     def samples(self, step: int | None) -> Path:
         """Where the samples of a training step go (``step_0000100``); None: the final ones."""
-        return self.samples_root / (FINAL_SAMPLES if step is None else f"step_{step:07d}")
+        return self.samples_root / (FINAL_SAMPLES if step is None else step_dir_name(step))
 
     def all_checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
