@@ -8,7 +8,7 @@ from conftest import SHARED_DATA
 from PIL import Image
 
 from ldmkit.config import DataConfig
-from ldmkit.data.sources import BatchOrder, load_data
+from ldmkit.data.sources import BatchOrder, check_labels, load_data, source_digest
 from ldmkit.errors import DataError
 
 
@@ -46,6 +46,52 @@ def test_folder_with_no_readable_image_names_the_path(tmp_path):
         load_data(DataConfig(source="folder", path=str(tmp_path)))
     with pytest.raises(DataError, match="not a directory"):
         load_data(DataConfig(source="folder", path=str(tmp_path / "missing")))
+
+
+def _class_folders(root, per_class=2):
+    for index, name in enumerate(["cat", "dog"]):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            _write_png(root / name / f"{i}.png", (8, 8), value=40 + 100 * index)
+    return DataConfig(source="folder", path=str(root), image_size=8)
+
+
+def test_hidden_files_and_folders_are_not_data_anywhere(tmp_path):
+    """Jupyter leaves .ipynb_checkpoints beside every image it opened; macOS leaves .DS_Store
+    and __MACOSX: not classes, not images, not part of the cache key, and counted."""
+    cfg = _class_folders(tmp_path)
+    before = source_digest(cfg)
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    _write_png(tmp_path / ".ipynb_checkpoints" / "0-checkpoint.png", (8, 8))
+    (tmp_path / "__MACOSX" / "cat").mkdir(parents=True)
+    (tmp_path / "__MACOSX" / "cat" / "._0.png").write_bytes(b"\0\5\22resource fork")
+    (tmp_path / "dog" / ".DS_Store").write_bytes(b"Bud1")
+    _write_png(tmp_path / "dog" / ".hidden.png", (8, 8))
+    data = load_data(cfg)
+    assert data.classes == ["cat", "dog"] and data.labels.tolist() == [0, 0, 1, 1]
+    assert data.names == ["cat/0.png", "cat/1.png", "dog/0.png", "dog/1.png"]
+    assert (data.hidden, data.skipped) == (4, 0)
+    assert source_digest(cfg) == before
+
+
+def test_a_linked_class_folder_is_read_and_a_link_cycle_ends(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    _class_folders(elsewhere)
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "cat").symlink_to(elsewhere / "cat", target_is_directory=True)
+    (root / "dog").symlink_to(elsewhere / "dog", target_is_directory=True)
+    (elsewhere / "dog" / "loop").symlink_to(root, target_is_directory=True)
+    data = load_data(DataConfig(source="folder", path=str(root), image_size=8))
+    assert data.classes == ["cat", "dog"] and data.labels.tolist() == [0, 0, 1, 1]
+
+
+def test_a_class_emptied_by_data_limit_blames_the_limit(tmp_path):
+    cfg = _class_folders(tmp_path)
+    cfg.limit = 2
+    data = load_data(cfg)
+    with pytest.raises(DataError, match="data.limit keeps the first 2 images.*'dog'"):
+        check_labels(data.labels, data.classes, 2, data.source, data.limited_to)
 
 
 def _write_idx(path, array):

@@ -101,3 +101,38 @@ def test_eval_during_training_logs_eval_metrics_and_names_them_in_the_verdict(
     assert "eval during training: off" in capsys.readouterr().out
     assert not any(r["tag"].startswith("eval/")
                    for r in read_metrics(tmp_path / "f" / "metrics.jsonl"))
+
+
+def _class_folder(root, classes, per_class=3):
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            save_png(to_pil(torch.full((3, 16, 16), 40 * i + 100 * c, dtype=torch.uint8)),
+                     root / name / f"{i}.png")
+    return {"source": "folder", "path": str(root), "limit": None, "channels": 3}
+
+
+def test_metrics_a_small_set_cannot_support_are_skipped_with_the_reason(tmp_path):
+    data = DataConfig(**_class_folder(tmp_path / "one", ["only"]), image_size=16)
+    clf, train_set, held_out = load_or_train(data)
+    assert clf.classes == 1 and len(held_out) == 1
+    ref = Reference.of(clf, held_out.images, train_set.images[:1])
+    skipped = {}
+    values = quality_metrics(ref, train_set.images, skipped=skipped)
+    assert set(skipped) == {"eval/fd", "eval/precision", "eval/recall", "eval/memorization"}
+    assert "precision/recall needs at least 4" in skipped["eval/precision"]
+    assert values == {"eval/class_coverage": 1.0,
+                      "eval/classifier_accuracy": clf.held_out_accuracy}
+    assert ref.news(skipped)[0].startswith("eval: eval/fd skipped: the Frechet distance needs")
+    assert ref.news(skipped) == []  # each reason is said once
+
+
+def test_eval_during_training_on_a_few_images_per_class_never_stops_the_run(tmp_path, capsys):
+    data = _class_folder(tmp_path / "two", ["a", "b"])
+    run = train(tiny_config(data=data, model={"num_classes": 2},
+                            train={"steps": 2, "eval_every": 1, "sample_every": 100}),
+                tmp_path / "run")
+    assert run.step == 2
+    assert "eval/precision, eval/recall skipped" in capsys.readouterr().out
+    tags = {r["tag"] for r in read_metrics(run.run_dir / "metrics.jsonl")}
+    assert "eval/class_coverage" in tags and "eval/precision" not in tags

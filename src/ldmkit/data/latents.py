@@ -165,6 +165,9 @@ def _report(data: ImageData) -> None:
     print(f"data: {len(data)} images from {data.source}, {tuple(data.images.shape[1:])}")
     if data.skipped:
         print(f"data: skipped {data.skipped} unreadable images (first: {data.first_skipped})")
+    if data.hidden:
+        print(f"data: left out {data.hidden} hidden files and folders (.ipynb_checkpoints, "
+              ".DS_Store, __MACOSX and the like are not data)")
 
 
 class LazyData:
@@ -180,7 +183,8 @@ class LazyData:
             data = load_data(self.cfg)
             _report(data)
             if self.num_classes:
-                check_labels(data.labels, data.classes, self.num_classes, data.source)
+                check_labels(data.labels, data.classes, self.num_classes, data.source,
+                             data.limited_to)
             self._data = data
         return self._data
 
@@ -246,7 +250,7 @@ def prepare_latents(cfg: Config, run_dir: Path, logger: MetricLogger,
     latents = encoded_dataset(ae, cfg, run_dir, data, d)
     if num_classes:
         check_labels(latents.labels, latents.classes, num_classes,
-                     f"data '{cfg.data.path or cfg.data.source}'")
+                     f"data '{cfg.data.path or cfg.data.source}'", cfg.data.limit)
         if latents.classes and d.is_main:
             write_text_atomic(RunDir(run_dir).classes_file, json.dumps(latents.classes))
     scale = cfg.diffusion.latent_scale_factor

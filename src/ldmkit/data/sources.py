@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import math
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,8 @@ class ImageData:
     first_skipped: str | None = None
     names: list[str] | None = None  # a folder's files (relative paths), row by row
     classes: list[str] | None = None  # a folder's class names (label i is classes[i])
+    hidden: int = 0  # hidden files and folders left out (not data)
+    limited_to: int | None = None  # data.limit cut the files read to this many
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -150,38 +153,64 @@ def _load_image(path: Path, size: int, mode: str) -> np.ndarray:
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 
-def folder_files(root: Path) -> list[Path]:
-    """Every PNG/JPEG/WebP below ``root``, sorted."""
+def is_hidden(name: str) -> bool:
+    """Names that are never data: dot files and folders (``.ipynb_checkpoints``, ``.DS_Store``,
+    ``.git``) and the resource forks macOS puts into zip files (``__MACOSX``)."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+@dataclass(frozen=True)
+class FolderListing:
+    """What a folder dataset is made of: its images (sorted relative paths below ``root``), its
+    classes (ImageFolder's first-level subfolders, or None when an image sits directly in
+    ``root``) and how many hidden entries were left out. The one listing read by the loader and
+    the cache key, so both agree on which files are data."""
+
+    root: Path
+    files: list[Path]
+    classes: list[str] | None
+    hidden: int
+
+
+def list_folder(root: Path) -> FolderListing:
+    """Every PNG/JPEG/WebP below ``root``, hidden entries skipped and counted. Linked folders
+    are followed (datasets are often assembled from links), each real folder once."""
     if not root.is_dir():
         raise DataError(f"data.path '{root}' is not a directory; point it at a folder of images")
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-
-
-def folder_classes(root: Path, files: list[Path]) -> list[str] | None:
-    """The first-level subfolders (ImageFolder's classes, sorted, hidden ones left out), or None
-    when an image sits directly in ``root`` (not a class layout)."""
-    if not files or any(f.parent == root for f in files):
-        return None
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    files, hidden, seen = [], 0, set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        hidden += sum(map(is_hidden, dirnames)) + sum(map(is_hidden, filenames))
+        dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
+        base = Path(dirpath).relative_to(root)
+        files += [base / f for f in filenames if not is_hidden(f)
+                  and Path(f).suffix.lower() in IMAGE_SUFFIXES and (Path(dirpath) / f).is_file()]
+    files.sort()
+    in_folders = files and all(len(f.parts) > 1 for f in files)
+    classes = (sorted(p.name for p in root.iterdir() if p.is_dir() and not is_hidden(p.name))
+               if in_folders else None)
+    return FolderListing(root, files, classes, hidden)
 
 
 def load_folder_data(cfg: DataConfig) -> ImageData:
     """Every PNG/JPEG/WebP below ``cfg.path``, labelled by its class folder when every image sits
     in one; corrupt files are skipped and counted."""
-    root = Path(cfg.path or "")
-    files = folder_files(root)
-    if cfg.limit is not None:
-        files = files[: cfg.limit]
-    classes = folder_classes(root, files)
+    listing = list_folder(Path(cfg.path or ""))
+    root, classes = listing.root, listing.classes
+    files = listing.files if cfg.limit is None else listing.files[: cfg.limit]
     mode = "L" if cfg.channels == 1 else "RGB"
     arrays, names, skipped, first_bad = [], [], 0, None
-    for path in files:
+    for name in files:
         try:
-            arrays.append(_load_image(path, cfg.image_size, mode))
-            names.append(str(path.relative_to(root)))
+            arrays.append(_load_image(root / name, cfg.image_size, mode))
+            names.append(str(name))
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
             skipped += 1
-            first_bad = first_bad or str(path)
+            first_bad = first_bad or str(root / name)
     if not arrays:
         what = f"{skipped} unreadable files" if skipped else "no PNG/JPEG/WebP files"
         raise DataError(f"no readable image in '{root}' ({what}); check data.path")
@@ -190,7 +219,8 @@ def load_folder_data(cfg: DataConfig) -> ImageData:
     if classes is not None:
         index = {name: i for i, name in enumerate(classes)}
         labels = torch.tensor([index[Path(n).parts[0]] for n in names], dtype=torch.int64)
-    return ImageData(images, labels, f"folder {root}", skipped, first_bad, names, classes)
+    return ImageData(images, labels, f"folder {root}", skipped, first_bad, names, classes,
+                     listing.hidden, None if cfg.limit is None else len(files))
 
 
 def load_data(cfg: DataConfig) -> ImageData:
@@ -213,9 +243,9 @@ def source_digest(cfg: DataConfig) -> str:
     bytes. A latent cache records it, so new, removed or relabelled images rebuild the cache."""
     digest = hashlib.sha256(cfg.source.encode())
     if cfg.source == "folder":
-        root = Path(cfg.path or "")
-        for path in folder_files(root):
-            digest.update(f"{path.relative_to(root)}\0{path.stat().st_size}\n".encode())
+        listing = list_folder(Path(cfg.path or ""))
+        for name in listing.files:
+            digest.update(f"{name}\0{(listing.root / name).stat().st_size}\n".encode())
     elif cfg.source == "idx":
         path = Path(cfg.path or "")
         images = find_idx(path, cfg.split, "images") if path.is_dir() else path
@@ -228,7 +258,7 @@ def source_digest(cfg: DataConfig) -> str:
 
 
 def check_labels(labels: torch.Tensor | None, classes: list[str] | None, num_classes: int,
-                 source: str) -> None:
+                 source: str, limited_to: int | None = None) -> None:
     """A class-conditional model (``model.num_classes``) needs a label for every image, each
     below ``num_classes``, and an image of every class; a one-line DataError otherwise."""
     if labels is None:
@@ -245,6 +275,9 @@ def check_labels(labels: torch.Tensor | None, classes: list[str] | None, num_cla
     counts = torch.bincount(labels, minlength=num_classes)
     if classes is not None and bool((counts == 0).any()):
         empty = classes[int((counts == 0).nonzero()[0])]
+        if limited_to is not None:
+            raise DataError(f"data.limit keeps the first {limited_to} images of {source}, none "
+                            f"of class folder '{empty}'; raise data.limit or remove it")
         raise DataError(f"class folder '{empty}' of {source} holds no readable image; add "
                         "images to it or remove it (and lower model.num_classes)")
 

@@ -9,7 +9,7 @@ computes the metrics of ``ldmkit.sampling.quality``. The values are appended to 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,6 +24,7 @@ from ldmkit.run.layout import writing_run
 from ldmkit.sampling.classifier import Classifier, load_or_train
 from ldmkit.sampling.generate import generate, guided_tags
 from ldmkit.sampling.quality import (
+    NotComputable,
     class_coverage,
     copy_distance,
     frechet_distance,
@@ -43,29 +44,50 @@ class Reference:
     clf: Classifier
     real: torch.Tensor  # [N, 128]
     train: torch.Tensor  # [M, 128]
-    copy_distance: float  # memorization's threshold, from the training set alone
+    copy_distance: float | None  # memorization's threshold, from the training set alone
+    skipped: dict[str, str] = field(default_factory=dict)  # tag: why it was not computed
 
     @classmethod
     def of(cls, clf: Classifier, real_images: torch.Tensor,
            train_images: torch.Tensor) -> Reference:
         """From uint8 images ``[N, C, H, W]``."""
         train = clf.embed(to_signed(train_images))[0]
-        return cls(clf, clf.embed(to_signed(real_images))[0], train, copy_distance(train))
+        try:
+            threshold = copy_distance(train)
+        except NotComputable:
+            threshold = None  # memorization_rate says why when it is asked for
+        return cls(clf, clf.embed(to_signed(real_images))[0], train, threshold)
+
+    def news(self, skipped: dict[str, str]) -> list[str]:
+        """Reasons for skipped metrics not said before: a run says each once, not per eval."""
+        new = {tag: why for tag, why in skipped.items() if self.skipped.get(tag) != why}
+        self.skipped |= new
+        return [f"eval: {', '.join(t for t in new if new[t] == why)} skipped: {why}"
+                for why in dict.fromkeys(new.values())]
 
 
 def quality_metrics(ref: Reference, fake_images: torch.Tensor,
-                    labels: torch.Tensor | None = None) -> dict[str, float]:
+                    labels: torch.Tensor | None = None,
+                    skipped: dict[str, str] | None = None) -> dict[str, float]:
     """``eval/*`` of uint8 images ``[N, C, H, W]`` against the reference sets; with the class
     each image was asked for (a class-conditional model), ``eval/class_accuracy``: the share
-    the classifier assigns to that class (chance: one over the number of classes)."""
+    the classifier assigns to that class (chance: one over the number of classes). A metric
+    the sets are too small for is left out, its reason put in ``skipped``."""
     fake, predicted = ref.clf.embed(to_signed(fake_images))
-    precision, recall = precision_recall(ref.real, fake)
-    values = {vm.EVAL_FD: frechet_distance(fake, ref.real), vm.EVAL_PRECISION: precision,
-              vm.EVAL_RECALL: recall,
-              vm.EVAL_CLASS_COVERAGE: class_coverage(predicted, ref.clf.classes),
-              vm.EVAL_MEMORIZATION: memorization_rate(fake, ref.train,
-                                                      threshold=ref.copy_distance),
+    measures = {
+        (vm.EVAL_FD,): lambda: (frechet_distance(fake, ref.real),),
+        (vm.EVAL_PRECISION, vm.EVAL_RECALL): lambda: precision_recall(ref.real, fake),
+        (vm.EVAL_MEMORIZATION,): lambda: (memorization_rate(fake, ref.train,
+                                                            threshold=ref.copy_distance),),
+    }
+    values = {vm.EVAL_CLASS_COVERAGE: class_coverage(predicted, ref.clf.classes),
               vm.EVAL_CLASSIFIER_ACCURACY: ref.clf.held_out_accuracy}
+    for tags, measure in measures.items():
+        try:
+            values |= dict(zip(tags, measure(), strict=True))
+        except NotComputable as exc:
+            if skipped is not None:
+                skipped |= dict.fromkeys(tags, str(exc))
     if labels is not None:
         values[vm.EVAL_CLASS_ACCURACY] = (predicted == labels).float().mean().item()
     return values
@@ -81,10 +103,11 @@ class InLoopEval:
     memorization reference is the images stage 2 trains on (the validation split excluded)."""
 
     ref: Reference | None  # rank 0's; the other ranks only help sampling
+    echo: Callable[[str], None] = print  # the loop's, which keeps its progress bar whole
 
     @classmethod
-    def of(cls, data: DataConfig, train_index: torch.Tensor, d: Dist = SINGLE
-           ) -> InLoopEval | None:
+    def of(cls, data: DataConfig, train_index: torch.Tensor, d: Dist = SINGLE,
+           echo: Callable[[str], None] = print) -> InLoopEval | None:
         """None (rank 0 says why) when the dataset has no labels for the classifier."""
         ref = None
         if d.is_main:
@@ -96,7 +119,7 @@ class InLoopEval:
                 print(f"eval during training: off ({exc})")
         if not broadcast_float(1.0 if ref is not None else 0.0, d):
             return None
-        return cls(ref)
+        return cls(ref, echo)
 
     def measure(self, model: torch.nn.Module, ae: Autoencoder, scale: float, cfg: Config,
                 d: Dist = SINGLE, interrupt: Callable[[], bool] | None = None
@@ -104,8 +127,13 @@ class InLoopEval:
         """Every rank samples its shard; rank 0 gets the images and the metrics."""
         samples = generate(model, ae, scale, cfg, EVAL_NUM, EVAL_SAMPLER, EVAL_STEPS,
                            cfg.sample.seed + 1, d=d, interrupt=interrupt, guidance=1.0)
-        return quality_metrics(self.ref, samples.images, samples.labels) \
-            if self.ref is not None else {}
+        if self.ref is None:
+            return {}
+        skipped: dict[str, str] = {}
+        values = quality_metrics(self.ref, samples.images, samples.labels, skipped)
+        for line in self.ref.news(skipped):
+            self.echo(line)
+        return values
 
 
 def eval_run(run_dir: str | Path, num: int = 1000, sampler: str | None = None,
@@ -131,8 +159,11 @@ def eval_run(run_dir: str | Path, num: int = 1000, sampler: str | None = None,
             samples = generate(model, ae, scale, cfg, num, sampler or s.sampler,
                                steps or s.steps, seed, s.eta, interrupt=lambda: stop.requested,
                                guidance=g)
-            measured = {**quality_metrics(ref, samples.images, samples.labels),
+            skipped: dict[str, str] = {}
+            measured = {**quality_metrics(ref, samples.images, samples.labels, skipped),
                         **(samples.vitals if len(scales) > 1 else {})}
+            for line in ref.news(skipped):
+                print(line)
             values |= guided_tags(measured, g if conditional else 1.0)
         with MetricLogger(run_dir, tensorboard=cfg.tensorboard) as logger:
             logger.log(step, values)

@@ -20,11 +20,24 @@ import math
 import numpy as np
 import torch
 
+from ldmkit.errors import DataError
+
 CHUNK = 1024
+
+
+class NotComputable(DataError):
+    """A metric these sets are too small for (a few images per class, one class): it is
+    skipped with this reason, never a crash and never a made-up value."""
+
+
+def _need(count: int, least: int, what: str, metric: str) -> None:
+    if count < least:
+        raise NotComputable(f"{metric} needs at least {least} {what}, there are {count}")
 
 
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     """``|mu_a - mu_b|^2 + tr(C_a + C_b - 2 (C_a C_b)^(1/2))`` of features ``[N, D]`` (float64)."""
+    _need(min(len(a), len(b)), 2, "samples and real images", "the Frechet distance")
     x, y = a.double().numpy(), b.double().numpy()
     mu_x, mu_y = x.mean(0), y.mean(0)
     cov_x, cov_y = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
@@ -67,6 +80,9 @@ def _inside(points: torch.Tensor, centers: torch.Tensor, radii: torch.Tensor) ->
 
 
 def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tuple[float, float]:
+    """A set's manifold is its points' balls out to their k-th nearest neighbour, so each set
+    needs more than ``k`` points."""
+    _need(min(len(real), len(fake)), k + 1, "samples and real images", "precision/recall")
     real_r, fake_r = _kth_radius(real, k), _kth_radius(fake, k)
     precision = _inside(fake, real, real_r).float().mean().item()
     recall = _inside(real, fake, fake_r).float().mean().item()
@@ -85,6 +101,7 @@ def copy_distance(train: torch.Tensor, quantile: float = 0.05) -> float:
 
     It depends on the training set only, so it is computed once per set (``evaluate.Reference``).
     """
+    _need(len(train), 2, "training images", "memorization")
     return torch.quantile(_min_distances(train, train, exclude_self=True), quantile).item()
 
 
