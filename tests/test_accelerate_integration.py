@@ -46,6 +46,22 @@ def test_a_perfect_prediction_implies_the_true_noise(tmp_path, prediction_type):
     assert torch.allclose(t, timesteps / 999)
 
 
+def test_the_hook_takes_its_log_directory_as_the_cli_writers_do(tmp_path):
+    from ldmkit.errors import LdmkitError
+    from ldmkit.run.layout import RunLock
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    lock = RunLock(tmp_path).acquire()
+    with pytest.raises(LdmkitError, match="is in use by another ldmkit process"):
+        AccelerateVitals(_Main(), scheduler, log_dir=tmp_path)
+    lock.release()
+    vitals = AccelerateVitals(_Main(), scheduler, log_dir=tmp_path)
+    with pytest.raises(LdmkitError, match="in use"):
+        RunLock(tmp_path).acquire()
+    vitals.close()
+    RunLock(tmp_path).acquire().release()
+
+
 def test_flow_matching_needs_and_uses_the_sigmas(tmp_path):
     scheduler = FlowMatchEulerDiscreteScheduler()
     vitals = AccelerateVitals(_Main(), scheduler, log_dir=tmp_path)

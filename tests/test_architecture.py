@@ -33,6 +33,7 @@ LAYERS = [
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 # what ldmkit.vitals may load: the diffusion math for loss units, the platform's safe files
 VITALS_MAY_LOAD = ("ldmkit", "ldmkit.errors", "ldmkit.platform", "ldmkit.platform.files",
+                   "ldmkit.platform.lock",
                    "ldmkit.diffusion", "ldmkit.diffusion.parameterization", "ldmkit.diffusion.registry",
                    "ldmkit.diffusion.condition", "ldmkit.diffusion.schedule")
 

@@ -32,9 +32,9 @@ def test_json_output_has_exactly_the_documented_shape(tmp_path, capsys):
     code, out = run_json([str(write_jsonl(tmp_path / "metrics.jsonl", SCALE_BUG))], capsys)
     assert code == 1  # a critical finding, default --fail-on critical
     assert set(out) == {"scenario", "verdict", "findings", "trainer", "regime", "regime_reason",
-                        "missing_vitals", "hook"} and out["scenario"] == "scale_factor_bug"
+                        "missing_vitals", "hook", "notes"} and out["scenario"] == "scale_factor_bug"
     assert out["verdict"] == "scale_factor_bug" and out["regime"] == "pretrain"
-    assert out["trainer"] == "ldmkit" and out["hook"] == ""
+    assert out["trainer"] == "ldmkit" and out["hook"] == "" and out["notes"] == []
     finding = out["findings"][0]
     assert set(finding) == {"code", "severity", "metric", "step", "value", "message", "fix",
                             "tags_read"}

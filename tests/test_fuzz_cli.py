@@ -9,6 +9,7 @@ import dataclasses
 import io
 import json
 import os
+import signal
 import string
 import subprocess
 import typing
@@ -22,6 +23,7 @@ from hypothesis import strategies as st
 
 from ldmkit.cli import main
 from ldmkit.config import Config
+from ldmkit.run.layout import RunDir
 from ldmkit.training.loop import train
 
 pytestmark = pytest.mark.slow
@@ -64,10 +66,28 @@ def _snapshot(root: Path, skip: Path) -> dict[Path, bytes]:
             if p.is_file() and not p.is_symlink() and skip not in p.parents}
 
 
-def _run_cli(argv: list[str]) -> tuple[int, str]:
+class Hang(Exception):
+    pass
+
+
+def _hang(signum, frame):
+    raise Hang
+
+
+def _run_cli(argv: list[str], timeout: int = 0) -> tuple[int, str]:
+    """The command's exit code and stderr; with ``timeout``, a command still running after it
+    (blocked on a FIFO, say) fails the test instead of hanging the suite."""
     err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        code = main(argv)
+    previous = signal.signal(signal.SIGALRM, _hang)
+    signal.alarm(timeout)
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            code = main(argv)
+    except Hang:
+        pytest.fail(f"ldmkit {' '.join(argv)} still ran after {timeout} s")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
     return code, err.getvalue()
 
 
@@ -133,7 +153,19 @@ META_KEYS = ["step", "config", "latent_scale_factor", "optimizer", "data_order",
 
 def _damage(kind: str, data: st.DataObject, run: Path) -> None:
     ckpt = sorted((run / "checkpoints").glob("step_*"))[-1]
-    if kind == "meta_field":
+    if kind == "any_file":  # every file the run holds, whatever it is
+        target = data.draw(st.sampled_from(RunDir(run).files()))
+        how = data.draw(st.sampled_from(["binary", "truncate", "empty", "fifo"]))
+        if how == "fifo":
+            target.unlink()
+            os.mkfifo(target)
+        elif how == "truncate":
+            content = target.read_bytes()
+            target.write_bytes(content[: data.draw(st.integers(0, max(len(content) - 1, 0)))])
+        else:
+            target.write_bytes(b"" if how == "empty" else data.draw(st.binary(min_size=1,
+                                                                              max_size=300)))
+    elif kind == "meta_field":
         meta = json.loads((ckpt / "meta.json").read_text())
         meta[data.draw(st.sampled_from(META_KEYS))] = data.draw(json_values)
         (ckpt / "meta.json").write_text(json.dumps(meta))
@@ -169,8 +201,8 @@ def _damage(kind: str, data: st.DataObject, run: Path) -> None:
             target.write_bytes(data.draw(st.binary(max_size=300)))
 
 
-DAMAGE = ["meta_field", "meta_bytes", "ckpt_name", "truncate", "metrics", "findings", "grid",
-          "recon", "ae_meta", "cache_meta", "config"]
+DAMAGE = ["any_file", "any_file", "meta_field", "meta_bytes", "ckpt_name", "truncate", "metrics",
+          "findings", "grid", "recon", "ae_meta", "cache_meta", "config"]
 COMMANDS = [["sample", "{run}", "--num", "2", "--steps", "1"], ["report", "{run}"],
             ["diagnose", "{run}"], ["watch", "{run}", "--once"], ["encode", "{run}"],
             ["train", "--resume", "{run}", "--set", "train.steps=6"]]
@@ -185,6 +217,30 @@ def test_commands_on_a_damaged_run(finished, tmp_path_factory, kind, command, da
     subprocess.run(["cp", "-a", str(finished), str(run)], check=True)
     _damage(kind, data, run)
     before = _snapshot(tmp, run)
-    code, err = _run_cli([part.format(run=run) for part in command])
+    code, err = _run_cli([part.format(run=run) for part in command], timeout=120)
     _check_outcome(code, err)
     assert _snapshot(tmp, run) == before
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: c[0] + ("-resume" if "--resume" in c
+                                                                     else ""))
+def test_no_command_waits_on_a_fifo_in_a_run(finished, tmp_path, command):
+    """A FIFO where a run's log is expected: every command refuses it at once, naming it."""
+    run = tmp_path / "run"
+    subprocess.run(["cp", "-a", str(finished), str(run)], check=True)
+    (run / "metrics.jsonl").unlink()
+    os.mkfifo(run / "metrics.jsonl")
+    code, err = _run_cli([part.format(run=run) for part in command], timeout=60)
+    assert code == 2 and f"'{run / 'metrics.jsonl'}'" in err and "FIFO" in err, err
+
+
+def test_resume_with_binary_bytes_in_any_run_record_is_one_line(finished, tmp_path):
+    """``fastpath.jsonl``, ``changes.jsonl`` and ``classes.json`` holding bytes that are not
+    UTF-8: a resume judges their content (used or refused in one line), never a decoding
+    traceback."""
+    run = tmp_path / "run"
+    subprocess.run(["cp", "-a", str(finished), str(run)], check=True)
+    for path in (RunDir(run).fastpath, RunDir(run).changes, RunDir(run).classes_file):
+        path.write_bytes(b"\xff\xfe\x00binary\x80\n")
+    code, err = _run_cli(["train", "--resume", str(run), "--set", "train.steps=6"], timeout=300)
+    _check_outcome(code, err)

@@ -61,6 +61,26 @@ def test_unknown_threshold_is_refused(tmp_path):
         VitalsMonitor(tmp_path, thresholds={"z_std_lo": 0.3})
 
 
+def test_a_monitor_on_a_directory_another_writer_holds_is_refused(tmp_path):
+    """While `ldmkit train` holds a run's lock, a monitor opened on it would write into the
+    same metrics.jsonl: it is refused in one line, as a second CLI writer is."""
+    from ldmkit.errors import LdmkitError
+    from ldmkit.run.layout import RunLock
+
+    lock = RunLock(tmp_path).acquire()
+    try:
+        with pytest.raises(LdmkitError, match=r"is in use by another ldmkit process \(PID"):
+            VitalsMonitor(tmp_path, tensorboard=False)
+        assert not (tmp_path / "metrics.jsonl").exists()
+    finally:
+        lock.release()
+    with VitalsMonitor(tmp_path, tensorboard=False) as first:
+        with pytest.raises(LdmkitError, match="in use"):
+            VitalsMonitor(tmp_path, tensorboard=False)
+        feed(first, 10, z_std=1.0)
+    VitalsMonitor(tmp_path, tensorboard=False).close()  # released on close
+
+
 @pytest.mark.slow
 def test_the_diffusers_example_runs_and_its_log_is_diagnosable(tmp_path):
     out = subprocess.run([sys.executable, str(EXAMPLE), "--steps", "50", "--batch-size", "32",

@@ -19,6 +19,7 @@ from ldmkit.config.typed import build, check, ranged
 from ldmkit.config.untrusted import MAX_CONFIG_BYTES, brief, check_size
 from ldmkit.diffusion.registry import OBJECTIVE_NAMES, OBJECTIVES, SAMPLERS
 from ldmkit.errors import ConfigError
+from ldmkit.platform.files import parse_yaml, read_file_text
 
 
 @dataclass
@@ -269,10 +270,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override '{brief(text)[1:-1]}' must look like section.key=value")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = parse_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise ConfigError(f"override '{brief(text)[1:-1]}': value is not valid YAML "
-                          f"({exc.problem})") from None
+                          f"({getattr(exc, 'problem', None) or exc})") from None
     check_size(value, f"override '{key.strip()[:60]}'")
     return key.strip().split("."), value
 
@@ -332,7 +333,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
             raise ConfigError(f"config file '{path}' is larger than {MAX_CONFIG_BYTES >> 20} MiB; "
                               "a config is a page of YAML: pass the right file")
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            data = parse_yaml(read_file_text(path)) or {}
         except yaml.YAMLError as exc:
             where = getattr(exc, "problem_mark", None)
             line = f" at line {where.line + 1}" if where else ""

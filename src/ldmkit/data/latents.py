@@ -37,7 +37,14 @@ from ldmkit.errors import CheckpointError
 from ldmkit.models.autoencoder import Autoencoder, Posterior
 from ldmkit.platform.distributed import SINGLE, Dist, barrier, broadcast_float
 from ldmkit.platform.fastpath import EAGER_FP32, FastPath, choose
-from ldmkit.platform.files import check_output, check_replaceable, write_dir_atomically, write_text_atomic
+from ldmkit.platform.files import (
+    check_output,
+    check_replaceable,
+    open_regular,
+    read_json,
+    write_dir_atomically,
+    write_text_atomic,
+)
 from ldmkit.platform.preemption import Preempted, StopRequest
 from ldmkit.run.layout import RunDir
 from ldmkit.vitals.logs.metrics_jsonl import MetricLogger
@@ -53,7 +60,7 @@ def autoencoder_hash(ae_dir: Path) -> str:
     digest = hashlib.sha256()
     for path in sorted(p for p in ae_dir.iterdir() if p.suffix in (".json", ".safetensors")):
         digest.update(path.name.encode())
-        with path.open("rb") as fh:
+        with open_regular(path) as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
@@ -76,8 +83,8 @@ def read_cache(path: Path, expected: dict) -> LatentPosteriors | None:
     """The cached posteriors, or None when absent, damaged, or built from another autoencoder
     or data (then the cache, being ldmkit's own, is rebuilt)."""
     try:
-        meta = json.loads((path / "meta.json").read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        meta = read_json(path / "meta.json")
+    except (OSError, ValueError):
         return None
     if not isinstance(meta, dict) or {k: meta.get(k) for k in expected} != expected:
         return None

@@ -24,6 +24,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ldmkit.config import DataConfig
 from ldmkit.errors import DataError
+from ldmkit.platform.files import read_file
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 
@@ -253,7 +254,7 @@ def source_digest(cfg: DataConfig) -> str:
             digest.update(str(images.stat().st_size).encode())
             labels = Path(str(images).replace("-images-idx3", "-labels-idx1"))
             if labels != images and labels.is_file():
-                digest.update(labels.read_bytes())
+                digest.update(read_file(labels))
     return digest.hexdigest()
 
 

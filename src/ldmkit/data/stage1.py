@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ldmkit.config import AutoencoderConfig, Config
@@ -24,7 +24,7 @@ from ldmkit.models.autoencoder import Autoencoder, Posterior
 from ldmkit.models.diffusers_vae import DiffusersAutoencoder, is_diffusers_vae, load_diffusers_vae
 from ldmkit.platform.distributed import SINGLE, Dist, all_sum
 from ldmkit.platform.fastpath import Compiled, choose, record
-from ldmkit.platform.files import write_dir_atomically
+from ldmkit.platform.files import load_tensors, read_json, write_dir_atomically
 from ldmkit.platform.images import image_grid
 from ldmkit.platform.preemption import Preempted, StopRequest
 from ldmkit.run.layout import AE_DIR, RunDir
@@ -140,14 +140,14 @@ def load_autoencoder(path: str | Path) -> Autoencoder | DiffusersAutoencoder:
                               "at a run directory, its autoencoder/ folder, or a diffusers "
                               "AutoencoderKL directory")
     try:
-        arch = json.loads((path / "meta.json").read_text())
+        arch = read_json(path / "meta.json")
         sizes = [arch["channels"], arch["base_channels"], arch["latent_channels"],
                  *arch["channel_mult"]]
         if not all(type(v) is int and 1 <= v <= 4096 for v in sizes) or not arch["channel_mult"]:
             raise ValueError(f"meta.json holds no architecture ({str(arch)[:80]})")
         ae = Autoencoder(arch["channels"], arch["base_channels"], arch["channel_mult"],
                          arch["latent_channels"])
-        ae.load_state_dict(load_file(str(path / "weights.safetensors")))
+        ae.load_state_dict(load_tensors(path / "weights.safetensors"))
     except (OSError, KeyError, ValueError, TypeError, RuntimeError, SafetensorError) as exc:
         raise CheckpointError(f"autoencoder at '{path}' cannot be loaded: "
                               f"{str(exc).splitlines()[0]}") from None

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ldmkit.diffusion.registry import OBJECTIVE_ALIASES, OBJECTIVES
+from ldmkit.platform.lock import DirLock
 from ldmkit.vitals import metrics as vm
 from ldmkit.vitals.monitor import LiveMonitor
 from ldmkit.vitals.observer import StepVitals, hook_context
@@ -56,10 +57,11 @@ class AccelerateVitals(StepVitals):
         self.alphas_cumprod = None if alphas is None else torch.as_tensor(alphas).double()
         self.num_train_timesteps = int(config.get("num_train_timesteps") or 1000)
         self.accelerator = accelerator
-        live = None
+        live, self.lock = None, None
         if accelerator.is_main_process:
             directory = Path(log_dir or accelerator.logging_dir or ".")
             directory.mkdir(parents=True, exist_ok=True)
+            self.lock = DirLock(directory, "log directory").acquire()  # one writer, as the CLI's
             live = LiveMonitor(directory, with_objective(ctx, self.objective.name),
                                on_critical, echo)
         super().__init__(live, log_every)
@@ -105,3 +107,11 @@ class AccelerateVitals(StepVitals):
         self.accelerator.log(values, step=step)
         if self.live is not None:
             self.live.observe(step, values)
+
+    def close(self) -> None:
+        """Release the log directory (also done when the object is collected or the process
+        ends), so another writer may take it."""
+        if getattr(self, "lock", None) is not None:
+            self.lock.release()
+
+    __del__ = close

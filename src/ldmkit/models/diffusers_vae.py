@@ -9,7 +9,6 @@ are loaded, from disk, never downloaded. diffusers is needed for this path only.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -17,13 +16,14 @@ from torch import nn
 
 from ldmkit.errors import CheckpointError
 from ldmkit.models.autoencoder import Posterior
+from ldmkit.platform.files import read_json
 
 CONFIG_FILE = "config.json"
 
 
 def is_diffusers_vae(path: Path) -> bool:
     try:
-        config = json.loads((path / CONFIG_FILE).read_text())
+        config = read_json(path / CONFIG_FILE)
     except (OSError, ValueError):
         return False
     return isinstance(config, dict) and config.get("_class_name") == "AutoencoderKL"

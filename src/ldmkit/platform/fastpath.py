@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from ldmkit.platform.files import open_append
+from ldmkit.platform.files import open_append, parse_json, read_file_text
 
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo names of native bf16 arithmetic
 CXX_COMPILERS = ("g++", "c++", "clang++")  # what inductor's CPU backend can build with
@@ -269,12 +269,12 @@ def recorded(path: Path, job: str = "train") -> str | None:
     """The last recorded choice of ``job`` in ``path`` (``RUN/fastpath.jsonl``) in words, or
     None (a run made before it, or an unreadable record)."""
     try:
-        lines = path.read_text().splitlines()
+        lines = read_file_text(path).splitlines()
     except OSError:
         return None
     for line in reversed(lines):
         try:
-            rec = json.loads(line)
+            rec = parse_json(line)
             if rec.get("job") == job:
                 return f"{rec['precision_reason']}; {rec['compile_reason']}"
         except (ValueError, AttributeError, KeyError):

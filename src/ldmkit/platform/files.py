@@ -10,21 +10,30 @@ ldmkit delete a user's data.
 
 Single files inside a run are written through a temporary file and ``os.replace`` (which
 replaces a link rather than writing through it) or opened with ``O_NOFOLLOW``.
+
+Only regular files are read or appended to: a FIFO where a log is expected would block the
+reader forever, a device would never end. Files are opened with ``O_NONBLOCK`` (a FIFO then
+opens at once instead of waiting for a writer) and checked with ``fstat`` before a byte is read.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING, Any
 
 from safetensors import SafetensorError
 
 from ldmkit.errors import CheckpointError, LdmkitError
+
+if TYPE_CHECKING:
+    import torch
 
 OWNER_FILE = ".ldmkit"
 # what each kind of directory held before owner files existed (runs made by ldmkit <= 0.1)
@@ -49,6 +58,89 @@ FILE_MODE, DIR_MODE = 0o666 & ~_umask(), 0o777 & ~_umask()
 
 class LinkRefused(LdmkitError):
     """A symbolic link where ldmkit reads or writes a run's files."""
+
+
+class NotRegular(LdmkitError):
+    """A FIFO, socket or device where ldmkit expects a file."""
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _not_regular(path: Path, mode: int) -> NotRegular:
+    return NotRegular(f"'{path}' is {_kind(mode)}, not a regular file; ldmkit reads only "
+                      "regular files: replace it with the file itself")
+
+
+def check_regular(path: Path) -> None:
+    """Raise NotRegular unless ``path`` (followed if a link) is a regular file: for readers
+    that open the file themselves (safetensors, TensorBoard, SQLite)."""
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise _not_regular(path, mode)
+
+
+def open_regular(path: Path) -> IO[bytes]:
+    """``path`` opened for binary reading, or NotRegular: never blocks on a FIFO."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise _not_regular(path, mode)
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def read_file(path: Path) -> bytes:
+    """The bytes of a regular file (NotRegular for anything else)."""
+    with open_regular(path) as fh:
+        return fh.read()
+
+
+def read_file_text(path: Path) -> str:
+    """A regular file's text; bytes that are not UTF-8 become U+FFFD, so a damaged file is
+    judged by its content and never ends in UnicodeDecodeError."""
+    return read_file(path).decode("utf-8", errors="replace")
+
+
+def parse_json(text: str | bytes) -> Any:
+    """``json.loads`` whose failures are all ValueError: JSON nested deeper than the parser's
+    recursion limit (a hostile or damaged file) included."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deep") from None
+
+
+def parse_yaml(text: str) -> Any:
+    """``yaml.safe_load`` whose failures are all ``yaml.YAMLError``: YAML nested deeper than
+    Python's recursion limit (a hostile or damaged file) included."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except RecursionError:
+        raise yaml.YAMLError("YAML nested too deep") from None
+
+
+def read_json(path: Path) -> Any:
+    """A regular file's JSON; ValueError when it is not JSON, NotRegular when not a file."""
+    return parse_json(read_file(path))
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors, after checking it is a regular file (safetensors opens
+    it itself, and would block on a FIFO)."""
+    from safetensors.torch import load_file
+
+    check_regular(path)
+    return load_file(str(path))
 
 
 def _fsync(path: Path) -> None:
@@ -164,38 +256,43 @@ def write_text_atomic(path: Path, text: str) -> None:
 def open_append(path: Path) -> IO[str]:
     """Open a log for appending; refuses a link instead of writing where it points."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+                     | os.O_NONBLOCK, 0o644)
     except OSError as exc:
         _refuse_link(path)
+        mode = os.stat(path).st_mode if os.path.exists(path) else stat.S_IFREG
+        if not stat.S_ISREG(mode):
+            raise _not_regular(path, mode) from None
         raise exc
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise _not_regular(path, mode)
+    os.set_blocking(fd, True)
     return os.fdopen(fd, "a", encoding="utf-8")
 
 
 def read_regular(path: Path) -> bytes:
     """The bytes of a regular file that is not a link (for what a report embeds)."""
     _refuse_link(path)
-    return path.read_bytes()
+    return read_file(path)
 
 
-def links_under(root: Path, limit: int = 1) -> list[Path]:
-    """Symbolic links below ``root`` (not following any), at most ``limit`` of them."""
-    found: list[Path] = []
+def check_plain_tree(root: Path) -> None:
+    """Refuse a run directory that holds, anywhere below it, a symbolic link (ldmkit writes and
+    embeds files there, and must never reach outside the run through one) or a FIFO, socket
+    or device (reading one would block or never end)."""
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         for name in (*dirnames, *filenames):
-            if os.path.islink(os.path.join(dirpath, name)):
-                found.append(Path(dirpath) / name)
-                if len(found) >= limit:
-                    return found
-    return found
-
-
-def check_no_links(root: Path) -> None:
-    """Refuse a run directory that holds a symbolic link anywhere below it: ldmkit writes and
-    embeds files there, and must never reach outside the run through one."""
-    for link in links_under(root):
-        raise LinkRefused(f"'{link}' is a symbolic link inside the run directory '{root}'; "
-                          "ldmkit never follows links in a run: replace it with the file or "
-                          "directory itself, or remove it")
+            path = Path(dirpath) / name
+            mode = os.lstat(path).st_mode
+            if stat.S_ISLNK(mode):
+                raise LinkRefused(f"'{path}' is a symbolic link inside the run directory "
+                                  f"'{root}'; ldmkit never follows links in a run: replace it "
+                                  "with the file or directory itself, or remove it")
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                raise NotRegular(f"'{path}' inside the run directory '{root}' is "
+                                 f"{_kind(mode)}, not a regular file; remove it")
 
 
 def check_output(path: Path, flag: str, directory: bool) -> None:

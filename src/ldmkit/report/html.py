@@ -14,7 +14,7 @@ import base64
 from html import escape
 from pathlib import Path
 
-from ldmkit.platform.files import check_no_links, check_output, read_regular, write_text_atomic
+from ldmkit.platform.files import check_output, check_plain_tree, read_regular, write_text_atomic
 from ldmkit.run.context import read_run
 from ldmkit.run.layout import REPORT_HTML, RunDir
 from ldmkit.vitals import metrics as vm
@@ -195,6 +195,6 @@ def write_html_report(run_dir: str | Path, out: str | Path | None = None) -> Pat
     if out is not None:
         check_output(Path(out), "--out", directory=False)
     path = Path(out) if out else RunDir(run_dir).report_html
-    check_no_links(run_dir)  # what the report embeds stays inside the run
+    check_plain_tree(run_dir)  # what the report embeds stays inside the run
     write_text_atomic(path, render_html(run_dir))
     return path

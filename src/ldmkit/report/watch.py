@@ -40,7 +40,7 @@ class MetricsFollower:
 
     def poll(self) -> int:
         """Add new complete records to ``series``; returns how many were read."""
-        if not self.path.is_file():
+        if not self.path.exists():  # the run has not logged yet
             return 0
         records = self.reader.poll()
         for step, tag, value in records:

@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ldmkit.errors import CheckpointError
-from ldmkit.platform.files import remove_owned, write_dir_atomically
+from ldmkit.platform.files import load_tensors, read_json, remove_owned, write_dir_atomically
 
 FORMAT_VERSION = 1
 CHECKPOINT = "checkpoint"
@@ -100,11 +100,11 @@ def step_of(ckpt: Path | None) -> int:
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
     """(weights, training tensors, meta) of one checkpoint directory."""
     try:
-        meta = json.loads((path / "meta.json").read_text())
-        weights = load_file(str(path / "weights.safetensors"))
-        training = (load_file(str(path / "training.safetensors"))
-                    if (path / "training.safetensors").is_file() else {})
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, SafetensorError) as exc:
+        meta = read_json(path / "meta.json")
+        weights = load_tensors(path / "weights.safetensors")
+        training = (load_tensors(path / "training.safetensors")
+                    if (path / "training.safetensors").exists() else {})
+    except (OSError, ValueError, SafetensorError) as exc:
         raise CheckpointError(f"checkpoint '{path}' is unreadable ({str(exc)[:200]}); resume "
                               "from an older one by moving this directory away") from None
     problem = meta_problem(meta)

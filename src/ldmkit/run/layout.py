@@ -17,8 +17,6 @@ take no lock, so they work while a run trains.
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,13 +24,13 @@ from pathlib import Path
 from ldmkit.config import Config, load_config
 from ldmkit.errors import CheckpointError, LdmkitError
 from ldmkit.platform.fastpath import FASTPATH_FILE
-from ldmkit.platform.files import OWNER_FILE, check_no_links, owner_of, write_text_atomic
+from ldmkit.platform.files import OWNER_FILE, check_plain_tree, owner_of, read_json, write_text_atomic
+from ldmkit.platform.lock import DirLock
 from ldmkit.run.checkpoint import list_checkpoints, step_dir_name, step_of
 from ldmkit.vitals.logs.metrics_jsonl import FINDINGS_FILE, METRICS_FILE
 
 CONFIG_FILE = "config.yaml"
 RUN_KIND = "run"
-LOCK_FILE = ".lock"
 CHANGES_FILE = "changes.jsonl"  # what each --resume --set changed, at which step
 CLASSES_FILE = "classes.json"  # a folder dataset's class names, label by label
 VAL_FILE = "validation.safetensors"  # the held-out points (training/held_out.py)
@@ -115,6 +113,15 @@ class RunDir:
         """Where the samples of a training step go (``step_0000100``); None: the final ones."""
         return self.samples_root / (FINAL_SAMPLES if step is None else step_dir_name(step))
 
+    def files(self) -> list[Path]:
+        """Every file the run holds, links not followed, sorted: what a check of the whole run
+        (a fuzz test, a copy) goes through, a file added tomorrow included."""
+        found = []
+        for dirpath, dirnames, filenames in os.walk(self.path, followlinks=False):
+            dirnames.sort()
+            found += [Path(dirpath) / name for name in filenames]
+        return sorted(found)
+
     def all_checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
         return list_checkpoints(self.checkpoints)
@@ -158,15 +165,11 @@ class RunDir:
     def classes(self) -> list[str] | None:
         """The class names the run's labels stand for (folder datasets), or None."""
         try:
-            names = json.loads(self.classes_file.read_text())
+            names = read_json(self.classes_file)
         except (OSError, ValueError):
             return None
         return names if isinstance(names, list) and all(isinstance(n, str) for n in names) \
             else None
-
-
-class RunBusy(LdmkitError):
-    """Another process is writing into the run directory."""
 
 
 def is_run(path: Path) -> bool:
@@ -198,36 +201,11 @@ def claim(path: Path) -> None:
         write_text_atomic(path / OWNER_FILE, RUN_KIND + "\n")
 
 
-class RunLock:
-    """An exclusive, non-blocking ``flock`` on ``RUN/.lock`` holding the writer's PID."""
+class RunLock(DirLock):
+    """The run directory's writer lock (``platform.lock``)."""
 
     def __init__(self, run_dir: Path):
-        self.path = run_dir / LOCK_FILE
-        self._fd: int | None = None
-
-    def acquire(self) -> RunLock:
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-        except OSError as exc:
-            raise LdmkitError(f"cannot lock '{self.path}' ({exc.strerror}); the run directory "
-                              "must be writable and hold no link named .lock") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise RunBusy(f"run directory '{self.path.parent}' is in use by another ldmkit "
-                          f"process (PID {holder}); wait for it to finish or stop it, then retry "
-                          "(diagnose, report and watch work meanwhile)") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._fd = fd
-        return self
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing releases the flock
-            self._fd = None
+        super().__init__(run_dir, "run directory")
 
 
 @contextlib.contextmanager
@@ -235,7 +213,7 @@ def writing_run(run_dir: Path) -> Iterator[None]:
     """Hold ``run_dir`` for writing: no links inside it, no other writer while held."""
     if not is_run(run_dir):
         raise CheckpointError(f"'{run_dir}' is not an ldmkit run directory (no {CONFIG_FILE})")
-    check_no_links(run_dir)
+    check_plain_tree(run_dir)
     lock = RunLock(run_dir).acquire()
     try:
         yield

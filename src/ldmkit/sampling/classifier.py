@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ldmkit.config import DataConfig
 from ldmkit.data.sources import ImageData, load_data
 from ldmkit.errors import DataError
-from ldmkit.platform.files import write_dir_atomically
+from ldmkit.platform.files import load_tensors, read_json, write_dir_atomically
 
 FEATURES = 128
 EPOCHS = 4
@@ -116,9 +116,9 @@ def load_or_train(cfg: DataConfig) -> tuple[Classifier, ImageData, ImageData]:
     train, held_out = split_real(cfg)
     path = cache_root() / _key(cfg)
     try:
-        meta = json.loads((path / "meta.json").read_text())
+        meta = read_json(path / "meta.json")
         net = FeatureNet(meta["channels"], meta["classes"])
-        net.load_state_dict(load_file(str(path / "weights.safetensors")))
+        net.load_state_dict(load_tensors(path / "weights.safetensors"))
         return Classifier(net, meta["classes"], meta["held_out_accuracy"]), train, held_out
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError):
         pass  # absent or damaged: trained again and rewritten

@@ -18,7 +18,7 @@ from ldmkit.diffusion.registry import OBJECTIVES
 from ldmkit.errors import CheckpointError, LdmkitError
 from ldmkit.models.diffusers_vae import CONFIG_FILE, is_diffusers_vae
 from ldmkit.models.registry import export_backbone
-from ldmkit.platform.files import check_no_links
+from ldmkit.platform.files import check_plain_tree, read_json
 from ldmkit.run.layout import RunDir
 from ldmkit.sampling.generate import parameterization
 
@@ -31,7 +31,7 @@ def export_diffusers(run_dir: str | Path, out: str | Path) -> Path:
     from ldmkit.sampling.trained import load_for_sampling
 
     run_dir, out = Path(run_dir), Path(out)
-    check_no_links(run_dir)  # what is exported comes from inside the run
+    check_plain_tree(run_dir)  # what is exported comes from inside the run
     if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"'{out}' is not empty; choose a new directory for the export")
     cfg_dict, step, model, ae, scale, backbone = load_for_sampling(run_dir)
@@ -46,7 +46,7 @@ def export_diffusers(run_dir: str | Path, out: str | Path) -> Path:
     source = RunDir(run_dir).autoencoder
     if is_diffusers_vae(source):
         shutil.copytree(source, out / "vae", ignore=shutil.ignore_patterns("*.bin", "*.png"))
-        config = json.loads((out / "vae" / CONFIG_FILE).read_text())
+        config = read_json(out / "vae" / CONFIG_FILE)
         config["scaling_factor"] = scale
         (out / "vae" / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     else:

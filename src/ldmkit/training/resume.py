@@ -13,7 +13,7 @@ from ldmkit.config import Config, load_config, to_dict
 from ldmkit.config.untrusted import brief
 from ldmkit.data.stage1 import load_autoencoder
 from ldmkit.errors import CheckpointError
-from ldmkit.platform.files import check_no_links, open_append
+from ldmkit.platform.files import check_plain_tree, open_append
 from ldmkit.run.checkpoint import (
     load_checkpoint,
     step_of,
@@ -90,7 +90,7 @@ def open_run(cfg: Config, run_dir: Path | None, resume: bool) -> OpenedRun:
             raise CheckpointError(f"'{chosen}' is not an ldmkit run directory (no {CONFIG_FILE})")
         check_new_run_dir(chosen)
         return OpenedRun(chosen, cfg, False)
-    check_no_links(chosen)
+    check_plain_tree(chosen)
     saved = load_config(chosen / CONFIG_FILE, saved=True)
     if cfg.diffusion.latent_scale_factor is None:  # calibrated when the run started
         cfg = dataclasses.replace(cfg, diffusion=dataclasses.replace(

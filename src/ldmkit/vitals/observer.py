@@ -19,6 +19,7 @@ from types import TracebackType
 
 import torch
 
+from ldmkit.platform.lock import DirLock
 from ldmkit.vitals import metrics as vm
 from ldmkit.vitals.diagnose import Context, Finding, scenario
 from ldmkit.vitals.logs.metrics_jsonl import MetricLogger
@@ -101,7 +102,13 @@ class VitalsMonitor(StepVitals):
                  tensorboard: bool = True, on_critical: str = "warn",
                  echo: Callable[[str], None] = print) -> None:
         ctx = hook_context(latent_scale_factor, thresholds, log_every)
-        self.logger = MetricLogger(log_dir, tensorboard)
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+        self.lock = DirLock(Path(log_dir), "log directory").acquire()  # one writer, as the CLI's
+        try:
+            self.logger = MetricLogger(log_dir, tensorboard)
+        except BaseException:
+            self.lock.release()
+            raise
         super().__init__(LiveMonitor(Path(log_dir), ctx, on_critical, echo), log_every)
         self.live.text_sink = self.logger.log_text
         self.logger.observers.append(self.live)
@@ -116,6 +123,11 @@ class VitalsMonitor(StepVitals):
 
     def close(self) -> None:
         self.logger.close()
+        self.lock.release()
+
+    def __del__(self) -> None:
+        if getattr(self, "lock", None) is not None:
+            self.lock.release()  # a monitor dropped without close() frees its directory
 
     def __enter__(self) -> VitalsMonitor:
         return self

@@ -53,6 +53,7 @@ class Diagnosis:
     missing: list[Missing] = field(default_factory=list)
     hook: str = ""  # the lines that add the missing vital signs in that trainer's loop
     read_from: dict[str, list[str]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what of the log was read only in part
 
     def worst(self) -> int:
         """Rank of the most severe finding (-1 when there is none)."""
@@ -69,7 +70,7 @@ class Diagnosis:
             "findings": [{**f.to_dict(), "tags_read": self.tags_read(f)} for f in self.findings],
             "missing_vitals": [{"tag": m.tag, "reveals": m.reveals, "codes": list(m.codes)}
                                for m in self.missing],
-            "hook": self.hook}, indent=2)
+            "hook": self.hook, "notes": self.notes}, indent=2)
 
 
 def diagnose_log(path: str | Path, latent_scale_factor: float | None = None,
@@ -139,7 +140,7 @@ def diagnose_loaded(log: LoadedLog, ctx: Context, objective: str | None = None,
     missing = missing_vitals(log)
     return Diagnosis(log.source, name, coverage(name, log.series), findings,
                      log.latent_scale_factor, log.trainer.label, ctx.regime, reason, missing,
-                     log.trainer.hook if missing else "", log.read_from)
+                     log.trainer.hook if missing else "", log.read_from, log.notes)
 
 
 def format_table(diagnosis: Diagnosis) -> str:
@@ -149,7 +150,8 @@ def format_table(diagnosis: Diagnosis) -> str:
              else f"{diagnosis.latent_scale_factor:.4g}")
     lines = [f"diagnosis of {diagnosis.source}", f"written by: {diagnosis.trainer}",
              f"regime: {diagnosis.regime} ({diagnosis.regime_reason})",
-             f"latent_scale_factor: {scale}", f"scenario: {diagnosis.verdict}", ""]
+             f"latent_scale_factor: {scale}", *(f"read: {n}" for n in diagnosis.notes),
+             f"scenario: {diagnosis.verdict}", ""]
     if not diagnosis.findings:
         lines.append("no findings: every vital sign logged is within the guide's healthy range")
     for f in diagnosis.findings:

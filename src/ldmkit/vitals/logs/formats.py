@@ -14,6 +14,7 @@ runs: ``ldmkit.vitals.logs.wandb_files``; which reader a path needs: ``ldmkit.vi
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from collections.abc import Callable
@@ -24,6 +25,13 @@ from typing import Any, Generic, TypeVar
 import yaml
 
 from ldmkit.errors import LdmkitError
+from ldmkit.platform.files import (
+    check_regular,
+    open_regular,
+    parse_json,
+    parse_yaml,
+    read_file_text,
+)
 
 Record = tuple[int, str, float]
 T = TypeVar("T")
@@ -39,6 +47,7 @@ class RawLog:
     fmt: str
     source: str
     config: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what was read only in part, and why
 
 
 def scalar(value: Any) -> float | None:
@@ -68,7 +77,7 @@ class JsonLines(Generic[T]):
 
     def poll(self) -> list[T]:
         """The records of the lines added since the last call (all of them on the first)."""
-        with self.path.open("rb") as fh:
+        with open_regular(self.path) as fh:
             fh.seek(self.offset)
             chunk = fh.read()
         lines = chunk.split(b"\n")
@@ -78,7 +87,7 @@ class JsonLines(Generic[T]):
             text = raw.decode("utf-8", errors="replace")
             if text.strip():
                 try:
-                    out += self.parse(json.loads(text))
+                    out += self.parse(parse_json(text))
                 except (json.JSONDecodeError, KeyError, TypeError, ValueError, OverflowError,
                         AttributeError):
                     if last or (index == len(lines) - 2 and not lines[-1].strip()):
@@ -97,7 +106,7 @@ def json_lines(path: Path, parse: Callable[[Any], list[T]], what: str) -> list[T
 
 def load_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8", errors="replace"))
+        data = parse_yaml(read_file_text(path))
     except yaml.YAMLError as exc:
         raise UnreadableLog(f"'{path}' is not readable YAML ({str(exc).splitlines()[0]}); "
                             "repair or remove it") from None
@@ -111,8 +120,8 @@ def read_csv(path: Path) -> RawLog:
     (the range of a smoothed plot): the run prefix is dropped and the companions are skipped.
     """
     try:
-        with path.open(newline="", encoding="utf-8", errors="replace") as fh:
-            rows = list(csv.reader(fh))
+        rows = list(csv.reader(io.StringIO(read_file_text(path).removeprefix("\ufeff"),
+                                           newline="")))
     except csv.Error as exc:
         raise UnreadableLog(f"'{path}' is not a readable CSV ({exc}); export step,tag,value "
                             "rows or a step column with one column per metric") from None
@@ -160,8 +169,13 @@ def _long_rows(path: Path, header: list[str], rows: list[list[str]]) -> list[Rec
 
 
 def event_files(path: Path) -> list[Path]:
-    return sorted(p for p in path.rglob("*") if "tfevents" in p.name and p.is_file()
-                  and not p.is_symlink())
+    """The event files below ``path`` (links left out); NotRegular for one that is a FIFO or
+    a device, which TensorBoard, reading the whole directory, would block on."""
+    found = [p for p in path.rglob("*") if "tfevents" in p.name and not p.is_symlink()
+             and not p.is_dir()]
+    for file in found:
+        check_regular(file)
+    return sorted(found)
 
 
 def read_tensorboard(files: list[Path], root: Path | None = None) -> RawLog:
@@ -171,6 +185,8 @@ def read_tensorboard(files: list[Path], root: Path | None = None) -> RawLog:
     config."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    for file in files:
+        check_regular(file)
     records = []
     sources = sorted({f.parent for f in files}) if len(files) > 1 else files
     for file in sources:
@@ -202,16 +218,22 @@ def is_mlflow(path: Path) -> bool:
     return bool(_mlflow_runs(path))
 
 
+def _start_time(run: Path) -> float:
+    """A run's ``start_time`` (milliseconds), 0 when it is missing or not a number."""
+    value = scalar(load_yaml(run / "meta.yaml").get("start_time"))
+    return value if value is not None and math.isfinite(value) else 0.0
+
+
 def read_mlflow(path: Path) -> RawLog:
     """MLflow's file store: ``mlruns/``, one experiment or one run; the newest run is read."""
     runs = _mlflow_runs(path)
     if not runs:
         raise UnreadableLog(f"'{path}' holds no MLflow run (a folder with meta.yaml and metrics/)")
-    run = max(runs, key=lambda r: (load_yaml(r / "meta.yaml").get("start_time") or 0, r.name))
+    run = max(runs, key=lambda r: (_start_time(r), r.name))
     records = []
     for file in sorted(p for p in (run / "metrics").rglob("*") if p.is_file()):
         key = file.relative_to(run / "metrics").as_posix()
-        lines = file.read_text(encoding="utf-8", errors="replace").splitlines()
+        lines = read_file_text(file).splitlines()
         for number, line in enumerate(lines, 1):
             parts = line.split()
             value = scalar(parts[1]) if len(parts) >= 2 else None
@@ -223,6 +245,6 @@ def read_mlflow(path: Path) -> RawLog:
                                     "'timestamp value step'; fix or delete that line")
             records.append((int(step), key, value))
     params = run / "params"
-    config = {p.relative_to(params).as_posix(): p.read_text(encoding="utf-8", errors="replace")
+    config = {p.relative_to(params).as_posix(): read_file_text(p)
               for p in sorted(params.rglob("*")) if p.is_file()} if params.is_dir() else {}
     return RawLog(records, "mlflow", str(run), config)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ldmkit.platform.files import open_regular
 from ldmkit.vitals import metrics as vm
 from ldmkit.vitals.diagnose import Series
 from ldmkit.vitals.logs import wandb_files
@@ -42,6 +43,7 @@ class LoadedLog:
     fmt: str = "ldmkit"
     config: dict[str, Any] = field(default_factory=dict)  # the run's saved hyperparameters
     read_from: dict[str, list[str]] = field(default_factory=dict)  # our tag -> logged names
+    notes: list[str] = field(default_factory=list)  # what was read only in part, and why
 
 
 def _to_series(records: list[tuple[int, str, float]]) -> Series:
@@ -54,12 +56,12 @@ def _to_series(records: list[tuple[int, str, float]]) -> Series:
 
 
 def _first_line(path: Path) -> str:
-    with path.open(encoding="utf-8", errors="replace") as fh:
-        return fh.readline(4096)
+    with open_regular(path) as fh:
+        return fh.readline(4096).decode("utf-8", errors="replace")
 
 
 DIRECTORY_READERS: tuple[tuple[Callable[[Path], bool], Callable[[Path], RawLog]], ...] = (
-    (lambda p: (p / METRICS_FILE).is_file(), lambda p: read_ldmkit_jsonl(p / METRICS_FILE)),
+    (lambda p: (p / METRICS_FILE).exists(), lambda p: read_ldmkit_jsonl(p / METRICS_FILE)),
     (wandb_files.is_wandb, wandb_files.read_dir),
     (is_mlflow, read_mlflow),
     (lambda p: bool(event_files(p)), lambda p: read_tensorboard(event_files(p), p)),
@@ -67,7 +69,20 @@ DIRECTORY_READERS: tuple[tuple[Callable[[Path], bool], Callable[[Path], RawLog]]
 
 
 def read_raw(path: Path) -> RawLog:
-    """The records of ``path``, whichever format it is; UnreadableLog with a one-line reason."""
+    """The records of ``path``, whichever format it is; UnreadableLog with a one-line reason.
+
+    The readers parse untrusted files and say where one is damaged; what a reader did not
+    foresee (a value of a type no writer produces) still ends here as a one-line error naming
+    the file, never a traceback."""
+    try:
+        return _read_any(path)
+    except (ValueError, TypeError, KeyError, OverflowError, RecursionError, UnicodeError) as exc:
+        raise UnreadableLog(f"'{path}' is damaged ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:120] if str(exc) else 'no detail'}); "
+                            "repair it or pass another log") from None
+
+
+def _read_any(path: Path) -> RawLog:
     if not path.exists():
         raise UnreadableLog(f"'{path}' does not exist; pass a run directory, metrics.jsonl, CSV, "
                             "TensorBoard log, W&B run or MLflow mlruns/ folder")
@@ -108,4 +123,4 @@ def read_log(path: str | Path, latent_scale_factor: float | None = None,
                             f"(tags found: {', '.join(found[:8]) or 'none'})")
     logged = [v for _, v in series.get(vm.SCALE_FACTOR, []) if math.isfinite(v)]
     return LoadedLog(series, raw.source, logged[-1] if logged else latent_scale_factor, trainer,
-                     raw.fmt, raw.config, mapped.read_from)
+                     raw.fmt, raw.config, mapped.read_from, raw.notes)

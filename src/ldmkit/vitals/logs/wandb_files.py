@@ -11,11 +11,11 @@ installed ``wandb`` package (installing wandb is all a user with such runs needs
 
 from __future__ import annotations
 
-import json
 import struct
 from pathlib import Path
 from typing import Any
 
+from ldmkit.platform.files import parse_json, read_file
 from ldmkit.vitals.logs.formats import RawLog, Record, UnreadableLog, json_lines, load_yaml, scalar
 
 MAGIC = b":W&B"
@@ -47,7 +47,7 @@ def _config_yaml(path: Path) -> dict[str, Any]:
 
 def _payloads(path: Path) -> list[bytes]:
     """The records of a LevelDB-format log; a torn end (a run still writing) ends it."""
-    data = path.read_bytes()
+    data = read_file(path)
     if data[:4] != MAGIC:
         raise UnreadableLog(f"'{path}' is not a W&B transaction log (no ':W&B' header); pass the "
                             "run folder or an exported CSV")
@@ -85,27 +85,39 @@ def read_transaction_log(path: Path) -> RawLog:
                             "or export the run's history as CSV from the W&B panel") from None
     records: list[Record] = []
     config: dict[str, Any] = {}
-    for payload in _payloads(path):
+    bad: list[int] = []
+    for number, payload in enumerate(_payloads(path), 1):
         message = wandb_internal_pb2.Record()
         try:
             message.ParseFromString(payload)
         except DecodeError:
             raise UnreadableLog(f"'{path}' holds a record that is not W&B's; export the run's "
                                 "history as CSV from the W&B panel") from None
-        kind = message.WhichOneof("record_type")
-        if kind == "history":
-            row = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                   for item in message.history.item}
-            row.setdefault("_step", message.history.step.num)
-            records += _history_row(row)
-        elif kind in ("run", "config"):
-            updates = message.run.config.update if kind == "run" else message.config.update
-            for item in updates:
-                value = json.loads(item.value_json)
-                config[item.key or "/".join(item.nested_key)] = \
-                    value.get("value", value) if isinstance(value, dict) else value
+        try:
+            _read_record(message, records, config)
+        except (ValueError, TypeError, OverflowError):  # a value that is not JSON, a bad _step
+            bad.append(number)
     config.pop("_wandb", None)
-    return RawLog(records, "wandb", str(path), config)
+    notes = [f"skipped {len(bad)} W&B record{'s' * (len(bad) > 1)} that do not decode (first: "
+             f"record {bad[0]})"] if bad else []
+    return RawLog(records, "wandb", str(path), config, notes)
+
+
+def _read_record(message: Any, records: list[Record], config: dict[str, Any]) -> None:
+    """A history row into ``records``, a config update into ``config``; other kinds ignored.
+    A row is decoded whole before it is added, so a bad one adds nothing."""
+    kind = message.WhichOneof("record_type")
+    if kind == "history":
+        row = {item.key or "/".join(item.nested_key): parse_json(item.value_json)
+               for item in message.history.item}
+        row.setdefault("_step", message.history.step.num)
+        records += _history_row(row)
+    elif kind in ("run", "config"):
+        updates = message.run.config.update if kind == "run" else message.config.update
+        for item in updates:
+            value = parse_json(item.value_json)
+            config[item.key or "/".join(item.nested_key)] = \
+                value.get("value", value) if isinstance(value, dict) else value
 
 
 def is_wandb(path: Path) -> bool:
