@@ -153,6 +153,33 @@ def test_cli_errors_are_one_line_with_exit_code_2(argv, needle, capsys):
     assert needle in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.parametrize("flags, needle", [
+    (["--num", "100000000000"], "--num must be >= 2 and <= 50000"),
+    (["--steps", "100000000000"], "--steps must be >= 1 and <= 10000"),
+    (["--seed", "99999999999999999999999"], "--seed must be >= 0 and <= 4294967295"),
+    (["--eta", "nan"], "--eta must be a finite number"),
+    (["--guidance", "1e30"], "--guidance must be >= 0.0 and <= 1000.0"),
+    (["--guidance", "4"], "--guidance needs a class-conditional model"),
+])
+def test_sampling_flags_are_bounded_as_the_config_keys_are(tiny_run, flags, needle, capsys):
+    """What a user types is checked before anything is allocated or written, by the bounds of
+    the sample.* key it stands for; a flag the model cannot use is refused, not ignored."""
+    before = sorted(RunDir(tiny_run.run_dir).files())
+    assert main(["sample", str(tiny_run.run_dir), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1, err
+    assert main(["eval", str(tiny_run.run_dir), "--num", "100000000000"]) == 2
+    assert "--num must be" in capsys.readouterr().err
+    assert sorted(RunDir(tiny_run.run_dir).files()) == before
+
+
+def test_a_setting_has_one_set_of_bounds_wherever_it_is_given():
+    with pytest.raises(ConfigError, match="sample.guidance_scale' must be >= 0.0 and <= 1000.0"):
+        tiny_config(sample={"guidance_scale": 1e30})
+    with pytest.raises(ConfigError, match="'seed' must be >= 0"):
+        tiny_config(seed=-1)
+
+
 def test_cli_rejects_unknown_config_key(tmp_path, capsys):
     path = Path(tmp_path) / "c.yaml"
     path.write_text("train:\n  stepz: 3\n")

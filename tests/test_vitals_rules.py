@@ -222,6 +222,31 @@ def test_final_latent_extreme_uses_the_guides_example_scale():
     assert codes(crit)["final_latent_extreme"] == "critical"
 
 
+def _extremes(series, reach: float, data: float | None):
+    """The last two samplings reach ``reach`` (no longer improving); ``data``: the encoded
+    data's own extreme, logged at step 0 as the loop logs it."""
+    highs = series[vm.FINAL_PREFIX + "max"]
+    highs[-2], highs[-1] = (highs[-2][0], reach - 0.1), (highs[-1][0], reach)
+    if data is not None:
+        series[vm.DATA_EXTREME] = [(0, data)]
+    return series
+
+
+def test_samples_are_judged_against_the_datas_own_latent_reach():
+    """Heavy-tailed real latents (max |z| 10 where the guide's Gaussian band is 6.98 at this
+    scale): samples that reach as far as the data are not unstable; past 1.25x it they are,
+    and the message gives both yardsticks. Without the measurement the guide's band holds."""
+    assert codes(_extremes(healthy_series(), 9.6, None))["final_latent_extreme"] == "warning"
+    assert "final_latent_extreme" not in codes(_extremes(healthy_series(), 9.6, 10.0))
+    found = {f.code: f for f in replay(_extremes(healthy_series(), 13.0, 10.0), ctx())}
+    message = found["final_latent_extreme"].message
+    assert found["final_latent_extreme"].severity == "warning"
+    assert "limit 12.5: 1.25 x the encoded data's own extreme 10" in message
+    assert "Gaussian +-3 would be 6.98" in message
+    light = _extremes(healthy_series(), 9.6, 3.0)  # the data reach only 3: 9.6 is far past
+    assert codes(light)["final_latent_extreme"] == "warning"
+
+
 def test_final_latent_mean_shift():
     shifted = _set_last_sampling(healthy_series(), vm.FINAL_PREFIX + "mean", 1.5)
     assert codes(shifted)["final_latent_mean_shift"] == "warning"

@@ -120,24 +120,17 @@ def _train(args: argparse.Namespace, report: bool) -> int:
 
 
 def _scales(text: str) -> list[float]:
-    """``--guidance 1,2,4``: guidance scales between 0 and 1000."""
+    """``--guidance 1,2,4``: numbers (their bounds are ``sample.guidance_scale``'s)."""
     try:
-        scales = [float(part) for part in text.split(",")]
+        return [float(part) for part in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a comma-separated list of "
                                          "numbers, e.g. 1,2,4,8") from None
-    if not all(0 <= g <= 1000 for g in scales):
-        raise argparse.ArgumentTypeError("guidance scales must be between 0 and 1000")
-    return scales
 
 
 def _sample(args: argparse.Namespace) -> None:
     from ldmkit.sampling.generate import sample_run
 
-    if args.num < 2 or args.steps < 1:
-        raise LdmkitError("--num must be >= 2 and --steps >= 1")
-    if args.guidance is not None and not 0 <= args.guidance <= 1000:
-        raise LdmkitError(f"--guidance must be between 0 and 1000, got {args.guidance:g}")
     grid, samples = sample_run(args.run_dir, args.num, args.sampler, args.steps, args.seed,
                                args.eta, args.out, args.choice, args.guidance)
     for tag, value in samples.vitals.items():
@@ -181,8 +174,6 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "eval":
             from ldmkit.sampling.evaluate import eval_run
 
-            if args.num < 10:
-                raise LdmkitError("--num must be >= 10 for the metrics to mean anything")
             for tag, value in eval_run(args.run_dir, args.num, args.sampler, args.steps,
                                        guidance=args.guidance).items():
                 print(f"{tag}: {value:.4g}")

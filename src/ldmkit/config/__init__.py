@@ -13,6 +13,7 @@ from ldmkit.config.schema import (
     DataConfig,
     DiffusionConfig,
     DiTConfig,
+    SampleConfig,
     TrainConfig,
     UNetConfig,
     from_dict,
@@ -20,6 +21,8 @@ from ldmkit.config.schema import (
     to_dict,
     to_yaml,
 )
+from ldmkit.config.typed import check_flag
 
 __all__ = ["SAMPLERS", "AutoencoderConfig", "Config", "DataConfig", "DiTConfig", "DiffusionConfig",
-           "TrainConfig", "UNetConfig", "from_dict", "load_config", "to_dict", "to_yaml"]
+           "SampleConfig", "TrainConfig", "UNetConfig", "check_flag", "from_dict", "load_config",
+           "to_dict", "to_yaml"]

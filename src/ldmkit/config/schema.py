@@ -169,17 +169,25 @@ class TrainConfig:
 
 
 
+# One set of bounds per setting, wherever it is given (a config, --set, a command's flag):
+MAX_SAMPLES = 50_000  # FID's customary count; samples are held in memory
+MAX_SAMPLER_STEPS = 10_000  # ten times a DDPM's 1000 ancestral steps
+MAX_GUIDANCE = 1000.0
+MAX_SEED = 2**32 - 1  # numpy's seed range; seeds are combined (seed * 1_000_003 + epoch) below 2^63
+
+
 @dataclass
 class SampleConfig:
     """Sampling during training (fixed noise, so grids are comparable) and at the end."""
 
-    num: int = ranged(64, lo=2)
+    num: int = ranged(64, lo=2, hi=MAX_SAMPLES)
     sampler: Literal[SAMPLERS] = "ddim"
-    steps: int = ranged(50, lo=1)
+    steps: int = ranged(50, lo=1, hi=MAX_SAMPLER_STEPS)
     eta: float = ranged(0.0, lo=0.0, hi=1.0)
-    seed: int = 0
-    during_training_num: int = ranged(16, lo=2)
-    guidance_scale: float = ranged(1.0, lo=0.0)  # classifier-free guidance (1: none)
+    seed: int = ranged(0, lo=0, hi=MAX_SEED)
+    during_training_num: int = ranged(16, lo=2, hi=MAX_SAMPLES)
+    # classifier-free guidance (1: none); past MAX_GUIDANCE the samples are only overflow
+    guidance_scale: float = ranged(1.0, lo=0.0, hi=MAX_GUIDANCE)
     guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0],
                                            metadata=check(0.0, hi=1.0, min_len=2))
 
@@ -207,7 +215,7 @@ class Config:
     """A whole experiment. ``run_dir: null`` makes a new ``runs/<name>-<timestamp>`` directory."""
 
     name: str = "ldm"
-    seed: int = 0
+    seed: int = ranged(0, lo=0, hi=MAX_SEED)
     run_dir: str | None = None
     device: str = "auto"
     tensorboard: bool = True

@@ -119,6 +119,18 @@ def _check_range(value: Any, meta: typing.Mapping, key: str) -> None:
         raise ConfigError(f"config key '{key}' must be {bound}, got {brief(value)}")
 
 
+def check_flag(cls: type, name: str, value: Any, flag: str) -> Any:
+    """``value`` of a command-line ``flag`` that sets field ``name`` of ``cls``, typed and
+    checked against the field's range: a flag is bounded exactly as the config key is."""
+    field_ = {f.name: f for f in dataclasses.fields(cls)}[name]
+    try:
+        value = _coerce(value, typing.get_type_hints(cls)[name], name)
+        _check_range(value, field_.metadata, name)
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace(f"config key '{name}'", flag, 1)) from None
+    return value
+
+
 def build(cls: type, data: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}

@@ -71,7 +71,7 @@ def read_run(path: str | Path, latent_scale_factor: float | None = None,
     if latent_scale_factor is None and config is not None:
         latent_scale_factor = config.diffusion.latent_scale_factor
     log = read_log(path, latent_scale_factor, require_values)
-    return log, context_of(config, log.latent_scale_factor, thresholds)
+    return log, context_of(config, log.latent_scale_factor, thresholds).learn(log.series)
 
 
 def diagnose_path(path: str | Path, latent_scale_factor: float | None = None,

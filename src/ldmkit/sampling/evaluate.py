@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ldmkit.config import Config, DataConfig, from_dict
+from ldmkit.config import Config, DataConfig, SampleConfig, check_flag, from_dict
 from ldmkit.data.sources import load_data, to_signed
 from ldmkit.errors import DataError, LdmkitError
 from ldmkit.models.autoencoder import Autoencoder
@@ -22,7 +22,7 @@ from ldmkit.platform.distributed import SINGLE, Dist, broadcast_float
 from ldmkit.platform.preemption import StopRequest
 from ldmkit.run.layout import writing_run
 from ldmkit.sampling.classifier import Classifier, load_or_train
-from ldmkit.sampling.generate import generate, guided_tags
+from ldmkit.sampling.generate import check_sampling, generate, guided_tags
 from ldmkit.sampling.quality import (
     NotComputable,
     class_coverage,
@@ -94,6 +94,7 @@ def quality_metrics(ref: Reference, fake_images: torch.Tensor,
 
 
 EVAL_NUM, EVAL_SAMPLER, EVAL_STEPS = 256, "dpmpp_2m", 20  # the in-loop budget
+EVAL_MIN = 10  # fewer samples than this measure nothing
 
 
 @dataclass
@@ -143,14 +144,18 @@ def eval_run(run_dir: str | Path, num: int = 1000, sampler: str | None = None,
     (a class-conditional model's fidelity/diversity sweep; each scale but 1 logged under
     ``TAG@cfgG``, with its sample vitals)."""
     run_dir = Path(run_dir)
+    if num < EVAL_MIN:
+        raise LdmkitError(f"--num must be >= {EVAL_MIN} for the metrics to mean anything")
+    num, steps, seed, _ = check_sampling(num, steps, seed)
+    guidance = [check_flag(SampleConfig, "guidance_scale", g, "--guidance") for g in guidance or []]
     with writing_run(run_dir), StopRequest() as stop:
         cfg_dict, step, model, ae, scale, _ = load_for_sampling(run_dir)
         cfg = from_dict(cfg_dict)
         conditional = bool(getattr(model, "num_classes", None))
         scales = guidance or [cfg.sample.guidance_scale]
-        if len(scales) > 1 and not conditional:
-            raise LdmkitError("--guidance with several scales needs a class-conditional model "
-                              "(model.num_classes); this run's is unconditional")
+        if guidance and not conditional:
+            raise LdmkitError("--guidance needs a class-conditional model (model.num_classes); "
+                              f"the model of '{run_dir}' is unconditional: drop --guidance")
         clf, _, held_out = load_or_train(cfg.data)
         trained_on = load_data(cfg.data)  # what the diffusion model saw: memorization's reference
         ref = Reference.of(clf, held_out.images[:num], trained_on.images)

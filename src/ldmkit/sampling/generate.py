@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ldmkit.config import Config, from_dict
+from ldmkit.config import Config, SampleConfig, check_flag, from_dict
 from ldmkit.data.sources import to_uint8
 from ldmkit.diffusion.condition import LABELS
 from ldmkit.diffusion.parameterization import Parameterization, parameterization_of
@@ -194,12 +194,18 @@ def sample_run(run_dir: str | Path, num: int, sampler: str, steps: int, seed: in
     from ldmkit.sampling.trained import load_for_sampling
 
     run_dir = Path(run_dir)
+    num, steps, seed, eta = check_sampling(num, steps, seed, eta)
+    if guidance is not None:
+        guidance = check_flag(SampleConfig, "guidance_scale", guidance, "--guidance")
     if out_dir is not None:
         check_output(Path(out_dir), "--out", directory=True)
     with writing_run(run_dir), StopRequest() as stop:
         cfg_dict, step, model, ae, scale, _ = load_for_sampling(run_dir)
         cfg = from_dict(cfg_dict)
         num_classes = getattr(model, "num_classes", None)
+        if guidance is not None and not num_classes:
+            raise LdmkitError(f"--guidance needs a class-conditional model (model.num_classes); "
+                              f"the model of '{run_dir}' is unconditional: drop --guidance")
         labels, columns = requested_labels(choice, num, num_classes, RunDir(run_dir).classes())
         guidance = cfg.sample.guidance_scale if guidance is None else guidance
         warning = guidance_finding(cfg, num_classes, guidance, step)
@@ -216,6 +222,16 @@ def sample_run(run_dir: str | Path, num: int, sampler: str, steps: int, seed: in
         with MetricLogger(run_dir, tensorboard=cfg.tensorboard) as logger:
             logger.log(step, guided_tags(samples.vitals, guidance if num_classes else 1.0))
     return grid, samples
+
+
+def check_sampling(num: int, steps: int | None, seed: int, eta: float = 0.0
+                   ) -> tuple[int, int | None, int, float]:
+    """A command's ``--num``, ``--steps``, ``--seed`` and ``--eta``, bounded as the config's
+    ``sample.*`` keys are (a one-line ConfigError naming the flag)."""
+    return (check_flag(SampleConfig, "num", num, "--num"),
+            None if steps is None else check_flag(SampleConfig, "steps", steps, "--steps"),
+            check_flag(SampleConfig, "seed", seed, "--seed"),
+            check_flag(SampleConfig, "eta", eta, "--eta"))
 
 
 def guided_tags(vitals: dict[str, float], guidance: float) -> dict[str, float]:

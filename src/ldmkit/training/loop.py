@@ -234,7 +234,9 @@ def _start_state(opened: OpenedRun, cfg: Config, ae: Autoencoder, latents: Laten
     record(RunDir(run_dir).fastpath, "train", state.step, rt.fast, tqdm.write)
     rt.monitor = attach_monitor(cfg, run_dir, rt.logger, scale, state.step)
     if state.step == 0:
-        rt.logger.log(0, {vm.SCALE_FACTOR: scale})
+        reach = vm.data_latent_extreme(latents.mean, latents.logvar,
+                                       torch.Generator().manual_seed(cfg.seed + 6))
+        rt.logger.log(0, {vm.SCALE_FACTOR: scale, vm.DATA_EXTREME: reach})
         if calibrated and rt.monitor is not None:
             check_vae_scale(ae, scale, rt.monitor)
         warning = guidance_finding(cfg, cfg.model.num_classes, cfg.sample.guidance_scale, 0)

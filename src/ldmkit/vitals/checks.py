@@ -193,18 +193,20 @@ def _final_std(rule: Rule, series: Series, ctx: Context) -> Verdict | None:
 
 
 def _final_extreme(rule: Rule, series: Series, ctx: Context) -> Verdict | None:
-    """The guide's +-3 / +-20 hold for its example scale (1.86); other scales are converted."""
+    """Against the data's own latent extreme when measured, else the guide's converted band
+    (``Context.extreme_limits``)."""
     hi, lo = _last(series, vm.FINAL_PREFIX + "max"), _last(series, vm.FINAL_PREFIX + "min")
     if hi is None or lo is None:
         return None
     value = max(abs(hi[1]), abs(lo[1]))
-    convert = ctx.thr("guide_example_scale") / ctx.latent_scale_factor if ctx.latent_scale_factor else 1.0
-    level = _level(rule, ctx, lambda t: value > t * convert)
+    warn, crit, basis = ctx.extreme_limits()
+    level = rule.critical if value > crit else rule.warning if value > warn else None
     highs, lows = series[vm.FINAL_PREFIX + "max"][-2:], series[vm.FINAL_PREFIX + "min"][-2:]
     level = _settle(rule, level, [max(abs(h), abs(lo)) for (_, h), (_, lo) in zip(highs, lows, strict=False)])
     if level is None:
         return None
-    return Verdict(level, value, hi[0], {"limit": ctx.thr(level) * convert})
+    return Verdict(level, value, hi[0], {"limit": crit if level == rule.critical else warn,
+                                         "basis": basis})
 
 
 def _latents_off(series: Series, ctx: Context, guidance: float | None) -> str | None:
@@ -216,8 +218,7 @@ def _latents_off(series: Series, ctx: Context, guidance: float | None) -> str | 
     if std is None or hi is None or lo is None or not ctx.latent_scale_factor:
         return None
     target, warn = 1.0 / ctx.latent_scale_factor, ctx.thr("final_std_ratio_warning")
-    limit = ctx.thr("final_extreme_warning") * ctx.thr("guide_example_scale") \
-        / ctx.latent_scale_factor
+    limit = ctx.extreme_limits()[0]
     extreme, problems = max(abs(hi[1]), abs(lo[1])), []
     if not 1 / warn <= std[1] / target <= warn:
         problems.append(f"std {std[1]:.3g}, {std[1] / target:.2f}x the target {target:.3g}")

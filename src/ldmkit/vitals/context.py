@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -42,6 +43,8 @@ class Context:
     val_loss_scale: float = 1.0
     # "finetune": training starts from trained weights, so a low, flat loss is expected
     regime: str = "pretrain"
+    # max |z| of the encoded data (latent/data_max_abs), the samples' extremes' yardstick
+    data_latent_extreme: float | None = None
 
     @classmethod
     def of(cls, latent_scale_factor: float | None, thresholds: dict[str, float] | None = None,
@@ -65,6 +68,34 @@ class Context:
 
     def thr(self, name: str) -> float:
         return self.thresholds[name]
+
+    def learn(self, values: dict[str, float] | Series) -> Context:
+        """Take what a log says of the run itself (the encoded data's latent extreme) from
+        logged ``values`` or a whole series; returns self."""
+        from ldmkit.vitals import metrics as vm
+
+        value = values.get(vm.DATA_EXTREME)
+        if isinstance(value, list):
+            value = value[-1][1] if value else None
+        if value is not None and math.isfinite(value) and value > 0:
+            self.data_latent_extreme = float(value)
+        return self
+
+    def extreme_limits(self) -> tuple[float, float, str]:
+        """(warning, critical) limits on the samples' ``|final latents|`` and what they are:
+        ``final_extreme_data_margin`` times the data's own extreme when it was measured, else
+        the guide's +-3 / +-20, which hold at its example scale 1.86, converted to this one."""
+        scale = self.latent_scale_factor
+        convert = self.thr("guide_example_scale") / scale if scale else 1.0
+        guide_warn = self.thr("final_extreme_warning") * convert
+        guide_crit = self.thr("final_extreme_critical") * convert
+        if self.data_latent_extreme is None:
+            return guide_warn, guide_crit, f"the guide's +-3 at its scale 1.86 is {guide_warn:.3g} here"
+        margin = self.thr("final_extreme_data_margin")
+        warn = margin * self.data_latent_extreme
+        return warn, max(guide_crit, 2 * warn), (
+            f"{margin:g} x the encoded data's own extreme {self.data_latent_extreme:.3g}; the "
+            f"guide's Gaussian +-3 would be {guide_warn:.3g} here")
 
 
 @dataclass(frozen=True)

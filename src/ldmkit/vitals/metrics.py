@@ -19,6 +19,7 @@ T_MEAN = "diffusion/t_mean"
 COS_EPS = "diffusion/cos_eps_mean"
 Z_STD = "latent/z_std"
 SCALE_FACTOR = "latent/scale_factor"
+DATA_EXTREME = "latent/data_max_abs"  # how far the encoded data's own latents reach
 PAIRWISE_PREFIX = "sample_diversity/pairwise_mse_"
 FINAL_PREFIX = "final_latent_stats/"
 NONFINITE_STEPS = "optimization/nonfinite_steps"
@@ -152,6 +153,19 @@ def final_latent_stats(latents: torch.Tensor) -> dict[str, float]:
     x = latents.double()
     return {FINAL_PREFIX + "mean": x.mean().item(), FINAL_PREFIX + "std": x.std().item(),
             FINAL_PREFIX + "min": x.min().item(), FINAL_PREFIX + "max": x.max().item()}
+
+
+def data_latent_extreme(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator,
+                        chunk: int = 4096) -> float:
+    """Largest ``|z|`` over ``z ~ q(z|x)`` of every encoded image ``[N, C, h, w]``, in the
+    decoder's units (those of ``final_latent_stats``). The samples' extremes are judged against
+    it: the guide's +-3 assumes Gaussian latents, and real ones can be heavy-tailed."""
+    top = 0.0
+    for start in range(0, len(mean), chunk):
+        m, lv = mean[start:start + chunk].float(), logvar[start:start + chunk].float()
+        z = m + torch.exp(0.5 * lv) * torch.randn(m.shape, generator=generator)
+        top = max(top, z.abs().max().item())
+    return top
 
 
 WITHIN_CLASS = "sample_diversity/within_class_pairwise_mse_mean"

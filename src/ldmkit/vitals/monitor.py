@@ -50,6 +50,7 @@ def replay(series: Series, ctx: Context, max_points: int = 2000) -> list[Finding
 
     Evaluated at up to ``max_points`` steps spread over the log (every logged step if fewer).
     """
+    ctx.learn(series)
     steps = sorted({s for recs in series.values() for s, _ in recs})
     if len(steps) > max_points:
         stride = len(steps) / max_points
@@ -96,10 +97,12 @@ class LiveMonitor:
     def prime(self, series: Series) -> None:
         """Start from an earlier part of the run (resume) without re-announcing its findings."""
         self.series = {tag: list(recs) for tag, recs in series.items()}
+        self.ctx.learn(series)
         self.tracker, self.stop_finding = FindingTracker(), None
         self.tracker.update(evaluate(_tail(self.series), self.ctx), 0)
 
     def observe(self, step: int, values: dict[str, float]) -> None:
+        self.ctx.learn(values)
         for tag, value in values.items():
             self.series.setdefault(tag, []).append((int(step), float(value)))
         raised, cleared = self.tracker.update(evaluate(_tail(self.series), self.ctx), step)

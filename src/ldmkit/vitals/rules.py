@@ -44,6 +44,8 @@ THRESHOLDS: dict[str, tuple[float, str]] = {
     "final_extreme_warning": (3.0, "final_latent_stats/min,max 'within [-3.0, 3.0]'"),
     "final_extreme_critical": (20.0, "final_latent_stats/min,max 'extreme values (+-20)'"),
     "guide_example_scale": (1.86, "final_latent_stats/std example 'scale factor = 1.86'"),
+    "final_extreme_data_margin": (1.25, "final_latent_stats/min,max 'within [-3, 3]': the "
+                                  "band of Gaussian latents; measured data's own reach x this"),
     "val_stuck_high": (0.9, "loss/total_loss 'Stays ~1.0: model isn't learning', judged on the "
                        "deterministic validation loss (no timestep lottery)"),
     "val_bucket_learned": (0.1, "diffusion/t_mean 'some noise levels are barely trained': a "
@@ -242,8 +244,8 @@ RULES: tuple[Rule, ...] = (
          "final_extreme_critical",
          "final_latent_stats/min,max: 'within [-3, 3]; extreme values (+-20): instability'",
          "unstable_sampling",
-         "sampled latents reach {value:.3g} (limit {limit:.3g}): the sampler is unstable and "
-         "images will show artifacts",
+         "sampled latents reach {value:.3g} (limit {limit:.3g}: {basis}): the sampler is "
+         "unstable and images will show artifacts",
          "sample with more steps or DDIM; check latent/z_std; train longer",
          about_samples=True),
     Rule("final_latent_mean_shift", vm.FINAL_PREFIX + "mean", "final_mean", "final_mean_shift",

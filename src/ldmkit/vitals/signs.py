@@ -109,11 +109,8 @@ def _final_mean_bands(ctx: Context) -> list[Band]:
 
 
 def _final_extreme_bands(ctx: Context) -> list[Band]:
-    """The guide's +-3 and +-20 hold at its example scale 1.86: converted to this run's."""
-    scale = ctx.latent_scale_factor
-    convert = ctx.thr("guide_example_scale") / scale if scale else 1.0
-    warn = ctx.thr("final_extreme_warning") * convert
-    crit = ctx.thr("final_extreme_critical") * convert
+    """The data's own extreme, or the guide's +-3 and +-20 converted (``extreme_limits``)."""
+    warn, crit, _ = ctx.extreme_limits()
     return [Band("good", -warn, warn), Band("bad", None, -crit), Band("bad", crit, None)]
 
 
@@ -176,6 +173,7 @@ SIGNS: tuple[VitalSign, ...] = (
               bands=lambda ctx: [Band("bad", ctx.thr("copy_share_high"), None)]),
     VitalSign(vm.NEAREST_PREFIX + "median", "sample"),
     VitalSign(vm.VAE_RECON_MSE, "autoencoder"),
+    VitalSign(vm.DATA_EXTREME, "autoencoder"),
     VitalSign(vm.VAE_PSNR, "autoencoder"),
     _eval(vm.EVAL_FD, quality=True, swept=True),
     _eval(vm.EVAL_PRECISION, quality=True, swept=True),
