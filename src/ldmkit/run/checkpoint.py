@@ -141,6 +141,7 @@ _OPTIONAL_CHECKS: dict[str, Callable[[Any], bool]] = {
     "rollbacks": _is_int,
     "lr_scale": _is_positive,
     "sick_since": lambda v: v is None or _is_int(v, 1),
+    "pending": lambda v: isinstance(v, list) and all(k in ("sample", "eval") for k in v),
 }
 
 

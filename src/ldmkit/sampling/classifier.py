@@ -112,7 +112,16 @@ def train_classifier(train: ImageData, held_out: ImageData, seed: int = 0) -> Cl
 
 
 def load_or_train(cfg: DataConfig) -> tuple[Classifier, ImageData, ImageData]:
-    """The dataset's classifier (cached under ``$LDMKIT_CACHE``), and the two real sets."""
+    """The dataset's classifier (cached under ``$LDMKIT_CACHE``), and the two real sets.
+
+    Inside a fork of torch's generator (building the network draws from it, and training
+    seeds it): whether the classifier was cached or trained never changes the randomness of a
+    training run that evaluates."""
+    with torch.random.fork_rng(devices=[]):
+        return _load_or_train(cfg)
+
+
+def _load_or_train(cfg: DataConfig) -> tuple[Classifier, ImageData, ImageData]:
     train, held_out = split_real(cfg)
     path = cache_root() / _key(cfg)
     try:

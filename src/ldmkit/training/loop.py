@@ -11,11 +11,9 @@ current step with a checkpoint (``ldmkit.platform.preemption``); the loop state 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,11 +47,8 @@ from ldmkit.run.context import context_of
 from ldmkit.run.layout import RunDir
 from ldmkit.sampling.evaluate import InLoopEval
 from ldmkit.sampling.generate import (
-    generate,
     guidance_finding,
-    guided_tags,
     parameterization,
-    save_samples,
 )
 from ldmkit.sampling.trained import run_backbone
 from ldmkit.training import held_out
@@ -65,6 +60,7 @@ from ldmkit.training.divergence import (
     origin_finding,
 )
 from ldmkit.training.optim import EMA, build_optimizer, set_lr
+from ldmkit.training.outputs import StepOutputs, sample_and_log
 from ldmkit.training.resume import OpenedRun
 from ldmkit.training.runtime import (
     Runtime,
@@ -75,7 +71,12 @@ from ldmkit.training.runtime import (
     should_stop,
 )
 from ldmkit.training.start import resolve_device, start_run
-from ldmkit.training.state import LoopState, restore_state, rewind_findings, save_state
+from ldmkit.training.state import (
+    LoopState,
+    restore_state,
+    rewind_findings,
+    save_state,
+)
 from ldmkit.training.step import cond_gap, global_vitals, train_step
 from ldmkit.vitals import metrics as vm
 from ldmkit.vitals.diagnose import Finding, coverage, scenario
@@ -139,32 +140,6 @@ def draw_batch(state: LoopState, train_rows: torch.Tensor, latents: LatentPoster
     return Batch(index, z, t, eps, {k: shard(v, d).to(device) for k, v in cond.items()}, probe)
 
 
-def sample_and_log(cfg: Config, step: int, ema: EMA, ae: Autoencoder, scale: float, rt: Runtime,
-                   out: Path, num: int, singles: bool,
-                   reference: Callable[[], vm.CopyReference | None] | None
-                   ) -> tuple[Path | None, dict]:
-    """Sample with the EMA weights, log the sample vitals (with how near the samples are to
-    the training images ``reference()`` renders), save the grid. A class-conditional model
-    with ``sample.guidance_scale`` != 1 is sampled twice: unguided for the vital signs, which
-    the guide's bands judge, and guided for the grid, whose vitals are logged as ``TAG@cfgG``.
-    A stop request (SIGTERM/SIGINT) ends the sampling at its next step with ``Preempted``."""
-    s = cfg.sample
-    samples = generate(ema.model, ae, scale, cfg, num, s.sampler, s.steps, s.seed, s.eta, d=rt.d,
-                       interrupt=rt.stop_requested, guidance=1.0)
-    copies = reference() if reference is not None and rt.d.is_main else None
-    if copies is not None:
-        samples.vitals.update(vm.copy_vitals(samples.images, copies))
-    rt.logger.log(step, samples.vitals)
-    vitals = samples.vitals
-    if cfg.model.num_classes and s.guidance_scale != 1.0:
-        samples = generate(ema.model, ae, scale, cfg, num, s.sampler, s.steps, s.seed, s.eta,
-                           d=rt.d, interrupt=rt.stop_requested)
-        rt.logger.log(step, guided_tags(samples.vitals, s.guidance_scale))
-    columns = cfg.model.num_classes if cfg.model.num_classes else None
-    grid = save_samples(samples, out, singles, columns) if rt.d.is_main else None
-    return grid, vitals
-
-
 def train(cfg: Config, run_dir: Path | None = None, resume: bool = False,
           stop_at: int | None = None, param: Parameterization | None = None) -> TrainResult:
     """Train stage 2 (and stage 1 unless reused), or continue ``run_dir`` from its last checkpoint.
@@ -214,6 +189,9 @@ def _start_state(opened: OpenedRun, cfg: Config, ae: Autoencoder, latents: Laten
     """A fresh loop state, or the checkpoint's; logs rewound to it and the monitor attached."""
     tc, run_dir, scale = cfg.train, opened.run_dir, cfg.diffusion.latent_scale_factor
     spec = run_backbone(cfg, ae)
+    # stage 2 draws from its own seed, not from where stage 1 (trained, or reused after a
+    # kill) left torch's generator: a resume that skips stage 1 builds the same network
+    torch.manual_seed(cfg.seed * 1_000_003 + 9)
     model = build_backbone(spec).to(rt.device)
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -295,6 +273,8 @@ def _diffusion(opened: OpenedRun, ae: Autoencoder, latents: LatentPosteriors, sc
     model.train()
     if state.step == 0:  # the untrained model's: where each noise level starts from
         _validate(state, vset, rt, param, scale)
+    outputs = StepOutputs(cfg, ae, scale, rt, run_dir, reference, evaluator)
+    state.pending = outputs.make(state, state.pending)  # what a stop cut short, made now
     while state.step < end:
         lr = lr_at(state.step, tc) * state.lr_scale
         set_lr(state.opt, lr)
@@ -341,15 +321,7 @@ def _diffusion(opened: OpenedRun, ae: Autoencoder, latents: LatentPosteriors, sc
             bar.set_postfix(loss=f"{vitals[vm.LOSS]:.4f}", cos=f"{vitals[vm.COS_EPS]:.2f}")
         if tc.val_every and (step % tc.val_every == 0 or step == tc.steps):
             _validate(state, vset, rt, param, scale)
-        if step % tc.sample_every == 0 and step < tc.steps:
-            with contextlib.suppress(Preempted):  # a stop request: the checkpoint comes next
-                sample_and_log(cfg, step, state.ema, ae, scale, rt,
-                               RunDir(run_dir).samples(step),
-                               cfg.sample.during_training_num, False, reference)
-        if evaluator is not None and (step % tc.eval_every == 0 or step == tc.steps):
-            with contextlib.suppress(Preempted):  # a stop request: the checkpoint comes next
-                rt.logger.log(step, evaluator.measure(state.ema.model, ae, scale, cfg, d,
-                                                      rt.stop_requested))
+        state.pending = outputs.make(state, outputs.due(step))
         halt = should_stop(rt, step, tc, end)
         stopped_by = rt.monitor.stop_finding if rt.monitor else None
         if (step % tc.checkpoint_every == 0 or step == end or halt) and d.is_main:

@@ -8,7 +8,7 @@ with the same values an uninterrupted run would have logged.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -47,6 +47,10 @@ class LoopState:
     rollbacks: int = 0
     lr_scale: float = 1.0
     sick_since: int | None = None  # first step of the current run of abnormal steps (divergence)
+    pending: list[str] = field(default_factory=list)  # outputs of ``step`` a stop cut short
+
+
+SAMPLE, EVAL = "sample", "eval"  # the outputs a step may owe (training.loop.StepOutputs)
 
 
 def save_state(run_dir: Path, cfg: Config, state: LoopState) -> Path:
@@ -61,7 +65,7 @@ def save_state(run_dir: Path, cfg: Config, state: LoopState) -> Path:
             "data_order": state.order.state(),
             "ema_updates": state.ema.updates, "nonfinite_steps": state.nonfinite,
             "rollbacks": state.rollbacks, "lr_scale": state.lr_scale, "acc_count": count,
-            "sick_since": state.sick_since}
+            "sick_since": state.sick_since, "pending": state.pending}
     return save_checkpoint(RunDir(run_dir).checkpoints, state.step, weights, training, meta,
                            cfg.train.checkpoint_keep)
 
@@ -83,6 +87,7 @@ def restore_state(path: Path, state: LoopState) -> None:
     state.step, state.nonfinite = meta["step"], meta["nonfinite_steps"]
     state.rollbacks, state.lr_scale = meta.get("rollbacks", 0), meta.get("lr_scale", 1.0)
     state.sick_since = meta.get("sick_since")
+    state.pending = [kind for kind in meta.get("pending", []) if kind in (SAMPLE, EVAL)]
 
 
 def rewind_findings(run_dir: Path, step: int) -> None:
