@@ -13,6 +13,7 @@ import yaml
 from conftest import SHARED_DATA, tiny_config
 from rich.console import Console
 from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
 
 from ldmkit.config import load_config, to_dict
 from ldmkit.report.html import noise_level_map
@@ -92,6 +93,57 @@ def test_a_damaged_validation_file_is_drawn_again_identically(tmp_path, capsys):
           resume=True)
     after = load_bytes(path.read_bytes())
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in after)
+    # the right shapes, wrong contents: labels out of range, timesteps outside [0, 1], a dtype
+    tampered = {**after, "labels": after["labels"] + 1000, "t": after["t"] * 5,
+                "eps": after["eps"].double()}
+    path.write_bytes(save_bytes(tampered, {"version": held_out.VERSION}))
+    capsys.readouterr()
+    train(tiny_config(train={"steps": 12, "val_every": 4, "sample_every": 100}),
+          tmp_path / "run", resume=True)
+    assert "is not the set drawn for this run's split" in capsys.readouterr().out
+    again = load_bytes(path.read_bytes())
+    assert all(torch.equal(again[k], before[k]) and again[k].dtype == before[k].dtype
+               for k in before)
+    losses = [v for (step, tag), v in validation_records(tmp_path / "run").items()
+              if tag == vm.VAL_LOSS and step == 12]
+    assert len(losses) == 1 and np.isfinite(losses[0])
+
+
+def _posteriors(names: list[str] | None, n: int = 50):
+    from ldmkit.data.stage1 import LatentPosteriors
+
+    return LatentPosteriors(torch.zeros(n, 1, 2, 2), torch.zeros(n, 1, 2, 2), names)
+
+
+def test_a_runs_split_is_kept_by_file_when_its_folder_changes(tmp_path, capsys):
+    """Deleting one held-out image must not re-split the data: the other held-out images stay
+    held out (by file, not by row), the new ones are trained on, and the run says so."""
+    cfg = tiny_config(data={"val_fraction": 0.1})
+    names = [f"img{i:03d}.png" for i in range(50)]
+    first = held_out.run_split(cfg, tmp_path, _posteriors(names))
+    held = [names[i] for i in first.held_out.tolist()]
+    assert len(held) == 5 and RunDir(tmp_path).split_file.is_file()
+    assert torch.equal(held_out.run_split(cfg, tmp_path, _posteriors(names)).held_out,
+                       first.held_out)
+    changed = [n for n in names if n != held[0]] + ["new1.png", "new2.png"]
+    changed.sort()
+    again = held_out.run_split(cfg, tmp_path, _posteriors(changed, len(changed)))
+    assert sorted(changed[i] for i in again.held_out.tolist()) == sorted(held[1:])
+    assert set(again.train.tolist()) | set(again.held_out.tolist()) == set(range(len(changed)))
+    assert "the held-out split is kept by file: 4 of its 5 images remain held out" in \
+        capsys.readouterr().out
+
+
+def test_a_changed_dataset_without_file_names_is_refused_and_a_damaged_split_too(tmp_path):
+    from ldmkit.errors import DataError
+
+    cfg = tiny_config(data={"val_fraction": 0.1})
+    held_out.run_split(cfg, tmp_path, _posteriors(None))
+    with pytest.raises(DataError, match="changed since the run started .50 images, now 49"):
+        held_out.run_split(cfg, tmp_path, _posteriors(None, 49))
+    RunDir(tmp_path).split_file.write_text('{"size": 50, "held_out": [70], "held_out_names": null}')
+    with pytest.raises(DataError, match="split.json' is damaged"):
+        held_out.run_split(cfg, tmp_path, _posteriors(None))
 
 
 def test_a_run_saved_before_validation_keeps_training_on_every_image(tmp_path):
@@ -155,7 +207,7 @@ def test_samples_that_copy_training_images_raise_memorization(tmp_path, monkeypa
     """The wiring, with samples planted as exact copies of the training images as the decoder
     renders them, from the first sampling on."""
     from ldmkit.sampling.generate import generate
-    from ldmkit.training import loop as train_module
+    from ldmkit.training import outputs as train_module
 
     def copying(model, ae, scale, cfg, num, *args, **kwargs):
         samples = generate(model, ae, scale, cfg, num, *args, **kwargs)

@@ -34,6 +34,7 @@ RUN_KIND = "run"
 CHANGES_FILE = "changes.jsonl"  # what each --resume --set changed, at which step
 CLASSES_FILE = "classes.json"  # a folder dataset's class names, label by label
 VAL_FILE = "validation.safetensors"  # the held-out points (training/held_out.py)
+SPLIT_FILE = "split.json"  # which images the run holds out, for its life (training/held_out.py)
 AE_DIR = "autoencoder"  # stage 1: weights, meta.json, reconstructions.png
 CHECKPOINTS_DIR = "checkpoints"
 QUARANTINE_DIR = "diverged"  # checkpoints saved after a divergence began, under checkpoints/
@@ -76,6 +77,10 @@ class RunDir:
     @property
     def validation(self) -> Path:
         return self.path / VAL_FILE
+
+    @property
+    def split_file(self) -> Path:
+        return self.path / SPLIT_FILE
 
     @property
     def fastpath(self) -> Path:

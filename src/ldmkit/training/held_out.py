@@ -34,7 +34,7 @@ from ldmkit.diffusion.condition import LABELS, NULL_LABEL
 from ldmkit.diffusion.parameterization import Net, Parameterization
 from ldmkit.errors import DataError
 from ldmkit.models.autoencoder import Autoencoder
-from ldmkit.platform.files import read_regular, write_bytes_atomic
+from ldmkit.platform.files import parse_json, read_json, read_regular, write_bytes_atomic
 from ldmkit.run.layout import RunDir
 from ldmkit.vitals import metrics as vm
 
@@ -61,15 +61,72 @@ def test_images_path(cfg: DataConfig) -> Path | None:
 
 def split(n: int, cfg: Config) -> Split:
     """Hold out ``min(val_max, floor(val_fraction * n))`` images by a permutation of the seed,
-    or none when the IDX test file is the validation set. It depends on ``data`` and ``seed``
-    only, which a resume cannot change: the images a run trains on never change mid-run (with
-    ``train.val_every: 0`` they stay held out; ``data.val_fraction: 0`` trains on all)."""
+    or none when the IDX test file is the validation set (``data.val_fraction: 0`` trains on
+    all; with ``train.val_every: 0`` they stay held out)."""
     everything = torch.arange(n)
     k = min(cfg.data.val_max, int(cfg.data.val_fraction * n))
     if test_images_path(cfg.data) is not None or k == 0 or k >= n:
         return Split(everything, everything[:0])
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7))
     return Split(perm[k:].sort().values, perm[:k].sort().values)
+
+
+def run_split(cfg: Config, run_dir: Path, latents: LatentPosteriors, is_main: bool = True
+              ) -> Split:
+    """The run's split, fixed for its life: drawn when it starts and kept in ``RUN/split.json``
+    (the held-out rows and, for a folder, their files). When the dataset changed under the run,
+    its held-out images stay held out by file (removed ones are gone, new ones are trained on)
+    and it says so; a dataset without file names is refused: its split cannot be kept."""
+    path, n, names = RunDir(run_dir).split_file, len(latents.mean), latents.names
+    stored = _read_split(path)
+    if stored is None:
+        drawn = split(n, cfg)
+        if is_main:
+            write_bytes_atomic(path, json.dumps({
+                "version": 1, "size": n, "held_out": drawn.held_out.tolist(),
+                "held_out_names": None if names is None else
+                [names[i] for i in drawn.held_out.tolist()]}).encode())
+        return drawn
+    rows, kept_names = stored["held_out"], stored["held_out_names"]
+    unchanged = stored["size"] == n and (
+        kept_names is None or names is not None
+        and all(r < n and names[r] == f for r, f in zip(rows, kept_names, strict=True)))
+    if not unchanged and (kept_names is None or names is None):
+        raise DataError(f"the dataset of run '{run_dir}' changed since the run started "
+                        f"({stored['size']} images, now {n}), and its images have no file names "
+                        "to keep the held-out split by: restore the data, or start a new run")
+    if not unchanged:
+        index = {name: row for row, name in enumerate(names)}
+        rows = sorted(index[f] for f in kept_names if f in index)
+        if is_main:
+            print(f"validation: the dataset changed since the run started ({stored['size']} "
+                  f"images, now {n}); the held-out split is kept by file: {len(rows)} of its "
+                  f"{len(kept_names)} images remain held out, new images are trained on")
+    held = torch.tensor(rows, dtype=torch.int64)
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[held] = False
+    return Split(torch.arange(n)[mask], held)
+
+
+def _read_split(path: Path) -> dict | None:
+    """``split.json``, or None when absent; a damaged one is a one-line error (guessing a
+    split would train on held-out images)."""
+    if not path.exists():
+        return None
+    try:
+        stored = read_json(path)
+        size, rows, names = stored["size"], stored["held_out"], stored["held_out_names"]
+        ok = (type(size) is int and size >= 0 and isinstance(rows, list)
+              and all(type(r) is int and 0 <= r < size for r in rows)
+              and rows == sorted(set(rows))
+              and (names is None or isinstance(names, list) and len(names) == len(rows)
+                   and all(isinstance(f, str) for f in names)))
+    except (ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise DataError(f"'{path}' is damaged; it fixes which images the run holds out: "
+                        "restore it from a backup, or start a new run")
+    return stored
 
 
 @dataclass
@@ -124,28 +181,40 @@ def save(vset: ValidationSet, path: Path) -> None:
                                                                "version": VERSION}))
 
 
-def load(path: Path, expected: ValidationSet) -> ValidationSet | None:
-    """The stored set, or None when it is absent, unreadable or not drawn for this split and
-    shape (it is ldmkit's own and is drawn again, identically from the seed)."""
+def load(path: Path) -> ValidationSet | None:
+    """The stored set, or None when it is absent or unreadable."""
     try:
         raw = read_regular(path)
         tensors = load_safetensors(raw)
-        meta = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")]).get("__metadata__", {})
-    except (OSError, SafetensorError, ValueError, UnicodeDecodeError):
+        meta = parse_json(raw[8:8 + int.from_bytes(raw[:8], "little")]).get("__metadata__", {})
+        return ValidationSet(**tensors, source=str(meta.get("source", "")))
+    except (OSError, SafetensorError, ValueError, TypeError, AttributeError):
         return None
-    names = {f.name for f in dataclasses.fields(ValidationSet)} - {"source"}
-    if set(tensors) != names or meta.get("version") != VERSION:
-        return None
-    vset = ValidationSet(**tensors, source=str(meta.get("source", "")))
-    same = all(getattr(vset, n).shape == getattr(expected, n).shape for n in names) \
-        and torch.equal(vset.held_out, expected.held_out)
-    finite = all(torch.isfinite(v.float()).all() for v in vset.tensors().values())
-    return vset if same and finite else None
+
+
+DRAWN_FROM_SEED = ("t", "eps", "held_out", "labels", "probe_labels")
+
+
+def matches(stored: ValidationSet, drawn: ValidationSet) -> bool:
+    """Whether the stored set is the one drawn for this run's split: what comes from the seed
+    and the split (timesteps, noise, rows, labels) is equal, dtypes included; the encoded
+    images, which the stored set keeps as the run's record, have the drawn shape and dtype and
+    are finite."""
+    for name in DRAWN_FROM_SEED:
+        a, b = getattr(stored, name), getattr(drawn, name)
+        if a.dtype != b.dtype or not torch.equal(a, b):
+            return False
+    return all(getattr(stored, name).shape == getattr(drawn, name).shape
+               and getattr(stored, name).dtype == getattr(drawn, name).dtype
+               and bool(torch.isfinite(getattr(stored, name)).all())
+               for name in ("latents", "probe"))
 
 
 def prepare(cfg: Config, run_dir: Path, parts: Split, latents: LatentPosteriors,
             ae: Autoencoder) -> ValidationSet | None:
-    """The run's validation set: the stored one, or drawn and stored now (rank 0 only)."""
+    """The run's validation set (rank 0 only): the stored ``RUN/validation.safetensors`` when
+    it is the set drawn for this split (``matches``), else drawn from the seed and stored. An
+    edited file is never used: it would feed out-of-range labels or timesteps to the model."""
     if cfg.train.val_every == 0:
         return None
     try:
@@ -158,7 +227,11 @@ def prepare(cfg: Config, run_dir: Path, parts: Split, latents: LatentPosteriors,
               f"{len(latents.mean)} images holds out none; raise it)")
         return None
     path = RunDir(run_dir).validation
-    stored = load(path, drawn) if path.exists() else None
+    stored = load(path) if path.exists() else None
+    if stored is not None and not matches(stored, drawn):
+        print(f"validation: '{path}' is not the set drawn for this run's split (changed "
+              "data, or an edited file); it is drawn again from the seed")
+        stored = None
     if stored is None:
         save(drawn, path)
     print(f"validation: {drawn.source}, {POINTS} fixed points, every {cfg.train.val_every} steps")

@@ -251,7 +251,7 @@ def _diffusion(opened: OpenedRun, ae: Autoencoder, latents: LatentPosteriors, sc
     cfg = dataclasses.replace(opened.cfg, diffusion=dataclasses.replace(
         opened.cfg.diffusion, latent_scale_factor=scale))
     tc = cfg.train
-    parts = held_out.split(len(latents.mean), cfg)
+    parts = held_out.run_split(cfg, run_dir, latents, d.is_main)
     state = _start_state(opened, cfg, ae, latents, len(parts.train), calibrated, rt)
     vset = held_out.prepare(cfg, run_dir, parts, latents, ae) if d.is_main else None
     # decoding up to 16k training images takes seconds (17 s for MNIST): at the first sampling
