@@ -18,7 +18,7 @@ from ldmkit.diffusion.registry import OBJECTIVES
 from ldmkit.diffusion.schedule import LinearSchedule
 from ldmkit.models.unet import UNet
 from ldmkit.platform import fastpath
-from ldmkit.platform.fastpath import EAGER_FP32, FastPath, choose, cpu_flags
+from ldmkit.platform.fastpath import EAGER_FP32, FastPath, choose, cpu_flags, recorded
 from ldmkit.run.layout import RunDir
 from ldmkit.sampling.generate import generate
 from ldmkit.sampling.trained import load_for_sampling
@@ -146,6 +146,11 @@ def test_a_failing_compile_falls_back_to_eager_with_one_line(tmp_path, monkeypat
     assert f"planted {where} compile failure" in out and "continuing eager" in out
     eager, fell_back = final_weights(tmp_path / "eager"), final_weights(tmp_path / "fell-back")
     assert all(torch.equal(eager[k], fell_back[k]) for k in eager)
+    # the run's record and its report say what ran: eager, and why
+    last = json.loads(RunDir(tmp_path / "fell-back").fastpath.read_text().splitlines()[-1])
+    assert last["job"] == "train" and last["compile"] is False
+    assert last["compile_reason"].startswith("eager (torch.compile failed: ")
+    assert "eager (torch.compile failed: " in recorded(RunDir(tmp_path / "fell-back").fastpath)
 
 
 @pytest.mark.slow

@@ -61,7 +61,8 @@ def train_autoencoder(cfg: Config, data: ImageData, run_dir: Path, logger: Metri
     fast = choose(cfg.train.precision, cfg.train.compile, torch.device("cpu"), "autoencoder",
                   ae_cfg.steps)
     record(RunDir(run_dir).fastpath, "autoencoder", 0, fast)
-    net = Compiled(ae, fast, tqdm.write, "the autoencoder")
+    net = Compiled(ae, fast, tqdm.write, "the autoencoder", lambda eager: record(
+        RunDir(run_dir).fastpath, "autoencoder", 0, eager, lambda _: None))
     latent_hw = (cfg.data.image_size // ae.downsample_factor,) * 2
     bar = tqdm(range(ae_cfg.steps), desc="autoencoder", dynamic_ncols=True, mininterval=1.0)
     for step in bar:

@@ -22,6 +22,7 @@ on a timing, so a resumed run makes the same choice and resumes bitwise on the s
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -81,6 +82,11 @@ class FastPath:
 
     def describe(self) -> str:
         return f"{self.precision_reason}; {self.compile_reason}"
+
+    def fell_back(self, cause: str) -> FastPath:
+        """This path once compiling failed: what actually ran from then on."""
+        return dataclasses.replace(self, compile=False,
+                                   compile_reason=f"eager (torch.compile failed: {cause})")
 
     def as_dict(self) -> dict[str, Any]:
         return {"precision": "bf16" if self.bf16 else "fp32", "compile": self.compile,
@@ -212,9 +218,10 @@ class Compiled:
     """
 
     def __init__(self, module: nn.Module, fast: FastPath, echo: Callable[[str], None] = print,
-                 what: str = "the backbone"):
+                 what: str = "the backbone",
+                 on_fall_back: Callable[[FastPath], None] | None = None):
         self.module, self.what, self.echo = module, what, echo
-        self.fast = fast
+        self.fast, self.on_fall_back = fast, on_fall_back  # told what runs after a fall-back
         tried = fast.compile and module not in _FAILED  # said once per module and process
         self.compiled = torch.compile(module) if tried else None
 
@@ -228,6 +235,9 @@ class Compiled:
                   "eager. Set train.compile: false to skip trying")
         self.compiled = None
         _FAILED[self.module] = cause
+        self.fast = self.fast.fell_back(cause)
+        if self.on_fall_back is not None:
+            self.on_fall_back(self.fast)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.compiled is not None:

@@ -225,12 +225,16 @@ def _start_state(opened: OpenedRun, cfg: Config, ae: Autoencoder, latents: Laten
     return state
 
 
-def _network(model: torch.nn.Module, rt: Runtime) -> tuple[DDP | None, Compiled]:
+def _network(model: torch.nn.Module, rt: Runtime, run_dir: Path, state: LoopState
+             ) -> tuple[DDP | None, Compiled]:
     """The training step's network: DDP-wrapped under torchrun, compiled where it pays (the
-    checkpoints save ``model`` itself, so no wrapper's prefix reaches them)."""
+    checkpoints save ``model`` itself, so no wrapper's prefix reaches them). A compilation that
+    fails is recorded in ``fastpath.jsonl`` as what ran: eager."""
     ddp = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None) \
         if rt.d.active else None
-    return ddp, Compiled(ddp or model, rt.fast, tqdm.write)
+    fell_back = (lambda fast: record(RunDir(run_dir).fastpath, "train", state.step, fast,
+                                     lambda _: None)) if rt.d.is_main else None
+    return ddp, Compiled(ddp or model, rt.fast, tqdm.write, on_fall_back=fell_back)
 
 
 def _validate(state: LoopState, vset: held_out.ValidationSet | None, rt: Runtime,
@@ -259,7 +263,7 @@ def _diffusion(opened: OpenedRun, ae: Autoencoder, latents: LatentPosteriors, sc
         vm.CopyReference.of, ae.decode, latents.mean, parts.train, cfg.seed))
     evaluator = InLoopEval.of(cfg.data, parts.train, d, tqdm.write) if tc.eval_every else None
     model = state.model
-    ddp, compiled = _network(model, rt)
+    ddp, compiled = _network(model, rt, run_dir, state)
     net, params = forward_model(compiled, rt), list(model.parameters())
     scratch = [torch.empty_like(p) for p in params]  # the weights before a measured update
     ratio_every = vm.update_ratio_every(tc.log_every)
