@@ -29,6 +29,7 @@ from ldmkit.models.autoencoder import Autoencoder
 from ldmkit.models.registry import build_backbone
 from ldmkit.report.html import guidance_sweep, render_html
 from ldmkit.run.context import diagnose_path, read_run
+from ldmkit.run.layout import RunDir
 from ldmkit.sampling.classifier import load_or_train
 from ldmkit.sampling.generate import generate, requested_labels
 from ldmkit.sampling.trained import load_for_sampling
@@ -274,6 +275,16 @@ def test_sampling_classes_and_guidance_from_the_command_line(tmp_path, condition
     assert main(["sample", str(run_dir), "--class", "12", "--num", "4"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--class 12 is not a class of this model (0-9)" in err[0]
+    # a class name holding a line break: still one line, the break shown escaped
+    assert main(["sample", str(run_dir), "--class", "sev\nen", "--num", "4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--class sev\\nen is not a class" in err[0]
+    # names for 3 classes on a model of 10: damaged, never put on the wrong classes
+    RunDir(run_dir).classes_file.write_text('["a", "b", "c"]')
+    assert main(["sample", str(run_dir), "--class", "a", "--num", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "classes.json' is damaged (3 names for a model of 10 classes)" in err
+    RunDir(run_dir).classes_file.unlink()
     assert main(["sample", str(run_dir), "--class", "all", "--num", "20", "--steps", "5",
                  "--guidance", "3", "--out", str(tmp_path / "grid")]) == 0
     grid = Image.open(tmp_path / "grid" / "grid.png")

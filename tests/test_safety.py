@@ -325,3 +325,45 @@ def test_written_files_and_directories_keep_the_usual_modes(finished):
     for path in (finished / "latents", finished / "autoencoder", finished / "checkpoints"
                  / "step_0000004"):
         assert path.stat().st_mode & 0o777 == 0o777 & ~mask, path
+
+
+def test_a_full_disk_names_the_file_being_written(tmp_path, monkeypatch, capsys):
+    """A write to an open file on a full disk says only "No space left on device": the error
+    names the log it was writing, as every other file error does."""
+    import errno
+
+    log = open_append(tmp_path / "metrics.jsonl")
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(log.fh, "write", full)
+    with pytest.raises(OSError) as caught:
+        log.write("{}\n")
+    assert caught.value.filename == str(tmp_path / "metrics.jsonl")
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError) as caught:
+        write_bytes_atomic(tmp_path / "grid.png", b"png")
+    assert caught.value.filename == str(tmp_path / "grid.png")
+    assert not list(tmp_path.glob(".grid.png.*"))  # the temporary file is gone
+
+
+@pytest.mark.parametrize("command, blamed", [
+    (["diagnose", "{log}"], "the log is larger than this machine's memory"),
+    (["watch", "{run}", "--once"], "the run's log is larger than this machine's memory")])
+def test_out_of_memory_names_what_the_command_was_doing(tmp_path, monkeypatch, capsys, command,
+                                                        blamed):
+    from ldmkit.vitals.logs import readers
+    from ldmkit.vitals.logs.formats import JsonLines
+
+    def exhausted(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(readers, "read_raw", exhausted)
+    monkeypatch.setattr(JsonLines, "poll", exhausted)
+    (tmp_path / "metrics.jsonl").write_text("")
+    (tmp_path / "m.jsonl").write_text("")
+    argv = [part.format(log=tmp_path / "m.jsonl", run=tmp_path) for part in command]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert blamed in err and "train.batch_size" not in err

@@ -160,6 +160,26 @@ def _diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
+OUT_OF_MEMORY = {  # what to lower, by command
+    "train": "lower train.batch_size, data.image_size or the model's base_channels",
+    "run": "lower train.batch_size, data.image_size or the model's base_channels",
+    "sample": "sample fewer images (--num)",
+    "eval": "evaluate on fewer samples (--num)",
+    "encode": "lower data.image_size or data.limit",
+    "diagnose": "the log is larger than this machine's memory: pass a part of it",
+    "report": "the run's log is larger than this machine's memory",
+    "watch": "the run's log is larger than this machine's memory",
+    "export": "export on a machine with more memory",
+}
+
+
+def _error(text: str) -> None:
+    """The one line every failure ends in: line breaks a message carries (a class folder's
+    name, a value from a file) are shown escaped, never as a second line."""
+    print("ldmkit: error: " + text.replace("\r", "\\r").replace("\n", "\\n"),
+          file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -194,16 +214,16 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "diagnose":
             return _diagnose(args)
     except LdmkitError as exc:
-        print(f"ldmkit: error: {exc}", file=sys.stderr)
+        _error(str(exc))
         return 2
     except OSError as exc:  # a read-only directory, a full disk, a path that is not a directory
         where = f"'{exc.filename}': " if exc.filename else ""
-        print(f"ldmkit: error: {where}{exc.strerror or exc}; check that the path exists, is "
-              "writable and has free space (files saved before are intact)", file=sys.stderr)
+        _error(f"{where}{exc.strerror or exc}; check that the path exists, is writable and has "
+               "free space (files saved before are intact)")
         return 2
     except MemoryError:
-        print("ldmkit: error: out of memory; lower train.batch_size, data.image_size or the "
-              "model's base_channels (files saved before are intact)", file=sys.stderr)
+        _error(f"out of memory; {OUT_OF_MEMORY.get(args.command, OUT_OF_MEMORY['train'])} "
+               "(files saved before are intact)")
         return 2
     except Preempted as exc:
         print(f"ldmkit: {exc}: stopped; files saved before are intact", file=sys.stderr)

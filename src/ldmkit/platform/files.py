@@ -24,7 +24,7 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -232,29 +232,68 @@ def _refuse_link(path: Path) -> None:
                           "files through a link: replace it with a regular file or remove it")
 
 
+@contextlib.contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """Re-raise an OSError that names no file (a write to an open file on a full disk says only
+    "No space left on device") as one naming ``path``, so the message names the culprit."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
+        raise
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write ``path`` through a fresh temporary file and ``os.replace``: a link at ``path`` is
     replaced, never written through, and a crash leaves the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, FILE_MODE)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with naming(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            os.fchmod(fd, FILE_MODE)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
 
 def write_text_atomic(path: Path, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
 
 
-def open_append(path: Path) -> IO[str]:
-    """Open a log for appending; refuses a link instead of writing where it points."""
+class AppendFile:
+    """A log opened for appending whose write errors name it (``naming``)."""
+
+    def __init__(self, fh: IO[str], path: Path):
+        self.fh, self.path = fh, path
+
+    def write(self, text: str) -> int:
+        with naming(self.path):
+            return self.fh.write(text)
+
+    def flush(self) -> None:
+        with naming(self.path):
+            self.fh.flush()
+
+    def close(self) -> None:
+        with naming(self.path):
+            self.fh.close()
+
+    def __enter__(self) -> AppendFile:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def open_append(path: Path) -> AppendFile:
+    """Open a log for appending; refuses a link instead of writing where it points, and
+    anything but a regular file (a FIFO would block)."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
                      | os.O_NONBLOCK, 0o644)
@@ -269,7 +308,7 @@ def open_append(path: Path) -> IO[str]:
         os.close(fd)
         raise _not_regular(path, mode)
     os.set_blocking(fd, True)
-    return os.fdopen(fd, "a", encoding="utf-8")
+    return AppendFile(os.fdopen(fd, "a", encoding="utf-8"), path)
 
 
 def read_regular(path: Path) -> bytes:

@@ -167,14 +167,23 @@ class RunDir:
                                   f"{CONFIG_FILE})")
         return load_config(self.config, overrides, saved=True)
 
-    def classes(self) -> list[str] | None:
-        """The class names the run's labels stand for (folder datasets), or None."""
+    def classes(self, num_classes: int | None = None) -> list[str] | None:
+        """The class names the run's labels stand for (folder datasets), or None when it has
+        none. A file that does not hold ``num_classes`` names is damaged (it would put the
+        wrong name on every class): a one-line CheckpointError."""
+        if not self.classes_file.exists():
+            return None
         try:
             names = read_json(self.classes_file)
         except (OSError, ValueError):
-            return None
-        return names if isinstance(names, list) and all(isinstance(n, str) for n in names) \
-            else None
+            names = None
+        if not (isinstance(names, list) and all(isinstance(n, str) for n in names)) or (
+                num_classes is not None and len(names) != num_classes):
+            count = f"{len(names)} names" if isinstance(names, list) else "no list of names"
+            raise CheckpointError(f"'{self.classes_file}' is damaged ({count} for a model of "
+                                  f"{num_classes} classes); restore it, or remove it to name "
+                                  "classes by index")
+        return names
 
 
 def is_run(path: Path) -> bool:

@@ -206,7 +206,8 @@ def sample_run(run_dir: str | Path, num: int, sampler: str, steps: int, seed: in
         if guidance is not None and not num_classes:
             raise LdmkitError(f"--guidance needs a class-conditional model (model.num_classes); "
                               f"the model of '{run_dir}' is unconditional: drop --guidance")
-        labels, columns = requested_labels(choice, num, num_classes, RunDir(run_dir).classes())
+        labels, columns = requested_labels(
+            choice, num, num_classes, RunDir(run_dir).classes(num_classes) if num_classes else None)
         guidance = cfg.sample.guidance_scale if guidance is None else guidance
         warning = guidance_finding(cfg, num_classes, guidance, step)
         if warning is not None:
