@@ -247,6 +247,37 @@ def test_samples_are_judged_against_the_datas_own_latent_reach():
     assert codes(light)["final_latent_extreme"] == "warning"
 
 
+def _guided(series, guidance: float, std_x: float, extreme: float):
+    """A guided sampling at the last sampling step: std ``std_x`` times the target, extremes
+    ``extreme``, logged under the ``@cfgG`` tags as the loop logs them."""
+    step, target = series[vm.FINAL_PREFIX + "std"][-1][0], 1 / SCALE
+    for key, value in (("std", std_x * target), ("max", extreme), ("min", -extreme),
+                       ("mean", 0.05)):
+        series[vm.guidance_tag(vm.FINAL_PREFIX + key, guidance)] = [(step, value)]
+    series[vm.GUIDANCE_SCALE] = [(step, guidance)]
+    return series
+
+
+def test_guided_samples_far_off_are_named_whatever_the_unguided_ones_look_like():
+    """The trial's case: unguided extremes just past the warning band (7.2 here, limit 6.98),
+    guided std 7.5x its target and extremes past the critical band: guidance, critical."""
+    off = _extremes(healthy_series(), 7.2, None)
+    found = {f.code: f for f in replay(_guided(off, 50.0, 7.5, 60.0), ctx())}
+    assert found["guidance_too_high"].severity == "critical"
+    assert "further off than the same model's unguided samples" in \
+        found["guidance_too_high"].message
+    # guided samples as far off as the unguided ones: the model is at fault, not the guidance
+    same = {f.code for f in replay(_guided(_extremes(healthy_series(), 7.2, None), 3.0, 1.2, 8.3),
+                                   ctx())}
+    assert "guidance_too_high" not in same
+    # unguided within the bands, guided off a warning band only: a warning
+    within = _set_last_sampling(_set_last_sampling(healthy_series(), vm.FINAL_PREFIX + "max", 5.0),
+                                vm.FINAL_PREFIX + "min", -5.0)
+    mild = {f.code: f for f in replay(_guided(within, 4.0, 2.5, 5.0), ctx())}
+    assert mild["guidance_too_high"].severity == "warning"
+    assert "unguided samples are within the guide's bands" in mild["guidance_too_high"].message
+
+
 def test_final_latent_mean_shift():
     shifted = _set_last_sampling(healthy_series(), vm.FINAL_PREFIX + "mean", 1.5)
     assert codes(shifted)["final_latent_mean_shift"] == "warning"

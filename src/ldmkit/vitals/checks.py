@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from ldmkit.vitals import metrics as vm
 from ldmkit.vitals.context import Check, Context, Series, Verdict
@@ -209,34 +210,59 @@ def _final_extreme(rule: Rule, series: Series, ctx: Context) -> Verdict | None:
                                          "basis": basis})
 
 
-def _latents_off(series: Series, ctx: Context, guidance: float | None) -> str | None:
-    """What is off in the last final latents (at ``guidance``, else unguided) against the
-    warning bands of final_latent_std_off and final_latent_extreme, in words ("" when nothing
-    is); None when they were not measured."""
+@dataclass(frozen=True)
+class LatentsOff:
+    """How far the last final latents (at one guidance scale) are off the bands of
+    final_latent_std_off and final_latent_extreme: ``badness`` is the worst multiple of a
+    warning band (above 1: off), ``critical`` whether a critical band is passed."""
+
+    badness: float
+    critical: bool
+    words: str  # what is off ("" when nothing is)
+
+
+def _latents_off(series: Series, ctx: Context, guidance: float | None) -> LatentsOff | None:
+    """The last final latents at ``guidance`` (else unguided) against the bands; None when
+    they were not measured."""
     tag = (lambda t: vm.guidance_tag(t, guidance)) if guidance else (lambda t: t)
     std, hi, lo = (_last(series, tag(vm.FINAL_PREFIX + k)) for k in ("std", "max", "min"))
     if std is None or hi is None or lo is None or not ctx.latent_scale_factor:
         return None
     target, warn = 1.0 / ctx.latent_scale_factor, ctx.thr("final_std_ratio_warning")
-    limit = ctx.extreme_limits()[0]
-    extreme, problems = max(abs(hi[1]), abs(lo[1])), []
-    if not 1 / warn <= std[1] / target <= warn:
-        problems.append(f"std {std[1]:.3g}, {std[1] / target:.2f}x the target {target:.3g}")
+    limit, critical_limit, _ = ctx.extreme_limits()
+    ratio, extreme = std[1] / target, max(abs(hi[1]), abs(lo[1]))
+    spread = max(ratio, 1 / ratio) if ratio > 0 else math.inf
+    problems = []
+    if spread > warn:
+        problems.append(f"std {std[1]:.3g}, {ratio:.2f}x the target {target:.3g}")
     if extreme > limit:
         problems.append(f"extremes reach {extreme:.3g}, limit {limit:.3g}")
-    return "; ".join(problems)
+    return LatentsOff(max(spread / warn, extreme / limit),
+                      spread > ctx.thr("final_std_ratio_critical") or extreme > critical_limit,
+                      "; ".join(problems))
 
 
 def _guidance_too_high(rule: Rule, series: Series, ctx: Context) -> Verdict | None:
-    """The last guided sampling (``TAG@cfgG``) is off the final-latent bands while the model's
-    unguided samples are within them: the guidance, not the model, is at fault."""
+    """The last guided sampling (``TAG@cfgG``) judged on the bands itself, and against the
+    same model's unguided samples: the guidance is at fault when the guided ones are off while
+    the unguided are within the bands, or ``guidance_worsening`` times further off than them.
+    Critical when a guided value passes a critical band."""
     last = _last(series, rule.metric)
     if last is None or last[1] == 1.0:
         return None
     guided, unguided = _latents_off(series, ctx, last[1]), _latents_off(series, ctx, None)
-    if not guided or unguided != "":
+    if guided is None or not guided.words:
         return None
-    return Verdict(rule.warning, last[1], last[0], {"detail": guided})
+    if unguided is not None and unguided.words:
+        worse = guided.badness / unguided.badness
+        if worse < ctx.thr("guidance_worsening"):
+            return None  # as far off unguided: the model, which final_latent_* name
+        compared = (f"guidance puts them {worse:.1f}x further off than the same model's "
+                    f"unguided samples ({unguided.words})")
+    else:
+        compared = "the same model's unguided samples are within the guide's bands"
+    level = rule.critical if guided.critical and rule.critical else rule.warning
+    return Verdict(level, last[1], last[0], {"detail": guided.words, "compared": compared})
 
 
 def _class_collapse(rule: Rule, series: Series, ctx: Context) -> Verdict | None:

@@ -44,6 +44,8 @@ THRESHOLDS: dict[str, tuple[float, str]] = {
     "final_extreme_warning": (3.0, "final_latent_stats/min,max 'within [-3.0, 3.0]'"),
     "final_extreme_critical": (20.0, "final_latent_stats/min,max 'extreme values (+-20)'"),
     "guide_example_scale": (1.86, "final_latent_stats/std example 'scale factor = 1.86'"),
+    "guidance_worsening": (2.0, "final_latent_stats at the guidance scale: guided samples this "
+                           "many times further off the bands than the unguided blame guidance"),
     "final_extreme_data_margin": (1.25, "final_latent_stats/min,max 'within [-3, 3]': the "
                                   "band of Gaussian latents; measured data's own reach x this"),
     "val_stuck_high": (0.9, "loss/total_loss 'Stays ~1.0: model isn't learning', judged on the "
@@ -223,13 +225,12 @@ RULES: tuple[Rule, ...] = (
          "sample with the EMA weights; more data for that class",
          about_samples=True),
     Rule("guidance_too_high", vm.GUIDANCE_SCALE, "guidance_too_high", "final_std_ratio_warning",
-         None,
+         "final_std_ratio_critical",
          "final_latent_stats/std 'close to 1/latent_scale_factor' and min,max 'within [-3, 3]', "
-         "at the guidance scale used: the same model's unguided samples are within them",
+         "at the guidance scale used, compared with the same model's unguided samples",
          "unstable_sampling",
-         "at guidance {value:g} the sampled latents leave the decoder's range ({detail}) while "
-         "the same model's unguided samples are within the guide's bands: the guidance is too "
-         "strong",
+         "at guidance {value:g} the sampled latents leave the decoder's range ({detail}); "
+         "{compared}: the guidance is too strong",
          "sample with a lower --guidance, or guide only part of the noise levels with "
          "sample.guidance_interval (Kynkaanniemi et al. 2024)",
          about_samples=True),
