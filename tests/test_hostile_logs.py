@@ -225,3 +225,32 @@ def test_a_csv_with_a_byte_order_mark_is_read(tmp_path, capsys):
     path.write_bytes("\ufeffstep,loss\n".encode() + rows.encode())
     code, err = diagnose(path, capsys)
     assert code in (0, 1), err
+
+
+def test_a_tensorboard_file_damaged_mid_file_says_where_reading_stopped(tmp_path, capsys):
+    """TensorBoard's reader stops at a record that fails its checksum without a word; the
+    diagnosis says so, with the byte, instead of judging half a log as the whole."""
+    directory = tensorboard(tmp_path / "tb")
+    (file,) = directory.glob("events.out.tfevents.*")
+    data = bytearray(file.read_bytes())
+    middle = len(data) // 2
+    data[middle] ^= 0xFF
+    file.write_bytes(bytes(data))
+    code, err = diagnose(directory, capsys)
+    assert code in (0, 1), err
+    main(["diagnose", str(directory)])
+    out = capsys.readouterr().out
+    assert f"'{file}' is damaged at byte" in out and "read up to there" in out
+
+
+def test_thousands_of_event_files_are_read_without_listing_them_each_time(tmp_path, capsys):
+    """A directory of 5,000 event files (a run restarted every few steps, or a flood of empty
+    ones) is read file by file: TensorBoard's own directory reading lists it once per file."""
+    directory = tmp_path / "tb"
+    directory.mkdir()
+    for i in range(5000):
+        (directory / f"events.out.tfevents.{i:05d}.host").write_bytes(b"")
+    refused(*diagnose(directory, capsys, seconds=60), "all empty")
+    tensorboard(directory)  # one real log among them
+    code, err = diagnose(directory, capsys, seconds=60)
+    assert code in (0, 1), err

@@ -278,6 +278,18 @@ def test_guided_samples_far_off_are_named_whatever_the_unguided_ones_look_like()
     assert "unguided samples are within the guide's bands" in mild["guidance_too_high"].message
 
 
+def test_a_gradient_norm_nan_at_every_step_is_a_diverged_run_whatever_the_loss():
+    """A foreign log whose loss looks healthy but whose grad_norm is NaN at every step: no
+    update was finite. One NaN among finite norms is a skipped step, not a divergence."""
+    nan_everywhere = with_values(healthy_series(), vm.GRAD_NORM, lambda s, v: math.nan)
+    found = {f.code: f for f in replay(nan_everywhere, ctx())}
+    assert found["grad_norm_nonfinite"].severity == "critical"
+    assert scenario(list(found.values()), nan_everywhere, ctx()) == "diverged"
+    one = healthy_series()
+    one[vm.GRAD_NORM][-3] = (one[vm.GRAD_NORM][-3][0], math.nan)
+    assert "grad_norm_nonfinite" not in codes(one)
+
+
 def test_final_latent_mean_shift():
     shifted = _set_last_sampling(healthy_series(), vm.FINAL_PREFIX + "mean", 1.5)
     assert codes(shifted)["final_latent_mean_shift"] == "warning"

@@ -49,6 +49,15 @@ def _nonfinite(rule: Rule, series: Series, ctx: Context) -> Verdict | None:
     return Verdict(ALWAYS, bad[0][1], bad[0][0]) if bad else None
 
 
+def _all_nonfinite(rule: Rule, series: Series, ctx: Context) -> Verdict | None:
+    """Every record of the window (at least 3) non-finite: one NaN gradient is a skipped step
+    (``optimization/nonfinite_steps``), a NaN at every step is a diverged run."""
+    window = _window(series, rule.metric, ctx)
+    if len(window) < 3 or any(math.isfinite(v) for _, v in window):
+        return None
+    return Verdict(ALWAYS, window[-1][1], window[-1][0])
+
+
 def _t_mean(rule: Rule, series: Series, ctx: Context) -> Verdict | None:
     recent = [(s, v) for s, v in _window(series, rule.metric, ctx) if math.isfinite(v)]
     if len(recent) < 3:
@@ -397,6 +406,7 @@ CHECKS: dict[str, Check] = {
     "final_mean": _final_mean,
     "final_std": _final_std,
     "final_extreme": _final_extreme,
+    "all_nonfinite": _all_nonfinite,
     "no_update": _no_update,
     "validation_stuck": _validation_stuck,
     "overfitting": _overfitting,

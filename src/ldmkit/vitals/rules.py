@@ -114,6 +114,13 @@ RULES: tuple[Rule, ...] = (
          "diverged", "the loss became {value} at step {step}: training diverged (exploding updates)",
          "retry from the last good checkpoint with train.lr = {lr_retry:.3g} (a tenth), keep grad_clip",
          fallback=vm.LOSS_SMOOTHED),
+    Rule("grad_norm_nonfinite", vm.GRAD_NORM, "all_nonfinite", None, ALWAYS,
+         "grad_norm: '> 100: exploding gradients'; loss: 'NaN or inf: training has collapsed'",
+         "diverged",
+         "the gradient norm is {value} at every one of the last records (through step {step}): "
+         "no update is finite, training has diverged whatever the loss shows",
+         "retry from the last good checkpoint with train.lr = {lr_retry:.3g} (a tenth), keep "
+         "grad_clip; check the data for NaN"),
     Rule("grad_norm_exploding", vm.GRAD_NORM, "median_above", None, "grad_norm_high",
          "grad_norm: '> 100: exploding gradients'", "diverged",
          "gradient norm before clipping is {value:.3g} (median of the last records), above {thr:g}: "
