@@ -62,6 +62,28 @@ def test_the_hook_takes_its_log_directory_as_the_cli_writers_do(tmp_path):
     RunLock(tmp_path).acquire().release()
 
 
+def test_timesteps_outside_the_schedule_and_a_plain_config_are_handled(tmp_path):
+    """Negative timesteps would index the schedule from its end; a scheduler whose config is a
+    plain object (no .get) is read by attribute."""
+    from types import SimpleNamespace
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    vitals = AccelerateVitals(_Main(), scheduler, log_dir=tmp_path)
+    x = torch.randn(4, 2, 3, 3)
+    with pytest.raises(ValueError, match="timesteps must be the scheduler's, 0 to 999; got -1"):
+        vitals.eps_estimate(x, torch.tensor([-1, 5, 6, 7]), x)
+    vitals.close()
+    plain = SimpleNamespace(config=SimpleNamespace(prediction_type="epsilon",
+                                                   num_train_timesteps=1000),
+                            alphas_cumprod=scheduler.alphas_cumprod)
+    other = AccelerateVitals(_Main(), plain, log_dir=tmp_path)
+    eps, t = other.eps_estimate(x, torch.tensor([0, 5, 6, 999]), x)
+    assert torch.equal(eps, x) and float(t.max()) == 1.0
+    other.close()
+    with pytest.raises(ValueError, match="has no .config"):
+        AccelerateVitals(_Main(), object(), log_dir=tmp_path)
+
+
 def test_flow_matching_needs_and_uses_the_sigmas(tmp_path):
     scheduler = FlowMatchEulerDiscreteScheduler()
     vitals = AccelerateVitals(_Main(), scheduler, log_dir=tmp_path)

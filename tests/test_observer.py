@@ -56,6 +56,16 @@ def test_a_healthy_foreign_loop_raises_nothing_and_logs_interval_means(tmp_path)
     assert len(t_means) == 6 and all(0.4 < v < 0.6 for v in t_means)
 
 
+def test_raw_integer_timesteps_are_named_not_diagnosed_as_a_biased_sampler(tmp_path):
+    """A loop handing diffusers' integer timesteps (0-999) instead of t in [0, 1] would read as
+    t_mean_biased with a fix for ldmkit's config; it is told what to call instead."""
+    with VitalsMonitor(tmp_path, log_every=10, tensorboard=False) as monitor:
+        z = torch.randn(8, 4, 4, 4)
+        with pytest.raises(ValueError, match=r"0 to 999.*normalize_timesteps\(timesteps"):
+            monitor.observe_train_step(1, torch.tensor(1.0), z, z, torch.tensor([0, 999] * 4), z)
+        assert not monitor.findings
+
+
 def test_unknown_threshold_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown threshold 'z_std_lo'"):
         VitalsMonitor(tmp_path, thresholds={"z_std_lo": 0.3})

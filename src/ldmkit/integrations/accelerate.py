@@ -46,8 +46,13 @@ class AccelerateVitals(StepVitals):
                  log_dir: str | Path | None = None, thresholds: dict[str, float] | None = None,
                  on_critical: str = "warn", echo: Callable[[str], None] = print) -> None:
         ctx = hook_context(latent_scale_factor, thresholds, log_every)
-        config = noise_scheduler.config
-        self.prediction_type = str(config.get("prediction_type") or "flow_matching")
+        config = getattr(noise_scheduler, "config", None)
+        if config is None:
+            raise ValueError(f"noise_scheduler ({type(noise_scheduler).__name__}) has no "
+                             ".config; pass the diffusers scheduler the loop adds noise with")
+        setting = (lambda key: config.get(key)) if hasattr(config, "get") else \
+            (lambda key: getattr(config, key, None))
+        self.prediction_type = str(setting("prediction_type") or "flow_matching")
         if self.prediction_type not in OBJECTIVE_ALIASES:
             raise ValueError(f"prediction_type '{self.prediction_type}' is not one of "
                              f"{', '.join(OBJECTIVE_ALIASES)}; hand eps estimates to "
@@ -55,7 +60,8 @@ class AccelerateVitals(StepVitals):
         self.objective = OBJECTIVES[OBJECTIVE_ALIASES[self.prediction_type]]
         alphas = getattr(noise_scheduler, "alphas_cumprod", None)
         self.alphas_cumprod = None if alphas is None else torch.as_tensor(alphas).double()
-        self.num_train_timesteps = int(config.get("num_train_timesteps") or 1000)
+        self.num_train_timesteps = int(setting("num_train_timesteps") or 1000)
+        self._checked = False
         self.accelerator = accelerator
         live, self.lock = None, None
         if accelerator.is_main_process:
@@ -80,6 +86,12 @@ class AccelerateVitals(StepVitals):
             t = sigmas.detach().float().flatten()
             a, s = 1 - t, t
         else:
+            if not self._checked:  # once: a check per step would sync the device each step
+                low, high = int(timesteps.min()), int(timesteps.max())
+                if low < 0 or high >= len(self.alphas_cumprod):
+                    raise ValueError(f"timesteps must be the scheduler's, 0 to "
+                                     f"{len(self.alphas_cumprod) - 1}; got {low} to {high}")
+                self._checked = True
             acp = self.alphas_cumprod.to(timesteps.device)[timesteps.long()].float()
             a, s = acp.sqrt(), (1 - acp).sqrt().clamp(min=1e-4)
             t = timesteps.float() / max(self.num_train_timesteps - 1, 1)

@@ -33,6 +33,18 @@ def normalize_timesteps(timesteps: torch.Tensor, num_train_timesteps: int) -> to
     return timesteps.float() / max(num_train_timesteps - 1, 1)
 
 
+def check_unit_timesteps(t: torch.Tensor) -> None:
+    """``t`` must be the noise level in [0, 1]: raw scheduler timesteps (0..999) would read as
+    a timestep sampler biased to the end (t_mean_biased) with a fix for the wrong thing."""
+    low, high = float(t.min()), float(t.max())
+    if low < 0 or high > 1:
+        hint = (" (these look like a scheduler's integer timesteps: pass "
+                "normalize_timesteps(timesteps, scheduler.config.num_train_timesteps))"
+                if high > 1 and float(t.float().frac().abs().max()) == 0 else "")
+        raise ValueError(f"t must be the noise level in [0, 1]; got values from {low:g} to "
+                         f"{high:g}{hint}")
+
+
 def hook_context(latent_scale_factor: float | None, thresholds: dict[str, float] | None,
                  log_every: int) -> Context:
     """A hook's arguments checked (before it writes anything) and made the rules' context."""
@@ -52,6 +64,7 @@ class StepVitals:
 
     def __init__(self, live: LiveMonitor | None, log_every: int) -> None:
         self.live, self.log_every, self.acc = live, log_every, StepAccumulator()
+        self._t_checked = False
 
     def _log(self, step: int, values: dict[str, float]) -> None:
         raise NotImplementedError
@@ -63,6 +76,9 @@ class StepVitals:
         """One optimizer step: its loss, predicted and true noise ``[B, ...]``, ``t`` in [0, 1]
         ``[B]``, the scaled clean latents ``z`` fed to the model, the gradient norm before
         clipping and the learning rate. Logged every ``log_every`` steps."""
+        if not self._t_checked:  # once: a check per step would sync the device each step
+            check_unit_timesteps(t)
+            self._t_checked = True
         norm = None if grad_norm is None else torch.as_tensor(grad_norm).detach().float()
         self.acc.add(step_vitals(StepTensors(loss.detach(), eps_pred.detach(), eps.detach(),
                                              t.detach(), z.detach(), norm, loss_is_eps_mse)))
