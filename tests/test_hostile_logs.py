@@ -21,6 +21,9 @@ from ldmkit.cli import main
 DEEP = 100_000
 DEEP_JSON = "[" * DEEP + "]" * DEEP
 DEEP_YAML = "[" * DEEP + "]" * DEEP
+LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 10)}]\n" for i in range(8)) \
+    + "pretrained_model_name_or_path: *i\n"  # 10^9 values once expanded
 HEALTHY = [{"step": s, "tag": "loss/total_loss", "value": 0.5 - s / 1000} for s in range(1, 40)]
 
 
@@ -156,6 +159,10 @@ HOSTILE: dict[str, Callable[[Path], tuple[Path, Path]]] = {
         mlflow_run(t / "mlruns", "a", 1) / "params" / "learning_rate", "[1, 2]")),
     "tensorboard-hparams-deep": lambda t: (tensorboard(t / "tb"), _write(
         t / "tb" / "hparams.yml", "learning_rate: " + DEEP_YAML)),
+    "tensorboard-hparams-billion-laughs": lambda t: (tensorboard(t / "tb"), _write(
+        t / "tb" / "hparams.yml", LAUGHS)),
+    "wandb-config-huge": lambda t: (t / "wandb", _write(wandb_run(t) / "config.yaml",
+                                                        "a: '" + "x" * (17 << 20) + "'\n")),
 }
 WANDB_LOG: dict[str, list] = {
     "step-text": [history('"abc"', {"loss": "0.4"})],

@@ -12,6 +12,7 @@ import reprlib
 from typing import Any
 
 from ldmkit.errors import ConfigError
+from ldmkit.platform.files import count_values
 
 MAX_CONFIG_BYTES = 1 << 20  # a config is a page of YAML; a larger file is not one
 MAX_CONFIG_VALUES = 10_000  # values after expanding YAML aliases (a "billion laughs" has 1e9)
@@ -28,15 +29,6 @@ def brief(value: Any) -> str:
 def check_size(data: Any, where: str) -> None:
     """Refuse YAML whose aliases expand past ``MAX_CONFIG_VALUES`` values, counting each use of
     an alias (PyYAML shares the objects, but printing or copying them expands them)."""
-    stack, count = [data], 0
-    while stack:
-        node = stack.pop()
-        count += 1
-        if count > MAX_CONFIG_VALUES:
-            raise ConfigError(f"{where} expands to more than {MAX_CONFIG_VALUES} values (YAML "
-                              "aliases?); a config is a few dozen keys: remove the aliases")
-        if isinstance(node, dict):
-            stack.extend(node.keys())
-            stack.extend(node.values())
-        elif isinstance(node, (list, tuple)):
-            stack.extend(node)
+    if count_values(data, MAX_CONFIG_VALUES) > MAX_CONFIG_VALUES:
+        raise ConfigError(f"{where} expands to more than {MAX_CONFIG_VALUES} values (YAML "
+                          "aliases?); a config is a few dozen keys: remove the aliases")

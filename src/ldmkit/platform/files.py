@@ -118,15 +118,34 @@ def parse_json(text: str | bytes) -> Any:
         raise ValueError("JSON nested too deep") from None
 
 
-def parse_yaml(text: str) -> Any:
+def count_values(data: Any, limit: int) -> int:
+    """How many values ``data`` holds with every YAML alias expanded, counting up to ``limit``
+    + 1 at most (PyYAML shares an alias's object, but printing or copying expands it: a
+    "billion laughs" of a few lines holds 10^9)."""
+    stack, count = [data], 0
+    while stack and count <= limit:
+        node = stack.pop()
+        count += 1
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+    return count
+
+
+def parse_yaml(text: str, max_values: int | None = None) -> Any:
     """``yaml.safe_load`` whose failures are all ``yaml.YAMLError``: YAML nested deeper than
-    Python's recursion limit (a hostile or damaged file) included."""
+    Python's recursion limit, or (with ``max_values``) expanding to more values than that."""
     import yaml
 
     try:
-        return yaml.safe_load(text)
+        data = yaml.safe_load(text)
     except RecursionError:
         raise yaml.YAMLError("YAML nested too deep") from None
+    if max_values is not None and count_values(data, max_values) > max_values:
+        raise yaml.YAMLError(f"expands to more than {max_values} values (YAML aliases?)")
+    return data
 
 
 def read_json(path: Path) -> Any:

@@ -106,9 +106,18 @@ def json_lines(path: Path, parse: Callable[[Any], list[T]], what: str) -> list[T
     return JsonLines(path, parse, what).poll()
 
 
+MAX_YAML_BYTES = 16 << 20  # a run's saved hyperparameters are kilobytes
+MAX_YAML_VALUES = 100_000  # hundreds of keys in the largest trainers' configs
+
+
 def load_yaml(path: Path) -> dict[str, Any]:
+    """A run's saved hyperparameters (``hparams.yml``, W&B's ``config.yaml``, MLflow's
+    ``meta.yaml``), bounded in size and in what its aliases expand to."""
+    if path.stat().st_size > MAX_YAML_BYTES:
+        raise UnreadableLog(f"'{path}' is larger than {MAX_YAML_BYTES >> 20} MiB, not a run's "
+                            "saved settings; move it away")
     try:
-        data = parse_yaml(read_file_text(path))
+        data = parse_yaml(read_file_text(path), MAX_YAML_VALUES)
     except yaml.YAMLError as exc:
         raise UnreadableLog(f"'{path}' is not readable YAML ({str(exc).splitlines()[0]}); "
                             "repair or remove it") from None
