@@ -82,20 +82,24 @@ class Context:
         return self
 
     def extreme_limits(self) -> tuple[float, float, str]:
-        """(warning, critical) limits on the samples' ``|final latents|`` and what they are:
-        ``final_extreme_data_margin`` times the data's own extreme when it was measured, else
-        the guide's +-3 / +-20, which hold at its example scale 1.86, converted to this one."""
+        """(warning, critical) limits on the samples' ``|final latents|`` and what they are.
+        The guide's +-3 / +-20 hold at its example scale 1.86 and are converted to this one;
+        when the encoded data's own extreme was measured, samples may reach
+        ``final_extreme_data_margin`` times it: heavy-tailed real latents raise the limit, and
+        light-tailed ones never lower it below the guide's (a young model's samples converge
+        from over-dispersed, measured on the digits: 12.2, 9.2, 7.4, 6.1 by step 800)."""
         scale = self.latent_scale_factor
         convert = self.thr("guide_example_scale") / scale if scale else 1.0
         guide_warn = self.thr("final_extreme_warning") * convert
         guide_crit = self.thr("final_extreme_critical") * convert
+        guide = f"the guide's +-3 at its scale 1.86 is {guide_warn:.3g} here"
         if self.data_latent_extreme is None:
-            return guide_warn, guide_crit, f"the guide's +-3 at its scale 1.86 is {guide_warn:.3g} here"
+            return guide_warn, guide_crit, guide
         margin = self.thr("final_extreme_data_margin")
-        warn = margin * self.data_latent_extreme
+        warn = max(guide_warn, margin * self.data_latent_extreme)
         return warn, max(guide_crit, 2 * warn), (
-            f"{margin:g} x the encoded data's own extreme {self.data_latent_extreme:.3g}; the "
-            f"guide's Gaussian +-3 would be {guide_warn:.3g} here")
+            f"{margin:g} x the encoded data's own extreme {self.data_latent_extreme:.3g} is "
+            f"{margin * self.data_latent_extreme:.3g}; {guide}")
 
 
 @dataclass(frozen=True)
