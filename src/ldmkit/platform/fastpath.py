@@ -49,12 +49,13 @@ CXX_COMPILERS = ("g++", "c++", "clang++")  # what inductor's CPU backend can bui
 # 29 ms: 1300; sampling 35 s, 66 us per sample and evaluation: 500 000, rounded up. Training
 # compiled is left to `compile: true`: at equal steps, a bf16 compiled MNIST run trained a
 # worse model than fp32 or bf16 eager (BENCHMARKS.md "Quality on the fast path").
-WORSE = "a compiled run trained a worse MNIST model here (BENCHMARKS.md); train.compile: true"
+WORSE = ("a compiled run trained a worse MNIST model here (BENCHMARKS.md); set train.compile: "
+         "true to compile anyway")
 AUTO_COMPILE: dict[tuple[str, str], tuple[int | None, str]] = {
     ("cpu", "train"): (None, WORSE),
     ("cpu", "autoencoder"): (None, "compiled stage 1 is not verified to train as well"),
     ("cpu", "sample"): (500_000, "where it pays"),
-    ("cuda", "train"): (None, "not measured on a GPU here; train.compile: true"),
+    ("cuda", "train"): (None, "not measured on a GPU here; set train.compile: true to compile"),
     ("cuda", "autoencoder"): (None, "not measured on a GPU here"),
     ("cuda", "sample"): (500_000, "where it pays (the CPU's break-even; no GPU measured)"),
 }
