@@ -121,8 +121,8 @@ def test_unreadable_inputs_exit_2_with_one_line(tmp_path, capsys, name, content,
 def test_missing_path_and_empty_directory(tmp_path, capsys):
     assert main(["diagnose", str(tmp_path / "nope")]) == 2
     assert main(["diagnose", str(tmp_path)]) == 2
-    assert "holds no metrics.jsonl, TensorBoard event files, W&B run or MLflow run" in \
-        capsys.readouterr().err
+    assert "holds no metrics.jsonl, loss_log.db, training_metrics.jsonl, TensorBoard event " \
+        "files, W&B run or MLflow run" in capsys.readouterr().err
 
 
 def test_a_healthy_verdict_says_whether_sample_quality_was_measured(tmp_path, capsys):

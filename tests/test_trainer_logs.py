@@ -197,17 +197,77 @@ def mlflow_store(tmp: Path, run: Run) -> Path:
     return tmp / "mlruns"
 
 
+def ai_toolkit(tmp: Path, run: Run) -> Path:
+    """ai-toolkit's UILogger: loss_log.db in WAL mode, its three tables, and per committed
+    step an upsert into each (ostris/ai-toolkit toolkit/logging_aitk.py); a NaN is bound as a
+    Python float, which SQLite stores as NULL."""
+    import sqlite3
+
+    job = tmp / "output" / "my_flux_lora"
+    job.mkdir(parents=True)
+    con = sqlite3.connect(job / "loss_log.db", isolation_level=None)
+    con.execute("PRAGMA journal_mode=WAL;")
+    con.execute("CREATE TABLE steps (step INTEGER PRIMARY KEY, wall_time REAL NOT NULL)")
+    con.execute("CREATE TABLE metric_keys (key TEXT PRIMARY KEY, first_seen_step INTEGER, "
+                "last_seen_step INTEGER)")
+    con.execute("CREATE TABLE metrics (step INTEGER NOT NULL, key TEXT NOT NULL, value_real "
+                "REAL, value_text TEXT, PRIMARY KEY (step, key), FOREIGN KEY (step) "
+                "REFERENCES steps(step) ON DELETE CASCADE)")
+    for i, (loss, lr) in enumerate(zip(run.loss, run.lr, strict=True)):
+        con.execute("INSERT INTO steps(step, wall_time) VALUES(?, ?) ON CONFLICT(step) DO "
+                    "UPDATE SET wall_time=excluded.wall_time", (i, 1.79e9 + i))
+        for key, value in (("learning_rate", lr), ("loss/loss", loss)):
+            con.execute("INSERT INTO metrics(step, key, value_real, value_text) "
+                        "VALUES(?, ?, ?, ?)", (i, key, value, None))
+            con.execute("INSERT INTO metric_keys VALUES(?, ?, ?) ON CONFLICT(key) DO UPDATE "
+                        "SET last_seen_step=excluded.last_seen_step", (key, i, i))
+    con.close()
+    return job
+
+
+def simpletuner_local(tmp: Path, run: Run) -> Path:
+    """SimpleTuner's local tracker (report_to: simpletuner): one sorted, compact JSON object per
+    log call; non-finite values are dropped (local_metrics.py _coerce_scalar); the manifest
+    keeps the main settings."""
+    out = tmp / "output" / "sdxl-lora"
+    out.mkdir(parents=True)
+    with (out / "training_metrics.jsonl").open("w") as fh:
+        for i, (loss, lr, g) in enumerate(zip(run.loss, run.lr, run.grad, strict=True)):
+            metrics = {k: v for k, v in (("train_loss", loss), ("learning_rate", lr),
+                                         ("grad_norm", g), ("epoch", 1 + i // 200))
+                       if math.isfinite(v)}
+            fh.write(json.dumps({"schema_version": 1, "timestamp": "2026-11-25T12:00:00+00:00",
+                                 "step": i + 1, "metrics": metrics},
+                                separators=(",", ":"), sort_keys=True) + "\n")
+    (out / "training_metrics.json").write_text(json.dumps({
+        "schema_version": 1, "status": "running", "config": {
+            "model_family": "sdxl", "learning_rate": LR,
+            "pretrained_model_name_or_path": "stabilityai/stable-diffusion-xl-base-1.0"}}))
+    return out
+
+
+def diffsynth_csv(tmp: Path, run: Run) -> Path:
+    """DiffSynth-Studio's long-format loss.csv: step,key,value."""
+    path = tmp / "loss.csv"
+    path.write_text("step,key,value\n" + "".join(f"{i + 1},loss,{v}\n"
+                                                 for i, v in enumerate(run.loss)))
+    return path
+
+
 WRITERS = {"kohya": kohya, "diffusers-lora": diffusers_lora,
            "diffusers-unconditional": diffusers_unconditional, "simpletuner": simpletuner,
            "onetrainer": onetrainer, "k-diffusion-wandb": wandb_history,
            "k-diffusion-wandb-offline": wandb_offline,
-           "k-diffusion-csv": k_diffusion_csv, "wandb-csv": wandb_csv, "mlflow": mlflow_store}
+           "k-diffusion-csv": k_diffusion_csv, "wandb-csv": wandb_csv, "mlflow": mlflow_store,
+           "ai-toolkit": ai_toolkit, "simpletuner-local": simpletuner_local,
+           "diffsynth-csv": diffsynth_csv}
 TRAINER_LABELS = {"kohya": "kohya-ss sd-scripts", "onetrainer": "OneTrainer",
                   "simpletuner": "SimpleTuner", "k-diffusion-wandb": "k-diffusion (W&B)",
                   "k-diffusion-wandb-offline": "k-diffusion (W&B)",
                   "k-diffusion-csv": "k-diffusion (its *_metrics.csv)",
-                  "diffusers-unconditional": "diffusers train_unconditional.py"}
-GRAD_LOGGED = {"simpletuner", "mlflow"}
+                  "diffusers-unconditional": "diffusers train_unconditional.py",
+                  "ai-toolkit": "ai-toolkit (its loss_log.db)", "simpletuner-local": "SimpleTuner"}
+GRAD_LOGGED = {"simpletuner", "mlflow", "simpletuner-local"}
 
 
 def codes(path: Path, **kwargs) -> set[str]:
@@ -232,6 +292,9 @@ def test_a_diverging_run_of_every_format_is_caught(tmp_path, name):
     found = codes(WRITERS[name](tmp_path, make_run("diverging")))
     if name == "onetrainer":  # it stops before logging a NaN loss: no grad norm, no NaN
         assert found == set()
+        return
+    if name == "simpletuner-local":  # it drops non-finite values: the grad norm tells
+        assert found == {"grad_norm_exploding"}
         return
     assert "loss_nonfinite" in found
     assert ("grad_norm_exploding" in found) == (name in GRAD_LOGGED)
@@ -352,3 +415,37 @@ def test_a_torn_last_record_of_a_live_log_is_read_up_to_it(tmp_path, name):
     data = target.read_bytes()
     target.write_bytes(data[:-7])  # the writer was killed mid-record
     assert diagnose_log(root).findings == []
+
+
+def test_ai_toolkit_db_damaged_or_locked_is_one_line_and_a_live_one_is_read(tmp_path, capsys):
+    """loss_log.db is read read-only while ai-toolkit writes it (WAL); a truncated file and a
+    database an exclusive writer holds are one-line errors naming it."""
+    import sqlite3
+
+    job = ai_toolkit(tmp_path / "live", make_run("healthy"))
+    db = job / "loss_log.db"
+    writer = sqlite3.connect(db, isolation_level=None)  # the trainer, still running
+    writer.execute("BEGIN")
+    writer.execute("INSERT INTO steps VALUES (9999, 0)")
+    assert diagnose_log(job).findings == []  # what was committed, read beside the writer
+    writer.execute("ROLLBACK")
+    writer.execute("PRAGMA locking_mode=EXCLUSIVE")
+    writer.execute("BEGIN EXCLUSIVE")
+    assert main(["diagnose", str(db)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(db) in err[0] and "ai-toolkit" in err[0]
+    writer.close()
+    truncated = tmp_path / "loss_log.db"
+    truncated.write_bytes(db.read_bytes()[:3000])
+    assert main(["diagnose", str(truncated)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(truncated) in err[0]
+
+
+def test_a_simpletuner_jsonl_torn_mid_line_is_read_up_to_it(tmp_path):
+    out = simpletuner_local(tmp_path, make_run("healthy"))
+    path = out / "training_metrics.jsonl"
+    path.write_bytes(path.read_bytes()[:-9])
+    log = read_log(out)
+    assert log.trainer.name == "simpletuner" and len(log.series[vm.LOSS]) == STEPS - 1
+    assert log.config["model_family"] == "sdxl"

@@ -4,7 +4,8 @@ Each reader returns a ``RawLog``: the records with the tags exactly as written, 
 hyperparameters the run saved beside them (flattened; {} when none), and which format it was.
 Which trainer wrote the tags, and what they mean, is ``ldmkit.vitals.logs.trainers``' business.
 
-Formats: ldmkit's ``metrics.jsonl``; CSV, long (``step,tag,value``) or wide (a step column and
+Formats: ldmkit's ``metrics.jsonl``; CSV, long (``step,tag,value``, the name column also called
+``key``, ``metric`` or ``name``) or wide (a step column and
 one column per metric: k-diffusion's ``*_metrics.csv``, W&B's panel export); TensorBoard event
 files (accelerate's tracker writes the run's ``hparams.yml`` beside them); an MLflow file store
 (``mlruns/<experiment>/<run>/metrics/<key>``, lines ``timestamp value step``). Weights & Biases
@@ -139,8 +140,9 @@ def read_csv(path: Path) -> RawLog:
     if not rows:
         raise UnreadableLog(f"CSV '{path}' is empty")
     header = [c.strip() for c in rows[0]]
-    if {"step", "tag", "value"} <= set(header):
-        return RawLog(_long_rows(path, header, rows[1:]), "csv", str(path))
+    names = next((n for n in LONG_TAG_COLUMNS if {"step", n, "value"} <= set(header)), None)
+    if names is not None:
+        return RawLog(_long_rows(path, header, rows[1:], names), "csv", str(path))
     steps = [i for i, c in enumerate(header) if c.lower() in ("step", "_step", "global_step")]
     if not steps:
         raise UnreadableLog(f"CSV '{path}' has columns {header[:6]}; it needs step,tag,value or "
@@ -162,8 +164,14 @@ def read_csv(path: Path) -> RawLog:
     return RawLog(records, "csv-wide", str(path))
 
 
-def _long_rows(path: Path, header: list[str], rows: list[list[str]]) -> list[Record]:
-    index = {name: header.index(name) for name in ("step", "tag", "value")}
+# long format: a step, a name and a value per row; DiffSynth-Studio's loss.csv names it "key"
+LONG_TAG_COLUMNS = ("tag", "key", "metric", "name")
+
+
+def _long_rows(path: Path, header: list[str], rows: list[list[str]], names: str
+               ) -> list[Record]:
+    index = {"step": header.index("step"), "tag": header.index(names),
+             "value": header.index("value")}
     records = []
     for number, row in enumerate(rows, 2):
         if not any(cell.strip() for cell in row):

@@ -1,8 +1,9 @@
 """Read logged metrics from any trainer into series ``{tag: [(step, value), ...]}`` of our tags.
 
 Accepted: an ldmkit run directory (its ``metrics.jsonl``; ``ldmkit.run.context`` adds its config),
-JSONL, CSV, TensorBoard, an MLflow file store (``ldmkit.vitals.logs.formats``) and a W&B run
-(``ldmkit.vitals.logs.wandb_files``). The
+JSONL, CSV, TensorBoard, an MLflow file store (``ldmkit.vitals.logs.formats``), a W&B run
+(``ldmkit.vitals.logs.wandb_files``), ai-toolkit's ``loss_log.db`` and SimpleTuner's
+``training_metrics.jsonl`` (``ldmkit.vitals.logs.trainer_files``). The
 trainer that wrote it is recognised from its tags and its names mapped onto ours
 (``ldmkit.vitals.logs.trainers``); the log keeps, for each of our tags, the names it was read from.
 """
@@ -29,6 +30,13 @@ from ldmkit.vitals.logs.formats import (
     read_tensorboard,
 )
 from ldmkit.vitals.logs.metrics_jsonl import METRICS_FILE, read_ldmkit_jsonl
+from ldmkit.vitals.logs.trainer_files import (
+    AITK_DB,
+    SIMPLETUNER_JSONL,
+    is_simpletuner_line,
+    read_aitk,
+    read_simpletuner,
+)
 from ldmkit.vitals.logs.trainers import LDMKIT, Trainer, detect, map_tags
 
 __all__ = ["LoadedLog", "UnreadableLog", "read_log"]
@@ -62,6 +70,8 @@ def _first_line(path: Path) -> str:
 
 DIRECTORY_READERS: tuple[tuple[Callable[[Path], bool], Callable[[Path], RawLog]], ...] = (
     (lambda p: (p / METRICS_FILE).exists(), lambda p: read_ldmkit_jsonl(p / METRICS_FILE)),
+    (lambda p: (p / AITK_DB).exists(), lambda p: read_aitk(p / AITK_DB)),
+    (lambda p: (p / SIMPLETUNER_JSONL).exists(), lambda p: read_simpletuner(p / SIMPLETUNER_JSONL)),
     (wandb_files.is_wandb, wandb_files.read_dir),
     (is_mlflow, read_mlflow),
     (lambda p: bool(event_files(p)), lambda p: read_tensorboard(event_files(p), p)),
@@ -90,20 +100,26 @@ def _read_any(path: Path) -> RawLog:
         for accepts, read in DIRECTORY_READERS:
             if accepts(path):
                 return read(path)
-        raise UnreadableLog(f"'{path}' holds no metrics.jsonl, TensorBoard event files, W&B run "
-                            "or MLflow run")
+        raise UnreadableLog(f"'{path}' holds no metrics.jsonl, {AITK_DB}, {SIMPLETUNER_JSONL}, "
+                            "TensorBoard event files, W&B run or MLflow run")
     if path.suffix == ".wandb":
         return wandb_files.read_transaction_log(path)
+    if path.suffix == ".db":
+        return read_aitk(path)
     if path.suffix == ".jsonl":
-        if path.name == "wandb-history.jsonl" or '"_step"' in _first_line(path):
+        first = _first_line(path)
+        if path.name == "wandb-history.jsonl" or '"_step"' in first:
             return wandb_files.read_history(path)
+        if path.name == SIMPLETUNER_JSONL or is_simpletuner_line(first):
+            return read_simpletuner(path)
         return read_ldmkit_jsonl(path)
     if path.suffix == ".csv":
         return read_csv(path)
     if "tfevents" in path.name:
         return read_tensorboard([path])
-    raise UnreadableLog(f"'{path}': unknown format; expected .jsonl, .csv, a TensorBoard "
-                        "events.out.tfevents.* file, a W&B run or an MLflow mlruns/ folder")
+    raise UnreadableLog(f"'{path}': unknown format; expected .jsonl, .csv, ai-toolkit's "
+                        f"{AITK_DB}, a TensorBoard events.out.tfevents.* file, a W&B run or an "
+                        "MLflow mlruns/ folder")
 
 
 def read_log(path: str | Path, latent_scale_factor: float | None = None,

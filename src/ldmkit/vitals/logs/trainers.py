@@ -58,6 +58,7 @@ FLAGS = (("train.warmup_steps", "--lr_warmup_steps"), ("warmup_steps", "--lr_war
          ("diffusion.latent_scale_factor", "the VAE's scaling_factor"),
          ("train.lr", "--learning_rate"), ("grad_clip", "--max_grad_norm"))
 KOHYA = "kohya-ss/sd-scripts "
+AITK = "ostris/ai-toolkit "
 DIFFUSERS = "huggingface/diffusers examples/"
 ACCELERATE_HOOK = """\
 from ldmkit.integrations.accelerate import AccelerateVitals
@@ -121,6 +122,16 @@ vitals.observe_train_step(train_progress.global_step, loss, predicted_latent_noi
                        "(clip_grad_norm_'s pre-clipping norm)"),
             ), "finetune", ACCELERATE_HOOK.format(scale="vae.config.scaling_factor",
                                                   pred="model_pred"), settings=FLAGS),
+    Trainer("ai-toolkit", "ai-toolkit (its loss_log.db)", _sig(("loss/loss",)), (
+        TagMap("loss/loss", vm.LOSS, "step", AITK + "jobs/process/BaseSDTrainProcess.py "
+               "(self.logger.log({f'loss/{key}': value}) for loss_dict, then commit(step))"),
+        TagMap("learning_rate", vm.LEARNING_RATE, "step", AITK + "jobs/process/"
+               "BaseSDTrainProcess.py (self.logger.log({'learning_rate': ...}))"),
+    ), "finetune", ACCELERATE_HOOK.format(scale="self.sd.vae.config.scaling_factor",
+                                          pred="noise_pred")
+        + "\n# extensions_built_in/sd_trainer/SDTrainer.py: in train_single_accumulation, with "
+          "self.accelerator and self.sd.noise_scheduler (a flow model: pass sigmas=)",
+        settings=WORDS),
     Trainer("k-diffusion", "k-diffusion (W&B)", _sig(("loss", "lr", "epoch", "ema_decay")), (
         TagMap("loss", vm.LOSS, "step", "crowsonkb/k-diffusion train.py (wandb.log: the "
                "gathered loss of the step)"),
