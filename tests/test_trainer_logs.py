@@ -449,3 +449,42 @@ def test_a_simpletuner_jsonl_torn_mid_line_is_read_up_to_it(tmp_path):
     log = read_log(out)
     assert log.trainer.name == "simpletuner" and len(log.series[vm.LOSS]) == STEPS - 1
     assert log.config["model_family"] == "sdxl"
+
+
+def test_the_folder_a_trainer_wrote_into_is_searched_and_the_newest_log_read(tmp_path, capsys):
+    """Users pass the project folder: the one holding wandb/ and mlruns/, k-diffusion's output
+    folder with NAME_metrics.csv, ai-toolkit's output/<job>/loss_log.db. The newest log is read
+    and the diagnosis says which, and what else it found."""
+    project = tmp_path / "project"
+    project.mkdir()
+    wandb_history(project, make_run("healthy"))
+    os.utime(next((project / "wandb").rglob("wandb-history.jsonl")), (1.7e9, 1.7e9))
+    ai_toolkit(project, make_run("stuck"))  # project/output/my_flux_lora/loss_log.db
+    diagnosis = diagnose_log(project)
+    assert diagnosis.trainer == "ai-toolkit (its loss_log.db)"
+    assert [f.code for f in diagnosis.findings] == ["loss_stuck_high"]
+    assert diagnosis.notes[0].startswith(f"'{project}' holds 2 logs: read the newest, "
+                                         f"'{project / 'output' / 'my_flux_lora'}'")
+    assert f"also found '{project / 'wandb'}'" in diagnosis.notes[0]
+    kdiff = tmp_path / "kdiff"
+    kdiff.mkdir()
+    k_diffusion_csv(kdiff, make_run("healthy"))
+    assert diagnose_log(kdiff).trainer == "k-diffusion (its *_metrics.csv)"
+    assert main(["diagnose", str(tmp_path / "kdiff" / "..")]) in (0, 1)
+    assert "holds 2 logs: read the newest" in capsys.readouterr().out
+
+
+def test_onetrainer_tags_from_before_2024_09_are_read(tmp_path):
+    """OneTrainer's older runs log loss/loss and loss/smooth loss: the step loss is judged, the
+    EMA kept apart (not ai-toolkit's loss/loss, which comes with learning_rate)."""
+    directory = tmp_path / "workspace" / "tensorboard"
+    run = make_run("stuck")
+    with SummaryWriter(str(directory)) as writer:
+        for i, loss in enumerate(run.loss):
+            writer.add_scalar("loss/loss", loss, i + 1)
+            writer.add_scalar("loss/smooth loss", loss, i + 1)
+            writer.add_scalar("lr/unet", run.lr[i], i + 1)
+    diagnosis = diagnose_log(directory)
+    assert diagnosis.trainer == "OneTrainer"
+    assert [f.code for f in diagnosis.findings] == ["loss_stuck_high"]
+    assert diagnosis.read_from[vm.LOSS_SMOOTHED] == ["loss/smooth loss"]

@@ -11,6 +11,7 @@ trainer that wrote it is recognised from its tags and its names mapped onto ours
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,47 @@ DIRECTORY_READERS: tuple[tuple[Callable[[Path], bool], Callable[[Path], RawLog]]
 )
 
 
+SEARCH_DEPTH = 3  # a project folder holding wandb/, mlruns/0/<run>, output/<job>/loss_log.db
+
+
+def _reads_itself(path: Path) -> bool:
+    """A folder a directory reader takes as it is (TensorBoard: event files right in it)."""
+    return any(accepts(path) for accepts, _ in DIRECTORY_READERS[:-1]) or any(
+        "tfevents" in p.name and p.is_file() and not p.is_symlink() for p in path.iterdir())
+
+
+def _last_written(path: Path, limit: int = 2000) -> float:
+    """When a log was last written: its newest file's time (a folder's own time changes only
+    when a file is added)."""
+    if not path.is_dir():
+        return path.stat().st_mtime
+    times = [path.stat().st_mtime]
+    for count, file in enumerate(p for p in path.rglob("*") if p.is_file() and not p.is_symlink()):
+        if count >= limit:
+            break
+        times.append(file.stat().st_mtime)
+    return max(times)
+
+
+def find_logs(root: Path, depth: int = SEARCH_DEPTH) -> list[Path]:
+    """The logs below ``root`` where users point (the project folder a trainer wrote into):
+    folders a directory reader reads and k-diffusion's ``*_metrics.csv``, at most ``depth``
+    levels down, links and hidden folders never entered; newest first."""
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        here = Path(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        if here != root and _reads_itself(here):
+            found.append(here)
+            dirnames[:] = []
+            continue
+        found += [here / f for f in sorted(filenames) if f.endswith("_metrics.csv")
+                  and not (here / f).is_symlink()]
+        if len(here.relative_to(root).parts) + 1 >= depth:
+            dirnames[:] = []
+    return sorted(found, key=_last_written, reverse=True)
+
+
 def read_raw(path: Path) -> RawLog:
     """The records of ``path``, whichever format it is; UnreadableLog with a one-line reason.
 
@@ -100,8 +142,17 @@ def _read_any(path: Path) -> RawLog:
         for accepts, read in DIRECTORY_READERS:
             if accepts(path):
                 return read(path)
-        raise UnreadableLog(f"'{path}' holds no metrics.jsonl, {AITK_DB}, {SIMPLETUNER_JSONL}, "
-                            "TensorBoard event files, W&B run or MLflow run")
+        logs = find_logs(path)
+        if not logs:
+            raise UnreadableLog(f"'{path}' holds no metrics.jsonl, {AITK_DB}, "
+                                f"{SIMPLETUNER_JSONL}, TensorBoard event files, W&B run or "
+                                f"MLflow run (searched {SEARCH_DEPTH} levels down)")
+        raw = _read_any(logs[0])
+        others = ", ".join(f"'{log}'" for log in logs[1:])
+        raw.notes.insert(0, f"'{path}' holds {len(logs)} log{'s' * (len(logs) > 1)}: read the "
+                            f"newest, '{logs[0]}'" + (f"; also found {others[:400]}"
+                                                      if others else ""))
+        return raw
     if path.suffix == ".wandb":
         return wandb_files.read_transaction_log(path)
     if path.suffix == ".db":

@@ -94,11 +94,15 @@ TRAINERS: tuple[Trainer, ...] = (
             ACCELERATE_HOOK.format(scale="self.vae_scale_factor", pred="noise_pred")
             + "\n# train_network.py: in process_batch, after get_noise_pred_and_target",
             settings=FLAGS),
-    Trainer("onetrainer", "OneTrainer", _sig(("loss/train_step",)), (
+    Trainer("onetrainer", "OneTrainer", _sig(("loss/train_step",), ("loss/smooth loss",)), (
         TagMap("loss/train_step", vm.LOSS, "step", "Nerogar/OneTrainer "
                "modules/trainer/GenericTrainer.py (accumulated loss per update step)"),
         TagMap("smooth_loss/train_step", vm.LOSS_SMOOTHED, "smoothed", "Nerogar/OneTrainer "
                "modules/trainer/GenericTrainer.py (EMA of the loss, decay 0.99)"),
+        TagMap("loss/loss", vm.LOSS, "step", "Nerogar/OneTrainer "
+               "modules/trainer/GenericTrainer.py before 2024-09 (the step's loss)"),
+        TagMap("loss/smooth loss", vm.LOSS_SMOOTHED, "smoothed", "Nerogar/OneTrainer "
+               "modules/trainer/GenericTrainer.py before 2024-09 (its EMA)"),
         TagMap("lr/*", LR_GROUP, "step", "Nerogar/OneTrainer "
                "modules/modelSetup/BaseModelSetup.py report_to_tensorboard"),
     ), "finetune", """\
@@ -122,7 +126,7 @@ vitals.observe_train_step(train_progress.global_step, loss, predicted_latent_noi
                        "(clip_grad_norm_'s pre-clipping norm)"),
             ), "finetune", ACCELERATE_HOOK.format(scale="vae.config.scaling_factor",
                                                   pred="model_pred"), settings=FLAGS),
-    Trainer("ai-toolkit", "ai-toolkit (its loss_log.db)", _sig(("loss/loss",)), (
+    Trainer("ai-toolkit", "ai-toolkit (its loss_log.db)", _sig(("loss/loss", "learning_rate")), (
         TagMap("loss/loss", vm.LOSS, "step", AITK + "jobs/process/BaseSDTrainProcess.py "
                "(self.logger.log({f'loss/{key}': value}) for loss_dict, then commit(step))"),
         TagMap("learning_rate", vm.LEARNING_RATE, "step", AITK + "jobs/process/"
