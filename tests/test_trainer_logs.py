@@ -254,20 +254,57 @@ def diffsynth_csv(tmp: Path, run: Run) -> Path:
     return path
 
 
+def diffusion_pipe(tmp: Path, run: Run) -> Path:
+    """diffusion-pipe's TensorBoard writer (train.py): train/loss and train/grad_norm every
+    logging step, train/epoch_loss on the epoch axis, and an eval at 9 timestep quantiles."""
+    directory = tmp / "output" / "20261125_12-00-00"
+    epoch_loss = []
+    with SummaryWriter(str(directory)) as writer:
+        for i, (loss, g) in enumerate(zip(run.loss, run.grad, strict=True)):
+            writer.add_scalar("train/loss", loss, i + 1)
+            writer.add_scalar("train/grad_norm", g, i + 1)
+            epoch_loss.append(loss)
+            if (i + 1) % 200 == 0:
+                writer.add_scalar("train/epoch_loss", sum(epoch_loss) / 200, (i + 1) // 200)
+                for q in (0.1, 0.5, 0.9):
+                    writer.add_scalar(f"eval/loss_quantile_{q:.2f}", 0.5, i + 1)
+                writer.add_scalar("eval/loss", 0.5, i + 1)
+                writer.add_scalar("eval/eval_time_sec", 3.0, i + 1)
+                epoch_loss = []
+    return directory
+
+
+def open_sora(tmp: Path, run: Run) -> Path:
+    """Open-Sora's wandb.log (scripts/diffusion/train.py): loss, avg_loss, lr and
+    global_grad_norm at each logged update step, here in an older SDK's history file."""
+    files = tmp / "wandb" / "run-20261125_120000-sora01" / "files"
+    files.mkdir(parents=True)
+    running = []
+    with (files / "wandb-history.jsonl").open("w") as fh:
+        for i, (loss, lr, g) in enumerate(zip(run.loss, run.lr, run.grad, strict=True)):
+            running.append(loss)
+            fh.write(json.dumps({"iter": i, "epoch": 0, "loss": loss,
+                                 "avg_loss": sum(running[-10:]) / len(running[-10:]), "lr": lr,
+                                 "global_grad_norm": g, "_step": i + 1}) + "\n")
+    return tmp / "wandb"
+
+
 WRITERS = {"kohya": kohya, "diffusers-lora": diffusers_lora,
            "diffusers-unconditional": diffusers_unconditional, "simpletuner": simpletuner,
            "onetrainer": onetrainer, "k-diffusion-wandb": wandb_history,
            "k-diffusion-wandb-offline": wandb_offline,
            "k-diffusion-csv": k_diffusion_csv, "wandb-csv": wandb_csv, "mlflow": mlflow_store,
            "ai-toolkit": ai_toolkit, "simpletuner-local": simpletuner_local,
-           "diffsynth-csv": diffsynth_csv}
+           "diffsynth-csv": diffsynth_csv, "diffusion-pipe": diffusion_pipe,
+           "open-sora": open_sora}
 TRAINER_LABELS = {"kohya": "kohya-ss sd-scripts", "onetrainer": "OneTrainer",
                   "simpletuner": "SimpleTuner", "k-diffusion-wandb": "k-diffusion (W&B)",
                   "k-diffusion-wandb-offline": "k-diffusion (W&B)",
                   "k-diffusion-csv": "k-diffusion (its *_metrics.csv)",
                   "diffusers-unconditional": "diffusers train_unconditional.py",
-                  "ai-toolkit": "ai-toolkit (its loss_log.db)", "simpletuner-local": "SimpleTuner"}
-GRAD_LOGGED = {"simpletuner", "mlflow", "simpletuner-local"}
+                  "ai-toolkit": "ai-toolkit (its loss_log.db)", "simpletuner-local": "SimpleTuner",
+                  "diffusion-pipe": "diffusion-pipe", "open-sora": "Open-Sora"}
+GRAD_LOGGED = {"simpletuner", "mlflow", "simpletuner-local", "diffusion-pipe", "open-sora"}
 
 
 def codes(path: Path, **kwargs) -> set[str]:

@@ -59,6 +59,8 @@ FLAGS = (("train.warmup_steps", "--lr_warmup_steps"), ("warmup_steps", "--lr_war
          ("train.lr", "--learning_rate"), ("grad_clip", "--max_grad_norm"))
 KOHYA = "kohya-ss/sd-scripts "
 AITK = "ostris/ai-toolkit "
+PIPE = "tdrussell/diffusion-pipe train.py "
+SORA = "hpcaitech/Open-Sora scripts/diffusion/train.py "
 DIFFUSERS = "huggingface/diffusers examples/"
 ACCELERATE_HOOK = """\
 from ldmkit.integrations.accelerate import AccelerateVitals
@@ -72,6 +74,13 @@ from ldmkit.vitals.observer import VitalsMonitor
 vitals = VitalsMonitor(f"{args.name}_vitals")
 # train.py, after losses = model.loss(reals, noise, sigma, ...), with the denoiser's eps_pred
 vitals.observe_train_step(step, losses.mean(), eps_pred, noise, t, reals)"""
+
+FLOW_HOOK = """\
+from ldmkit.vitals.observer import VitalsMonitor
+vitals = VitalsMonitor({directory})
+# {where}; a flow model predicts v = eps - x_0, so eps = x_t + (1 - t) v
+eps_pred = x_t + (1 - t).reshape(-1, *[1] * (v_pred.dim() - 1)) * v_pred
+vitals.observe_train_step(step, loss, eps_pred, noise, t, latents)"""
 
 TRAINERS: tuple[Trainer, ...] = (
     Trainer("kohya", "kohya-ss sd-scripts",
@@ -136,6 +145,25 @@ vitals.observe_train_step(train_progress.global_step, loss, predicted_latent_noi
         + "\n# extensions_built_in/sd_trainer/SDTrainer.py: in train_single_accumulation, with "
           "self.accelerator and self.sd.noise_scheduler (a flow model: pass sigmas=)",
         settings=WORDS),
+    Trainer("diffusion-pipe", "diffusion-pipe",
+            _sig(("train/epoch_loss",), ("train/loss", "eval/eval_time_sec")), (
+                TagMap("train/loss", vm.LOSS, "step", PIPE + "(every logging_steps; the x axis "
+                       "is examples seen when x_axis_examples is set)"),
+                TagMap("train/grad_norm", vm.GRAD_NORM, "step", PIPE + "(optimizer._grad_norm)"),
+                TagMap("train/epoch_loss", vm.LOSS_EPOCH, "epoch", PIPE + "(the epoch as the "
+                       "step)"),
+            ), "finetune", FLOW_HOOK.format(directory="run_dir + '/vitals'",
+                                            where="train.py, after the step's loss on rank 0 "
+                                                  "(models/*.py give x_t, t and the output)"),
+            settings=WORDS),
+    Trainer("open-sora", "Open-Sora", _sig(("global_grad_norm",)), (
+        TagMap("loss", vm.LOSS, "step", SORA + "(TensorBoard and W&B: the update step's loss)"),
+        TagMap("avg_loss", vm.LOSS_SMOOTHED, "smoothed", SORA + "(running_loss / log_step)"),
+        TagMap("lr", vm.LEARNING_RATE, "step", SORA + "(param_groups[0]['lr'])"),
+        TagMap("global_grad_norm", vm.GRAD_NORM, "step", SORA + "(optimizer.get_grad_norm())"),
+    ), None, FLOW_HOOK.format(directory="cfg.outputs + '/vitals'",
+                              where="scripts/diffusion/train.py, where the step's loss is "
+                                    "computed"), settings=WORDS),
     Trainer("k-diffusion", "k-diffusion (W&B)", _sig(("loss", "lr", "epoch", "ema_decay")), (
         TagMap("loss", vm.LOSS, "step", "crowsonkb/k-diffusion train.py (wandb.log: the "
                "gathered loss of the step)"),
