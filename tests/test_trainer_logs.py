@@ -525,3 +525,30 @@ def test_onetrainer_tags_from_before_2024_09_are_read(tmp_path):
     assert diagnosis.trainer == "OneTrainer"
     assert [f.code for f in diagnosis.findings] == ["loss_stuck_high"]
     assert diagnosis.read_from[vm.LOSS_SMOOTHED] == ["loss/smooth loss"]
+
+
+def test_a_nan_in_an_fp16_run_is_blamed_on_fp16_first(tmp_path):
+    """The most reported NaN in these trainers comes from fp16's range: where the run's config
+    says fp16, the fix says bf16 before a lower learning rate; in bf16 it does not."""
+    run = make_run("diverging")
+    rows = [(i + 1, {"loss/current": v, "lr/unet": lr})
+            for i, (v, lr) in enumerate(zip(run.loss, run.lr, strict=True))]
+    fp16 = accelerate_log(tmp_path / "fp16", "network_train",
+                          {"mixed_precision": "fp16", "learning_rate": LR}, rows)
+    fix = {f.code: f.fix for f in diagnose_log(fp16).findings}["loss_nonfinite"]
+    assert fix.startswith("the run computes in fp16 (mixed_precision = fp16)")
+    assert "train in bf16 first" in fix and "--learning_rate" in fix
+    bf16 = accelerate_log(tmp_path / "bf16", "network_train",
+                          {"mixed_precision": "bf16", "learning_rate": LR}, rows)
+    assert "fp16" not in {f.code: f.fix for f in diagnose_log(bf16).findings}["loss_nonfinite"]
+
+
+def test_sd_scripts_nan_key_norm_without_ggpo_is_no_divergence(tmp_path):
+    """sd-scripts logs norm/avg_key_norm as NaN when its GGPO option is off (kohya-ss/
+    sd-scripts #2063): a healthy run with that NaN raises nothing."""
+    run = make_run("healthy")
+    rows = [(i + 1, {"loss/current": v, "lr/unet": lr, "norm/avg_key_norm": float("nan")})
+            for i, (v, lr) in enumerate(zip(run.loss, run.lr, strict=True))]
+    diagnosis = diagnose_log(accelerate_log(tmp_path, "network_train",
+                                            {"learning_rate": LR}, rows))
+    assert diagnosis.findings == [] and diagnosis.trainer == "kohya-ss sd-scripts"

@@ -18,6 +18,7 @@ from ldmkit.vitals.diagnose import Context, Finding, coverage, scenario
 from ldmkit.vitals.logs.readers import LoadedLog, read_log
 from ldmkit.vitals.logs.trainers import (
     LDMKIT,
+    fp16_setting,
     in_trainer_terms,
     infer_regime,
     kind_of,
@@ -130,12 +131,26 @@ def missing_vitals(log: LoadedLog) -> list[Missing]:
     return result
 
 
+NONFINITE = ("loss_nonfinite", "grad_norm_nonfinite")
+
+
+def _fix_for(finding: Finding, log: LoadedLog) -> str:
+    """The fix in the trainer's own terms; a run diverged to NaN while computing in fp16 is
+    told to leave fp16 first (its overflow, not the learning rate, is the likely cause)."""
+    fix = in_trainer_terms(finding.fix, log.trainer)
+    setting = fp16_setting(log.config) if finding.code in NONFINITE else None
+    if setting is None:
+        return fix
+    return (f"the run computes in fp16 ({setting}), whose range (at most 65504) an activation "
+            "or gradient overflows: train in bf16 first (fp32 for a module that still "
+            f"overflows); if it still diverges, {fix}")
+
+
 def diagnose_loaded(log: LoadedLog, ctx: Context, objective: str | None = None,
                     mode: str | None = None) -> Diagnosis:
     """The rules replayed over a log already read (``read_log``) under ``ctx``."""
     ctx, reason = foreign_context(log, ctx, objective, mode)
-    findings = [dataclasses.replace(f, fix=in_trainer_terms(f.fix, log.trainer))
-                for f in replay(log.series, ctx)]
+    findings = [dataclasses.replace(f, fix=_fix_for(f, log)) for f in replay(log.series, ctx)]
     name = scenario(findings, log.series, ctx)
     missing = missing_vitals(log)
     return Diagnosis(log.source, name, coverage(name, log.series), findings,

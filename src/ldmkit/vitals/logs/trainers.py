@@ -339,3 +339,20 @@ def min_snr_gamma_of(config: dict[str, Any]) -> float | None:
         if math.isfinite(gamma) and gamma > 0:
             return gamma
     return None
+
+
+# config keys that say a run computes in fp16: accelerate's (diffusers, kohya, musubi,
+# SimpleTuner) mixed_precision, OneTrainer's train_dtype, ai-toolkit's train.dtype
+FP16_KEYS = ("mixed_precision", "train_dtype", "dtype", "train.dtype", "train/dtype")
+FP16_VALUES = ("fp16", "float16", "float_16", "half", "torch.float16")
+
+
+def fp16_setting(config: dict[str, Any]) -> str | None:
+    """``KEY = VALUE`` of the setting that makes a foreign run compute in fp16, or None. fp16's
+    range (max 65504) is the most reported cause of a NaN loss in these trainers (Flux and SD3.5
+    in fp16; kohya-ss/sd-scripts #2137, #2313, #1571, #2104; kohya-ss/musubi-tuner #394)."""
+    for key in FP16_KEYS:
+        value = config.get(key)
+        if isinstance(value, str) and value.strip().lower() in FP16_VALUES:
+            return f"{key} = {value.strip()}"
+    return None
