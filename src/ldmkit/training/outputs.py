@@ -49,7 +49,6 @@ def sample_and_log(cfg: Config, step: int, ema: EMA, ae: Autoencoder, scale: flo
     return grid, vitals
 
 
-
 @dataclass
 class StepOutputs:
     """What some steps make besides an update: samples (``train.sample_every``) and the
