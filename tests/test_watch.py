@@ -43,4 +43,43 @@ def test_once_shows_the_vitals_and_the_open_finding(tmp_path):
 def test_sparkline_and_missing_directory(tmp_path, capsys):
     assert sparkline([0.0, 1.0, float("nan"), 0.5]) == "▁█▄"
     assert main(["watch", str(tmp_path / "nope"), "--once"]) == 2
-    assert "not a directory" in capsys.readouterr().err
+    assert "does not exist; pass a run directory or another trainer's log" in \
+        capsys.readouterr().err
+
+
+def test_other_trainers_logs_are_followed_as_they_are_written(tmp_path):
+    """ai-toolkit's loss_log.db and SimpleTuner's training_metrics.jsonl, written to while
+    watched: each refresh after a write shows the new steps, with that trainer's tags mapped,
+    and the rules judge them as diagnose would (a stuck loss)."""
+    import os
+    import sqlite3
+
+    from test_trainer_logs import ai_toolkit, make_run, simpletuner_local
+
+    from ldmkit.report.watch import LogFollower
+
+    job = ai_toolkit(tmp_path / "aitk", make_run("stuck"))
+    follower = LogFollower(job)
+    assert follower.poll() == 1 and follower.poll() == 0  # unchanged: not read again
+    assert follower.series[vm.LOSS][-1][0] == 599
+    con = sqlite3.connect(job / "loss_log.db", isolation_level=None)
+    con.execute("INSERT INTO steps VALUES (600, 0)")
+    con.execute("INSERT INTO metrics VALUES (600, 'loss/loss', 1.01, NULL)")
+    con.close()
+    for file in job.iterdir():
+        os.utime(file, (2e9, 2e9))
+    assert follower.poll() == 1 and follower.series[vm.LOSS][-1] == (600, 1.01)
+    console = Console(record=True, width=200)
+    watch(job, once=True, console=console)
+    assert "loss_stuck_high" in console.export_text()
+
+    out = simpletuner_local(tmp_path / "st", make_run("healthy"))
+    jsonl = out / "training_metrics.jsonl"
+    follower = LogFollower(jsonl)
+    follower.poll()
+    with jsonl.open("a") as fh:
+        fh.write(json.dumps({"metrics": {"train_loss": 0.3}, "schema_version": 1,
+                             "step": 601, "timestamp": "t"}, separators=(",", ":"),
+                            sort_keys=True) + "\n")
+    os.utime(jsonl, (2e9, 2e9))
+    assert follower.poll() == 1 and follower.series[vm.LOSS][-1] == (601, 0.3)

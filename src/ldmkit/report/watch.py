@@ -2,7 +2,10 @@
 
 Follows ``metrics.jsonl`` as it grows (complete lines only, so a line being written is read on
 the next refresh) and re-evaluates the guide's rules on each refresh, so what it shows is what
-``ldmkit diagnose`` would say at that moment. Works on any directory a ``VitalsMonitor`` writes.
+``ldmkit diagnose`` would say at that moment. Works on any directory a ``VitalsMonitor`` writes,
+and on any other trainer's log ``ldmkit diagnose`` reads (kohya's or OneTrainer's TensorBoard,
+ai-toolkit's ``loss_log.db``, SimpleTuner's ``training_metrics.jsonl``, W&B, MLflow): that log is
+read again whenever it was written since the last refresh.
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ from rich.text import Text
 from ldmkit.errors import LdmkitError
 from ldmkit.report.html import shown_tags
 from ldmkit.report.svg import heat_color
-from ldmkit.run.context import run_context
-from ldmkit.run.layout import RunDir
+from ldmkit.run.context import read_run, run_context
+from ldmkit.run.layout import RunDir, is_run
 from ldmkit.vitals import metrics as vm
 from ldmkit.vitals.diagnose import Context, Series, coverage, evaluate, scenario
 from ldmkit.vitals.logs.metrics_jsonl import metrics_reader
+from ldmkit.vitals.logs.readers import last_written
 from ldmkit.vitals.monitor import TAIL
+from ldmkit.vitals.offline import foreign_context
 from ldmkit.vitals.signs import band_status, bands
 
 SPARK = "▁▂▃▄▅▆▇█"
@@ -34,9 +39,10 @@ STYLE = {"good": "green", "bad": "bold red", "off": "white", None: "white"}
 class MetricsFollower:
     """The records appended to a ``metrics.jsonl`` since the last call, as series."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, ctx: Context | None = None):
         self.path, self.reader = path, metrics_reader(path)
         self.series: Series = {}
+        self.ctx = ctx or Context()  # the run's, from its config
 
     def poll(self) -> int:
         """Add new complete records to ``series``; returns how many were read."""
@@ -76,6 +82,25 @@ def noise_level_rows(series: Series, width: int = 40) -> list[Text]:
     return out
 
 
+class LogFollower:
+    """Another trainer's log, read again (with its trainer's tags and regime, as ``diagnose``
+    reads it) whenever it was written since the last poll: TensorBoard, SQLite and the
+    trackers' files are not appended line by line as ``metrics.jsonl`` is."""
+
+    def __init__(self, path: Path):
+        self.path, self.series, self.stamp = path, {}, None
+        self.ctx = Context()
+
+    def poll(self) -> int:
+        """Read the log again if it changed; returns 1 when it did, else 0."""
+        stamp = last_written(self.path)
+        if stamp == self.stamp:
+            return 0
+        log, ctx = read_run(self.path, require_values=False)
+        self.series, self.ctx, self.stamp = log.series, foreign_context(log, ctx)[0], stamp
+        return 1
+
+
 def render(run_dir: Path, series: Series, ctx: Context) -> Group:
     logged = [v for _, v in series.get(vm.SCALE_FACTOR, []) if math.isfinite(v)]
     if logged:
@@ -105,19 +130,24 @@ def watch(run_dir: str | Path, interval: float = 2.0, once: bool = False,
           console: Console | None = None) -> None:
     """Refresh every ``interval`` seconds until Ctrl-C (or print one frame with ``once``)."""
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise LdmkitError(f"'{run_dir}' is not a directory; pass a run directory")
+    if not run_dir.exists():
+        raise LdmkitError(f"'{run_dir}' does not exist; pass a run directory or another "
+                          "trainer's log")
     console = console or Console()
-    follower, ctx = MetricsFollower(RunDir(run_dir).metrics), run_context(run_dir)
+    own = run_dir.is_dir() and (RunDir(run_dir).metrics.exists() or is_run(run_dir)
+                                or not any(run_dir.iterdir()))
+    follower = MetricsFollower(RunDir(run_dir).metrics, run_context(run_dir)) if own \
+        else LogFollower(run_dir)
     follower.poll()
     if once:
-        console.print(render(run_dir, follower.series, ctx))
+        console.print(render(run_dir, follower.series, follower.ctx))
         return
-    with Live(render(run_dir, follower.series, ctx), console=console, refresh_per_second=4) as live:
+    with Live(render(run_dir, follower.series, follower.ctx), console=console,
+              refresh_per_second=4) as live:
         try:
             while True:
                 time.sleep(interval)
                 if follower.poll():
-                    live.update(render(run_dir, follower.series, ctx))
+                    live.update(render(run_dir, follower.series, follower.ctx))
         except KeyboardInterrupt:
             pass

@@ -88,16 +88,21 @@ def _reads_itself(path: Path) -> bool:
         "tfevents" in p.name and p.is_file() and not p.is_symlink() for p in path.iterdir())
 
 
-def _last_written(path: Path, limit: int = 2000) -> float:
-    """When a log was last written: its newest file's time (a folder's own time changes only
-    when a file is added)."""
+def last_written(path: Path, limit: int = 2000) -> float:
+    """When a log was last written: its newest file's time. A folder's own time changes only
+    when a file is added, and a SQLite reader creates an empty ``-wal`` and writes the
+    ``-shm``, so none of those counts."""
     if not path.is_dir():
         return path.stat().st_mtime
-    times = [path.stat().st_mtime]
-    for count, file in enumerate(p for p in path.rglob("*") if p.is_file() and not p.is_symlink()):
+    times = [0.0]
+    files = (p for p in path.rglob("*") if p.is_file() and not p.is_symlink()
+             and not p.name.endswith("-shm"))
+    for count, file in enumerate(files):
         if count >= limit:
             break
-        times.append(file.stat().st_mtime)
+        stat = file.stat()
+        if stat.st_size or not file.name.endswith("-wal"):
+            times.append(stat.st_mtime)
     return max(times)
 
 
@@ -117,7 +122,7 @@ def find_logs(root: Path, depth: int = SEARCH_DEPTH) -> list[Path]:
                   and not (here / f).is_symlink()]
         if len(here.relative_to(root).parts) + 1 >= depth:
             dirnames[:] = []
-    return sorted(found, key=_last_written, reverse=True)
+    return sorted(found, key=last_written, reverse=True)
 
 
 def read_raw(path: Path) -> RawLog:
