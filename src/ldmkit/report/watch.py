@@ -28,6 +28,7 @@ from ldmkit.vitals import metrics as vm
 from ldmkit.vitals.diagnose import Context, Series, coverage, evaluate, scenario
 from ldmkit.vitals.logs.metrics_jsonl import metrics_reader
 from ldmkit.vitals.logs.readers import last_written
+from ldmkit.vitals.logs.trainers import LDMKIT, Trainer, in_trainer_terms
 from ldmkit.vitals.monitor import TAIL
 from ldmkit.vitals.offline import foreign_context
 from ldmkit.vitals.signs import band_status, bands
@@ -43,6 +44,7 @@ class MetricsFollower:
         self.path, self.reader = path, metrics_reader(path)
         self.series: Series = {}
         self.ctx = ctx or Context()  # the run's, from its config
+        self.trainer = LDMKIT
 
     def poll(self) -> int:
         """Add new complete records to ``series``; returns how many were read."""
@@ -89,7 +91,7 @@ class LogFollower:
 
     def __init__(self, path: Path):
         self.path, self.series, self.stamp = path, {}, None
-        self.ctx = Context()
+        self.ctx, self.trainer = Context(), LDMKIT
 
     def poll(self) -> int:
         """Read the log again if it changed; returns 1 when it did, else 0."""
@@ -98,10 +100,12 @@ class LogFollower:
             return 0
         log, ctx = read_run(self.path, require_values=False)
         self.series, self.ctx, self.stamp = log.series, foreign_context(log, ctx)[0], stamp
+        self.trainer = log.trainer
         return 1
 
 
-def render(run_dir: Path, series: Series, ctx: Context) -> Group:
+def render(run_dir: Path, series: Series, ctx: Context, trainer: Trainer = LDMKIT) -> Group:
+    """One frame; ``trainer``: whose log it is, so fixes name that trainer's settings."""
     logged = [v for _, v in series.get(vm.SCALE_FACTOR, []) if math.isfinite(v)]
     if logged:
         ctx.latent_scale_factor = logged[-1]
@@ -117,7 +121,8 @@ def render(run_dir: Path, series: Series, ctx: Context) -> Group:
         style = STYLE[band_status(value, bands(tag, ctx))]
         table.add_row(tag, str(last_step), Text(f"{value:.4g}", style=style),
                       sparkline([v for _, v in series[tag]]))
-    lines = [Text(f"{f.severity.upper()} {f.code} (step {f.step}): {f.message}. Fix: {f.fix}",
+    lines = [Text(f"{f.severity.upper()} {f.code} (step {f.step}): {f.message}. "
+                  f"Fix: {in_trainer_terms(f.fix, trainer)}",
                   style="bold red" if f.severity == "critical" else "yellow") for f in findings]
     if not series:
         lines = [Text(f"waiting for {RunDir(run_dir).metrics} ...", style="dim")]
@@ -140,14 +145,14 @@ def watch(run_dir: str | Path, interval: float = 2.0, once: bool = False,
         else LogFollower(run_dir)
     follower.poll()
     if once:
-        console.print(render(run_dir, follower.series, follower.ctx))
+        console.print(render(run_dir, follower.series, follower.ctx, follower.trainer))
         return
-    with Live(render(run_dir, follower.series, follower.ctx), console=console,
+    with Live(render(run_dir, follower.series, follower.ctx, follower.trainer), console=console,
               refresh_per_second=4) as live:
         try:
             while True:
                 time.sleep(interval)
                 if follower.poll():
-                    live.update(render(run_dir, follower.series, follower.ctx))
+                    live.update(render(run_dir, follower.series, follower.ctx, follower.trainer))
         except KeyboardInterrupt:
             pass
