@@ -24,7 +24,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ldmkit.config import DataConfig
 from ldmkit.errors import DataError
-from ldmkit.platform.files import read_file
+from ldmkit.platform.files import is_hidden, read_file
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 
@@ -152,12 +152,6 @@ def _load_image(path: Path, size: int, mode: str) -> np.ndarray:
         img = img.crop((left, top, left + size, top + size))
         array = np.asarray(img, dtype=np.uint8)
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
-
-
-def is_hidden(name: str) -> bool:
-    """Names that are never data: dot files and folders (``.ipynb_checkpoints``, ``.DS_Store``,
-    ``.git``) and the resource forks macOS puts into zip files (``__MACOSX``)."""
-    return name.startswith(".") or name == "__MACOSX"
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,13 @@ class LinkRefused(LdmkitError):
     """A symbolic link where ldmkit reads or writes a run's files."""
 
 
+def is_hidden(name: str) -> bool:
+    """Names that are never a user's data or logs: dot files and folders
+    (``.ipynb_checkpoints``, ``.DS_Store``, ``.git``) and the resource forks macOS puts into
+    zip files (``__MACOSX``)."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
 class NotRegular(LdmkitError):
     """A FIFO, socket or device where ldmkit expects a file."""
 
@@ -86,15 +93,20 @@ def check_regular(path: Path) -> None:
         raise _not_regular(path, mode)
 
 
-def open_regular(path: Path) -> IO[bytes]:
-    """``path`` opened for binary reading, or NotRegular: never blocks on a FIFO."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+def _regular_fd(fd: int, path: Path) -> int:
+    """``fd``, opened with ``O_NONBLOCK``, made blocking again once ``fstat`` shows a regular
+    file; closed and NotRegular otherwise."""
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
         os.close(fd)
         raise _not_regular(path, mode)
     os.set_blocking(fd, True)
-    return os.fdopen(fd, "rb")
+    return fd
+
+
+def open_regular(path: Path) -> IO[bytes]:
+    """``path`` opened for binary reading, or NotRegular: never blocks on a FIFO."""
+    return os.fdopen(_regular_fd(os.open(path, os.O_RDONLY | os.O_NONBLOCK), path), "rb")
 
 
 def read_file(path: Path) -> bytes:
@@ -322,12 +334,7 @@ def open_append(path: Path) -> AppendFile:
         if not stat.S_ISREG(mode):
             raise _not_regular(path, mode) from None
         raise exc
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        raise _not_regular(path, mode)
-    os.set_blocking(fd, True)
-    return AppendFile(os.fdopen(fd, "a", encoding="utf-8"), path)
+    return AppendFile(os.fdopen(_regular_fd(fd, path), "a", encoding="utf-8"), path)
 
 
 def read_regular(path: Path) -> bytes:

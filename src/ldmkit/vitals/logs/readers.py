@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ldmkit.platform.files import open_regular
+from ldmkit.platform.files import is_hidden, open_regular
 from ldmkit.vitals import metrics as vm
 from ldmkit.vitals.diagnose import Series
 from ldmkit.vitals.logs import wandb_files
@@ -113,7 +113,7 @@ def find_logs(root: Path, depth: int = SEARCH_DEPTH) -> list[Path]:
     found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         here = Path(dirpath)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
         if here != root and _reads_itself(here):
             found.append(here)
             dirnames[:] = []
