@@ -35,11 +35,15 @@ from torch.utils.tensorboard import SummaryWriter
 
 from ldmkit.cli import main
 from ldmkit.vitals import metrics as vm
+from ldmkit.vitals.held_out_checks import noise_levels
 from ldmkit.vitals.logs.readers import read_log
 from ldmkit.vitals.offline import diagnose_log
 
 STEPS = 600
 LR = 1e-4
+
+
+VALIDATE_EVERY = 100
 
 
 @dataclass
@@ -48,12 +52,15 @@ class Run:
     loss: list[float]
     lr: list[float]
     grad: list[float]
+    val: dict[int, float]  # step -> validation loss, every VALIDATE_EVERY steps
 
 
 def make_run(kind: str, seed: int = 0) -> Run:
     """Per-step values: a healthy run from scratch, one that diverges (NaN at step 400, the
-    gradient norm exploding from 300), one stuck at an untrained loss, and a fine-tune whose
-    loss is low and flat from the first step (median 0.008: below the guide's 0.01)."""
+    gradient norm exploding from 300), one stuck at an untrained loss, a fine-tune whose
+    loss is low and flat from the first step (median 0.008: below the guide's 0.01), and one
+    that over-fits (the training loss falls throughout, the validation loss from step 300
+    rises by about 10 % a validation). Trainers that validate log ``val``."""
     rng = random.Random(seed)
     loss, grad = [], []
     for step in range(1, STEPS + 1):
@@ -62,6 +69,8 @@ def make_run(kind: str, seed: int = 0) -> Run:
             loss.append(1.0 + 0.02 * noise)
         elif kind == "finetune":
             loss.append(0.008 * math.exp(0.4 * noise))
+        elif kind == "overfitting":
+            loss.append(0.1 + 0.9 * math.exp(-step / 150) + 0.02 * noise)
         else:
             loss.append(max(0.02, 0.25 + 0.75 * math.exp(-step / 80) + 0.05 * noise))
         grad.append(abs(1.5 + 0.4 * rng.gauss(0, 1)))
@@ -70,7 +79,12 @@ def make_run(kind: str, seed: int = 0) -> Run:
             if step >= 400:
                 loss[-1] = float("nan")
     lr = [LR * min(1.0, s / 50) for s in range(1, STEPS + 1)]
-    return Run(kind, loss, lr, grad)
+    steps = range(VALIDATE_EVERY, STEPS + 1, VALIDATE_EVERY)
+    val = {s: {"stuck": 1.0 + 0.01 * (s % 300 == 0), "finetune": 0.1,
+               "overfitting": (0.6, 0.4, 0.44, 0.49, 0.55, 0.62)[s // VALIDATE_EVERY - 1],
+               "diverging": 0.3 + 0.7 * math.exp(-s / 150) if s < 400 else float("nan")}
+           .get(kind, 0.3 + 0.7 * math.exp(-s / 150)) for s in steps}
+    return Run(kind, loss, lr, grad, val)
 
 
 def accelerate_log(tmp: Path, project: str, config: dict, rows) -> Path:
@@ -88,12 +102,38 @@ def accelerate_log(tmp: Path, project: str, config: dict, rows) -> Path:
     return logging_dir
 
 
+class LossRecorder:
+    """sd-scripts' library/train_util.py LossRecorder, as its behaviour is documented there:
+    in epoch 0 every loss is appended, later ones replace the entry of their index, and the
+    logged value is the mean of all entries. Its validation recorder so averages the current
+    validation with entries left from the first epoch's."""
+
+    def __init__(self):
+        self.losses: list[float] = []
+
+    def add(self, epoch: int, index: int, loss: float) -> None:
+        if epoch == 0:
+            self.losses.append(loss)
+        else:
+            self.losses[index] = loss
+
+    @property
+    def moving_average(self) -> float:
+        return sum(self.losses) / len(self.losses)
+
+
 def kohya(tmp: Path, run: Run) -> Path:
-    rows, average = [], []
+    rows, average, validation = [], [], LossRecorder()
     for i, (loss, lr) in enumerate(zip(run.loss, run.lr, strict=True)):
         average.append(loss)
         rows.append((i + 1, {"loss/current": loss, "loss/average": sum(average) / len(average),
                              "lr/textencoder": lr / 2, "lr/unet": lr}))
+        if i + 1 in run.val:  # --validate_every_n_steps 100, 4 fixed timesteps, one batch
+            for index in range(4):
+                validation.add(i // 200, index, run.val[i + 1])
+            rows.append((i + 1, {"loss/validation/step_average": validation.moving_average,
+                                 "loss/validation/step_divergence":
+                                     validation.moving_average - sum(average) / len(average)}))
         if (i + 1) % 200 == 0:  # an epoch of 200 steps; the epoch is the step
             rows.append(((i + 1) // 200, {"loss/epoch_average": sum(average) / len(average)}))
             average = []
@@ -119,7 +159,8 @@ def diffusers_unconditional(tmp: Path, run: Run) -> Path:
 
 def simpletuner(tmp: Path, run: Run) -> Path:
     rows = [(i + 1, {"train_loss": v, "optimization_loss": v, "learning_rate": lr,
-                     "epoch": 1 + i // 200, "grad_norm": g})
+                     "epoch": 1 + i // 200, "grad_norm": g}
+             | ({"loss/val/eval-cats": run.val[i + 1]} if i + 1 in run.val else {}))
             for i, (v, lr, g) in enumerate(zip(run.loss, run.lr, run.grad, strict=True))]
     return accelerate_log(tmp, "simpletuner", {"model_family": "sdxl", "lora_rank": 16}, rows)
 
@@ -135,6 +176,8 @@ def onetrainer(tmp: Path, run: Run) -> Path:
             writer.add_scalar("lr/unet", lr, i + 1)
             writer.add_scalar("loss/train_step", loss, i + 1)
             writer.add_scalar("smooth_loss/train_step", ema, i + 1)
+            if i + 1 in run.val:  # one validation concept: no total_average
+                writer.add_scalar("loss/validation_step/val-dogs", run.val[i + 1], i + 1)
     return tmp / "workspace" / "tensorboard"
 
 
@@ -216,7 +259,8 @@ def ai_toolkit(tmp: Path, run: Run) -> Path:
     for i, (loss, lr) in enumerate(zip(run.loss, run.lr, strict=True)):
         con.execute("INSERT INTO steps(step, wall_time) VALUES(?, ?) ON CONFLICT(step) DO "
                     "UPDATE SET wall_time=excluded.wall_time", (i, 1.79e9 + i))
-        for key, value in (("learning_rate", lr), ("loss/loss", loss)):
+        validation = (("val/loss", run.val[i]),) if i in run.val else ()
+        for key, value in (("learning_rate", lr), ("loss/loss", loss)) + validation:
             con.execute("INSERT INTO metrics(step, key, value_real, value_text) "
                         "VALUES(?, ?, ?, ?)", (i, key, value, None))
             con.execute("INSERT INTO metric_keys VALUES(?, ?, ?) ON CONFLICT(key) DO UPDATE "
@@ -234,7 +278,8 @@ def simpletuner_local(tmp: Path, run: Run) -> Path:
     with (out / "training_metrics.jsonl").open("w") as fh:
         for i, (loss, lr, g) in enumerate(zip(run.loss, run.lr, run.grad, strict=True)):
             metrics = {k: v for k, v in (("train_loss", loss), ("learning_rate", lr),
-                                         ("grad_norm", g), ("epoch", 1 + i // 200))
+                                         ("grad_norm", g), ("epoch", 1 + i // 200),
+                                         ("loss/val/eval-cats", run.val.get(i + 1, math.inf)))
                        if math.isfinite(v)}
             fh.write(json.dumps({"schema_version": 1, "timestamp": "2026-11-25T12:00:00+00:00",
                                  "step": i + 1, "metrics": metrics},
@@ -254,6 +299,9 @@ def diffsynth_csv(tmp: Path, run: Run) -> Path:
     return path
 
 
+QUANTILES = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]  # TIMESTEP_QUANTILES_FOR_EVAL
+
+
 def diffusion_pipe(tmp: Path, run: Run) -> Path:
     """diffusion-pipe's TensorBoard writer (train.py): train/loss and train/grad_norm every
     logging step, train/epoch_loss on the epoch axis, and an eval at 9 timestep quantiles."""
@@ -266,11 +314,13 @@ def diffusion_pipe(tmp: Path, run: Run) -> Path:
             epoch_loss.append(loss)
             if (i + 1) % 200 == 0:
                 writer.add_scalar("train/epoch_loss", sum(epoch_loss) / 200, (i + 1) // 200)
-                for q in (0.1, 0.5, 0.9):
-                    writer.add_scalar(f"eval/loss_quantile_{q:.2f}", 0.5, i + 1)
-                writer.add_scalar("eval/loss", 0.5, i + 1)
-                writer.add_scalar("eval/eval_time_sec", 3.0, i + 1)
                 epoch_loss = []
+            if i + 1 in run.val:
+                losses = [run.val[i + 1] * (1.6 - q) for q in QUANTILES]  # noisier: lower
+                for q, value in zip(QUANTILES, losses, strict=True):
+                    writer.add_scalar(f"eval/loss_quantile_{q:.2f}", value, i + 1)
+                writer.add_scalar("eval/loss", sum(losses) / len(losses), i + 1)
+                writer.add_scalar("eval/eval_time_sec", 3.0, i + 1)
     return directory
 
 
@@ -305,6 +355,10 @@ TRAINER_LABELS = {"kohya": "kohya-ss sd-scripts", "onetrainer": "OneTrainer",
                   "ai-toolkit": "ai-toolkit (its loss_log.db)", "simpletuner-local": "SimpleTuner",
                   "diffusion-pipe": "diffusion-pipe", "open-sora": "Open-Sora"}
 GRAD_LOGGED = {"simpletuner", "mlflow", "simpletuner-local", "diffusion-pipe", "open-sora"}
+VALIDATED = {"kohya": "loss/validation/step_average", "onetrainer":
+             "loss/validation_step/val-dogs", "simpletuner": "loss/val/eval-cats",
+             "ai-toolkit": "val/loss", "simpletuner-local": "loss/val/eval-cats",
+             "diffusion-pipe": "eval/loss"}
 
 
 def codes(path: Path, **kwargs) -> set[str]:
@@ -340,7 +394,65 @@ def test_a_diverging_run_of_every_format_is_caught(tmp_path, name):
 @pytest.mark.parametrize("name", WRITERS)
 def test_a_stuck_run_of_every_format_is_caught(tmp_path, name):
     diagnosis = diagnose_log(WRITERS[name](tmp_path, make_run("stuck")))
-    assert [f.code for f in diagnosis.findings] == ["loss_stuck_high"]
+    validated = ["validation_stuck"] if name in VALIDATED else []
+    assert sorted(f.code for f in diagnosis.findings) == sorted(["loss_stuck_high"] + validated)
+
+
+@pytest.mark.parametrize("name", VALIDATED)
+def test_an_over_fitting_run_of_every_trainer_that_validates_is_caught(tmp_path, name):
+    """Their validation loss rises over three validations while the training loss falls; the
+    training loss is drawn at random noise levels, so the gap test, which compares the same
+    points, is never applied to it."""
+    diagnosis = diagnose_log(WRITERS[name](tmp_path, make_run("overfitting")))
+    (finding,) = diagnosis.findings
+    assert finding.code == "overfitting" and diagnosis.tags_read(finding) == [VALIDATED[name]]
+    assert "above its minimum while the training loss fell" in finding.message
+    assert "same noise on training images" not in finding.message
+    assert any(note.startswith("validation loss: ") for note in diagnosis.notes)
+    healthy = diagnose_log(WRITERS[name](tmp_path / "healthy", make_run("healthy")))
+    assert read_log(healthy.source).series[vm.VAL_LOSS] and healthy.findings == []
+
+
+def test_a_validation_on_the_training_images_never_reads_as_over_fitting(tmp_path):
+    """Fixed timesteps on training images measure fit: that loss falls with the training
+    loss however long the run over-fits, so it raises nothing (the held-out one did)."""
+    run = make_run("overfitting")
+    run.val = {s: 0.9 * run.loss[s - 1] for s in run.val}
+    assert diagnose_log(ai_toolkit(tmp_path, run)).findings == []
+
+
+def test_diffusion_pipe_quantiles_become_noise_levels_by_its_timestep_sampling(tmp_path):
+    run = make_run("overfitting")
+    log = read_log(diffusion_pipe(tmp_path / "default", run))
+    levels = vm.noise_levels_in(log.series)
+    # logit-normal by default (models/flux.py): t = sigmoid(Phi^-1(q))
+    assert [level.label for level in levels] == [f"t {t}" for t in (
+        "0.22", "0.3", "0.37", "0.44", "0.5", "0.56", "0.63", "0.7", "0.78")]
+    assert any("quantile levels as t by logit-normal" in note for note in log.notes)
+    directory = diffusion_pipe(tmp_path / "uniform", run)
+    (directory / "flux.toml").write_text("output_dir = '/runs'\n[model]\ntype = 'flux'\n"
+                                          "timestep_sample_method = 'uniform'\nshift = 3\n")
+    (directory / "dataset.toml").write_text("[[directory]]\npath = '/data'\nnum_repeats = 1\n")
+    levels = vm.noise_levels_in(read_log(directory).series)
+    assert levels[0].label == "t 0.25" and levels[4].label == "t 0.75"  # shifted by 3
+    (finding,) = diagnose_log(directory).findings
+    assert "held-out loss rose most at every noise level logged (t 0.25 to 0.96)" \
+        in finding.message
+    assert noise_levels(levels[:2], levels) == "t in 0.25 and 0.43 (low noise: the detail)"
+
+
+def test_onetrainer_total_over_its_validation_concepts_is_the_validation_loss(tmp_path):
+    directory = tmp_path / "workspace" / "tensorboard" / "run"
+    with SummaryWriter(str(directory)) as writer:
+        for step in range(1, 301):
+            writer.add_scalar("loss/train_step", 0.1, step)
+            if step % 100 == 0:
+                for name, value in (("dogs", 0.2), ("cats", 0.4), ("total_average", 0.3)):
+                    writer.add_scalar(f"loss/validation_step/{name}", value, step)
+    log = read_log(directory)
+    assert log.read_from[vm.VAL_LOSS] == ["loss/validation_step/total_average"]
+    assert [v for _, v in log.series[vm.VAL_LOSS]] == pytest.approx([0.3] * 3)
+    assert log.series["validation/set/cats/loss"][0][1] == pytest.approx(0.4)
 
 
 @pytest.mark.parametrize("name", WRITERS)
@@ -499,7 +611,7 @@ def test_the_folder_a_trainer_wrote_into_is_searched_and_the_newest_log_read(tmp
     ai_toolkit(project, make_run("stuck"))  # project/output/my_flux_lora/loss_log.db
     diagnosis = diagnose_log(project)
     assert diagnosis.trainer == "ai-toolkit (its loss_log.db)"
-    assert [f.code for f in diagnosis.findings] == ["loss_stuck_high"]
+    assert [f.code for f in diagnosis.findings] == ["loss_stuck_high", "validation_stuck"]
     assert diagnosis.notes[0].startswith(f"'{project}' holds 2 logs: read the newest, "
                                          f"'{project / 'output' / 'my_flux_lora'}'")
     assert f"also found '{project / 'wandb'}'" in diagnosis.notes[0]

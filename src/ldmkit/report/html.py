@@ -19,6 +19,8 @@ from ldmkit.run.context import read_run
 from ldmkit.run.layout import REPORT_HTML, RunDir
 from ldmkit.vitals import metrics as vm
 from ldmkit.vitals.logs.metrics_jsonl import json_objects
+from ldmkit.vitals.logs.readers import LoadedLog
+from ldmkit.vitals.logs.trainers import LDMKIT
 from ldmkit.vitals.offline import diagnose_loaded
 from ldmkit.vitals.signs import PLOTTED, SWEPT, bands
 
@@ -123,23 +125,25 @@ def _findings_table(findings: list, title: str) -> str:
 
 
 def noise_level_map(series: dict) -> str:
-    """The validation loss over step x noise level (``validation/loss_t{k}``), or ''."""
-    rows = [series.get(vm.val_bucket_tag(k), []) for k in range(vm.VAL_BUCKETS)]
+    """The validation loss over step x noise level (``metrics.noise_levels_in``), or ''."""
+    levels = vm.noise_levels_in(series)
+    rows = [series[level.tag] for level in levels]
     if not any(rows):
         return ""
-    labels = [vm.val_bucket_label(k) for k in range(vm.VAL_BUCKETS)]
-    return heat_map("validation loss per noise level", rows, labels)
+    return heat_map("validation loss per noise level", rows, [level.label for level in levels])
 
 
-def _noise_level_section(series: dict) -> str:
-    heat = noise_level_map(series)
+def _noise_level_section(log: LoadedLog) -> str:
+    heat = noise_level_map(log.series)
     if not heat:
         return ""
-    return ("<h2>Validation loss per noise level</h2><p>Fixed held-out points "
-            "(ldmkit.training.held_out), raw weights; each row is coloured by its loss over its first "
-            "validation. High t (top) is where an image's structure is decided, low t (bottom) "
-            "its detail; the least noisy levels stay pale even in healthy runs (noise is hard "
-            f"to tell from detail there).</p>{heat}")
+    what = ("Fixed held-out points (ldmkit.training.held_out), raw weights" if
+            log.trainer is LDMKIT else f"{log.trainer.label}'s validation loss: "
+            f"{log.trainer.validation or 'as the trainer logged it'}")
+    return (f"<h2>Validation loss per noise level</h2><p>{escape(what)}; each row is coloured "
+            "by its loss over its first validation. High t (top) is where an image's structure "
+            "is decided, low t (bottom) its detail; the least noisy levels stay pale even in "
+            f"healthy runs (noise is hard to tell from detail there).</p>{heat}")
 
 
 def render_html(run_dir: Path) -> str:
@@ -158,14 +162,15 @@ def render_html(run_dir: Path) -> str:
         "too_early" if diagnosis.scenario == "too_early" else "other")
     scale = "unknown" if log.latent_scale_factor is None else f"{log.latent_scale_factor:.4g}"
     sections = [
-        f"<h1>ldmkit run {escape(run_dir.name)}</h1>",
+        f"<h1>{'ldmkit run' if log.trainer is LDMKIT else escape(log.trainer.label)} "
+        f"{escape(run_dir.name)}</h1>",
         f'<p>scenario: <span class="scenario {css}">{escape(diagnosis.verdict)}</span> · '
         f"latent_scale_factor {scale} · last step "
         f"{max((s for v in log.series.values() for s, _ in v), default=0)}</p>",
         "<h2>Findings</h2>",
         _findings_table([f.to_dict() for f in diagnosis.findings], "Open at the end of the log"),
         _findings_table(raised, "Raised during training (findings.jsonl)"),
-        _noise_level_section(log.series),
+        _noise_level_section(log),
         "<h2>Vital signs</h2><p>Green: the guide's good range; red: its bad range; dashed "
         "lines: where a finding was raised (hover for the diagnosis).</p>",
         f'<div class="plots">{"".join(plots)}</div>',

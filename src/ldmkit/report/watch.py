@@ -68,18 +68,20 @@ def sparkline(values: list[float], width: int = 20) -> str:
 def noise_level_rows(series: Series, width: int = 40) -> list[Text]:
     """The validation loss per noise level as coloured cells, noisiest level on top, one
     column per validation (the last ``width``): blue learned, white as untrained, red worse."""
-    rows = [series.get(vm.val_bucket_tag(k), []) for k in range(vm.VAL_BUCKETS)]
-    if not any(rows):
+    levels = vm.noise_levels_in(series)
+    if not any(series[level.tag] for level in levels):
         return []
     out = [Text("validation loss per noise level (each row over its first value; blue: "
                 "learned, white: as untrained, red: worse)", style="bold")]
-    for k in reversed(range(vm.VAL_BUCKETS)):
-        finite = [v for _, v in rows[k] if math.isfinite(v) and v > 0]
-        line = Text(vm.val_bucket_label(k) + " ")
-        for _, v in rows[k][-width:]:
+    width_of_label = max(len(level.label) for level in levels)
+    for level in reversed(levels):
+        row = series[level.tag]
+        finite = [v for _, v in row if math.isfinite(v) and v > 0]
+        line = Text(level.label.ljust(width_of_label) + " ")
+        for _, v in row[-width:]:
             line.append("█", style=heat_color(v / finite[0]) if finite else "black")
-        if rows[k]:
-            line.append(f" {rows[k][-1][1]:.3g}")
+        if row:
+            line.append(f" {row[-1][1]:.3g}")
         out.append(line)
     return out
 

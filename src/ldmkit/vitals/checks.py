@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from ldmkit.vitals import metrics as vm
 from ldmkit.vitals.context import Check, Context, Series, Verdict
+from ldmkit.vitals.held_out_checks import overfitting, validation_stuck
 from ldmkit.vitals.rules import ALWAYS, RULES, Rule
 
 
@@ -304,76 +305,6 @@ def _at(series: Series, tag: str, step: int) -> float | None:
     return next((v for s, v in reversed(series.get(tag, [])) if s == step), None)
 
 
-def noise_levels(buckets: list[int]) -> str:
-    """Buckets of t as ranges, and what they hold: the noisiest levels decide the structure
-    of an image, the least noisy its detail (guide: diffusion/t_mean)."""
-    ranges, start = [], None
-    for k in range(vm.VAL_BUCKETS + 1):
-        if k in buckets and start is None:
-            start = k
-        elif k not in buckets and start is not None:
-            ranges.append(f"[{start / vm.VAL_BUCKETS:.1f}, {k / vm.VAL_BUCKETS:.1f})")
-            start = None
-    high = sum(k >= vm.VAL_BUCKETS // 2 for k in buckets)
-    meaning = ("every noise level" if len(buckets) == vm.VAL_BUCKETS else
-               "high noise: the structure" if high == len(buckets) else
-               "low noise: the detail" if high == 0 else "structure and detail")
-    return f"t in {' and '.join(ranges)} ({meaning})"
-
-
-def _validation_stuck(rule: Rule, series: Series, ctx: Context) -> Verdict | None:
-    """The last two validations after ``min_steps`` above the threshold, naming the noise
-    levels (``validation/loss_t{k}``) that have not learned: the eps-MSE of a healthy model
-    stays high at the least noisy levels (0.76 at t < 0.1 on the digits demo), so a level is
-    judged against its own first (untrained) validation, not against the threshold."""
-    recent = [(s, v) for s, v in series.get(rule.metric, [])
-              if s >= ctx.thr("min_steps") and math.isfinite(v)][-2:]
-    thr = ctx.thr(rule.warning)
-    if len(recent) < 2 or not all(ctx.in_guide_units(rule.metric, v) > thr for _, v in recent):
-        return None
-    step, value = recent[-1]
-    stuck = []
-    for k in range(vm.VAL_BUCKETS):  # learned: lost a share of its first (untrained) value
-        history = series.get(vm.val_bucket_tag(k), [])
-        now = _at(series, vm.val_bucket_tag(k), step)
-        if history and now is not None and now > (1 - ctx.thr("val_bucket_learned")) * history[0][1]:
-            stuck.append(k)
-    where = f": not learned at {noise_levels(stuck)}" if stuck else ""
-    return Verdict(rule.warning, value, step, {"where": where})
-
-
-def _overfitting(rule: Rule, series: Series, ctx: Context) -> Verdict | None:
-    """Held-out loss well above the training images' loss at the same fixed points (two
-    validations running), or rising over three validations while the training images' fell.
-    Names the noise levels whose held-out loss rose most from its minimum."""
-    val = {s: v for s, v in series.get(vm.VAL_LOSS, []) if math.isfinite(v)}
-    train = {s: v for s, v in series.get(vm.VAL_TRAIN_LOSS, []) if math.isfinite(v)}
-    steps = [s for s in sorted(val) if s in train and s >= ctx.thr("min_steps") and train[s] > 0]
-    if len(steps) < 2:
-        return None
-    gap = val[steps[-1]] / train[steps[-1]] - 1
-    wide = all(val[s] / train[s] - 1 > ctx.thr("overfit_gap") for s in steps[-2:])
-    a, b, c = ([None] * 3 + steps)[-3:]
-    step_up = 1 + ctx.thr("overfit_rise") / 4  # each validation clearly above the one before
-    rising = a is not None and val[a] * step_up < val[b] and val[b] * step_up < val[c] \
-        and train[c] < train[a] and val[c] > (1 + ctx.thr("overfit_rise")) * min(val.values())
-    if not (wide or rising):
-        return None
-    step = steps[-1]
-    rise = {}
-    for k in range(vm.VAL_BUCKETS):
-        history = [v for _, v in series.get(vm.val_bucket_tag(k), []) if math.isfinite(v)]
-        if history and min(history) > 0:
-            rise[k] = history[-1] / min(history) - 1
-    worst = sorted(k for k, r in rise.items() if r > ctx.thr("overfit_rise")
-                   and r >= 0.5 * max(rise.values()))
-    return Verdict(rule.warning, val[step], step, {
-        "gap": gap, "train": train[step],
-        "rising": f", and it rose {val[c] / min(val.values()) - 1:.0%} above its minimum while "
-                  "the training loss fell" if rising else "",
-        "where": f"; held-out loss rose most at {noise_levels(worst)}" if worst else ""})
-
-
 def _memorization(rule: Rule, series: Series, ctx: Context) -> Verdict | None:
     last = _last(series, rule.metric)
     if last is None or not last[1] >= ctx.thr(rule.warning):
@@ -408,8 +339,8 @@ CHECKS: dict[str, Check] = {
     "final_extreme": _final_extreme,
     "all_nonfinite": _all_nonfinite,
     "no_update": _no_update,
-    "validation_stuck": _validation_stuck,
-    "overfitting": _overfitting,
+    "validation_stuck": validation_stuck,
+    "overfitting": overfitting,
     "memorization": _memorization,
     "memorization_rising": _memorization_rising,
     "guidance_too_high": _guidance_too_high,

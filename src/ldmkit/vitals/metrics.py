@@ -6,7 +6,8 @@ What each is for, how it is reduced and judged: ``signs.SIGNS``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,9 @@ VAL_EMA_PREFIX = "validation_ema/"
 VAL_LOSS = VAL_PREFIX + "loss"
 VAL_TRAIN_LOSS = VAL_PREFIX + "train_loss"  # same points on a fixed sample of training images
 VAL_BUCKETS = 10
+# another trainer's training loss at each of its validations: the median since the one before
+# (derived when its log is read), so a rule on a window of records still sees the whole trend
+LOSS_BETWEEN_VALIDATIONS = "loss/between_validations"
 
 
 def val_bucket_tag(k: int, prefix: str = VAL_PREFIX) -> str:
@@ -46,6 +50,51 @@ def val_bucket_tag(k: int, prefix: str = VAL_PREFIX) -> str:
 
 def val_bucket_label(k: int) -> str:
     return f"t {k / VAL_BUCKETS:.1f}-{(k + 1) / VAL_BUCKETS:.1f}"
+
+
+# another trainer's levels keep their own edges: PREFIX + "loss_t0.22" (one t, as
+# diffusion-pipe's quantiles) or "loss_t0.00-0.25" (a range of t)
+_LEVEL = re.compile(r"loss_t(?:(\d+)|(\d\.\d+)(?:-(\d\.\d+))?)")
+
+
+@dataclass(frozen=True)
+class NoiseLevel:
+    """A validation loss at one noise level: t in [low, high) (low == high: one t), t = 1
+    pure noise. ldmkit's ten buckets and other trainers' levels read alike."""
+
+    tag: str
+    low: float
+    high: float
+
+    @property
+    def label(self) -> str:
+        return f"t {t_text(self.low)}" + ("" if self.high == self.low else f"-{t_text(self.high)}")
+
+
+def t_text(t: float) -> str:
+    """A level's edge as logged: one decimal for ldmkit's tenths, else two."""
+    return f"{t:.1f}" if abs(t * 10 - round(t * 10)) < 1e-9 else f"{t:.2f}"
+
+
+def level_tag(low: float, high: float | None = None, prefix: str = VAL_PREFIX) -> str:
+    """The tag of a level with its own edges (another trainer's), t in [0, 1]."""
+    return f"{prefix}loss_t{low:.2f}" + ("" if high is None else f"-{high:.2f}")
+
+
+def noise_levels_in(tags: Iterable[str], prefix: str = VAL_PREFIX) -> list[NoiseLevel]:
+    """The validation levels among ``tags``, least noisy first."""
+    levels = []
+    for tag in tags:
+        match = _LEVEL.fullmatch(tag[len(prefix):]) if tag.startswith(prefix) else None
+        if match is None:
+            continue
+        bucket, low, high = match.groups()
+        if bucket is not None:
+            levels.append(NoiseLevel(tag, int(bucket) / VAL_BUCKETS,
+                                     (int(bucket) + 1) / VAL_BUCKETS))
+        else:
+            levels.append(NoiseLevel(tag, float(low), float(high or low)))
+    return sorted(levels, key=lambda level: (level.low, level.high))
 
 
 # sample quality (ldmkit.sampling.evaluate): against held-out data, with the in-project classifier

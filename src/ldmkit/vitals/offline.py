@@ -16,15 +16,8 @@ from ldmkit.diffusion.parameterization import Parameterization
 from ldmkit.vitals import metrics as vm
 from ldmkit.vitals.diagnose import Context, Finding, coverage, scenario
 from ldmkit.vitals.logs.readers import LoadedLog, read_log
-from ldmkit.vitals.logs.trainers import (
-    LDMKIT,
-    fp16_setting,
-    in_trainer_terms,
-    infer_regime,
-    kind_of,
-    min_snr_gamma_of,
-    objective_of,
-)
+from ldmkit.vitals.logs.run_config import fp16_setting, infer_regime, min_snr_gamma_of, objective_of
+from ldmkit.vitals.logs.trainers import LDMKIT, in_trainer_terms, kind_of
 from ldmkit.vitals.monitor import SEVERITY_RANK, replay
 from ldmkit.vitals.rules import RULES
 from ldmkit.vitals.signs import SIGNS

@@ -216,9 +216,8 @@ RULES: tuple[Rule, ...] = (
     Rule("overfitting", vm.VAL_LOSS, "overfitting", "overfit_gap", None,
          "loss/total_loss: '< 0.01: overfitting'; scenario C 'Memorization ... Increase dataset, "
          "use EMA, or reduce model size'", "memorization",
-         "the held-out validation loss {value:.3f} is {gap:.0%} above the same noise on "
-         "training images ({train:.3f}){rising}: the model fits the images it trains on, not the "
-         "data they come from{where}",
+         "the held-out validation loss {value:.3f}{compared}{rising}: the model fits the "
+         "images it trains on, not the data they come from{where}",
          "use more data (or data.val_fraction to check with more held-out images), fewer steps, "
          "the EMA weights, or a smaller model (a UNet: model.dropout 0.1)"),
     Rule("class_collapse", vm.LEAST_DIVERSE_MSE, "class_collapse", "pairwise_low_warning",

@@ -24,7 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+import tomllib
 import yaml
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10: a copied TOML config is not read
+    tomllib = None  # type: ignore[assignment]
 
 from ldmkit.errors import LdmkitError
 from ldmkit.platform.files import (
@@ -123,6 +129,32 @@ def load_yaml(path: Path) -> dict[str, Any]:
         raise UnreadableLog(f"'{path}' is not readable YAML ({str(exc).splitlines()[0]}); "
                             "repair or remove it") from None
     return data if isinstance(data, dict) else {}
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    """A TOML config copied beside a run's logs (diffusion-pipe's ``train.py`` copies its
+    config and dataset files into the run directory), its tables flattened to dotted keys
+    (``model.shift``), lists left out; on Python 3.10 (no ``tomllib``), nothing."""
+    if tomllib is None:
+        return {}
+    if path.stat().st_size > MAX_YAML_BYTES:
+        raise UnreadableLog(f"'{path}' is larger than {MAX_YAML_BYTES >> 20} MiB, not a run's "
+                            "saved settings; move it away")
+    try:
+        data = tomllib.loads(read_file_text(path))
+    except (tomllib.TOMLDecodeError, RecursionError) as exc:
+        raise UnreadableLog(f"'{path}' is not readable TOML ({str(exc).splitlines()[0][:120]}); "
+                            "repair or remove it") from None
+    flat: dict[str, Any] = {}
+    tables: list[tuple[str, dict[str, Any]]] = [("", data)]
+    while tables:
+        prefix, table = tables.pop()
+        for key, value in table.items():
+            if isinstance(value, dict):
+                tables.append((f"{prefix}{key}.", value))
+            elif not isinstance(value, list):
+                flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def read_csv(path: Path) -> RawLog:
@@ -263,6 +295,10 @@ def read_tensorboard(files: list[Path], root: Path | None = None) -> RawLog:
     config: dict[str, Any] = {}
     for hparams in sorted((root or files[0].parent).rglob("hparams.yml")):
         config.update(load_yaml(hparams))
+    for folder in sorted({file.parent for file in files}):  # beside the event files
+        for copied in sorted(folder.glob("*.toml")):
+            if copied.is_file() and not copied.is_symlink():
+                config.update(load_toml(copied))
     notes = [f"'{file}' is damaged at byte {at} of {file.stat().st_size} (a record fails its "
              "checksum): read up to there, the rest of that file is not read"
              for file in written if (at := damaged_at(file)) is not None]

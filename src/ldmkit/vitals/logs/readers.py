@@ -186,7 +186,7 @@ def read_log(path: str | Path, latent_scale_factor: float | None = None,
     it stopped before its first log interval)."""
     raw = read_raw(Path(path))
     trainer = detect({tag for _, tag, _ in raw.records})
-    mapped = map_tags(trainer, raw.records)
+    mapped = map_tags(trainer, raw.records, raw.config)
     series = _to_series(mapped.records)
     judged = (vm.LOSS, vm.LOSS_SMOOTHED, vm.PAIRWISE_PREFIX + "mean")
     if require_values and not any(tag in series for tag in judged):
@@ -195,4 +195,4 @@ def read_log(path: str | Path, latent_scale_factor: float | None = None,
                             f"(tags found: {', '.join(found[:8]) or 'none'})")
     logged = [v for _, v in series.get(vm.SCALE_FACTOR, []) if math.isfinite(v)]
     return LoadedLog(series, raw.source, logged[-1] if logged else latent_scale_factor, trainer,
-                     raw.fmt, raw.config, mapped.read_from, raw.notes)
+                     raw.fmt, raw.config, mapped.read_from, raw.notes + mapped.notes)

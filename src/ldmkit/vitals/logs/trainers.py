@@ -10,24 +10,30 @@ LoRA whose loss starts and stays at 0.1 is judged as the fine-tune it is.
 
 from __future__ import annotations
 
-import math
 import re
-import statistics
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ldmkit.diffusion.registry import OBJECTIVE_ALIASES
 from ldmkit.vitals import metrics as vm
+from ldmkit.vitals.logs.validation_sets import (
+    QUANTILE,
+    SET_PREFIX,
+    QuantileToT,
+    diffusion_pipe_t,
+    main_validation,
+    training_side,
+)
 
 Kind = Literal["step", "smoothed", "epoch"]
 Regime = Literal["pretrain", "finetune"]
 GROUP = "{group}"  # in a TagMap's tag: filled with what the foreign tag's trailing '*' matched
+SET = "{set}"  # ... and with what its leading '*' matched (an eval set's name)
 LR_GROUP = vm.LEARNING_RATE + "/" + GROUP
 
 
 @dataclass(frozen=True)
 class TagMap:
-    foreign: str  # as the trainer logs it; a trailing '*' matches any rest
+    foreign: str  # as the trainer logs it; a leading or trailing '*' matches any rest
     tag: str  # ours
     kind: Kind
     source: str  # the file of that trainer's source that writes it
@@ -44,6 +50,8 @@ class Trainer:
     main_lr_groups: tuple[str, ...] = ("unet", "transformer", "prior", "group0")
     # ldmkit's setting names in the rules' fixes -> this trainer's names for the same settings
     settings: tuple[tuple[str, str], ...] = ()
+    validation: str = ""  # what its validation loss measures, and on which images
+    quantile_to_t: QuantileToT | None = None  # its validation levels' quantiles as t
 
 
 def _sig(*sets: tuple[str, ...]) -> tuple[frozenset[str], ...]:
@@ -53,14 +61,17 @@ def _sig(*sets: tuple[str, ...]) -> tuple[frozenset[str], ...]:
 # the fixes quote ldmkit's settings; these are the same settings' names in the other trainers
 WORDS = (("train.warmup_steps", "the warmup steps"), ("warmup_steps", "the warmup steps"),
          ("diffusion.latent_scale_factor", "the latent scale factor"),
-         ("train.lr", "the learning rate"), ("grad_clip", "gradient clipping"))
+         ("train.lr", "the learning rate"), ("grad_clip", "gradient clipping"),
+         ("data.val_fraction", "a held-out validation set"))
 FLAGS = (("train.warmup_steps", "--lr_warmup_steps"), ("warmup_steps", "--lr_warmup_steps"),
          ("diffusion.latent_scale_factor", "the VAE's scaling_factor"),
-         ("train.lr", "--learning_rate"), ("grad_clip", "--max_grad_norm"))
+         ("train.lr", "--learning_rate"), ("grad_clip", "--max_grad_norm"),
+         ("data.val_fraction", "a held-out validation set"))
 KOHYA = "kohya-ss/sd-scripts "
 AITK = "ostris/ai-toolkit "
 PIPE = "tdrussell/diffusion-pipe train.py "
 SORA = "hpcaitech/Open-Sora scripts/diffusion/train.py "
+LTX = "Lightricks/LTX-2 packages/ltx-trainer/src/ltx_trainer/"
 DIFFUSERS = "huggingface/diffusers examples/"
 ACCELERATE_HOOK = """\
 from ldmkit.integrations.accelerate import AccelerateVitals
@@ -95,6 +106,12 @@ TRAINERS: tuple[Trainer, ...] = (
                        "(epoch_logging: the epoch as the step)"),
                 TagMap("loss/epoch", vm.LOSS_EPOCH, "epoch", KOHYA + "fine_tune.py, train_db.py "
                        "(accelerator.log(..., step=epoch + 1))"),
+                TagMap("loss/validation/step_average", vm.VAL_LOSS, "step", KOHYA +
+                       "train_network.py (every validate_every_n_steps: LossRecorder of the "
+                       "validation split at 4 fixed timesteps)"),
+                TagMap("loss/validation/epoch_average", vm.VAL_PREFIX + "epoch_average", "epoch",
+                       KOHYA + "train_network.py (epoch validation; epoch_logging: the epoch "
+                       "as the TensorBoard step)"),
                 TagMap("lr/d*lr/*", vm.LEARNING_RATE + "/d*lr/" + GROUP, "step",
                        KOHYA + "train_network.py (DAdaptation/Prodigy's effective rate)"),
                 TagMap("lr/*", LR_GROUP, "step", KOHYA + "train_network.py, "
@@ -102,7 +119,11 @@ TRAINERS: tuple[Trainer, ...] = (
             ), "finetune",
             ACCELERATE_HOOK.format(scale="self.vae_scale_factor", pred="noise_pred")
             + "\n# train_network.py: in process_batch, after get_noise_pred_and_target",
-            settings=FLAGS),
+            settings=FLAGS[:-1] + (("data.val_fraction", "--validation_split"),),
+            validation="the --validation_split images, held out of training, at timesteps "
+                       "200, 400, 600 and 800 of 1000; its LossRecorder (library/train_util.py) keeps "
+                       "the first epoch's entries, so the value is a mean with earlier "
+                       "validations and lags a rise"),
     Trainer("onetrainer", "OneTrainer", _sig(("loss/train_step",), ("loss/smooth loss",)), (
         TagMap("loss/train_step", vm.LOSS, "step", "Nerogar/OneTrainer "
                "modules/trainer/GenericTrainer.py (accumulated loss per update step)"),
@@ -114,6 +135,10 @@ TRAINERS: tuple[Trainer, ...] = (
                "modules/trainer/GenericTrainer.py before 2024-09 (its EMA)"),
         TagMap("lr/*", LR_GROUP, "step", "Nerogar/OneTrainer "
                "modules/modelSetup/BaseModelSetup.py report_to_tensorboard"),
+        TagMap("loss/validation_step/total_average", vm.VAL_LOSS, "step", "Nerogar/OneTrainer "
+               "modules/trainer/GenericTrainer.py __validate (all validation concepts)"),
+        TagMap("loss/validation_step/*", SET_PREFIX + GROUP + "/loss", "step", "Nerogar/"
+               "OneTrainer modules/trainer/GenericTrainer.py __validate (one per concept)"),
     ), "finetune", """\
 from ldmkit.vitals.observer import VitalsMonitor, normalize_timesteps
 vitals = VitalsMonitor(self.config.workspace_dir + "/vitals")
@@ -123,7 +148,10 @@ vitals.observe_train_step(train_progress.global_step, loss, predicted_latent_noi
                           latent_noise, normalize_timesteps(timestep, 1000), scaled_latent_image)""",
             settings=(("train.warmup_steps", "learning_rate_warmup_steps"),
                       ("warmup_steps", "learning_rate_warmup_steps"),
-                      ("train.lr", "learning_rate"), ("grad_clip", "clip_grad_norm"))),
+                      ("train.lr", "learning_rate"), ("grad_clip", "clip_grad_norm"),
+                      ("data.val_fraction", "a validation concept")),
+            validation="its validation concepts (concept type VALIDATION), at the timesteps of a "
+                       "fixed seed; held out only if those images are not also a training concept"),
     Trainer("simpletuner", "SimpleTuner",
             _sig(("train_loss", "optimization_loss"), ("train_loss", "learning_rate", "epoch")), (
                 TagMap("train_loss", vm.LOSS, "step", "bghira/SimpleTuner "
@@ -133,18 +161,29 @@ vitals.observe_train_step(train_progress.global_step, loss, predicted_latent_noi
                 TagMap("grad_norm", vm.GRAD_NORM, "step", "bghira/SimpleTuner "
                        "simpletuner/helpers/training/trainer.py _update_grad_metrics "
                        "(clip_grad_norm_'s pre-clipping norm)"),
+                TagMap("loss/val/*", SET_PREFIX + GROUP + "/loss", "step", "bghira/SimpleTuner "
+                       "simpletuner/helpers/training/validation.py generate_tracker_table (one "
+                       "per eval dataset, and 'pooled')"),
             ), "finetune", ACCELERATE_HOOK.format(scale="vae.config.scaling_factor",
-                                                  pred="model_pred"), settings=FLAGS),
+                                                  pred="model_pred"),
+            settings=FLAGS[:-1] + (("data.val_fraction", "an eval dataset (dataset_type: "
+                                                         "eval)"),),
+            validation="its eval datasets (dataset_type: eval) over fixed timesteps"),
     Trainer("ai-toolkit", "ai-toolkit (its loss_log.db)", _sig(("loss/loss", "learning_rate")), (
         TagMap("loss/loss", vm.LOSS, "step", AITK + "jobs/process/BaseSDTrainProcess.py "
                "(self.logger.log({f'loss/{key}': value}) for loss_dict, then commit(step))"),
         TagMap("learning_rate", vm.LEARNING_RATE, "step", AITK + "jobs/process/"
                "BaseSDTrainProcess.py (self.logger.log({'learning_rate': ...}))"),
+        TagMap("val/loss", vm.VAL_LOSS, "step", AITK + "jobs/process/BaseSDTrainProcess.py "
+               "validate (additional_logs['val/loss'])"),
     ), "finetune", ACCELERATE_HOOK.format(scale="self.sd.vae.config.scaling_factor",
                                           pred="noise_pred")
         + "\n# extensions_built_in/sd_trainer/SDTrainer.py: in train_single_accumulation, with "
           "self.accelerator and self.sd.noise_scheduler (a flow model: pass sigmas=)",
-        settings=WORDS),
+        settings=WORDS[:-1] + (("data.val_fraction", "train.validation_config"),),
+        validation="the validation images of train.validation_config (its UI: 'do not include "
+                   "the validation images in the dataset'), at validation_sigmas with fixed "
+                   "noise, averaged"),
     Trainer("diffusion-pipe", "diffusion-pipe",
             _sig(("train/epoch_loss",), ("train/loss", "eval/eval_time_sec")), (
                 TagMap("train/loss", vm.LOSS, "step", PIPE + "(every logging_steps; the x axis "
@@ -152,10 +191,36 @@ vitals.observe_train_step(train_progress.global_step, loss, predicted_latent_noi
                 TagMap("train/grad_norm", vm.GRAD_NORM, "step", PIPE + "(optimizer._grad_norm)"),
                 TagMap("train/epoch_loss", vm.LOSS_EPOCH, "epoch", PIPE + "(the epoch as the "
                        "step)"),
+                TagMap("*/loss_quantile_*", SET_PREFIX + SET + QUANTILE + GROUP, "step",
+                       PIPE + "_evaluate (per eval dataset, at 9 timestep quantiles)"),
+                TagMap("*/loss", SET_PREFIX + SET + "/loss", "step", PIPE + "_evaluate (the "
+                       "mean of the quantiles)"),
+                TagMap("eval/eval_time_sec", "timing/eval_seconds", "step", PIPE + "_evaluate "
+                       "(the evaluation's wall time)"),
             ), "finetune", FLOW_HOOK.format(directory="run_dir + '/vitals'",
                                             where="train.py, after the step's loss on rank 0 "
                                                   "(models/*.py give x_t, t and the output)"),
-            settings=WORDS),
+            settings=(("train.warmup_steps", "warmup_steps"), ("warmup_steps", "warmup_steps"),
+                      ("train.lr", "[optimizer] lr"), ("grad_clip", "gradient_clipping"),
+                      ("diffusion.latent_scale_factor", "the latent scale factor"),
+                      ("data.val_fraction", "eval_datasets")),
+            quantile_to_t=diffusion_pipe_t,
+            validation="its eval_datasets (their own dataset configs: held out only if they "
+                       "name other images than the training dataset) at 9 quantiles of the "
+                       "training timestep distribution"),
+    Trainer("ltx-trainer", "LTX-2 trainer (ltx-trainer)",
+            _sig(("train/loss", "train/step_time", "train/global_step")), (
+                TagMap("train/loss", vm.LOSS, "step", LTX + "trainer.py (the optimization "
+                       "step's loss, to W&B)"),
+                TagMap("train/learning_rate", vm.LEARNING_RATE, "step", LTX + "trainer.py"),
+            ), "finetune", FLOW_HOOK.format(directory="output_dir + '/vitals'",
+                                            where="trainer.py, where the step's output.loss "
+                                                  "and output.sigma are computed"),
+            settings=(("train.lr", "optimization.learning_rate"),
+                      ("grad_clip", "optimization.max_grad_norm"),
+                      ("train.warmup_steps", "the scheduler's warm-up"),
+                      ("warmup_steps", "the scheduler's warm-up"),
+                      ("diffusion.latent_scale_factor", "the latent scale factor"))),
     Trainer("open-sora", "Open-Sora", _sig(("global_grad_norm",)), (
         TagMap("loss", vm.LOSS, "step", SORA + "(TensorBoard and W&B: the update step's loss)"),
         TagMap("avg_loss", vm.LOSS_SMOOTHED, "smoothed", SORA + "(running_loss / log_step)"),
@@ -233,12 +298,14 @@ def in_trainer_terms(text: str, trainer: Trainer) -> str:
     return re.sub(rf"(?<![\w.])({pattern})(?!\w)", lambda m: names[m.group(1)], text)
 
 
-def _match(pattern: str, tag: str) -> str | None:
-    """What ``pattern``'s trailing '*' matched in ``tag`` ('' for an exact match), or None."""
-    if pattern.endswith("*"):
-        return tag[len(pattern) - 1:] if tag.startswith(pattern[:-1]) and \
-            len(tag) >= len(pattern) else None
-    return "" if tag == pattern else None
+def _match(pattern: str, tag: str) -> dict[str, str] | None:
+    """What ``pattern``'s leading and trailing '*' matched in ``tag`` (each at least one
+    character; a '*' inside, as kohya's ``lr/d*lr/``, is literal), or None."""
+    lead, trail = pattern.startswith("*"), pattern.endswith("*") and len(pattern) > 1
+    middle = pattern[lead:len(pattern) - trail]
+    regex = ("(?P<set>.+?)" if lead else "") + re.escape(middle) + ("(?P<group>.+)" if trail else "")
+    match = re.fullmatch(regex, tag)
+    return None if match is None else {k: v for k, v in match.groupdict().items() if v}
 
 
 @dataclass
@@ -247,25 +314,36 @@ class Mapped:
 
     records: list[tuple[int, str, float]]
     read_from: dict[str, list[str]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # how the run's validation loss was chosen
 
 
-def map_tags(trainer: Trainer, records: list[tuple[int, str, float]]) -> Mapped:
+def map_tags(trainer: Trainer, records: list[tuple[int, str, float]],
+             config: dict[str, Any] | None = None) -> Mapped:
     """Rename ``records`` by the trainer's rows, then the guide's generic names; a tag that no
-    row maps keeps its name, and a canonical tag when logged wins over what would map onto it."""
+    row maps keeps its name, and a canonical tag when logged wins over what would map onto it.
+    Per-group learning rates and per-set validation losses then give the run's one rate and
+    one validation loss (``validation_sets``), read with the run's ``config``."""
     logged = {tag for _, tag, _ in records}
     names: dict[str, str] = {}
     for tag in logged:
         names[tag] = tag
         for row in trainer.tags + GENERIC.tags:
-            group = _match(row.foreign, tag)
-            if group is not None:
-                names[tag] = row.tag.replace(GROUP, group)
+            found = _match(row.foreign, tag)
+            if found is not None:
+                names[tag] = row.tag.replace(GROUP, found.get("group", "")) \
+                    .replace(SET, found.get("set", ""))
                 break
     names = {t: ours for t, ours in names.items() if ours == t or ours not in logged}
     mapped = Mapped([(step, names[tag], value) for step, tag, value in records if tag in names])
     for tag, ours in names.items():
         mapped.read_from.setdefault(ours, []).append(tag)
     _main_learning_rate(trainer, mapped)
+    mapped.notes += main_validation(mapped.records, mapped.read_from, config or {},
+                                    trainer.quantile_to_t)
+    if vm.VAL_LOSS in mapped.read_from and vm.VAL_TRAIN_LOSS not in mapped.read_from:
+        mapped.records += training_side(mapped.records)
+        if trainer.validation:
+            mapped.notes.append(f"validation loss: {trainer.validation}")
     return mapped
 
 
@@ -287,72 +365,3 @@ def kind_of(trainer: Trainer, tag: str) -> Kind:
         if row.tag == tag:
             return row.kind
     return "step"
-
-
-# config keys that say the run starts from trained weights (diffusers, kohya and SimpleTuner
-# name the base model pretrained_model_name_or_path; OneTrainer base_model_name)
-FINETUNE_KEYS = ("pretrained_model_name_or_path", "base_model_name", "network_module",
-                 "lora_rank", "instance_prompt")
-FINETUNE_START = 0.5  # a first loss below this many guide units: never an untrained model's
-
-
-def _present(value: Any) -> bool:
-    return value not in (None, "", "None", "none", "null", False, "False")
-
-
-def infer_regime(trainer: Trainer, config: dict[str, Any], losses: list[float],
-                 window: int = 5) -> tuple[Regime, str]:
-    """Pretraining or fine-tuning, and why: the run's config, the trainer, else the log (a loss
-    that starts far below an untrained model's ~1 guide unit, ``losses`` in those units)."""
-    for key in FINETUNE_KEYS:
-        if _present(config.get(key)):
-            return "finetune", f"its config sets {key} = {str(config[key])[:60]}"
-    if trainer.regime is not None:
-        what = "fine-tunes a trained model" if trainer.regime == "finetune" else "trains from scratch"
-        return trainer.regime, f"{trainer.label} {what}"
-    first = [v for v in losses[:window] if math.isfinite(v)]
-    if first and statistics.median(first) < FINETUNE_START:
-        return "finetune", (f"its loss starts at {statistics.median(first):.3g} guide units, "
-                            "far below an untrained model's ~1")
-    return "pretrain", "its loss starts near an untrained model's"
-
-
-def objective_of(config: dict[str, Any]) -> str | None:
-    """The objective a foreign run's config names (diffusers' and SimpleTuner's
-    ``prediction_type``, kohya's ``v_parameterization``), or None."""
-    kind = str(config.get("prediction_type") or "").lower()
-    if kind in OBJECTIVE_ALIASES:
-        return OBJECTIVE_ALIASES[kind]
-    if str(config.get("v_parameterization", "")).lower() in ("true", "1"):
-        return "v"
-    return None
-
-
-def min_snr_gamma_of(config: dict[str, Any]) -> float | None:
-    """Min-SNR-gamma weighting (Hang et al. 2023) of a foreign run: diffusers' ``snr_gamma``,
-    kohya's ``min_snr_gamma``; None when off."""
-    for key in ("snr_gamma", "min_snr_gamma"):
-        try:
-            gamma = float(config.get(key))  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            continue
-        if math.isfinite(gamma) and gamma > 0:
-            return gamma
-    return None
-
-
-# config keys that say a run computes in fp16: accelerate's (diffusers, kohya, musubi,
-# SimpleTuner) mixed_precision, OneTrainer's train_dtype, ai-toolkit's train.dtype
-FP16_KEYS = ("mixed_precision", "train_dtype", "dtype", "train.dtype", "train/dtype")
-FP16_VALUES = ("fp16", "float16", "float_16", "half", "torch.float16")
-
-
-def fp16_setting(config: dict[str, Any]) -> str | None:
-    """``KEY = VALUE`` of the setting that makes a foreign run compute in fp16, or None. fp16's
-    range (max 65504) is the most reported cause of a NaN loss in these trainers (Flux and SD3.5
-    in fp16; kohya-ss/sd-scripts #2137, #2313, #1571, #2104; kohya-ss/musubi-tuner #394)."""
-    for key in FP16_KEYS:
-        value = config.get(key)
-        if isinstance(value, str) and value.strip().lower() in FP16_VALUES:
-            return f"{key} = {value.strip()}"
-    return None
