@@ -9,6 +9,7 @@ from torch.utils.tensorboard import SummaryWriter
 from ldmkit.cli import main
 from ldmkit.vitals import metrics as vm
 from ldmkit.vitals.logs.readers import read_log
+from ldmkit.vitals.logs.sources import FORMATS
 
 SCALE_BUG = with_values(healthy_series(), vm.Z_STD, lambda s, v: 0.15)
 
@@ -118,11 +119,23 @@ def test_unreadable_inputs_exit_2_with_one_line(tmp_path, capsys, name, content,
     assert needle in err and len(err.splitlines()) == 1
 
 
-def test_missing_path_and_empty_directory(tmp_path, capsys):
+def test_missing_path_and_empty_directory_list_every_format_read(tmp_path, capsys):
+    """The errors and the help list the formats from the one table the readers use."""
     assert main(["diagnose", str(tmp_path / "nope")]) == 2
+    assert "does not exist; pass an ldmkit run directory" in capsys.readouterr().err
     assert main(["diagnose", str(tmp_path)]) == 2
-    assert "holds no metrics.jsonl, loss_log.db, training_metrics.jsonl, TensorBoard event " \
-        "files, W&B run or MLflow run" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "holds no log ldmkit reads (searched 3 levels down)" in err
+    assert len(err.splitlines()) == 1
+    (tmp_path / "log.txt").write_text("step loss\n")
+    assert main(["diagnose", str(tmp_path / "log.txt")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown format" in err
+    for fmt in FORMATS:
+        assert fmt.what in err
+    with pytest.raises(SystemExit):
+        main(["diagnose", "--help"])
+    assert "ai-toolkit's loss_log.db" in " ".join(capsys.readouterr().out.split())
 
 
 def test_a_healthy_verdict_says_whether_sample_quality_was_measured(tmp_path, capsys):

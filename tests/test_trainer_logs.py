@@ -664,3 +664,43 @@ def test_sd_scripts_nan_key_norm_without_ggpo_is_no_divergence(tmp_path):
     diagnosis = diagnose_log(accelerate_log(tmp_path, "network_train",
                                             {"learning_rate": LR}, rows))
     assert diagnosis.findings == [] and diagnosis.trainer == "kohya-ss sd-scripts"
+
+
+def test_ai_toolkit_db_is_polled_for_added_steps_and_read_again_when_a_resume_rewrote_them(
+        tmp_path):
+    """A poll reads the rows of steps after the last one read; a resumed run deletes the steps
+    after its resume step (toolkit/logging_aitk.py _prune_future_steps: DELETE FROM steps,
+    metrics cascade) and logs them again with new wall times: the source then reads the whole
+    log again, so no row of the abandoned steps survives."""
+    import sqlite3
+
+    from ldmkit.vitals.logs.sources import AitkSource
+    from ldmkit.vitals.logs.trainer_files import read_aitk
+
+    db = ai_toolkit(tmp_path, make_run("healthy")) / "loss_log.db"
+    source = AitkSource(db)
+    rows = len(source.poll().records)
+    assert rows == 2 * STEPS + 5 and source.poll() is None  # loss, lr; val/loss at 100 ... 500
+    con = sqlite3.connect(db, isolation_level=None)
+    con.execute("PRAGMA foreign_keys=ON")
+
+    def log(step: int, loss: float) -> None:
+        con.execute("INSERT INTO steps VALUES (?, ?) ON CONFLICT(step) DO UPDATE SET "
+                    "wall_time=excluded.wall_time", (step, 2.0e9 + step))
+        con.execute("INSERT INTO metrics VALUES (?, 'loss/loss', ?, NULL)", (step, loss))
+
+    mark = source.mark
+    log(600, 0.2)
+    os.utime(db, (2.1e9, 2.1e9))
+    added, _, whole = read_aitk(db, mark)
+    assert added.records == [(600, "loss/loss", 0.2)] and not whole
+    assert len(source.poll().records) == rows + 1
+    con.execute("DELETE FROM steps WHERE step > 300")  # resumed from step 300
+    for step in range(301, 700):
+        log(step, 9.0)
+    con.close()
+    os.utime(db, (2.2e9, 2.2e9))
+    raw = source.poll()
+    losses = [(s, v) for s, tag, v in raw.records if tag == "loss/loss"]
+    assert [s for s, _ in losses] == list(range(700))  # each step once
+    assert all(v == 9.0 for s, v in losses if s > 300)

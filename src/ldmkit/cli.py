@@ -9,6 +9,7 @@ from ldmkit.config import SAMPLERS
 from ldmkit.diffusion.registry import OBJECTIVE_NAMES
 from ldmkit.errors import LdmkitError
 from ldmkit.platform.preemption import Preempted
+from ldmkit.vitals.logs.sources import formats_text
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -74,9 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     watch.add_argument("--once", action="store_true", help="print one frame and exit")
 
     diagnose = sub.add_parser("diagnose", help="read any run's metrics and say what is wrong")
-    diagnose.add_argument("path", help="an ldmkit run, or another trainer's log: TensorBoard "
-                          "event file or directory, W&B run (or its CSV export), MLflow mlruns/, "
-                          "CSV, JSONL")
+    diagnose.add_argument("path", help="an ldmkit run, or another trainer's log, or the "
+                          f"folder holding it: {formats_text()}")
     diagnose.add_argument("--json", action="store_true", help="machine-readable output")
     diagnose.add_argument("--fail-on", choices=("never", "warning", "critical"),
                           default="critical", help="exit 1 when a finding this severe is present")

@@ -22,12 +22,13 @@ from rich.text import Text
 from ldmkit.errors import LdmkitError
 from ldmkit.report.html import shown_tags
 from ldmkit.report.svg import heat_color
-from ldmkit.run.context import read_run, run_context
+from ldmkit.run.context import context_of, run_context
 from ldmkit.run.layout import RunDir, is_run
 from ldmkit.vitals import metrics as vm
 from ldmkit.vitals.diagnose import Context, Series, coverage, evaluate, scenario
 from ldmkit.vitals.logs.metrics_jsonl import metrics_reader
-from ldmkit.vitals.logs.readers import last_written
+from ldmkit.vitals.logs.readers import loaded
+from ldmkit.vitals.logs.sources import open_log
 from ldmkit.vitals.logs.trainers import LDMKIT, Trainer, in_trainer_terms
 from ldmkit.vitals.monitor import TAIL
 from ldmkit.vitals.offline import foreign_context
@@ -87,21 +88,22 @@ def noise_level_rows(series: Series, width: int = 40) -> list[Text]:
 
 
 class LogFollower:
-    """Another trainer's log, read again (with its trainer's tags and regime, as ``diagnose``
-    reads it) whenever it was written since the last poll: TensorBoard, SQLite and the
-    trackers' files are not appended line by line as ``metrics.jsonl`` is."""
+    """Another trainer's log, followed through its ``sources.LogSource`` (only what was added
+    where the format allows) and judged with its trainer's tags and regime, as ``diagnose``
+    judges it."""
 
     def __init__(self, path: Path):
-        self.path, self.series, self.stamp = path, {}, None
+        self.path, self.series, self.source = path, {}, open_log(path)
         self.ctx, self.trainer = Context(), LDMKIT
 
     def poll(self) -> int:
-        """Read the log again if it changed; returns 1 when it did, else 0."""
-        stamp = last_written(self.path)
-        if stamp == self.stamp:
+        """Read what the trainer wrote since the last poll; returns 1 when it wrote, else 0."""
+        raw = self.source.poll()
+        if raw is None:
             return 0
-        log, ctx = read_run(self.path, require_values=False)
-        self.series, self.ctx, self.stamp = log.series, foreign_context(log, ctx)[0], stamp
+        log = loaded(raw, self.path, require_values=False)
+        ctx = context_of(None, log.latent_scale_factor).learn(log.series)
+        self.series, self.ctx = log.series, foreign_context(log, ctx)[0]
         self.trainer = log.trainer
         return 1
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ldmkit.platform.files import open_append, write_text_atomic
-from ldmkit.vitals import metrics as vm
+from ldmkit.vitals import tags as vm
 from ldmkit.vitals.logs.formats import JsonLines, RawLog, Record, json_lines
 
 METRICS_FILE = "metrics.jsonl"

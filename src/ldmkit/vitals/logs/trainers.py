@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ldmkit.vitals import metrics as vm
+from ldmkit.vitals import tags as vm
 from ldmkit.vitals.logs.validation_sets import (
     QUANTILE,
     SET_PREFIX,

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from statistics import NormalDist
 from typing import Any
 
-from ldmkit.vitals import metrics as vm
+from ldmkit.vitals import tags as vm
 
 SET_PREFIX = vm.VAL_PREFIX + "set/"
 QUANTILE = "/loss_q"  # SET_PREFIX + NAME + QUANTILE + "0.10": a level as a quantile
