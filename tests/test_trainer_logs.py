@@ -324,6 +324,24 @@ def diffusion_pipe(tmp: Path, run: Run) -> Path:
     return directory
 
 
+def ltx_trainer(tmp: Path, run: Run) -> Path:
+    """LTX-2's ltx-trainer (packages/ltx-trainer/src/ltx_trainer/trainer.py): per optimization
+    step ``wandb_run.log({train/loss, train/learning_rate, train/step_time, train/global_step})``
+    plus the loss per sigma bucket (sigma_tracker.py), by the real W&B SDK in offline mode."""
+    import wandb
+
+    os.environ.update(WANDB_SILENT="true", WANDB_DISABLE_GIT="true")
+    config = {"optimization": {"learning_rate": LR, "max_grad_norm": 1.0},
+              "acceleration": {"mixed_precision_mode": "bf16"}}
+    rng = random.Random(1)
+    with wandb.init(project="ltx-2", mode="offline", dir=str(tmp), config=config) as wb:
+        for i, (loss, lr) in enumerate(zip(run.loss, run.lr, strict=True)):
+            bucket = f"{int(rng.random() * 4) / 4:.2f}-{int(rng.random() * 4) / 4 + 0.25:.2f}"
+            wb.log({"train/loss": loss, "train/learning_rate": lr, "train/step_time": 1.2,
+                    "train/global_step": i + 1, f"train/loss_sigma_{bucket}": loss})
+    return tmp / "wandb"
+
+
 def open_sora(tmp: Path, run: Run) -> Path:
     """Open-Sora's wandb.log (scripts/diffusion/train.py): loss, avg_loss, lr and
     global_grad_norm at each logged update step, here in an older SDK's history file."""
@@ -346,14 +364,15 @@ WRITERS = {"kohya": kohya, "diffusers-lora": diffusers_lora,
            "k-diffusion-csv": k_diffusion_csv, "wandb-csv": wandb_csv, "mlflow": mlflow_store,
            "ai-toolkit": ai_toolkit, "simpletuner-local": simpletuner_local,
            "diffsynth-csv": diffsynth_csv, "diffusion-pipe": diffusion_pipe,
-           "open-sora": open_sora}
+           "ltx-trainer": ltx_trainer, "open-sora": open_sora}
 TRAINER_LABELS = {"kohya": "kohya-ss sd-scripts", "onetrainer": "OneTrainer",
                   "simpletuner": "SimpleTuner", "k-diffusion-wandb": "k-diffusion (W&B)",
                   "k-diffusion-wandb-offline": "k-diffusion (W&B)",
                   "k-diffusion-csv": "k-diffusion (its *_metrics.csv)",
                   "diffusers-unconditional": "diffusers train_unconditional.py",
                   "ai-toolkit": "ai-toolkit (its loss_log.db)", "simpletuner-local": "SimpleTuner",
-                  "diffusion-pipe": "diffusion-pipe", "open-sora": "Open-Sora"}
+                  "diffusion-pipe": "diffusion-pipe", "open-sora": "Open-Sora",
+                  "ltx-trainer": "LTX-2 trainer (ltx-trainer)"}
 GRAD_LOGGED = {"simpletuner", "mlflow", "simpletuner-local", "diffusion-pipe", "open-sora"}
 VALIDATED = {"kohya": "loss/validation/step_average", "onetrainer":
              "loss/validation_step/val-dogs", "simpletuner": "loss/val/eval-cats",
@@ -653,6 +672,23 @@ def test_a_nan_in_an_fp16_run_is_blamed_on_fp16_first(tmp_path):
     bf16 = accelerate_log(tmp_path / "bf16", "network_train",
                           {"mixed_precision": "bf16", "learning_rate": LR}, rows)
     assert "fp16" not in {f.code: f.fix for f in diagnose_log(bf16).findings}["loss_nonfinite"]
+
+
+def test_a_nan_in_an_ltx_trainer_run_in_fp16_is_blamed_on_fp16_first(tmp_path, monkeypatch):
+    """Its config reaches W&B nested (acceleration: {mixed_precision_mode: fp16})."""
+    import wandb
+
+    real_init = wandb.init
+
+    def fp16_init(**kwargs):
+        kwargs["config"]["acceleration"]["mixed_precision_mode"] = "fp16"
+        return real_init(**kwargs)
+
+    monkeypatch.setattr(wandb, "init", fp16_init)
+    findings = diagnose_log(ltx_trainer(tmp_path, make_run("diverging"))).findings
+    fix = {f.code: f.fix for f in findings}["loss_nonfinite"]
+    assert fix.startswith("the run computes in fp16 (acceleration.mixed_precision_mode = fp16)")
+    assert "optimization.learning_rate" in fix  # then ltx-trainer's own setting
 
 
 def test_sd_scripts_nan_key_norm_without_ggpo_is_no_divergence(tmp_path):

@@ -69,10 +69,23 @@ def min_snr_gamma_of(config: dict[str, Any]) -> float | None:
 # config keys that say a run computes in fp16: accelerate's (diffusers, kohya, musubi,
 # SimpleTuner) mixed_precision, OneTrainer's train_dtype, ai-toolkit's train.dtype,
 # diffusion-pipe's [model] dtype, ltx-trainer's acceleration.mixed_precision_mode
-FP16_KEYS = ("mixed_precision", "train_dtype", "dtype", "train.dtype", "train/dtype",
-             "model.dtype", "acceleration.mixed_precision_mode",
-             "acceleration/mixed_precision_mode")
+FP16_KEYS = ("mixed_precision", "train_dtype", "dtype", "train.dtype", "model.dtype",
+             "acceleration.mixed_precision_mode")
 FP16_VALUES = ("fp16", "float16", "float_16", "half", "torch.float16")
+
+
+def setting(config: dict[str, Any], key: str) -> Any:
+    """``config``'s value of a dotted ``key``, whether the config is flat (``a.b`` or ``a/b``,
+    as MLflow and the TOML reader keep it) or nested (W&B's, YAML's); None when absent."""
+    for flat in (key, key.replace(".", "/")):
+        if flat in config:
+            return config[flat]
+    value: Any = config
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
 
 
 def fp16_setting(config: dict[str, Any]) -> str | None:
@@ -80,7 +93,7 @@ def fp16_setting(config: dict[str, Any]) -> str | None:
     range (max 65504) is the most reported cause of a NaN loss in these trainers (Flux and SD3.5
     in fp16; kohya-ss/sd-scripts #2137, #2313, #1571, #2104; kohya-ss/musubi-tuner #394)."""
     for key in FP16_KEYS:
-        value = config.get(key)
+        value = setting(config, key)
         if isinstance(value, str) and value.strip().lower() in FP16_VALUES:
             return f"{key} = {value.strip()}"
     return None
