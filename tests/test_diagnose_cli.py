@@ -38,10 +38,14 @@ def test_json_output_has_exactly_the_documented_shape(tmp_path, capsys):
     assert out["trainer"] == "ldmkit" and out["hook"] == "" and out["notes"] == []
     finding = out["findings"][0]
     assert set(finding) == {"code", "severity", "metric", "step", "value", "message", "fix",
-                            "tags_read"}
+                            "remedy", "cleared_at", "tags_read"}
+    assert finding["cleared_at"] is None
     assert finding["tags_read"] == [vm.Z_STD]
     assert finding["code"] == "z_std_low" and finding["severity"] == "critical"
     assert f"{SCALE / 0.15:.4g}" in finding["fix"]
+    assert finding["remedy"] == {"changes": [{
+        "key": "diffusion.latent_scale_factor", "setting": "diffusion.latent_scale_factor",
+        "value": float(f"{SCALE / 0.15:.4g}")}], "restart": "start", "automatic": True}
 
 
 def test_fail_on_levels(tmp_path, capsys):

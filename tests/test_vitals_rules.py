@@ -175,7 +175,8 @@ def test_z_std_with_a_computed_scale_fix(z, code, severity):
 def test_scale_fix_without_a_known_scale_is_a_ratio():
     series = with_values(healthy_series(), vm.Z_STD, lambda s, v: 0.2)
     finding = replay(series, Context.of(None))[0]
-    assert "multiply latent_scale_factor by 5" in finding.fix
+    assert "multiply diffusion.latent_scale_factor by 5" in finding.fix
+    assert finding.remedy.changes == () and not finding.remedy.automatic  # no number to set
 
 
 def test_mode_collapse_levels_and_trend():

@@ -74,6 +74,14 @@ def _parser() -> argparse.ArgumentParser:
     watch.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
     watch.add_argument("--once", action="store_true", help="print one frame and exit")
 
+    fix = sub.add_parser("fix", help="apply the automatic remedies of a run's findings and "
+                         "continue or restart it")
+    fix.add_argument("run_dir")
+    fix.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    fix.add_argument("--steps", type=int, metavar="N", help="train.steps of the fixed run "
+                     "(default: the run's, or a full window of log records past the checkpoint "
+                     "it continues from)")
+
     diagnose = sub.add_parser("diagnose", help="read any run's metrics and say what is wrong")
     diagnose.add_argument("path", help="an ldmkit run, or another trainer's log, or the "
                           f"folder holding it: {formats_text()}")
@@ -93,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _train(args: argparse.Namespace, report: bool) -> int:
     from ldmkit.config import load_config
-    from ldmkit.pipeline import train_and_report
+    from ldmkit.jobs.pipeline import train_and_report
     from ldmkit.run.layout import RunDir
 
     until = getattr(args, "until", None)
@@ -117,6 +125,21 @@ def _train(args: argparse.Namespace, report: bool) -> int:
         print(f"trained {result.step} steps; scenario: {result.verdict}; "
               f"run directory: {result.run_dir}; report: {done.html}")
     return 1 if result.stopped_by else 0
+
+
+def _fix(args: argparse.Namespace) -> int:
+    from ldmkit.jobs.fix import apply_fix, describe, plan_fix
+
+    if args.steps is not None and args.steps < 1:
+        raise LdmkitError("--steps must be a step count >= 1")
+    plan = plan_fix(args.run_dir, args.steps)
+    print(describe(plan))
+    done = None if args.dry_run else apply_fix(plan)
+    if done is None:
+        return 0
+    if done.summary is not None and not done.result.preempted_by:
+        print(done.summary)
+    return 1 if done.result.stopped_by else 0
 
 
 def _scales(text: str) -> list[float]:
@@ -170,6 +193,7 @@ OUT_OF_MEMORY = {  # what to lower, by command
     "report": "the run's log is larger than this machine's memory",
     "watch": "the run's log is larger than this machine's memory",
     "export": "export on a machine with more memory",
+    "fix": "lower train.batch_size, data.image_size or the model's base_channels",
 }
 
 
@@ -213,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
             _encode(args)
         elif args.command == "diagnose":
             return _diagnose(args)
+        elif args.command == "fix":
+            return _fix(args)
     except LdmkitError as exc:
         _error(str(exc))
         return 2

@@ -29,7 +29,7 @@ from ldmkit.vitals.diagnose import Context, Series, coverage, evaluate, scenario
 from ldmkit.vitals.logs.metrics_jsonl import metrics_reader
 from ldmkit.vitals.logs.readers import loaded
 from ldmkit.vitals.logs.sources import open_log
-from ldmkit.vitals.logs.trainers import LDMKIT, Trainer, in_trainer_terms
+from ldmkit.vitals.logs.trainers import LDMKIT, Trainer
 from ldmkit.vitals.monitor import TAIL
 from ldmkit.vitals.offline import foreign_context
 from ldmkit.vitals.signs import band_status, bands
@@ -126,7 +126,7 @@ def render(run_dir: Path, series: Series, ctx: Context, trainer: Trainer = LDMKI
         table.add_row(tag, str(last_step), Text(f"{value:.4g}", style=style),
                       sparkline([v for _, v in series[tag]]))
     lines = [Text(f"{f.severity.upper()} {f.code} (step {f.step}): {f.message}. "
-                  f"Fix: {in_trainer_terms(f.fix, trainer)}",
+                  f"Fix: {f.remedy.in_names_of(trainer.names).render() if f.remedy else f.fix}",
                   style="bold red" if f.severity == "critical" else "yellow") for f in findings]
     if not series:
         lines = [Text(f"waiting for {RunDir(run_dir).metrics} ...", style="dim")]

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ldmkit.vitals.remedy import Remedy
 from ldmkit.vitals.rules import Rule, threshold_defaults
 
 Series = dict[str, list[tuple[int, float]]]
@@ -20,10 +21,13 @@ class Finding:
     step: int
     value: float
     message: str
-    fix: str
+    fix: str  # the remedy's text in ldmkit's setting names
+    remedy: Remedy | None = None  # what the fix changes, as data (None: an event's finding)
+    cleared_at: int | None = None  # a critical of a whole log's replay that no longer holds
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        record = {k: v for k, v in asdict(self).items() if k != "remedy"}
+        return record | {"remedy": self.remedy.to_dict() if self.remedy else None}
 
 
 @dataclass

@@ -14,6 +14,7 @@ import math
 from ldmkit.vitals import metrics as vm
 from ldmkit.vitals.checks import CHECKS, samples_judgeable
 from ldmkit.vitals.context import Context, Finding, Series, Verdict
+from ldmkit.vitals.remedy import remedy_of
 from ldmkit.vitals.rules import ALWAYS, EVENTS, RULES
 from ldmkit.vitals.signs import QUALITY_TAGS
 
@@ -21,19 +22,23 @@ __all__ = ["Context", "Finding", "Series", "coverage", "evaluate", "event_findin
            "scenario"]
 
 def _fix_fields(verdict: Verdict, series: Series, ctx: Context) -> dict:
-    """Numbers the fixes quote: learning rates to retry with, the scale factor to use."""
+    """Numbers the fixes quote and the remedies set: learning rates to retry with, the scale
+    factor to use (``new_scale``, when the run's scale is known)."""
     lrs = [v for _, v in series.get(vm.LEARNING_RATE, []) if math.isfinite(v)]
     lr = ctx.lr if ctx.lr is not None else (max(lrs) if lrs else float("nan"))
     scale, z = ctx.latent_scale_factor, verdict.value
+    new_scale = float("nan")
     if not (math.isfinite(z) and z > 0):
-        scale_fix = "set diffusion.latent_scale_factor to null so ldmkit calibrates it"
+        scale_fix = "set $diffusion.latent_scale_factor to null so ldmkit calibrates it"
     elif scale:
-        scale_fix = (f"set diffusion.latent_scale_factor = {scale / z:.4g} "
+        new_scale = scale / z
+        scale_fix = (f"set $diffusion.latent_scale_factor = {new_scale:.4g} "
                      f"(now {scale:.4g}; current / z_std), or null to calibrate from data")
     else:
-        scale_fix = (f"multiply latent_scale_factor by {1 / z:.3g} (1 / z_std), or "
-                     "set it to null so ldmkit calibrates it from the data")
-    return {"lr": lr, "lr_retry": retry_lr(lr), "lr_up": lr * 10, "scale_fix": scale_fix}
+        scale_fix = (f"multiply $diffusion.latent_scale_factor by {1 / z:.3g} (1 / z_std), "
+                     "or set it to null so ldmkit calibrates it from the data")
+    return {"lr": lr, "lr_retry": retry_lr(lr), "lr_up": lr * 10, "scale_fix": scale_fix,
+            "new_scale": new_scale}
 
 
 STABLE_LR = 1e-3  # AdamW's step is ~lr per weight; LDM backbones train at 1e-4 to 1e-3
@@ -63,8 +68,9 @@ def evaluate(series: Series, ctx: Context) -> list[Finding]:
         fields = {"value": verdict.value, "step": verdict.step,
                   "thr": ctx.thresholds.get(verdict.level, float("nan")),
                   **_fix_fields(verdict, series, ctx), **verdict.fields}
+        remedy = remedy_of(rule.remedy, rule.fix.format(**fields), fields)
         findings.append(Finding(rule.code, severity, metric, verdict.step, verdict.value,
-                                rule.message.format(**fields), rule.fix.format(**fields)))
+                                rule.message.format(**fields), remedy.render(), remedy))
     return sorted(findings, key=lambda f: f.severity != "critical")
 
 

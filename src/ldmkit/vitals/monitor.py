@@ -71,7 +71,7 @@ def replay(series: Series, ctx: Context, max_points: int = 2000) -> list[Finding
     for code, (finding, step) in cleared_critical.items():
         if code not in tracker.active:
             result.append(dataclasses.replace(
-                finding, message=f"{finding.message} (cleared by step {step})"))
+                finding, message=f"{finding.message} (cleared by step {step})", cleared_at=step))
     return result
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ldmkit.vitals import metrics as vm
+from ldmkit.vitals import tags as vm
+from ldmkit.vitals.remedy import RemedySpec
 
 # name -> (default, guide row it implements)
 THRESHOLDS: dict[str, tuple[float, str]] = {
@@ -106,41 +107,52 @@ class Rule:
     # trainer's smoothed loss); never a per-step check
     fallback: str | None = None
     pretrain_only: bool = False  # a fine-tune's low, flat loss is its regime, not this finding
+    remedy: RemedySpec = RemedySpec()  # what the fix changes and where training restarts
 
+
+LR_UP = RemedySpec((("train.lr", "lr_up"),), "latest", automatic=True)
+# every step so far trained on latents of the wrong size: start again with the right scale
+RESCALE = RemedySpec((("diffusion.latent_scale_factor", "new_scale"),), "start", automatic=True)
 
 # Ordered root causes first: a run's scenario is that of its first warning or critical row.
 RULES: tuple[Rule, ...] = (
     Rule("loss_nonfinite", vm.LOSS, "nonfinite", None, ALWAYS, "loss: 'NaN or inf: training has collapsed'",
          "diverged", "the loss became {value} at step {step}: training diverged (exploding updates)",
-         "retry from the last good checkpoint with train.lr = {lr_retry:.3g} (a tenth), keep grad_clip",
-         fallback=vm.LOSS_SMOOTHED),
+         "retry from the last good checkpoint with $train.lr = {lr_retry:.4g} (a tenth), keep $grad_clip",
+         fallback=vm.LOSS_SMOOTHED,
+         remedy=RemedySpec((("train.lr", "lr_retry"),), "healthy", automatic=True)),
     Rule("grad_norm_nonfinite", vm.GRAD_NORM, "all_nonfinite", None, ALWAYS,
          "grad_norm: '> 100: exploding gradients'; loss: 'NaN or inf: training has collapsed'",
          "diverged",
          "the gradient norm is {value} at every one of the last records (through step {step}): "
          "no update is finite, training has diverged whatever the loss shows",
-         "retry from the last good checkpoint with train.lr = {lr_retry:.3g} (a tenth), keep "
-         "grad_clip; check the data for NaN"),
+         "retry from the last good checkpoint with $train.lr = {lr_retry:.4g} (a tenth), keep "
+         "$grad_clip; check the data for NaN",
+         remedy=RemedySpec((("train.lr", "lr_retry"),), "healthy", automatic=True)),
     Rule("grad_norm_exploding", vm.GRAD_NORM, "median_above", None, "grad_norm_high",
          "grad_norm: '> 100: exploding gradients'", "diverged",
          "gradient norm before clipping is {value:.3g} (median of the last records), above {thr:g}: "
          "updates are unstable even if grad_clip hides it",
-         "lower train.lr to {lr_retry:.3g} (a tenth) or lengthen train.warmup_steps"),
+         "lower $train.lr to {lr_retry:.4g} (a tenth) or lengthen $train.warmup_steps",
+         remedy=RemedySpec((("train.lr", "lr_retry"),), "latest", automatic=True)),
     Rule("z_std_low", vm.Z_STD, "median_below", "z_std_low_warning", "z_std_low_critical",
          "latent/z_std: '<< 1.0: latents too small; signal is lost in noise' (scenario B)",
          "scale_factor_bug",
          "latents fed to the model have std {value:.3f}, not ~1.0: they are squashed and look "
          "denoised to the model",
-         "{scale_fix}"),
+         "{scale_fix}",
+         remedy=RESCALE),
     Rule("z_std_high", vm.Z_STD, "median_above", "z_std_high_warning", "z_std_high_critical",
          "latent/z_std: '>> 1.0: latents too big; model can't denoise'", "scale_factor_bug",
          "latents fed to the model have std {value:.3f}, not ~1.0: noise cannot cover them",
-         "{scale_fix}"),
+         "{scale_fix}",
+         remedy=RESCALE),
     Rule("t_mean_biased", vm.T_MEAN, "t_mean", "t_mean_dev_warning", "t_mean_dev_critical",
          "diffusion/t_mean: 'Must average ~0.5 ... stuck at 0.0 or 1.0: biased sampling'",
          "biased_timesteps",
          "sampled timesteps average {value:.3f}, not ~0.5: some noise levels are barely trained",
-         "use diffusion.t_sampling: uniform, or logit_normal with logit_normal_loc near 0"),
+         "use $diffusion.t_sampling: uniform, or logit_normal with $logit_normal_loc near 0",
+         remedy=RemedySpec((("diffusion.t_sampling", "=uniform"),), "latest", automatic=True)),
     Rule("cos_eps_negative", vm.COS_EPS, "median_below", None, "cos_eps_negative",
          "diffusion/cos_eps_mean: 'Negative: predicting the inverse of the noise (severe bug)'",
          "inverted_noise",
@@ -149,7 +161,7 @@ RULES: tuple[Rule, ...] = (
     Rule("lr_mismatch", vm.LEARNING_RATE, "lr_mismatch", "lr_rel_tol", None,
          "learning_rate: 'Should match the value you set'", "lr_mismatch",
          "the logged learning rate {value:.3g} differs from the configured schedule's {expected:.3g}",
-         "check the scheduler and train.lr / warmup_steps / min_lr_ratio; resume with the run's config"),
+         "check the scheduler and $train.lr / $warmup_steps / $min_lr_ratio; resume with the run's config"),
     Rule("mode_collapse", vm.PAIRWISE_PREFIX + "mean", "mode_collapse", "pairwise_low_warning",
          "pairwise_low_critical",
          "sample_diversity: 'Very low (< 0.01) and trending toward zero ... min close to zero'",
@@ -182,44 +194,48 @@ RULES: tuple[Rule, ...] = (
     Rule("grad_norm_vanishing", vm.GRAD_NORM, "median_below", None, "grad_norm_low",
          "grad_norm: '< 1e-6: vanishing gradients'", "not_learning",
          "gradient norm is {value:.3g}, below {thr:g}: the weights no longer change (dead network)",
-         "check that the loss depends on the model output; re-initialise, or raise train.lr"),
+         "check that the loss depends on the model output; re-initialise, or raise $train.lr"),
     Rule("no_update", vm.UPDATE_RATIO, "no_update", None, "update_ratio_low",
          "grad_norm: 'Model isn't learning; gradients too weak to update weights'",
          "not_learning",
          "the optimizer changes the weights by {value:.3g} of their size per step: training has "
          "no effect",
-         "check that the learning rate is not 0 (train.lr, warmup, the schedule), that the "
+         "check that the learning rate is not 0 ($train.lr, warmup, the schedule), that the "
          "parameters require grad and that the optimizer holds the model's parameters"),
     Rule("validation_stuck", vm.VAL_LOSS, "validation_stuck", "val_stuck_high", None,
          "loss/total_loss: 'Stays ~1.0: model isn't learning (check LR)'; which noise levels: "
          "diffusion/t_mean 'some noise levels are barely trained'", "not_learning",
          "the held-out validation loss stays at {value:.3f} after {step} steps{where}",
-         "raise train.lr (now {lr:.3g}) to about {lr_up:.3g}; check the data and latent/z_std"),
+         "raise $train.lr (now {lr:.3g}) to about {lr_up:.4g}; check the data and latent/z_std",
+         remedy=LR_UP),
     Rule("loss_stuck_high", vm.LOSS, "stays_above", "loss_stuck_high", None,
          "loss/total_loss: 'Stays ~1.0: model isn't learning (check LR)'", "not_learning",
          "the loss stays at {value:.3f} after {step} steps: the model is not learning the noise",
-         "raise train.lr (now {lr:.3g}) to about {lr_up:.3g}; check the data and latent/z_std",
-         fallback=vm.LOSS_SMOOTHED),
+         "raise $train.lr (now {lr:.3g}) to about {lr_up:.4g}; check the data and latent/z_std",
+         fallback=vm.LOSS_SMOOTHED,
+         remedy=LR_UP),
     Rule("cos_eps_random", vm.COS_EPS, "stays_abs_below", "cos_eps_random", None,
          "diffusion/cos_eps_mean: 'Stays at 0.0: model is guessing randomly'", "not_learning",
          "the cosine of predicted and true noise stays at {value:.3f} after {step} steps: "
          "the predictions are random",
-         "raise train.lr (now {lr:.3g}) to about {lr_up:.3g}; check latent/z_std and the data"),
+         "raise $train.lr (now {lr:.3g}) to about {lr_up:.4g}; check latent/z_std and the data",
+         remedy=LR_UP),
     Rule("conditioning_ignored", vm.COND_GAP, "stays_abs_below", "cond_gap_low", None,
          "diffusion/cos_eps_mean: 'Stays at 0.0: model is guessing randomly', applied to the "
          "condition: the prediction does not depend on the labels", "conditioning_ignored",
          "the conditional and unconditional noise estimates differ by {value:.3g} of their size "
          "after {step} steps: the class labels do not reach the model, and guidance will do "
          "nothing",
-         "check that the data has labels and that train.cond_drop_prob is well below 1 (0.1 "
-         "is usual); in your own loop, pass the labels to the model"),
+         "check that the data has labels and that $train.cond_drop_prob is well below 1 (0.1 "
+         "is usual); in your own loop, pass the labels to the model",
+         remedy=RemedySpec((("train.cond_drop_prob", "=0.1"),), "latest", automatic=True)),
     Rule("overfitting", vm.VAL_LOSS, "overfitting", "overfit_gap", None,
          "loss/total_loss: '< 0.01: overfitting'; scenario C 'Memorization ... Increase dataset, "
          "use EMA, or reduce model size'", "memorization",
          "the held-out validation loss {value:.3f}{compared}{rising}: the model fits the "
          "images it trains on, not the data they come from{where}",
-         "use more data (or data.val_fraction to check with more held-out images), fewer steps, "
-         "the EMA weights, or a smaller model (a UNet: model.dropout 0.1)"),
+         "use more data (or $data.val_fraction to check with more held-out images), fewer steps, "
+         "the EMA weights, or a smaller model (a UNet: $model.dropout 0.1)"),
     Rule("class_collapse", vm.LEAST_DIVERSE_MSE, "class_collapse", "pairwise_low_warning",
          "pairwise_low_critical",
          "sample_diversity: 'Very low (< 0.01): mode collapse', per class: the samples of one "
@@ -238,7 +254,7 @@ RULES: tuple[Rule, ...] = (
          "at guidance {value:g} the sampled latents leave the decoder's range ({detail}); "
          "{compared}: the guidance is too strong",
          "sample with a lower --guidance, or guide only part of the noise levels with "
-         "sample.guidance_interval (Kynkaanniemi et al. 2024)",
+         "$sample.guidance_interval (Kynkaanniemi et al. 2024)",
          about_samples=True),
     Rule("final_latent_std_off", vm.FINAL_PREFIX + "std", "final_std", "final_std_ratio_warning",
          "final_std_ratio_critical",

@@ -53,6 +53,11 @@ class Trainer:
     validation: str = ""  # what its validation loss measures, and on which images
     quantile_to_t: QuantileToT | None = None  # its validation levels' quantiles as t
 
+    @property
+    def names(self) -> dict[str, str]:
+        """ldmkit's setting names -> this trainer's, for rendering a remedy's text."""
+        return dict(self.settings)
+
 
 def _sig(*sets: tuple[str, ...]) -> tuple[frozenset[str], ...]:
     return tuple(frozenset(s) for s in sets)
@@ -286,16 +291,6 @@ def detect(tags: set[str]) -> Trainer:
         if any(signature <= tags for signature in trainer.signatures):
             return trainer
     return LDMKIT if vm.LOSS in tags else GENERIC
-
-
-def in_trainer_terms(text: str, trainer: Trainer) -> str:
-    """A fix that names ldmkit's settings, with the trainer's names for them (one pass, so a
-    name put in is never replaced again)."""
-    if not trainer.settings:
-        return text
-    names = dict(trainer.settings)
-    pattern = "|".join(re.escape(k) for k in sorted(names, key=len, reverse=True))
-    return re.sub(rf"(?<![\w.])({pattern})(?!\w)", lambda m: names[m.group(1)], text)
 
 
 def _match(pattern: str, tag: str) -> dict[str, str] | None:
