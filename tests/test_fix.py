@@ -54,11 +54,18 @@ def test_another_trainers_remedy_is_in_its_settings(tmp_path, capsys):
     assert "--learning_rate = 1e-05" in finding["fix"] and "train.lr" not in finding["fix"]
 
 
-def sick_run(tmp: Path, name: str, diffusion: dict) -> Path:
+def sick_config(tmp: Path, stage1: Path, name: str, **sections: dict) -> Path:
+    """TINY started sick (``sections`` replaced), reusing the session run's stage 1."""
     config = tmp / f"{name}.yaml"
-    config.write_text(yaml.safe_dump({**TINY, "diffusion": diffusion,
-                                      "run_dir": str(tmp / name)}))
-    assert main(["train", str(config)]) == 0
+    config.write_text(yaml.safe_dump({
+        **TINY, **{k: {**TINY.get(k, {}), **v} for k, v in sections.items()},
+        "autoencoder": {**TINY["autoencoder"], "pretrained": str(stage1)},
+        "run_dir": str(tmp / name)}))
+    return config
+
+
+def sick_run(tmp: Path, stage1: Path, name: str, diffusion: dict) -> Path:
+    assert main(["train", str(sick_config(tmp, stage1, name, diffusion=diffusion))]) == 0
     return tmp / name
 
 
@@ -67,8 +74,9 @@ def snapshot(run: Path) -> dict[str, float]:
 
 
 @pytest.mark.slow
-def test_fix_starts_a_run_with_the_wrong_scale_again_in_a_new_run_beside_it(tmp_path, capsys):
-    run = sick_run(tmp_path, "scale", {"latent_scale_factor": 8.0})
+def test_fix_starts_a_run_with_the_wrong_scale_again_in_a_new_run_beside_it(tiny_run, tmp_path,
+                                                                             capsys):
+    run = sick_run(tmp_path, tiny_run.run_dir, "scale", {"latent_scale_factor": 8.0})
     assert main(["diagnose", str(run), "--fail-on", "never"]) == 0
     assert "z_std_high" in capsys.readouterr().out
     before = snapshot(run)
@@ -88,8 +96,10 @@ def test_fix_starts_a_run_with_the_wrong_scale_again_in_a_new_run_beside_it(tmp_
 
 
 @pytest.mark.slow
-def test_fix_continues_a_run_with_biased_timesteps_until_the_finding_clears(tmp_path, capsys):
-    run = sick_run(tmp_path, "tbias", {"t_sampling": "logit_normal", "logit_normal_loc": 3.0})
+def test_fix_continues_a_run_with_biased_timesteps_until_the_finding_clears(tiny_run, tmp_path,
+                                                                             capsys):
+    run = sick_run(tmp_path, tiny_run.run_dir, "tbias",
+                   {"t_sampling": "logit_normal", "logit_normal_loc": 3.0})
     assert main(["fix", str(run)]) == 0
     out = capsys.readouterr().out
     assert "change: diffusion.t_sampling = uniform; continue from the latest checkpoint" in out
@@ -155,3 +165,36 @@ def test_a_finding_without_an_automatic_remedy_names_the_checkpoint_to_keep(tiny
     assert main(["fix", str(run)]) == 0
     assert "no automatic remedy for cos_eps_negative" in capsys.readouterr().out
     assert snapshot(run) == before  # nothing applied, nothing written
+
+
+def repairing_config(tmp: Path, stage1: Path, **vitals) -> Path:
+    return sick_config(tmp, stage1, "run", train={"steps": 24},
+                       diffusion={"t_sampling": "logit_normal", "logit_normal_loc": 3.0},
+                       vitals={"on_critical": "repair", **vitals})
+
+
+@pytest.mark.slow
+def test_a_run_set_to_repair_itself_stops_applies_the_remedy_and_ends_healthy(tiny_run, tmp_path,
+                                                                              capsys):
+    assert main(["run", str(repairing_config(tmp_path, tiny_run.run_dir))]) == 0
+    out = capsys.readouterr().out
+    assert "stopping at step 12 to repair t_mean_biased (vitals.on_critical=repair)" in out
+    assert "[vitals] repairing: fix of" in out
+    run = RunDir(tmp_path / "run")
+    fix, resumed = [json.loads(line) for line in run.changes.read_text().splitlines()]
+    assert fix == {"fix": ["t_mean_biased"], "by": "vitals repair",
+                   "changes": {"diffusion.t_sampling": "uniform"}, "restart": "latest",
+                   "at_step": 12}
+    assert resumed["changed"]["diffusion.t_sampling"] == ["logit_normal", "uniform"]
+    assert run.load_config().diffusion.t_sampling == "uniform"
+    assert step_of(run.latest_checkpoint()) == 32 and plan_fix(run.path).applied == []
+    assert "No open findings" in run.report_md.read_text()
+
+
+@pytest.mark.slow
+def test_repairs_are_bounded_by_max_repairs(tiny_run, tmp_path, capsys):
+    assert main(["run", str(repairing_config(tmp_path, tiny_run.run_dir, max_repairs=0))]) == 1
+    assert "not repairing t_mean_biased: vitals.max_repairs (0) repairs made" in \
+        capsys.readouterr().out
+    run = RunDir(tmp_path / "run")
+    assert not run.changes.exists() and step_of(run.latest_checkpoint()) == 12

@@ -128,15 +128,18 @@ def _train(args: argparse.Namespace, report: bool) -> int:
 
 
 def _fix(args: argparse.Namespace) -> int:
-    from ldmkit.jobs.fix import apply_fix, describe, plan_fix
+    from ldmkit.jobs.fix import apply_fix, describe, plan_fix, repair
+    from ldmkit.jobs.pipeline import report
+    from ldmkit.run.layout import RunDir
 
     if args.steps is not None and args.steps < 1:
         raise LdmkitError("--steps must be a step count >= 1")
     plan = plan_fix(args.run_dir, args.steps)
     print(describe(plan))
-    done = None if args.dry_run else apply_fix(plan)
-    if done is None:
+    result = None if args.dry_run else apply_fix(plan)
+    if result is None:
         return 0
+    done = report(repair(result, RunDir(result.run_dir).load_config()))
     if done.summary is not None and not done.result.preempted_by:
         print(done.summary)
     return 1 if done.result.stopped_by else 0

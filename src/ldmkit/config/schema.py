@@ -199,10 +199,14 @@ class VitalsConfig:
     ``on_nonfinite`` decides what a step with a NaN/Inf loss or gradient does (it is never
     applied): ``skip`` it, ``rollback`` to the last checkpoint with the learning rate times
     ``rollback_lr_factor`` (at most ``max_rollbacks`` times), or ``stop`` with a checkpoint.
+    ``on_critical`` / ``on_warning: repair`` stop at a finding whose remedy is automatic
+    (``vitals.remedy``) and apply it as ``ldmkit fix`` does, at most ``max_repairs`` times a run.
     """
 
     enabled: bool = True
-    on_critical: Literal["warn", "stop"] = "warn"
+    on_critical: Literal["warn", "stop", "repair"] = "warn"
+    on_warning: Literal["warn", "repair"] = "warn"
+    max_repairs: int = ranged(3, lo=0, hi=100)
     on_nonfinite: Literal["skip", "rollback", "stop"] = "skip"
     rollback_lr_factor: float = ranged(0.5, lo=0.0, strict=True, hi=1.0)
     max_rollbacks: int = ranged(3, lo=0)

@@ -14,23 +14,28 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ldmkit.config import Config
 from ldmkit.errors import LdmkitError
-from ldmkit.jobs.pipeline import Outcome, train_and_report
 from ldmkit.platform.files import check_plain_tree, open_append
 from ldmkit.run.checkpoint import step_of
 from ldmkit.run.context import read_run
 from ldmkit.run.layout import RunDir, is_run
+from ldmkit.training.loop import TrainResult, train
 from ldmkit.training.resume import check_checkpoint
 from ldmkit.vitals import metrics as vm
 from ldmkit.vitals.context import Finding
+from ldmkit.vitals.logs.metrics_jsonl import json_objects
+from ldmkit.vitals.monitor import mode_for
 from ldmkit.vitals.offline import diagnose_loaded
 from ldmkit.vitals.remedy import RESTARTS, Restart
 from ldmkit.vitals.rules import RULES, threshold_defaults
 
+FIX, REPAIR = "ldmkit fix", "vitals repair"  # who applied a remedy, in changes.jsonl
 RESTART_WORDS = {"latest": "continue from the latest checkpoint",
                  "healthy": "go back to the newest checkpoint saved before the divergence began",
                  "start": "start again from step 0 in a new run (it reuses this run's stage 1)",
@@ -153,23 +158,55 @@ def describe(plan: FixPlan) -> str:
     return "\n".join(lines)
 
 
-def apply_fix(plan: FixPlan) -> Outcome | None:
-    """Carry out ``plan``: validate the changed config and the checkpoint, record the fix,
-    then resume (or start the new run). None when there is nothing to apply."""
+def apply_fix(plan: FixPlan, by: str = FIX) -> TrainResult | None:
+    """Carry out ``plan``: validate the changed config and the checkpoint, record the fix
+    (``by`` whom), then resume (or start the new run). None when there is nothing to apply."""
     if not plan.applied:
         return None
     run = RunDir(plan.run_dir)
     cfg = run.load_config(plan.overrides)  # a change out of range fails here, nothing written
-    record = {"fix": [f.code for f in plan.applied], "changes": plan.changes,
+    record = {"fix": [f.code for f in plan.applied], "by": by, "changes": plan.changes,
               "restart": plan.restart}
     if plan.restart == "start":
         with open_append(run.changes) as fh:
             fh.write(json.dumps(record | {"new_run": str(plan.new_run)}) + "\n")
-        return train_and_report(cfg)
+        return train(cfg)
     assert plan.checkpoint is not None
     check_checkpoint(cfg, plan.run_dir, plan.checkpoint)
     at = step_of(plan.checkpoint)
     run.quarantine_after(at)
     with open_append(run.changes) as fh:
         fh.write(json.dumps(record | {"at_step": at}) + "\n")
-    return train_and_report(cfg, plan.run_dir, resume=True)
+    return train(cfg, plan.run_dir, resume=True)
+
+
+def repairs_made(run_dir: Path) -> int:
+    """The repairs ``vitals.on_*: repair`` made to a run, from its ``changes.jsonl``."""
+    path = RunDir(run_dir).changes
+    if not path.is_file():
+        return 0
+    return sum(record.get("by") == REPAIR for record in json_objects(path))
+
+
+def repair(result: TrainResult, cfg: Config) -> TrainResult:
+    """While training stopped at a finding it may repair (``vitals.on_critical`` or
+    ``on_warning: repair``), apply its remedies as ``ldmkit fix`` does and train on, at most
+    ``vitals.max_repairs`` times a run (a restart's new run counts its old run's): a run never
+    loops. Under torchrun the stop is left to the user (``ldmkit fix`` once it ended)."""
+    made = 0
+    while result.stopped_by is not None and mode_for(
+            result.stopped_by, cfg.vitals.on_critical, cfg.vitals.on_warning) == "repair":
+        if os.environ.get("WORLD_SIZE", "1") != "1":
+            print(f"[vitals] not repaired under torchrun: run `ldmkit fix {result.run_dir}`")
+            break
+        if max(made, repairs_made(result.run_dir)) >= cfg.vitals.max_repairs:
+            print(f"[vitals] not repairing {result.stopped_by.code}: vitals.max_repairs "
+                  f"({cfg.vitals.max_repairs}) repairs made; the run stopped with a checkpoint")
+            break
+        plan = plan_fix(result.run_dir)
+        if not plan.applied:
+            break
+        print("[vitals] repairing: " + describe(plan).replace("\n", "\n[vitals] "))
+        result = apply_fix(plan, by=REPAIR) or result
+        cfg, made = RunDir(result.run_dir).load_config(), made + 1
+    return result

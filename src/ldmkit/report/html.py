@@ -14,6 +14,7 @@ import base64
 from html import escape
 from pathlib import Path
 
+from ldmkit.config.untrusted import brief
 from ldmkit.platform.files import check_output, check_plain_tree, read_regular, write_text_atomic
 from ldmkit.run.context import read_run
 from ldmkit.run.layout import REPORT_HTML, RunDir
@@ -103,6 +104,26 @@ def _raised(run_dir: Path) -> list[dict]:
     return [event for event in json_objects(path) if event.get("event") == "raised"]
 
 
+def _changes(run_dir: Path) -> list[tuple[int, str]]:
+    """What changed mid-run (``RUN/changes.jsonl``: ``--resume --set``, ``ldmkit fix``, a
+    repair), as (step, words)."""
+    path = RunDir(run_dir).changes
+    if not path.is_file():
+        return []
+    changes = []
+    for record in json_objects(path):
+        step = record.get("at_step")
+        if record.get("fix"):
+            what = (f"{record.get('by', 'ldmkit fix')} of {', '.join(map(str, record['fix']))}: "
+                    + ", ".join(f"{k} = {v}" for k, v in dict(record.get("changes", {})).items())
+                    + (f"; continued in {record['new_run']}" if record.get("new_run") else ""))
+        else:
+            what = "resumed with " + ", ".join(
+                f"{k} {brief(a)} -> {brief(b)}" for k, (a, b) in dict(record.get("changed", {})).items())
+        changes.append((step if isinstance(step, int) else 0, what))
+    return changes
+
+
 def _grids(run_dir: Path) -> list[tuple[Path, str]]:
     samples = RunDir(run_dir).samples_root
     if not samples.is_dir():
@@ -146,14 +167,24 @@ def _noise_level_section(log: LoadedLog) -> str:
             f"healthy runs (noise is hard to tell from detail there).</p>{heat}")
 
 
+def _changes_section(changes: list[tuple[int, str]]) -> str:
+    if not changes:
+        return ""
+    rows = "".join(f"<tr><td>{step}</td><td>{escape(what)}</td></tr>" for step, what in changes)
+    return (f"<h2>Changes during the run</h2><p>RUN/changes.jsonl: each resume that changed a "
+            f"setting, and each fix or repair.</p><table><tr><th>step</th><th>change</th></tr>"
+            f"{rows}</table>")
+
+
 def render_html(run_dir: Path) -> str:
     log, ctx = read_run(run_dir, require_values=False)
     diagnosis = diagnose_loaded(log, ctx)
-    raised = _raised(run_dir)
+    raised, changes = _raised(run_dir), _changes(run_dir)
     plots = []
     for tag in shown_tags(log.series):
         markers = [Marker(e["step"], f'{e["severity"]} {e["code"]}: {e["message"]}', e["severity"])
                    for e in raised if e.get("metric") == tag]
+        markers += [Marker(step, what, "info") for step, what in changes]
         plots.append(line_plot(tag, log.series[tag], bands(tag, ctx), markers))
     evals = {t: v[-1][1] for t, v in log.series.items() if t.startswith(vm.EVAL_PREFIX) and v}
     recon = RunDir(run_dir).autoencoder / "reconstructions.png"
@@ -168,11 +199,17 @@ def render_html(run_dir: Path) -> str:
         f"latent_scale_factor {scale} · last step "
         f"{max((s for v in log.series.values() for s, _ in v), default=0)}</p>",
         "<h2>Findings</h2>",
-        _findings_table([f.to_dict() for f in diagnosis.findings], "Open at the end of the log"),
+        _findings_table([f.to_dict() for f in diagnosis.findings if f.cleared_at is None],
+                        "Open at the end of the log"),
+        *([_findings_table([f.to_dict() for f in cleared], "Critical, then cleared (by a "
+                           "rollback, a fix or a repair)")] if (cleared := [
+                               f for f in diagnosis.findings if f.cleared_at is not None]) else []),
         _findings_table(raised, "Raised during training (findings.jsonl)"),
         _noise_level_section(log),
+        _changes_section(changes),
         "<h2>Vital signs</h2><p>Green: the guide's good range; red: its bad range; dashed "
-        "lines: where a finding was raised (hover for the diagnosis).</p>",
+        "lines: where a finding was raised (hover for the diagnosis), blue: where the run's "
+        "settings changed.</p>",
         f'<div class="plots">{"".join(plots)}</div>',
     ]
     if evals:

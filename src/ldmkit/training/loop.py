@@ -331,7 +331,7 @@ def _diffusion(opened: OpenedRun, ae: Autoencoder, latents: LatentPosteriors, sc
         if (step % tc.checkpoint_every == 0 or step == end or halt) and d.is_main:
             save_state(run_dir, cfg, state)
         if halt:
-            announce_stop(run_dir, step, stopped_by, rt.stop, d)
+            announce_stop(run_dir, step, stopped_by, rt.stop, d, repairing=rt.repairing(stopped_by))
             halted = True
             break
     bar.close()

@@ -37,6 +37,11 @@ class Runtime:
     def bf16(self) -> bool:
         return self.fast.bf16
 
+    def repairing(self, finding: Finding | None) -> bool:
+        """Whether the loop stops at ``finding`` for the job to repair it (``vitals.on_*:
+        repair``), not to leave it to a person."""
+        return bool(finding and self.monitor and self.monitor.mode_for(finding) == "repair")
+
     def stop_requested(self) -> bool:
         """Whether any rank was asked to stop (a collective under DDP): what sampling asks at
         each of its steps, so that a SIGTERM never waits for a whole sampling."""
@@ -61,7 +66,8 @@ def attach_monitor(cfg: Config, run_dir: Path, logger: MetricLogger, scale: floa
     if not cfg.vitals.enabled:
         return None
     ctx = context_of(cfg, scale)
-    monitor = LiveMonitor(run_dir, ctx, cfg.vitals.on_critical, echo=tqdm.write)
+    monitor = LiveMonitor(run_dir, ctx, cfg.vitals.on_critical, echo=tqdm.write,
+                          on_warning=cfg.vitals.on_warning)
     if step > 0:
         monitor.prime(logger.series_until(step))
     monitor.text_sink = logger.log_text
@@ -91,10 +97,13 @@ def should_stop(rt: Runtime, step: int, tc: TrainConfig, end: int) -> bool:
 
 
 def announce_stop(run_dir: Path, step: int, finding: Finding | None, stop: StopRequest,
-                   d: Dist, when: str = "") -> None:
+                   d: Dist, when: str = "", repairing: bool = False) -> None:
     if not d.is_main:
         return
-    if finding is not None:
+    if finding is not None and repairing:
+        tqdm.write(f"[vitals] stopping at step {step} to repair {finding.code} (vitals."
+                   f"on_{finding.severity}=repair): {finding.fix}")
+    elif finding is not None:
         tqdm.write(f"[vitals] stopping at step {step} (vitals.on_critical=stop): {finding.code}. "
                    f"Checkpoint saved; resume with `ldmkit train --resume {run_dir}` after the "
                    f"fix: {finding.fix}")

@@ -75,18 +75,28 @@ def replay(series: Series, ctx: Context, max_points: int = 2000) -> list[Finding
     return result
 
 
+def mode_for(finding: Finding, on_critical: str, on_warning: str) -> str:
+    """What training does at ``finding``: ``stop`` (a critical one under ``on_critical:
+    stop``), ``repair`` (under ``on_critical`` / ``on_warning: repair``, one whose remedy can be
+    applied automatically), else ``warn``: it is announced and training goes on."""
+    mode = {"critical": on_critical, "warning": on_warning}.get(finding.severity)
+    repairable = finding.remedy is not None and finding.remedy.automatic
+    return "stop" if mode == "stop" else "repair" if mode == "repair" and repairable else "warn"
+
+
 class LiveMonitor:
     """Observer of a MetricLogger: evaluates the rules after each logged step during training.
 
     New and escalated findings are printed once and appended to ``findings.jsonl`` as
     ``raised``; a finding that no longer holds is printed and recorded as ``cleared``. With
-    ``on_critical='stop'`` a critical finding sets ``stop_finding`` for the loop to act on.
+    ``on_critical='stop'`` a critical finding sets ``stop_finding`` for the loop to act on; under
+    ``repair``, a finding the job can repair does (``mode_for``).
     """
 
     def __init__(self, run_dir: Path, ctx: Context, on_critical: str = "warn",
-                 echo=print) -> None:
+                 echo=print, on_warning: str = "warn") -> None:
         self.ctx = ctx
-        self.on_critical = on_critical
+        self.on_critical, self.on_warning = on_critical, on_warning
         self.series: Series = {}
         self.tracker = FindingTracker()
         self.path = Path(run_dir) / FINDINGS_FILE
@@ -108,12 +118,15 @@ class LiveMonitor:
         raised, cleared = self.tracker.update(evaluate(_tail(self.series), self.ctx), step)
         for finding in raised:
             self.record(finding, step)
-            if finding.severity == "critical" and self.on_critical == "stop":
+            if self.mode_for(finding) != "warn":
                 self.stop_finding = self.stop_finding or finding
         for finding in cleared:
             self._record({"event": "cleared", "at_step": int(step), "code": finding.code,
                           "severity": finding.severity, "metric": finding.metric},
                          f"[vitals] cleared {finding.code} at step {step}")
+
+    def mode_for(self, finding: Finding) -> str:
+        return mode_for(finding, self.on_critical, self.on_warning)
 
     def record(self, finding: Finding, at_step: int) -> None:
         """Announce and record a finding the trainer raised itself (``rules.EVENTS``)."""

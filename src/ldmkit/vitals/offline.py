@@ -148,7 +148,7 @@ def diagnose_loaded(log: LoadedLog, ctx: Context, objective: str | None = None,
     """The rules replayed over a log already read (``read_log``) under ``ctx``."""
     ctx, reason = foreign_context(log, ctx, objective, mode)
     findings = [_in_trainer_terms(f, log) for f in replay(log.series, ctx)]
-    name = scenario(findings, log.series, ctx)
+    name = scenario([f for f in findings if f.cleared_at is None], log.series, ctx)
     missing = missing_vitals(log)
     return Diagnosis(log.source, name, coverage(name, log.series), findings,
                      log.latent_scale_factor, log.trainer.label, ctx.regime, reason, missing,
