@@ -54,6 +54,26 @@ def test_another_trainers_remedy_is_in_its_settings(tmp_path, capsys):
     assert "--learning_rate = 1e-05" in finding["fix"] and "train.lr" not in finding["fix"]
 
 
+def test_what_training_does_at_a_finding_under_each_setting():
+    """Repair stops only for what it can repair; the rest is announced, as under warn."""
+    from ldmkit.vitals.monitor import mode_for
+
+    def raised(tag: str, value: float, code: str):
+        series = with_values(healthy_series(), tag, lambda s, v: value)
+        return next(f for f in replay(series, ctx()) if f.code == code)
+
+    critical = raised(vm.T_MEAN, 0.95, "t_mean_biased")
+    warning = raised(vm.T_MEAN, 0.65, "t_mean_biased")
+    inverted = raised(vm.COS_EPS, -0.5, "cos_eps_negative")  # a bug: no automatic remedy
+    assert (critical.severity, warning.severity) == ("critical", "warning")
+    assert [mode_for(critical, mode, "warn") for mode in ("warn", "stop", "repair")] == \
+        ["warn", "stop", "repair"]
+    assert mode_for(warning, "repair", "warn") == "warn"
+    assert mode_for(warning, "warn", "repair") == "repair"
+    assert mode_for(inverted, "repair", "repair") == "warn"
+    assert mode_for(inverted, "stop", "repair") == "stop"
+
+
 def sick_config(tmp: Path, stage1: Path, name: str, **sections: dict) -> Path:
     """TINY started sick (``sections`` replaced), reusing the session run's stage 1."""
     config = tmp / f"{name}.yaml"
