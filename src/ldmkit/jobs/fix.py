@@ -25,6 +25,7 @@ from ldmkit.platform.files import check_plain_tree, open_append
 from ldmkit.run.checkpoint import step_of
 from ldmkit.run.context import read_run
 from ldmkit.run.layout import RunDir, is_run
+from ldmkit.training.divergence import healthy_bound
 from ldmkit.training.loop import TrainResult, train
 from ldmkit.training.resume import check_checkpoint
 from ldmkit.vitals import metrics as vm
@@ -33,7 +34,7 @@ from ldmkit.vitals.logs.metrics_jsonl import json_objects
 from ldmkit.vitals.monitor import mode_for
 from ldmkit.vitals.offline import diagnose_loaded
 from ldmkit.vitals.remedy import RESTARTS, Restart
-from ldmkit.vitals.rules import RULES, threshold_defaults
+from ldmkit.vitals.rules import RULES
 
 FIX, REPAIR = "ldmkit fix", "vitals repair"  # who applied a remedy, in changes.jsonl
 RESTART_WORDS = {"latest": "continue from the latest checkpoint",
@@ -120,17 +121,15 @@ def plan_fix(run_dir: str | Path, steps: int | None = None) -> FixPlan:
         diverged = {rule.code for rule in RULES if rule.scenario == "diverged"}
         onset = min(f.step for f in plan.applied if f.code in diverged) \
             if plan.restart == "healthy" else None
-        # the weights of checkpoint c made step c + 1: healthy when c + 1 < the onset
         plan.checkpoint = run.latest_checkpoint_or_none() if onset is None \
-            else run.checkpoint_at_most(onset - 2)
+            else run.checkpoint_at_most(healthy_bound(onset))
         if plan.checkpoint is None:
             plan.restart = "start"
     if plan.restart == "start":
         plan.new_run, plan.steps = _sibling(path), steps or cfg.train.steps
     elif plan.checkpoint is not None:
         done = step_of(plan.checkpoint)
-        window = cfg.vitals.thresholds.get("window", threshold_defaults()["window"])
-        judged = int(window) * cfg.train.log_every  # a full window of records after the fix
+        judged = int(ctx.thr("window")) * cfg.train.log_every  # a full window after the fix
         plan.steps = steps or max(cfg.train.steps, done + judged)
         if plan.steps <= done:
             raise LdmkitError(f"--steps {plan.steps} is not after the checkpoint it continues "

@@ -4,8 +4,8 @@ Follows ``metrics.jsonl`` as it grows (complete lines only, so a line being writ
 the next refresh) and re-evaluates the guide's rules on each refresh, so what it shows is what
 ``ldmkit diagnose`` would say at that moment. Works on any directory a ``VitalsMonitor`` writes,
 and on any other trainer's log ``ldmkit diagnose`` reads (kohya's or OneTrainer's TensorBoard,
-ai-toolkit's ``loss_log.db``, SimpleTuner's ``training_metrics.jsonl``, W&B, MLflow): that log is
-read again whenever it was written since the last refresh.
+ai-toolkit's ``loss_log.db``, SimpleTuner's ``training_metrics.jsonl``, W&B, MLflow), through
+that format's ``sources.LogSource``: what was written since the last refresh is read.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -31,7 +32,7 @@ from ldmkit.vitals.logs.readers import loaded
 from ldmkit.vitals.logs.sources import open_log
 from ldmkit.vitals.logs.trainers import LDMKIT, Trainer
 from ldmkit.vitals.monitor import TAIL
-from ldmkit.vitals.offline import foreign_context
+from ldmkit.vitals.offline import foreign_context, in_trainer_terms
 from ldmkit.vitals.signs import band_status, bands
 
 SPARK = "▁▂▃▄▅▆▇█"
@@ -45,7 +46,7 @@ class MetricsFollower:
         self.path, self.reader = path, metrics_reader(path)
         self.series: Series = {}
         self.ctx = ctx or Context()  # the run's, from its config
-        self.trainer = LDMKIT
+        self.trainer, self.config = LDMKIT, {}
 
     def poll(self) -> int:
         """Add new complete records to ``series``; returns how many were read."""
@@ -94,7 +95,7 @@ class LogFollower:
 
     def __init__(self, path: Path):
         self.path, self.series, self.source = path, {}, open_log(path)
-        self.ctx, self.trainer = Context(), LDMKIT
+        self.ctx, self.trainer, self.config = Context(), LDMKIT, {}
 
     def poll(self) -> int:
         """Read what the trainer wrote since the last poll; returns 1 when it wrote, else 0."""
@@ -104,17 +105,19 @@ class LogFollower:
         log = loaded(raw, self.path, require_values=False)
         ctx = context_of(None, log.latent_scale_factor).learn(log.series)
         self.series, self.ctx = log.series, foreign_context(log, ctx)[0]
-        self.trainer = log.trainer
+        self.trainer, self.config = log.trainer, log.config
         return 1
 
 
-def render(run_dir: Path, series: Series, ctx: Context, trainer: Trainer = LDMKIT) -> Group:
-    """One frame; ``trainer``: whose log it is, so fixes name that trainer's settings."""
+def render(run_dir: Path, series: Series, ctx: Context, trainer: Trainer = LDMKIT,
+           config: dict[str, Any] | None = None) -> Group:
+    """One frame; ``trainer`` and its saved ``config``: whose log it is, so fixes name that
+    trainer's settings as ``diagnose``'s do."""
     logged = [v for _, v in series.get(vm.SCALE_FACTOR, []) if math.isfinite(v)]
     if logged:
         ctx.latent_scale_factor = logged[-1]
     tail = {tag: recs[-TAIL:] for tag, recs in series.items()}
-    findings = evaluate(tail, ctx)
+    findings = [in_trainer_terms(f, trainer, config or {}) for f in evaluate(tail, ctx)]
     step = max((s for recs in series.values() for s, _ in recs), default=0)
     table = Table(title=f"{run_dir.name} · step {step} · scenario "
                         f"{coverage(scenario(findings, tail, ctx), tail)}", expand=False)
@@ -126,13 +129,17 @@ def render(run_dir: Path, series: Series, ctx: Context, trainer: Trainer = LDMKI
         table.add_row(tag, str(last_step), Text(f"{value:.4g}", style=style),
                       sparkline([v for _, v in series[tag]]))
     lines = [Text(f"{f.severity.upper()} {f.code} (step {f.step}): {f.message}. "
-                  f"Fix: {f.remedy.in_names_of(trainer.names).render() if f.remedy else f.fix}",
+                  f"Fix: {f.fix}",
                   style="bold red" if f.severity == "critical" else "yellow") for f in findings]
     if not series:
         lines = [Text(f"waiting for {RunDir(run_dir).metrics} ...", style="dim")]
     elif not findings:
         lines = [Text("no open findings", style="green")]
     return Group(table, *noise_level_rows(series), *lines)
+
+
+def frame(run_dir: Path, follower: MetricsFollower | LogFollower) -> Group:
+    return render(run_dir, follower.series, follower.ctx, follower.trainer, follower.config)
 
 
 def watch(run_dir: str | Path, interval: float = 2.0, once: bool = False,
@@ -149,14 +156,13 @@ def watch(run_dir: str | Path, interval: float = 2.0, once: bool = False,
         else LogFollower(run_dir)
     follower.poll()
     if once:
-        console.print(render(run_dir, follower.series, follower.ctx, follower.trainer))
+        console.print(frame(run_dir, follower))
         return
-    with Live(render(run_dir, follower.series, follower.ctx, follower.trainer), console=console,
-              refresh_per_second=4) as live:
+    with Live(frame(run_dir, follower), console=console, refresh_per_second=4) as live:
         try:
             while True:
                 time.sleep(interval)
                 if follower.poll():
-                    live.update(render(run_dir, follower.series, follower.ctx, follower.trainer))
+                    live.update(frame(run_dir, follower))
         except KeyboardInterrupt:
             pass

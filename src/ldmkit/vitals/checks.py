@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from ldmkit.vitals import metrics as vm
 from ldmkit.vitals.context import Check, Context, Series, Verdict
-from ldmkit.vitals.held_out_checks import overfitting, validation_stuck
+from ldmkit.vitals.held_out_checks import overfitting, validation_stuck, value_at
 from ldmkit.vitals.rules import ALWAYS, RULES, Rule
 
 
@@ -301,16 +301,12 @@ def _no_update(rule: Rule, series: Series, ctx: Context) -> Verdict | None:
     return CHECKS["median_below"](rule, series, ctx)
 
 
-def _at(series: Series, tag: str, step: int) -> float | None:
-    return next((v for s, v in reversed(series.get(tag, [])) if s == step), None)
-
-
 def _memorization(rule: Rule, series: Series, ctx: Context) -> Verdict | None:
     last = _last(series, rule.metric)
     if last is None or not last[1] >= ctx.thr(rule.warning):
         return None
     return Verdict(rule.warning, last[1], last[0],
-                   {"median": _at(series, vm.NEAREST_PREFIX + "median", last[0]) or 0.0})
+                   {"median": value_at(series, vm.NEAREST_PREFIX + "median", last[0]) or 0.0})
 
 
 def _memorization_rising(rule: Rule, series: Series, ctx: Context) -> Verdict | None:

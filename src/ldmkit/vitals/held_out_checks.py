@@ -15,7 +15,8 @@ from ldmkit.vitals.context import Context, Series, Verdict
 from ldmkit.vitals.rules import Rule
 
 
-def _at(series: Series, tag: str, step: int) -> float | None:
+def value_at(series: Series, tag: str, step: int) -> float | None:
+    """``tag``'s value logged at ``step``, or None."""
     return next((v for s, v in reversed(series.get(tag, [])) if s == step), None)
 
 
@@ -62,7 +63,7 @@ def validation_stuck(rule: Rule, series: Series, ctx: Context) -> Verdict | None
     stuck = []
     for level in logged:  # learned: lost a share of its first (untrained) value
         history = series[level.tag]
-        now = _at(series, level.tag, step)
+        now = value_at(series, level.tag, step)
         if history and now is not None and now > (1 - ctx.thr("val_bucket_learned")) * history[0][1]:
             stuck.append(level)
     where = f": not learned at {noise_levels(stuck, logged)}" if stuck else ""

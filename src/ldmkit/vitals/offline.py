@@ -11,13 +11,14 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ldmkit.diffusion.parameterization import Parameterization
 from ldmkit.vitals import metrics as vm
 from ldmkit.vitals.diagnose import Context, Finding, coverage, scenario
 from ldmkit.vitals.logs.readers import LoadedLog, read_log
 from ldmkit.vitals.logs.run_config import fp16_setting, infer_regime, min_snr_gamma_of, objective_of
-from ldmkit.vitals.logs.trainers import LDMKIT, kind_of
+from ldmkit.vitals.logs.trainers import LDMKIT, Trainer, kind_of
 from ldmkit.vitals.monitor import SEVERITY_RANK, replay
 from ldmkit.vitals.rules import RULES
 from ldmkit.vitals.signs import SIGNS
@@ -127,15 +128,15 @@ def missing_vitals(log: LoadedLog) -> list[Missing]:
 NONFINITE = ("loss_nonfinite", "grad_norm_nonfinite")
 
 
-def _in_trainer_terms(finding: Finding, log: LoadedLog) -> Finding:
+def in_trainer_terms(finding: Finding, trainer: Trainer, config: dict[str, Any]) -> Finding:
     """The finding with its remedy read in the trainer's own setting names; a run diverged to
-    NaN while computing in fp16 is told to leave fp16 first (its overflow, not the learning
-    rate, is the likely cause)."""
+    NaN while its ``config`` computes in fp16 is told to leave fp16 first (its overflow, not
+    the learning rate, is the likely cause). ``diagnose`` and ``watch`` both say it so."""
     if finding.remedy is None:
         return finding
-    remedy = finding.remedy.in_names_of(log.trainer.names)
+    remedy = finding.remedy.in_names_of(trainer.names)
     fix = remedy.render()
-    setting = fp16_setting(log.config) if finding.code in NONFINITE else None
+    setting = fp16_setting(config) if finding.code in NONFINITE else None
     if setting is not None:
         fix = (f"the run computes in fp16 ({setting}), whose range (at most 65504) an "
                "activation or gradient overflows: train in bf16 first (fp32 for a module that "
@@ -147,7 +148,7 @@ def diagnose_loaded(log: LoadedLog, ctx: Context, objective: str | None = None,
                     mode: str | None = None) -> Diagnosis:
     """The rules replayed over a log already read (``read_log``) under ``ctx``."""
     ctx, reason = foreign_context(log, ctx, objective, mode)
-    findings = [_in_trainer_terms(f, log) for f in replay(log.series, ctx)]
+    findings = [in_trainer_terms(f, log.trainer, log.config) for f in replay(log.series, ctx)]
     name = scenario([f for f in findings if f.cleared_at is None], log.series, ctx)
     missing = missing_vitals(log)
     return Diagnosis(log.source, name, coverage(name, log.series), findings,

@@ -44,10 +44,6 @@ def val_bucket_tag(k: int, prefix: str = VAL_PREFIX) -> str:
     return f"{prefix}loss_t{k}"
 
 
-def val_bucket_label(k: int) -> str:
-    return f"t {k / VAL_BUCKETS:.1f}-{(k + 1) / VAL_BUCKETS:.1f}"
-
-
 # another trainer's levels keep their own edges: PREFIX + "loss_t0.22" (one t, as
 # diffusion-pipe's quantiles) or "loss_t0.00-0.25" (a range of t)
 _LEVEL = re.compile(r"loss_t(?:(\d+)|(\d\.\d+)(?:-(\d\.\d+))?)")

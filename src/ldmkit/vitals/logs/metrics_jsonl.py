@@ -15,7 +15,7 @@ from typing import Any
 
 from ldmkit.platform.files import open_append, write_text_atomic
 from ldmkit.vitals import tags as vm
-from ldmkit.vitals.logs.formats import JsonLines, RawLog, Record, json_lines
+from ldmkit.vitals.logs.formats import JsonLines, Record, json_lines
 
 METRICS_FILE = "metrics.jsonl"
 FINDINGS_FILE = "findings.jsonl"  # the rules' events (``vitals.monitor``)
@@ -138,11 +138,6 @@ class MetricLogger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def read_ldmkit_jsonl(path: Path) -> RawLog:
-    """A ``metrics.jsonl`` for the diagnosis: ldmkit's own, or a ``VitalsMonitor``'s."""
-    return RawLog(metrics_reader(path).poll(), "ldmkit", str(path))
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -30,7 +30,7 @@ from ldmkit.vitals.logs.formats import (
     read_mlflow,
     read_tensorboard,
 )
-from ldmkit.vitals.logs.metrics_jsonl import METRICS_FILE, record_of
+from ldmkit.vitals.logs.metrics_jsonl import METRICS_FILE, metrics_reader
 from ldmkit.vitals.logs.trainer_files import (
     AITK_DB,
     SIMPLETUNER_JSONL,
@@ -100,10 +100,10 @@ class JsonLinesSource(LogSource):
     """A JSON-lines log: each poll parses only the lines added (``JsonLines``' policy: a torn
     last line waits for the next poll)."""
 
-    def __init__(self, path: Path, parse: Callable[[Any], list[Record]], what: str, fmt: str,
+    def __init__(self, lines: JsonLines[Record], fmt: str,
                  config: Callable[[Path], dict[str, Any]] = lambda _: {}):
-        super().__init__(path)
-        self.lines, self.fmt, self.config = JsonLines(path, parse, what), fmt, config
+        super().__init__(lines.path)
+        self.lines, self.fmt, self.config = lines, fmt, config
         self.records: list[Record] = []
 
     def _read(self) -> RawLog:
@@ -138,12 +138,13 @@ class LogFormat:
 
 
 def _ldmkit(path: Path) -> LogSource:
-    return JsonLinesSource(path, record_of, "a {step, tag, value} JSON object", "ldmkit")
+    return JsonLinesSource(metrics_reader(path), "ldmkit")
 
 
 def _simpletuner(path: Path) -> LogSource:
-    return JsonLinesSource(path, simpletuner_row, 'a SimpleTuner metrics record ({"step", '
-                           '"metrics": {...}})', "simpletuner-jsonl", simpletuner_config)
+    return JsonLinesSource(JsonLines(path, simpletuner_row, 'a SimpleTuner metrics record '
+                                     '({"step", "metrics": {...}})'), "simpletuner-jsonl",
+                           simpletuner_config)
 
 
 def _wandb_history(path: Path) -> LogSource:
