@@ -1,7 +1,9 @@
 """Resume is exact wherever the process dies: killed (SIGKILL) or stopped (SIGTERM) inside
 stage 1, while encoding the dataset, during the first validation, during a sampling or an
 evaluation in training, then resumed, a run ends with the weights, generator state and every
-``metrics.jsonl`` record of a run never interrupted (bitwise on CPU).
+``metrics.jsonl`` record of a run never interrupted (bitwise on CPU). So does a run that
+repaired itself during training (the forecast's remedy), killed after the repair and resumed
+from a checkpoint before it: it repairs again at the same step, and records the repair once.
 
 The signal is sent from inside the process at an exact point: a test-only driver wraps the
 function that does that work so that its n-th call signals the process first (the production
@@ -87,12 +89,29 @@ def final(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tenso
              if k.startswith("rng.")})
 
 
+# a learning rate that ramps to 5 within the run: the forecast warns at step 5, and under
+# on_warning: repair the run goes on at a tenth of it (tests/test_forecast.py)
+REPAIRED = {"train": {**CONFIG["train"], "lr": 5.0, "warmup_steps": 40, "grad_clip": 1e9},
+            "vitals": {"on_warning": "repair"}}
+
+
 @pytest.fixture(scope="session")
 def uninterrupted(tmp_path_factory) -> Path:
     path, run_dir = config(tmp_path_factory.mktemp("kill-reference"), "straight")
     done = run(["train", str(path)])
     assert done.returncode == 0, done.stdout + done.stderr
     return run_dir
+
+
+def assert_same_end(run_dir: Path, reference: Path) -> None:
+    (weights, rng), (want_weights, want_rng) = final(run_dir), final(reference)
+    assert weights.keys() == want_weights.keys()
+    assert all(torch.equal(weights[k], want_weights[k]) for k in weights), "weights differ"
+    assert all(torch.equal(rng[k], want_rng[k]) for k in want_rng), "generator state differs"
+    got, want = records(run_dir), records(reference)
+    assert len({(s, t) for s, t, _ in got}) == len(got), "a record was written twice"
+    assert [r[:2] for r in got] == [r[:2] for r in want], "records are missing or extra"
+    assert got == want
 
 
 @pytest.mark.parametrize("where, signal", [
@@ -105,11 +124,26 @@ def test_a_run_interrupted_anywhere_resumes_to_the_same_end(tmp_path, uninterrup
     assert not (RunDir(run_dir).checkpoints / f"step_{STEPS:07d}").exists()
     resumed = run(["train", "--resume", str(run_dir)])
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    (weights, rng), (want_weights, want_rng) = final(run_dir), final(uninterrupted)
-    assert weights.keys() == want_weights.keys()
-    assert all(torch.equal(weights[k], want_weights[k]) for k in weights), "weights differ"
-    assert all(torch.equal(rng[k], want_rng[k]) for k in want_rng), "generator state differs"
-    got, want = records(run_dir), records(uninterrupted)
-    assert len({(s, t) for s, t, _ in got}) == len(got), "a record was written twice"
-    assert [r[:2] for r in got] == [r[:2] for r in want], "records are missing or extra"
-    assert got == want
+    assert_same_end(run_dir, uninterrupted)
+
+
+def test_a_run_killed_after_repairing_itself_resumes_to_the_same_end(tmp_path):
+    def repaired(name: str) -> tuple[Path, Path]:
+        path, run_dir = config(tmp_path, name)
+        path.write_text(yaml.safe_dump({**CONFIG, **REPAIRED, "run_dir": str(run_dir)}))
+        return path, run_dir
+
+    path, reference = repaired("straight")
+    assert run(["train", str(path)]).returncode == 0
+    path, run_dir = repaired("interrupted")
+    # the second checkpoint (step 8) is never written: resumed from step 4, before the repair
+    killed = run(["train", str(path)], ("ldmkit.training.loop", "save_state", 2))
+    assert killed.returncode == -9 and "repair" in RunDir(run_dir).changes.read_text()
+    resumed = run(["train", "--resume", str(run_dir)])
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert_same_end(run_dir, reference)
+    changes = [json.loads(line) for line in RunDir(run_dir).changes.read_text().splitlines()]
+    want = [json.loads(line) for line in RunDir(reference).changes.read_text().splitlines()]
+    assert [c for c in changes if c.get("live")] == want
+    assert [(c["fix"], c["at_step"], c["changes"]) for c in want] == \
+        [(["divergence_ahead"], 5, {"train.lr": 0.001})]

@@ -201,9 +201,12 @@ class VitalsConfig:
     ``rollback_lr_factor`` (at most ``max_rollbacks`` times), or ``stop`` with a checkpoint.
     ``on_critical`` / ``on_warning: repair`` stop at a finding whose remedy is automatic
     (``vitals.remedy``) and apply it as ``ldmkit fix`` does, at most ``max_repairs`` times a run.
+    ``forecast`` watches every step for a divergence ahead (``divergence_ahead``); under
+    ``on_warning: repair`` its remedy is applied at once, from the current weights.
     """
 
     enabled: bool = True
+    forecast: bool = True
     on_critical: Literal["warn", "stop", "repair"] = "warn"
     on_warning: Literal["warn", "repair"] = "warn"
     max_repairs: int = ranged(3, lo=0, hi=100)

@@ -21,22 +21,20 @@ from typing import Any
 
 from ldmkit.config import Config
 from ldmkit.errors import LdmkitError
-from ldmkit.platform.files import check_plain_tree, open_append
+from ldmkit.platform.files import check_plain_tree
 from ldmkit.run.checkpoint import step_of
 from ldmkit.run.context import read_run
-from ldmkit.run.layout import RunDir, is_run
+from ldmkit.run.layout import FIX, REPAIR, RunDir, is_run
 from ldmkit.training.divergence import healthy_bound
 from ldmkit.training.loop import TrainResult, train
 from ldmkit.training.resume import check_checkpoint
 from ldmkit.vitals import metrics as vm
 from ldmkit.vitals.context import Finding
-from ldmkit.vitals.logs.metrics_jsonl import json_objects
 from ldmkit.vitals.monitor import mode_for
 from ldmkit.vitals.offline import diagnose_loaded
 from ldmkit.vitals.remedy import RESTARTS, Restart
 from ldmkit.vitals.rules import RULES
 
-FIX, REPAIR = "ldmkit fix", "vitals repair"  # who applied a remedy, in changes.jsonl
 RESTART_WORDS = {"latest": "continue from the latest checkpoint",
                  "healthy": "go back to the newest checkpoint saved before the divergence began",
                  "start": "start again from step 0 in a new run (it reuses this run's stage 1)",
@@ -167,24 +165,19 @@ def apply_fix(plan: FixPlan, by: str = FIX) -> TrainResult | None:
     record = {"fix": [f.code for f in plan.applied], "by": by, "changes": plan.changes,
               "restart": plan.restart}
     if plan.restart == "start":
-        with open_append(run.changes) as fh:
-            fh.write(json.dumps(record | {"new_run": str(plan.new_run)}) + "\n")
+        run.log_change(record | {"new_run": str(plan.new_run)})
         return train(cfg)
     assert plan.checkpoint is not None
     check_checkpoint(cfg, plan.run_dir, plan.checkpoint)
     at = step_of(plan.checkpoint)
     run.quarantine_after(at)
-    with open_append(run.changes) as fh:
-        fh.write(json.dumps(record | {"at_step": at}) + "\n")
+    run.log_change(record | {"at_step": at})
     return train(cfg, plan.run_dir, resume=True)
 
 
 def repairs_made(run_dir: Path) -> int:
     """The repairs ``vitals.on_*: repair`` made to a run, from its ``changes.jsonl``."""
-    path = RunDir(run_dir).changes
-    if not path.is_file():
-        return 0
-    return sum(record.get("by") == REPAIR for record in json_objects(path))
+    return sum(record.get("by") == REPAIR for record in RunDir(run_dir).change_records())
 
 
 def repair(result: TrainResult, cfg: Config) -> TrainResult:

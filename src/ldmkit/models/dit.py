@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldmkit.models.layers import LabelEmbedding, timestep_embedding, zero_init
+from ldmkit.models.layers import LabelEmbedding, attend, timestep_embedding, zero_init
 
 FREQUENCIES = 256  # sinusoidal features of t before the time MLP (DiT's frequency_embedding_size)
 TIME_STEPS = 999.0  # t = 1 is diffusers' last discrete step (num_train_timesteps - 1)
@@ -53,6 +53,7 @@ class DiTBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"),
                                  nn.Linear(hidden, width))
         self.modulation = zero_init(nn.Linear(width, 6 * width))
+        self.logit_probe: list[float] | None = None  # layers.largest_attention_logit's
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = (
@@ -61,7 +62,7 @@ class DiTBlock(nn.Module):
         h = modulate(self.norm1(x), shift1, scale1)
         q, k, v = self.qkv(h).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(
             2, 0, 3, 1, 4)  # each [B, heads, N, D/heads]
-        h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+        h = attend(q, k, v, self.logit_probe).transpose(1, 2).reshape(b, n, d)
         x = x + gate1 * self.proj(h)
         return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
 

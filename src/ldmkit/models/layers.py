@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +47,35 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, probe: list[float] | None
+           ) -> torch.Tensor:
+    """Scaled dot-product attention of ``[B, heads, N, d]`` tensors; with ``probe`` (a list),
+    also appends the largest attention logit q.k / sqrt(d), whose growth comes before a
+    transformer's divergence (Wortsman et al. 2023). Only ``largest_attention_logit`` sets it:
+    the training step never materialises the logits."""
+    if probe is not None:
+        probe.append(float((q @ k.transpose(-1, -2)).amax()) * q.shape[-1] ** -0.5)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+@torch.no_grad()
+def largest_attention_logit(model: nn.Module, forward: Callable[[], object]) -> float | None:
+    """The largest attention logit of every attention layer of ``model`` that ``forward()``
+    runs (``optimization/attn_logit_max``); None for a model without ldmkit's attention."""
+    layers = [m for m in model.modules() if hasattr(m, "logit_probe")]
+    if not layers:
+        return None
+    found: list[float] = []
+    for layer in layers:
+        layer.logit_probe = found
+    try:
+        forward()
+    finally:
+        for layer in layers:
+            layer.logit_probe = None
+    return max(found) if found else None
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention over the H*W positions of a feature map."""
 
@@ -56,12 +86,13 @@ class SelfAttention(nn.Module):
         self.norm = group_norm(channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.out = zero_init(nn.Conv2d(channels, channels, 1))
+        self.logit_probe: list[float] | None = None  # largest_attention_logit's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         qkv = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, c // self.num_heads, h * w)
         q, k, v = (t.transpose(-1, -2) for t in qkv.unbind(1))  # each [B, heads, HW, C/heads]
-        y = F.scaled_dot_product_attention(q, k, v)
+        y = attend(q, k, v, self.logit_probe)
         return x + self.out(y.transpose(-1, -2).reshape(b, c, h, w))
 
 

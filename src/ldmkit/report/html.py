@@ -107,11 +107,8 @@ def _raised(run_dir: Path) -> list[dict]:
 def _changes(run_dir: Path) -> list[tuple[int, str]]:
     """What changed mid-run (``RUN/changes.jsonl``: ``--resume --set``, ``ldmkit fix``, a
     repair), as (step, words)."""
-    path = RunDir(run_dir).changes
-    if not path.is_file():
-        return []
     changes = []
-    for record in json_objects(path):
+    for record in RunDir(run_dir).change_records():
         step = record.get("at_step")
         if record.get("fix"):
             what = (f"{record.get('by', 'ldmkit fix')} of {', '.join(map(str, record['fix']))}: "

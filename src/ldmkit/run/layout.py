@@ -17,6 +17,7 @@ take no lock, so they work while a run trains.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,14 +25,24 @@ from pathlib import Path
 from ldmkit.config import Config, load_config
 from ldmkit.errors import CheckpointError, LdmkitError
 from ldmkit.platform.fastpath import FASTPATH_FILE
-from ldmkit.platform.files import OWNER_FILE, check_plain_tree, owner_of, read_json, write_text_atomic
+from ldmkit.platform.files import (
+    OWNER_FILE,
+    check_plain_tree,
+    open_append,
+    owner_of,
+    read_json,
+    write_text_atomic,
+)
 from ldmkit.platform.lock import DirLock
 from ldmkit.run.checkpoint import list_checkpoints, step_dir_name, step_of
-from ldmkit.vitals.logs.metrics_jsonl import FINDINGS_FILE, METRICS_FILE
+from ldmkit.vitals.logs.metrics_jsonl import FINDINGS_FILE, METRICS_FILE, json_objects
 
 CONFIG_FILE = "config.yaml"
 RUN_KIND = "run"
 CHANGES_FILE = "changes.jsonl"  # what each --resume --set changed, at which step
+# who applied a remedy, in changes.jsonl: the command, the job's repair (vitals.on_*: repair,
+# during training or by restarting it) and the divergence guard's rollback
+FIX, REPAIR, ROLLBACK = "ldmkit fix", "vitals repair", "vitals rollback"
 CLASSES_FILE = "classes.json"  # a folder dataset's class names, label by label
 VAL_FILE = "validation.safetensors"  # the held-out points (training/held_out.py)
 SPLIT_FILE = "split.json"  # which images the run holds out, for its life (training/held_out.py)
@@ -69,6 +80,25 @@ class RunDir:
     @property
     def changes(self) -> Path:
         return self.path / CHANGES_FILE
+
+    def log_change(self, record: dict) -> None:
+        """Append what changed mid-run (a resume's ``--set``, ``ldmkit fix``, a repair or a
+        rollback during training) to ``changes.jsonl``: the one writer of that file."""
+        with open_append(self.changes) as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def rewind_changes(self, step: int) -> None:
+        """Drop the changes made during training (``live``) after ``step``: a resume from
+        there makes them again."""
+        kept = [record for record in self.change_records()
+                if not (record.get("live") and isinstance(record.get("at_step"), int)
+                        and record["at_step"] > step)]
+        if self.changes.is_file():
+            write_text_atomic(self.changes, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def change_records(self) -> list[dict]:
+        """The records of ``changes.jsonl`` (none when there is no such file)."""
+        return list(json_objects(self.changes)) if self.changes.is_file() else []
 
     @property
     def classes_file(self) -> Path:

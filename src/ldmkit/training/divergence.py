@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -25,14 +24,13 @@ from tqdm import tqdm
 from ldmkit.config import Config
 from ldmkit.platform.distributed import barrier
 from ldmkit.run.checkpoint import step_of
-from ldmkit.run.layout import RunDir
+from ldmkit.run.layout import ROLLBACK, RunDir
+from ldmkit.training.callbacks import CONTINUE, Decision, StepEvent, record_change
+from ldmkit.training.runtime import Runtime, forward_model
 from ldmkit.training.state import LoopState, restore_state, rewind_findings
 from ldmkit.vitals import metrics as vm
 from ldmkit.vitals.diagnose import Finding, event_finding, retry_lr
-
-if TYPE_CHECKING:
-    from ldmkit.training.runtime import Runtime
-
+from ldmkit.vitals.remedy import Remedy
 
 
 @dataclass(frozen=True)
@@ -92,58 +90,104 @@ def origin_finding(origin: Origin, step: int, value: float, lr: float) -> Findin
                          lr=retry_lr(lr))
 
 
-def is_abnormal(applied: bool, grad_norm: torch.Tensor, explode: float) -> bool:
-    """A step that was not applied, or whose gradient norm is past the guide's > 100."""
-    return not applied or not float(grad_norm) <= explode
-
-
 def healthy_bound(sick_since: int) -> int:
     """The newest step whose saved weights are known to predate the divergence."""
     return max(sick_since - 2, 0)
 
 
-def on_nonfinite(cfg: Config, run_dir: Path, state: LoopState, step_vitals: dict,
-                 lr: float, rt: Runtime) -> Finding:
-    """Act on a step that was not applied (``vitals.on_nonfinite`` = rollback or stop).
+@dataclass
+class DivergenceGuard:
+    """Judges each step before it counts (training/callbacks.py): tracks the run of abnormal
+    steps (``vitals.forecast.abnormal_step``, the rule ``grad_norm_exploding``'s definition
+    too), names where a non-finite step went wrong, and decides what ``vitals.on_nonfinite``
+    asks: skip it (the step counts, unapplied), roll back (a remedy: the learning rate
+    x ``rollback_lr_factor`` from the newest healthy checkpoint), or stop."""
 
-    Both go back to the last healthy checkpoint. Rollback restores it, rewinds the logs to it
-    and scales the learning rate by ``rollback_lr_factor``. Stop (or rollbacks exhausted) logs
-    the interval that diverged, so the report and ``diagnose`` show it, and leaves the healthy
-    checkpoint as the one ``--resume`` continues from. The event is recorded at the healthy
-    checkpoint's step, so a later rewind keeps it. Returns the event's finding: critical when
-    training must stop.
-    """
-    vc, diverged_at = cfg.vitals, state.step + 1
-    began = state.sick_since or diverged_at
-    value = float(step_vitals[vm.LOSS])
-    if rt.d.is_main:
-        RunDir(run_dir).quarantine_after(healthy_bound(began))
-    barrier(rt.d)
-    ckpt = RunDir(run_dir).checkpoint_at_most(healthy_bound(began))
-    effective = cfg.train.lr * state.lr_scale
-    common = {"began": began, "to": step_of(ckpt), "n": state.rollbacks, "max": vc.max_rollbacks,
-              "lr_scale": state.lr_scale, "lr": retry_lr(effective), "run": str(run_dir)}
-    if vc.on_nonfinite == "stop" or state.rollbacks >= vc.max_rollbacks or ckpt is None:
-        code = "nonfinite_stop" if vc.on_nonfinite == "stop" or ckpt is None \
-            else "rollback_exhausted"
-        state.acc.add(step_vitals)
-        rt.logger.log(diverged_at, {**state.acc.read(), vm.LEARNING_RATE: lr,
-                                    vm.NONFINITE_STEPS: state.nonfinite})
-        finding = event_finding(code, diverged_at, value, **common)
-    else:
-        rollbacks, lr_scale = state.rollbacks + 1, state.lr_scale * vc.rollback_lr_factor
-        restore_state(ckpt, state)
-        state.rollbacks, state.lr_scale = rollbacks, lr_scale
+    cfg: Config
+    run_dir: Path
+    rt: Runtime
+    model: nn.Module
+    describe: Callable[[list[int]], str]
+    previous_applied: bool = True
+
+    def on_step(self, event: StepEvent, state: LoopState) -> Decision:
+        first_bad = not event.applied and self.previous_applied
+        self.previous_applied = event.applied
+        state.sick_since = (state.sick_since or event.step) if event.abnormal else None
+        if event.applied:
+            return CONTINUE
+        state.nonfinite += 1
+        rt, b = self.rt, event.batch
+        if first_bad and rt.d.is_main:  # the first of a run of non-finite steps: where from?
+            origin = locate_nonfinite(self.model, forward_model(self.model, rt), b.z, b.t,
+                                      b.index, rt.bf16, self.describe, b.cond)
+            announce(rt, origin_finding(origin, event.step, float(event.vitals[vm.LOSS]),
+                                        event.lr), event.step - 1)
+        if self.cfg.vitals.on_nonfinite == "skip":
+            return CONTINUE
+        return self._roll_back_or_stop(event, state)
+
+    def _roll_back_or_stop(self, event: StepEvent, state: LoopState) -> Decision:
+        """Both go back to the last healthy checkpoint. Rollback is a remedy the loop applies:
+        restore it, rewind the logs to it, scale the learning rate. Stop (or rollbacks
+        exhausted) logs the interval that diverged, so the report and ``diagnose`` show it,
+        and leaves the healthy checkpoint as the one ``--resume`` continues from. The event is
+        recorded at the healthy checkpoint's step, so a later rewind keeps it."""
+        cfg, rt, vc = self.cfg, self.rt, self.cfg.vitals
+        began = state.sick_since or event.step
+        value = float(event.vitals[vm.LOSS])
+        if rt.d.is_main:
+            RunDir(self.run_dir).quarantine_after(healthy_bound(began))
+        barrier(rt.d)
+        ckpt = RunDir(self.run_dir).checkpoint_at_most(healthy_bound(began))
+        effective = cfg.train.lr * state.lr_scale
+        common = {"began": began, "to": step_of(ckpt), "n": state.rollbacks,
+                  "max": vc.max_rollbacks, "lr_scale": state.lr_scale, "lr": retry_lr(effective),
+                  "run": str(self.run_dir)}
+        if vc.on_nonfinite == "stop" or state.rollbacks >= vc.max_rollbacks or ckpt is None:
+            code = "nonfinite_stop" if vc.on_nonfinite == "stop" or ckpt is None \
+                else "rollback_exhausted"
+            state.acc.add(event.vitals)
+            rt.logger.log(event.step, {**state.acc.read(), vm.LEARNING_RATE: event.lr,
+                                       vm.NONFINITE_STEPS: state.nonfinite})
+            finding = event_finding(code, event.step, value, **common)
+            announce(rt, finding, step_of(ckpt))
+            return Decision("abort", finding)
+        lr_scale = state.lr_scale * vc.rollback_lr_factor
+        finding = event_finding("nonfinite_rollback", event.step, value,
+                                **{**common, "n": state.rollbacks + 1, "lr_scale": lr_scale,
+                                   "lr": cfg.train.lr * lr_scale})
+        remedy = Remedy((("train.lr", cfg.train.lr * lr_scale),), "healthy", True, finding.fix)
+        return Decision("remedy", finding, remedy, ckpt, ROLLBACK)
+
+
+def apply_remedy(decision: Decision, cfg: Config, run_dir: Path, state: LoopState,
+                 rt: Runtime) -> None:
+    """Carry out a remedy decided during training: go back to the healthy checkpoint it names
+    (weights, optimizer, data position; the logs and findings rewound to it) or go on from the
+    current weights, change the learning rate, count it, and record it in ``changes.jsonl``
+    and ``findings.jsonl``. The counts and the scale survive the restore."""
+    remedy, finding = decision.remedy, decision.finding
+    assert remedy is not None and finding is not None
+    counts = state.rollbacks, state.repairs
+    if remedy.restart == "healthy" and decision.checkpoint is not None:
+        restore_state(decision.checkpoint, state)
         if rt.d.is_main:
             rt.logger.rewind(state.step)
             rewind_findings(run_dir, state.step)
         if rt.monitor is not None:
             rt.monitor.prime(rt.logger.series_until(state.step))
-        finding = event_finding("nonfinite_rollback", diverged_at, value,
-                                **{**common, "n": rollbacks, "lr_scale": lr_scale,
-                                   "lr": cfg.train.lr * lr_scale})
-    announce(rt, finding, step_of(ckpt))
-    return finding
+    state.rollbacks, state.repairs = counts
+    for key, value in remedy.changes:
+        if key == "train.lr":
+            state.lr_scale = float(value) / cfg.train.lr
+    if decision.by == ROLLBACK:
+        state.rollbacks += 1
+    else:
+        state.repairs += 1
+    if rt.d.is_main:
+        record_change(run_dir, decision, state.step)
+    announce(rt, finding, state.step)
 
 
 def announce(rt: Runtime, finding: Finding, at_step: int) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,9 +27,7 @@ from ldmkit.config.schedule import lr_at
 from ldmkit.data.latents import LazyData, prepare_latents
 from ldmkit.data.sources import BatchOrder
 from ldmkit.data.stage1 import LatentPosteriors
-from ldmkit.diffusion.condition import LABELS, Cond, dropped
 from ldmkit.diffusion.parameterization import Parameterization
-from ldmkit.diffusion.schedule import sample_t
 from ldmkit.errors import ConfigError
 from ldmkit.models.autoencoder import Autoencoder
 from ldmkit.models.registry import build_backbone
@@ -36,7 +35,6 @@ from ldmkit.platform.distributed import (
     Dist,
     barrier,
     init_distributed,
-    shard,
     shard_size,
     shutdown,
 )
@@ -52,13 +50,19 @@ from ldmkit.sampling.generate import (
 )
 from ldmkit.sampling.trained import run_backbone
 from ldmkit.training import held_out
-from ldmkit.training.divergence import (
-    announce,
-    is_abnormal,
-    locate_nonfinite,
-    on_nonfinite,
-    origin_finding,
+from ldmkit.training.batch import draw_batch
+from ldmkit.training.callbacks import (
+    Callback,
+    Checkpoints,
+    IntervalLog,
+    Outputs,
+    StepEvent,
+    StopCheck,
+    Validation,
+    dispatch,
 )
+from ldmkit.training.divergence import DivergenceGuard, apply_remedy
+from ldmkit.training.forecasting import Forecast
 from ldmkit.training.optim import EMA, build_optimizer, set_lr
 from ldmkit.training.outputs import StepOutputs, sample_and_log
 from ldmkit.training.resume import OpenedRun
@@ -68,7 +72,6 @@ from ldmkit.training.runtime import (
     attach_monitor,
     check_vae_scale,
     forward_model,
-    should_stop,
 )
 from ldmkit.training.start import resolve_device, start_run
 from ldmkit.training.state import (
@@ -77,9 +80,10 @@ from ldmkit.training.state import (
     rewind_findings,
     save_state,
 )
-from ldmkit.training.step import cond_gap, global_vitals, train_step
+from ldmkit.training.step import global_vitals, train_step
 from ldmkit.vitals import metrics as vm
 from ldmkit.vitals.diagnose import Finding, coverage, scenario
+from ldmkit.vitals.forecast import abnormal_step
 from ldmkit.vitals.logs.metrics_jsonl import MetricLogger
 from ldmkit.vitals.signs import StepAccumulator
 
@@ -106,60 +110,30 @@ class TrainResult:
         return self.covers or self.scenario
 
 
-@dataclass
-class Batch:
-    """One step's draw, this rank's shard, on the device."""
-
-    index: torch.Tensor  # [B] dataset rows of the global batch
-    z: torch.Tensor  # scaled latents
-    t: torch.Tensor
-    eps: torch.Tensor
-    cond: Cond  # diffusion/condition.py: the labels, some dropped to the null class
-    # conditioning/cond_gap's probe (host views, moved only when measured): the global batch's
-    # first samples (z, t, eps) with their labels before dropping, the same for any number of
-    # processes; None: unconditional
-    probe: tuple[torch.Tensor, torch.Tensor, torch.Tensor, Cond] | None = None
-
-
-def draw_batch(state: LoopState, train_rows: torch.Tensor, latents: LatentPosteriors,
-               scale: float, cfg: Config, d: Dist, device: torch.device) -> Batch:
-    """The next batch; every rank draws the whole batch (the same numbers) and keeps its shard.
-    An unconditional model's draws are exactly those of a run before conditioning existed."""
-    index = train_rows[state.order.next()]
-    z = scale * latents.sample(index, state.gen)
-    t = sample_t(len(index), cfg.diffusion.t_sampling, state.gen,
-                 cfg.diffusion.logit_normal_loc, cfg.diffusion.logit_normal_scale)
-    eps = torch.randn(z.shape, generator=state.gen)
-    given = {}
-    if cfg.model.num_classes and latents.labels is not None:
-        given = {LABELS: latents.labels[index]}
-    cond = dropped(given, cfg.train.cond_drop_prob, state.gen)
-    n = vm.COND_GAP_SAMPLES
-    probe = (z[:n], t[:n], eps[:n], {k: v[:n] for k, v in given.items()}) if given else None
-    z, t, eps = (shard(x, d).to(device, non_blocking=True) for x in (z, t, eps))
-    return Batch(index, z, t, eps, {k: shard(v, d).to(device) for k, v in cond.items()}, probe)
-
-
 def train(cfg: Config, run_dir: Path | None = None, resume: bool = False,
-          stop_at: int | None = None, param: Parameterization | None = None) -> TrainResult:
+          stop_at: int | None = None, param: Parameterization | None = None,
+          callbacks: Sequence[Callback] = ()) -> TrainResult:
     """Train stage 2 (and stage 1 unless reused), or continue ``run_dir`` from its last checkpoint.
 
     ``resume`` (or a ``run_dir`` that already holds this config's run) continues it. ``stop_at``
     ends after that many total steps with a checkpoint (a time-sliced job). ``param`` is the
     training loss's parameterization instead of the config's: an extension point for an
     objective the config cannot name (the diagnosis tests plant their faults through a
-    subclass); validation and sampling keep the config's, which the checkpoint records. Under
-    torchrun every rank calls this.
+    subclass); validation and sampling keep the config's, which the checkpoint records.
+    ``callbacks`` see every step after ldmkit's own (training/callbacks.py), and are obeyed as
+    they are: a benchmark's recorder, a user's own stop rule. Under torchrun every rank calls
+    this.
     """
     d = init_distributed(cfg.device)
     try:
-        return _train(cfg, run_dir, resume, stop_at, param, d)
+        return _train(cfg, run_dir, resume, stop_at, param, d, callbacks)
     finally:
         shutdown(d)
 
 
 def _train(cfg: Config, run_dir: Path | None, resume: bool, stop_at: int | None,
-           param: Parameterization | None, d: Dist) -> TrainResult:
+           param: Parameterization | None, d: Dist, callbacks: Sequence[Callback]
+           ) -> TrainResult:
     started, data = time.time(), LazyData(cfg.data, cfg.model.num_classes)
     per_rank = shard_size(cfg.train.batch_size, d, "train.batch_size")  # fails early
     if per_rank % cfg.train.grad_accum_steps:
@@ -181,7 +155,7 @@ def _train(cfg: Config, run_dir: Path | None, resume: bool, stop_at: int | None,
                            f"{opened.run_dir}`")
             return TrainResult(opened.run_dir, 0, float("nan"), {}, None, time.time() - started,
                                preempted_by=exc.signal_name, rank=d.rank)
-        return _diffusion(opened, ae, latents, scale, rt, stop_at, param, started)
+        return _diffusion(opened, ae, latents, scale, rt, stop_at, param, started, callbacks)
 
 
 def _start_state(opened: OpenedRun, cfg: Config, ae: Autoencoder, latents: LatentPosteriors,
@@ -208,6 +182,7 @@ def _start_state(opened: OpenedRun, cfg: Config, ae: Autoencoder, latents: Laten
     if opened.continuing:  # only now that the checkpoint loaded: forget redone steps
         rt.logger.rewind(state.step if opened.ckpt else -1)
         rewind_findings(run_dir, state.step if opened.ckpt else -1)
+        RunDir(run_dir).rewind_changes(state.step if opened.ckpt else -1)
     write_text_atomic(RunDir(run_dir).config, to_yaml(cfg))
     record(RunDir(run_dir).fastpath, "train", state.step, rt.fast, tqdm.write)
     rt.monitor = attach_monitor(cfg, run_dir, rt.logger, scale, state.step)
@@ -237,26 +212,33 @@ def _network(model: torch.nn.Module, rt: Runtime, run_dir: Path, state: LoopStat
     return ddp, Compiled(ddp or model, rt.fast, tqdm.write, on_fall_back=fell_back)
 
 
-def _validate(state: LoopState, vset: held_out.ValidationSet | None, rt: Runtime,
-              param: Parameterization, scale: float) -> None:
-    """Log the deterministic validation loss of the current raw and EMA weights (rank 0)."""
-    if vset is not None:
-        rt.logger.log(state.step, held_out.measure(
-            state.model, state.ema.model, lambda net: forward_model(net, rt), param, vset,
-            scale))
+def _callbacks(cfg: Config, rt: Runtime, model: torch.nn.Module, param: Parameterization,
+               validation: Validation, outputs: StepOutputs, logged: dict[str, float]
+               ) -> list[Callback]:
+    """The callbacks after the guard, in order: the forecast feeds the log record its risk;
+    the stop check comes after this step's validation and samples; the checkpoint last."""
+    forecast = Forecast(cfg, rt, model, param)
+    log = IntervalLog(cfg, rt, model, param, forecast.take_logged,
+                      lambda vitals: (logged.clear(), logged.update(vitals)))
+    first = [forecast] if cfg.vitals.enabled and cfg.vitals.forecast else []
+    return [*first, log, validation, Outputs(outputs), StopCheck(cfg, rt), Checkpoints(cfg)]
 
 
 def _diffusion(opened: OpenedRun, ae: Autoencoder, latents: LatentPosteriors, scale: float,
                rt: Runtime, stop_at: int | None, step_param: Parameterization | None,
-               started: float) -> TrainResult:
-    """Stage 2: the loop, then the final samples."""
+               started: float, extra: Sequence[Callback] = ()) -> TrainResult:
+    """Stage 2: the loop (each step judged by the guard, then handed to the callbacks, whose
+    decision it carries out), then the final samples."""
     d, run_dir = rt.d, opened.run_dir
     calibrated = opened.cfg.diffusion.latent_scale_factor is None
     cfg = dataclasses.replace(opened.cfg, diffusion=dataclasses.replace(
         opened.cfg.diffusion, latent_scale_factor=scale))
-    tc = cfg.train
+    tc, ctx = cfg.train, context_of(cfg, scale)
     parts = held_out.run_split(cfg, run_dir, latents, d.is_main)
     state = _start_state(opened, cfg, ae, latents, len(parts.train), calibrated, rt)
+    state.forecaster.threshold = ctx.thr("divergence_risk")
+    state.forecaster.steps = int(ctx.thr("divergence_risk_steps"))
+    state.forecaster.limit = ctx.thr("grad_norm_high")
     vset = held_out.prepare(cfg, run_dir, parts, latents, ae) if d.is_main else None
     # decoding up to 16k training images takes seconds (17 s for MNIST): at the first sampling
     reference = functools.cache(functools.partial(
@@ -269,16 +251,19 @@ def _diffusion(opened: OpenedRun, ae: Autoencoder, latents: LatentPosteriors, sc
     ratio_every = vm.update_ratio_every(tc.log_every)
     param, first_step = parameterization(cfg), state.step
     step_param = step_param or param
-    explode = context_of(cfg, scale).thr("grad_norm_high")
     end = min(tc.steps, stop_at) if stop_at else tc.steps
-    grid, vitals, stopped_by, halted, previous_applied = None, {}, None, False, True
+    grid, stopped_by, halted = None, None, False
     bar = tqdm(total=tc.steps, initial=state.step, desc="diffusion", dynamic_ncols=True,
                mininterval=1.0, disable=not d.is_main)
     model.train()
+    validation = Validation(cfg, rt, vset, param, scale)
     if state.step == 0:  # the untrained model's: where each noise level starts from
-        _validate(state, vset, rt, param, scale)
+        validation.measure(state)
     outputs = StepOutputs(cfg, ae, scale, rt, run_dir, reference, evaluator)
     state.pending = outputs.make(state, state.pending)  # what a stop cut short, made now
+    guard = DivergenceGuard(cfg, run_dir, rt, model, latents.describe)
+    logged: dict[str, float] = {}  # the last interval's train vitals
+    callbacks = [*_callbacks(cfg, rt, model, param, validation, outputs, logged), *extra]
     while state.step < end:
         lr = lr_at(state.step, tc) * state.lr_scale
         set_lr(state.opt, lr)
@@ -289,53 +274,35 @@ def _diffusion(opened: OpenedRun, ae: Autoencoder, latents: LatentPosteriors, sc
                                             tc.grad_accum_steps, ddp.no_sync if ddp else None,
                                             b.cond)
         step_vitals = global_vitals(step_vitals, b.z, d)
-        first_bad, previous_applied = not applied and previous_applied, applied
-        abnormal = is_abnormal(applied, step_vitals[vm.GRAD_NORM], explode)
-        state.sick_since = (state.sick_since or state.step + 1) if abnormal else None
-        if applied:
-            state.ema.update(model)
+        event = StepEvent(state.step + 1, applied, abnormal_step(
+            applied, float(step_vitals[vm.GRAD_NORM]), ctx.thr("grad_norm_high")),
+            step_vitals, lr, b, end)
+        decision = guard.on_step(event, state)
+        if decision.action == "continue":
+            if applied:
+                state.ema.update(model)
+            state.acc.add(step_vitals)
+            state.step += 1
+            bar.update(1)
+            decision, save = dispatch(callbacks, event, state)
         else:
-            state.nonfinite += 1
-            if first_bad and d.is_main:  # the first of a run of non-finite steps: where from?
-                origin = locate_nonfinite(model, forward_model(model, rt), b.z, b.t, b.index,
-                                          rt.bf16, latents.describe, b.cond)
-                announce(rt, origin_finding(origin, state.step + 1,
-                                            float(step_vitals[vm.LOSS]), lr), state.step)
-            if cfg.vitals.on_nonfinite != "skip":
-                event = on_nonfinite(cfg, run_dir, state, step_vitals, lr, rt)
-                if event.severity == "critical":
-                    stopped_by = event
-                    break
-                bar.reset(total=tc.steps)
-                bar.update(state.step)
-                continue
-        state.acc.add(step_vitals)
-        state.step += 1
-        bar.update(1)
-        step = state.step
-        if step % tc.log_every == 0 or step == end:
-            vitals = {**state.acc.read(), vm.LEARNING_RATE: lr,
-                      vm.NONFINITE_STEPS: state.nonfinite}
-            if b.probe is not None and d.is_main:  # rank 0 alone logs it
-                vitals[vm.COND_GAP] = cond_gap(forward_model(model, rt), param, *b.probe,
-                                               rt.device)
-            if state.lr_scale != 1.0:
-                vitals[vm.LR_SCALE] = state.lr_scale
-            rt.logger.log(step, vitals)
-            bar.set_postfix(loss=f"{vitals[vm.LOSS]:.4f}", cos=f"{vitals[vm.COS_EPS]:.2f}")
-        if tc.val_every and (step % tc.val_every == 0 or step == tc.steps):
-            _validate(state, vset, rt, param, scale)
-        state.pending = outputs.make(state, outputs.due(step))
-        halt = should_stop(rt, step, tc, end)
-        stopped_by = rt.monitor.stop_finding if rt.monitor else None
-        if (step % tc.checkpoint_every == 0 or step == end or halt) and d.is_main:
+            save = False
+        if decision.action == "remedy":
+            apply_remedy(decision, cfg, run_dir, state, rt)
+            bar.reset(total=tc.steps)
+            bar.update(state.step)
+        if save and d.is_main:
             save_state(run_dir, cfg, state)
-        if halt:
-            announce_stop(run_dir, step, stopped_by, rt.stop, d, repairing=rt.repairing(stopped_by))
-            halted = True
+        if decision.action in ("stop", "abort"):
+            stopped_by = decision.finding
+            if decision.action == "stop":
+                announce_stop(run_dir, state.step, stopped_by, rt.stop, d,
+                              repairing=rt.repairing(stopped_by))
+                halted = True
             break
     bar.close()
     final_missing = not (RunDir(run_dir).samples(None) / "grid.png").is_file()
+    vitals = logged
     if state.step >= tc.steps and not (stopped_by or halted) \
             and (state.step > first_step or final_missing):
         try:

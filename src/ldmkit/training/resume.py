@@ -4,7 +4,6 @@ continues, and the record of what did (``RUN/changes.jsonl``)."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +12,7 @@ from ldmkit.config import Config, load_config, to_dict
 from ldmkit.config.untrusted import brief
 from ldmkit.data.stage1 import load_autoencoder
 from ldmkit.errors import CheckpointError
-from ldmkit.platform.files import check_plain_tree, open_append
+from ldmkit.platform.files import check_plain_tree
 from ldmkit.run.checkpoint import (
     load_checkpoint,
     step_of,
@@ -118,8 +117,7 @@ def record_changes(opened: OpenedRun) -> None:
     step = step_of(opened.ckpt)
     print("resume: changed " + ", ".join(f"{k} {brief(a)} -> {brief(b)}"
                                          for k, (a, b) in opened.changes.items()))
-    with open_append(RunDir(opened.run_dir).changes) as fh:
-        fh.write(json.dumps({"at_step": step, "changed": opened.changes}) + "\n")
+    RunDir(opened.run_dir).log_change({"at_step": step, "changed": opened.changes})
 
 
 def check_checkpoint(cfg: Config, run_dir: Path, ckpt: Path) -> None:

@@ -27,6 +27,7 @@ from ldmkit.run.checkpoint import (
 )
 from ldmkit.run.layout import RunDir
 from ldmkit.training.optim import EMA
+from ldmkit.vitals.forecast import Forecaster
 from ldmkit.vitals.logs.metrics_jsonl import rewind_jsonl
 from ldmkit.vitals.signs import StepAccumulator
 
@@ -45,9 +46,11 @@ class LoopState:
     step: int = 0
     nonfinite: int = 0
     rollbacks: int = 0
+    repairs: int = 0  # remedies applied during training (vitals.on_*: repair)
     lr_scale: float = 1.0
     sick_since: int | None = None  # first step of the current run of abnormal steps (divergence)
     pending: list[str] = field(default_factory=list)  # outputs of ``step`` a stop cut short
+    forecaster: Forecaster = field(default_factory=Forecaster)  # vitals/forecast.py's memory
 
 
 SAMPLE, EVAL = "sample", "eval"  # the outputs a step may owe (training.loop.StepOutputs)
@@ -65,7 +68,8 @@ def save_state(run_dir: Path, cfg: Config, state: LoopState) -> Path:
             "data_order": state.order.state(),
             "ema_updates": state.ema.updates, "nonfinite_steps": state.nonfinite,
             "rollbacks": state.rollbacks, "lr_scale": state.lr_scale, "acc_count": count,
-            "sick_since": state.sick_since, "pending": state.pending}
+            "sick_since": state.sick_since, "pending": state.pending, "repairs": state.repairs,
+            "forecast": state.forecaster.state()}
     return save_checkpoint(RunDir(run_dir).checkpoints, state.step, weights, training, meta,
                            cfg.train.checkpoint_keep)
 
@@ -86,7 +90,9 @@ def restore_state(path: Path, state: LoopState) -> None:
     state.acc.load(split_prefix(training, "acc."), meta.get("acc_count", 0))
     state.step, state.nonfinite = meta["step"], meta["nonfinite_steps"]
     state.rollbacks, state.lr_scale = meta.get("rollbacks", 0), meta.get("lr_scale", 1.0)
-    state.sick_since = meta.get("sick_since")
+    state.sick_since, state.repairs = meta.get("sick_since"), meta.get("repairs", 0)
+    if "forecast" in meta:
+        state.forecaster.load(meta["forecast"])
     state.pending = [kind for kind in meta.get("pending", []) if kind in (SAMPLE, EVAL)]
 
 

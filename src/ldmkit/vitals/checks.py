@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from ldmkit.vitals import metrics as vm
 from ldmkit.vitals.context import Check, Context, Series, Verdict
+from ldmkit.vitals.forecast import exploding
 from ldmkit.vitals.held_out_checks import overfitting, validation_stuck, value_at
 from ldmkit.vitals.rules import ALWAYS, RULES, Rule
 
@@ -57,6 +58,17 @@ def _all_nonfinite(rule: Rule, series: Series, ctx: Context) -> Verdict | None:
     if len(window) < 3 or any(math.isfinite(v) for _, v in window):
         return None
     return Verdict(ALWAYS, window[-1][1], window[-1][0])
+
+
+def _exploding(rule: Rule, series: Series, ctx: Context) -> Verdict | None:
+    """The window's median gradient norm is what the divergence guard calls an abnormal step
+    (``forecast.exploding``): one definition for the loop and the rule."""
+    recent = [(s, v) for s, v in _window(series, rule.metric, ctx) if math.isfinite(v)]
+    if len(recent) < 3:
+        return None
+    value = statistics.median(v for _, v in recent)
+    return Verdict(rule.critical, value, recent[-1][0]) \
+        if exploding(value, ctx.thr(rule.critical)) else None
 
 
 def _t_mean(rule: Rule, series: Series, ctx: Context) -> Verdict | None:
@@ -334,6 +346,7 @@ CHECKS: dict[str, Check] = {
     "final_std": _final_std,
     "final_extreme": _final_extreme,
     "all_nonfinite": _all_nonfinite,
+    "exploding": _exploding,
     "no_update": _no_update,
     "validation_stuck": validation_stuck,
     "overfitting": overfitting,

@@ -14,7 +14,7 @@ import math
 from ldmkit.vitals import metrics as vm
 from ldmkit.vitals.checks import CHECKS, samples_judgeable
 from ldmkit.vitals.context import Context, Finding, Series, Verdict
-from ldmkit.vitals.remedy import remedy_of
+from ldmkit.vitals.remedy import remedy_of, render
 from ldmkit.vitals.rules import ALWAYS, EVENTS, RULES
 from ldmkit.vitals.signs import QUALITY_TAGS
 
@@ -78,8 +78,10 @@ def event_finding(code: str, step: int, value: float, **fields: float) -> Findin
     """A finding of ``rules.EVENTS``: something the trainer did about a bad step."""
     event = EVENTS[code]
     values = {"value": value, "step": step, **fields}
+    fix = event.fix.format(**values)
+    remedy = remedy_of(event.remedy, fix, values) if event.remedy.changes else None
     return Finding(code, event.severity, event.metric, step, value,
-                   event.message.format(**values), event.fix.format(**values))
+                   event.message.format(**values), render(fix), remedy)
 
 
 def scenario(findings: list[Finding], series: Series, ctx: Context) -> str:

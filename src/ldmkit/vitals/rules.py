@@ -69,6 +69,10 @@ THRESHOLDS: dict[str, tuple[float, str]] = {
                      "below this after min_steps: the labels do not move the prediction "
                      "(measured: 0 exactly with every label dropped; healthy class-conditional "
                      "digits runs: UNet 0.13 at step 100, 0.20 at 800; DiT 0.07 and 0.21)"),
+    "divergence_risk": (0.5, "grad_norm '> 100: exploding gradients', ahead: the forecast's "
+                        "risk (vitals/forecast.py) above which divergence_ahead is raised"),
+    "divergence_risk_steps": (3, "grad_norm '> 100', ahead: for this many steps in a row (one "
+                              "step's spike is not a trend)"),
     "vae_scale_rel_tol": (0.2, "latent/z_std 'Fix: re-calculate latent_scale_factor': a VAE's "
                           "own scaling_factor further than this from the calibrated one"),
 }
@@ -129,7 +133,7 @@ RULES: tuple[Rule, ...] = (
          "retry from the last good checkpoint with $train.lr = {lr_retry:.4g} (a tenth), keep "
          "$grad_clip; check the data for NaN",
          remedy=RemedySpec((("train.lr", "lr_retry"),), "healthy", automatic=True)),
-    Rule("grad_norm_exploding", vm.GRAD_NORM, "median_above", None, "grad_norm_high",
+    Rule("grad_norm_exploding", vm.GRAD_NORM, "exploding", None, "grad_norm_high",
          "grad_norm: '> 100: exploding gradients'", "diverged",
          "gradient norm before clipping is {value:.3g} (median of the last records), above {thr:g}: "
          "updates are unstable even if grad_clip hides it",
@@ -293,11 +297,18 @@ class Event:
     guide: str
     message: str
     fix: str
+    remedy: RemedySpec = RemedySpec()
 
 
 # vitals.on_nonfinite = rollback | stop (guide: loss 'NaN or inf: training has collapsed,
 # likely due to a learning rate that is too high')
 EVENTS: dict[str, Event] = {e.code: e for e in (
+    Event("divergence_ahead", "warning", vm.DIVERGENCE_RISK,
+          "grad_norm: '> 100: exploding gradients', seen coming (vitals/forecast.py)",
+          "divergence risk {value:.2f} at step {step}: {why}{ahead}",
+          "lower $train.lr to {lr:.4g} (a tenth) now, from the current weights "
+          "(vitals.on_warning: repair does it before anything is lost)",
+          RemedySpec((("train.lr", "lr"),), "latest", automatic=True)),
     Event("nonfinite_rollback", "warning", vm.LOSS, "loss: 'NaN or inf: training has collapsed'",
           "the loss or gradient was {value} at step {step} (abnormal since step {began}): rolled "
           "back to the checkpoint of step {to} with the learning rate x{lr_scale:.3g} "

@@ -147,6 +147,11 @@ SIGNS: tuple[VitalSign, ...] = (
               (s.eps_pred.float() - s.eps.float()).pow(2).mean(), "mean"),
     VitalSign(vm.UPDATE_RATIO, "train", "well above 1e-8 (weights change)", interval="median",
               bands=lambda ctx: [Band("bad", None, ctx.thr("update_ratio_low"))]),
+    VitalSign(vm.ATTN_LOGIT, "train", "steady (growth precedes divergence)"),
+    VitalSign(vm.DIVERGENCE_RISK, "train", "near 0 (the forecast of a divergence)",
+              interval="median",
+              bands=lambda ctx: [Band("good", None, 0.1),
+                                 Band("bad", ctx.thr("divergence_risk"), None)]),
     VitalSign(vm.COND_GAP, "train", "well above 0 (the labels move the prediction)",
               bands=lambda ctx: [Band("bad", None, ctx.thr("cond_gap_low"))]),
     VitalSign(vm.VAL_LOSS, "validation", bands=lambda ctx: [

@@ -22,6 +22,8 @@ FINAL_PREFIX = "final_latent_stats/"
 NONFINITE_STEPS = "optimization/nonfinite_steps"
 LR_SCALE = "optimization/lr_scale"  # < 1 after divergence rollbacks
 UPDATE_RATIO = "optimization/update_ratio"
+ATTN_LOGIT = "optimization/attn_logit_max"  # the largest attention logit q.k / sqrt(d)
+DIVERGENCE_RISK = "optimization/divergence_risk"  # the forecast's (vitals/forecast.py), 0..1
 # other trainers' losses that are not one step's: a moving average (kohya's loss/average,
 # OneTrainer's smooth_loss) and a per-epoch mean on an epoch axis; shown, never judged per step
 LOSS_SMOOTHED = "loss/smoothed"
