@@ -106,7 +106,7 @@ class IntervalLog(Callback):
         if event.batch.probe[3] and rt.d.is_main:  # conditional; rank 0 alone logs it
             vitals[vm.COND_GAP] = cond_gap(forward_model(self.model, rt), self.param,
                                            *event.batch.probe, rt.device)
-        if state.lr_scale != 1.0:
+        if state.lr_scale != 1.0 or state.rollbacks or state.repairs:
             vitals[vm.LR_SCALE] = state.lr_scale
         rt.logger.log(step, vitals)
         if self.on_logged is not None:

@@ -175,6 +175,8 @@ def _start_state(opened: OpenedRun, cfg: Config, ae: Autoencoder, latents: Laten
                       StepAccumulator(), spec)
     if opened.ckpt is not None:
         restore_state(opened.ckpt, state)
+        if "train.lr" in opened.changes:  # a fix's or --set's rate is the one in effect now
+            state.lr_scale = 1.0
         if rt.d.is_main:
             print(f"resumed from {opened.ckpt} at step {state.step}")
     if not rt.d.is_main:

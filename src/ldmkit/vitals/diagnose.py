@@ -25,7 +25,9 @@ def _fix_fields(verdict: Verdict, series: Series, ctx: Context) -> dict:
     """Numbers the fixes quote and the remedies set: learning rates to retry with, the scale
     factor to use (``new_scale``, when the run's scale is known)."""
     lrs = [v for _, v in series.get(vm.LEARNING_RATE, []) if math.isfinite(v)]
-    lr = ctx.lr if ctx.lr is not None else (max(lrs) if lrs else float("nan"))
+    # the peak rate in effect: the configured one times what rollbacks and repairs made of it
+    scales = series.get(vm.LR_SCALE) or [(0, 1.0)]
+    lr = ctx.lr * scales[-1][1] if ctx.lr is not None else (max(lrs) if lrs else float("nan"))
     scale, z = ctx.latent_scale_factor, verdict.value
     new_scale = float("nan")
     if not (math.isfinite(z) and z > 0):
