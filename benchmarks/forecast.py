@@ -287,38 +287,48 @@ Healthy configs (600 steps at most):
 """
 
 
+def measured(part: str, keys: list[str], measure) -> list[dict]:
+    """``measure(key)`` for each key, each result kept in ``WORK/results-PART.json`` as it comes:
+    an interrupted benchmark goes on where it stopped."""
+    path = WORK / f"results-{part}.json"
+    done = json.loads(path.read_text()) if path.is_file() else {}
+    for key in keys:
+        if key not in done:
+            done[key] = measure(key)
+            path.write_text(json.dumps(done, indent=1))
+    return [done[key] for key in keys]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=44)
     parser.add_argument("--smoke", action="store_true", help="one healthy config, one sick")
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
-    runs = draw(args.runs)
-    forecasts = [forecast_run(run) for run in runs]
-    print(json.dumps(forecasts, indent=1))
-    configs = sorted((ROOT / "configs").glob("*.yaml"))
-    healthy = [healthy_run(path) for path in configs[1:2]] \
-        if args.smoke else [healthy_run(path) for path in configs]
-    print(json.dumps(healthy, indent=1))
-    twins = {}
-    for run in runs:
-        key = run["dataset"] + run["backbone"] + run["objective"]
-        if key not in twins:
-            lr = "5e-4" if run["backbone"] == "dit" else "1e-3"
-            twin = repair_run(f"twin-{key}", run["dataset"], [
-                f"autoencoder.pretrained={stage1(run['dataset'])}", f"train.lr={lr}",
-                "train.warmup_steps=100", *model_sets(run["backbone"], run["objective"])], True)
-            twins[key] = twin["fd"] if twin["fd"] is not None else math.nan
-    repairs = [repair_run(run["name"], run["dataset"], sweep_sets(run), True) for run in runs]
+    runs = {run["name"]: run for run in draw(args.runs)}
+    forecasts = measured("forecast", list(runs), lambda name: forecast_run(runs[name]))
+    configs = {path.stem: path for path in sorted((ROOT / "configs").glob("*.yaml"))}
+    healthy = measured("healthy", ["digits"] if args.smoke else list(configs),
+                       lambda name: healthy_run(configs[name]))
+    twin_sets = {}
+    for run in runs.values():
+        lr = "5e-4" if run["backbone"] == "dit" else "1e-3"
+        twin_sets.setdefault(f"twin-{run['dataset']}{run['backbone']}{run['objective']}", (
+            run["dataset"], [f"autoencoder.pretrained={stage1(run['dataset'])}",
+                             f"train.lr={lr}", "train.warmup_steps=100",
+                             *model_sets(run["backbone"], run["objective"])]))
+    twin_runs = measured("twins", list(twin_sets),
+                         lambda name: repair_run(name, *twin_sets[name], True))
+    twins = {name[5:]: r["fd"] if r["fd"] is not None else math.nan
+             for name, r in zip(twin_sets, twin_runs, strict=True)}
+    repairs = measured("repair", list(runs), lambda name: repair_run(
+        name, runs[name]["dataset"], sweep_sets(runs[name]), True))
     scale = train(config("digits", f"autoencoder.pretrained={stage1('digits')}",
                          "train.steps=1", f"run_dir={WORK / 'scale'}"),
                   WORK / "scale").latent_scale_factor
-    starts = list(sick_starts(scale).items())[:1 if args.smoke else None]
-    sick = [repair_run(name.replace(" ", "-"), "digits", sets, False) | {"name": name}
-            for name, sets in starts]
-    (WORK / "results.json").write_text(json.dumps(
-        {"forecast": forecasts, "healthy": healthy, "repairs": repairs, "sick": sick,
-         "twins": twins}, indent=1))
+    starts = dict(list(sick_starts(scale).items())[:1 if args.smoke else None])
+    sick = measured("sick", list(starts), lambda name: repair_run(
+        name.replace(" ", "-"), "digits", starts[name], False) | {"name": name})
     write_section("forecast", summary(forecasts, healthy, repairs, sick, twins))
 
 
