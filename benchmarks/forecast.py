@@ -291,7 +291,7 @@ Per run (diverged / warned: step; repair: the final verdict, non-finite events, 
 repaired run / of the same backbone and objective at the config's learning rate):
 
 {header}
-|------|---|---|---|---|---|---|---|---|---|---|
+|---|---|---|---|---|---|---|---|---|---|---|---|
 {rows}
 
 Runs started sick (digits, UNet), with `on_warning` / `on_critical: repair`:
