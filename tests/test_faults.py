@@ -98,8 +98,9 @@ def run(tmp_path: Path, ae: str, fault: Fault | None = None, **sections: dict) -
 
 # (id, config sections, planted fault, expected code, related codes, max log intervals)
 CASES = [
+    # divergence_ahead: the forecast of this very divergence (tests/test_forecast.py)
     ("lr_far_too_high", {"train": {"lr": 1.0}}, None, "loss_nonfinite",
-     {"grad_norm_exploding", "grad_norm_nonfinite", "nonfinite_forward"}, 5),
+     {"grad_norm_exploding", "grad_norm_nonfinite", "nonfinite_forward", "divergence_ahead"}, 5),
     ("lr_far_too_low", {"train": {"lr": 1e-7}}, None, "loss_stuck_high", {"cos_eps_random"}, 12),
     ("scale_factor_far_too_small", {"diffusion": {"latent_scale_factor": 0.1}}, None,
      "z_std_low", {"loss_stuck_high"}, 3),
