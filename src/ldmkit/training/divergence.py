@@ -26,7 +26,7 @@ from ldmkit.platform.distributed import barrier
 from ldmkit.run.checkpoint import step_of
 from ldmkit.run.layout import ROLLBACK, RunDir
 from ldmkit.training.callbacks import CONTINUE, Decision, StepEvent, record_change
-from ldmkit.training.runtime import Runtime, forward_model
+from ldmkit.training.runtime import Runtime, forward_model, rng_untouched
 from ldmkit.training.state import LoopState, restore_state, rewind_findings
 from ldmkit.vitals import metrics as vm
 from ldmkit.vitals.diagnose import Finding, event_finding, retry_lr
@@ -67,9 +67,8 @@ def locate_nonfinite(model: nn.Module, forward: Callable, z: torch.Tensor, t: to
         return check
 
     handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
-    devices = [z.device] if z.device.type == "cuda" else []
-    try:  # the re-run must not move the RNG that dropout and the next steps draw from
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+    try:
+        with torch.no_grad(), rng_untouched(z.device):
             forward(z, t, **(cond or {}))
     finally:
         for handle in handles:

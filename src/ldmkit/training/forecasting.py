@@ -19,7 +19,7 @@ from ldmkit.models.layers import largest_attention_logit
 from ldmkit.run.layout import REPAIR
 from ldmkit.training.callbacks import CONTINUE, Callback, Decision, StepEvent
 from ldmkit.training.divergence import announce
-from ldmkit.training.runtime import Runtime, forward_model
+from ldmkit.training.runtime import Runtime, forward_model, rng_untouched
 from ldmkit.training.state import LoopState
 from ldmkit.vitals import metrics as vm
 from ldmkit.vitals.diagnose import event_finding, retry_lr
@@ -92,8 +92,7 @@ class Forecast(Callback):
         z, t, eps = z[:n].to(device), t[:n].to(device), eps[:n].to(device)
         cond = {key: value[:n].to(device) for key, value in cond.items()}
         net = forward_model(self.model, self.rt)
-        devices = [z.device] if z.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):  # dropout must not move the run's RNG
+        with rng_untouched(device):
             value = largest_attention_logit(
                 self.model, lambda: net(self.param.noised(z, t, eps), t, **cond))
         return math.nan if value is None else value

@@ -291,8 +291,9 @@ def _diffusion(opened: OpenedRun, ae: Autoencoder, latents: LatentPosteriors, sc
             save = False
         if decision.action == "remedy":
             apply_remedy(decision, cfg, run_dir, state, rt)
-            bar.reset(total=tc.steps)
-            bar.update(state.step)
+            if decision.remedy and decision.remedy.restart == "healthy":  # steps were undone
+                bar.reset(total=tc.steps)
+                bar.update(state.step)
         if save and d.is_main:
             save_state(run_dir, cfg, state)
         if decision.action in ("stop", "abort"):

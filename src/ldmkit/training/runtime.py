@@ -3,6 +3,7 @@ the live monitor attached to the logs, and the stop requests and messages of the
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,12 @@ def forward_model(model: nn.Module | Compiled, rt: Runtime) -> Net:
             return model(x, t, **cond)
 
     return forward
+
+
+def rng_untouched(device: torch.device) -> contextlib.AbstractContextManager:
+    """A measuring forward (a probe, a re-run) inside this draws from a copy of torch's RNG, so
+    dropout in it does not move the generator the next training steps draw from."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
 def attach_monitor(cfg: Config, run_dir: Path, logger: MetricLogger, scale: float,
