@@ -63,9 +63,13 @@ def test_auto_compiles_only_where_it_pays_and_trains_as_well(monkeypatch):
     short, long = (choose("auto", "auto", CPU, "sample", n, NATIVE) for n in (least - 1, least))
     assert not short.compile and "too few to pay" in short.compile_reason
     assert long.compile and f">= {least}" in long.compile_reason
-    # training compiled trained a worse model here: auto leaves it to compile: true
-    train_auto = choose("auto", "auto", CPU, "train", 10**9, NATIVE)
-    assert not train_auto.compile and "worse" in train_auto.compile_reason
+    # training compiles where it pays (it trains as well once the inductor defect is routed
+    # around); stage 1 is not measured to train as well: left to compile: true
+    least = fastpath.AUTO_COMPILE[("cpu", "train")][0]
+    assert not choose("auto", "auto", CPU, "train", least - 1, NATIVE).compile
+    assert choose("auto", "auto", CPU, "train", least, NATIVE).compile
+    stage1 = choose("auto", "auto", CPU, "autoencoder", 10**9, NATIVE)
+    assert not stage1.compile and "not yet measured" in stage1.compile_reason
     assert choose("auto", True, CPU, "train", 1, NATIVE).compile
     assert not choose("auto", False, CPU, "sample", 10**9, NATIVE).compile
     assert not choose("auto", "auto", torch.device("mps"), "sample", 10**9, NATIVE).compile
@@ -186,3 +190,39 @@ def test_compiled_checkpoints_load_eager_and_eager_ones_resume_compiled(tmp_path
     train(RunDir(split_run).load_config(), split_run, resume=True)
     split = final_weights(split_run)
     assert split.keys() == weights.keys() and all(torch.equal(split[k], weights[k]) for k in weights)
+
+
+@pytest.mark.slow
+def test_a_compiled_bf16_step_gives_every_layer_its_gradient():
+    """The defect that made compiled training train worse (benchmarks/compile_bisect.py):
+    inductor gave every layer below an ``Upsample`` a zero gradient under bf16 autocast. A
+    UNet with an upsampling level, compiled, must give each parameter eager's gradient to
+    bf16's precision; the reproduction fails here unless ldmkit routes around it."""
+    torch.manual_seed(0)
+    model = UNet(4, 8, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                 attention_resolutions=(4,))
+    for p in model.parameters():  # no layer at its zero init: all gradients flow
+        torch.nn.init.normal_(p, std=0.05)
+    param = Parameterization()
+    x0, eps, t = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8), torch.rand(4)
+
+    def gradients(net) -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+
+        def forward(x, t):
+            with torch.autocast("cpu", torch.bfloat16):
+                return net(x, t)
+
+        param.loss(forward, x0, t, eps).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    eager, compiled = gradients(model), gradients(torch.compile(model))
+    torch._dynamo.reset()
+    below = [n for n in eager if n.startswith(("mid.", "up.0."))]
+    assert below and all(eager[n].abs().sum() > 0 for n in below)
+    assert not [n for n, g in compiled.items() if eager[n].abs().sum() > 0 and not g.any()]
+    # weights, not biases: a bias's gradient is a sum over batch and positions whose bf16
+    # roundings cancel to a large relative difference between any two summation orders
+    off = {n: float((compiled[n] - g).norm() / g.norm()) for n, g in eager.items()
+           if g.dim() > 1}
+    assert max(off.values()) < 0.1, sorted(off.items(), key=lambda kv: -kv[1])[:3]

@@ -105,13 +105,27 @@ class Downsample(nn.Module):
         return self.conv(x)
 
 
+def upsample_nearest_2x(x: torch.Tensor) -> torch.Tensor:
+    """Nearest-neighbour upsampling by 2, ``[B, C, h, w] -> [B, C, 2h, 2w]``.
+
+    Eager: ``F.interpolate``. Compiled: the same values as a broadcast and reshape, because
+    inductor (torch 2.13, CPU, bf16 autocast) reads the gradient of ``F.interpolate``'s
+    backward before accumulating it, so every layer below the upsampling learned nothing
+    (``benchmarks/inductor_upsample_repro.py``; BENCHMARKS.md "Why compiled training trained
+    worse"). A broadcast's backward is a sum, which it compiles right."""
+    if not torch.compiler.is_compiling():
+        return F.interpolate(x, scale_factor=2.0, mode="nearest")
+    b, c, h, w = x.shape
+    return x[:, :, :, None, :, None].expand(b, c, h, 2, w, 2).reshape(b, c, 2 * h, 2 * w)
+
+
 class Upsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(upsample_nearest_2x(x))
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0,
