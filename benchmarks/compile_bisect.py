@@ -1,8 +1,9 @@
 """Why did a compiled run train a worse MNIST model? Compiled against eager, step by step.
 
-Run: ``.venv/bin/python benchmarks/compile_bisect.py [step] [steps]`` (both by default; about
-12 minutes on 2 cores, mostly compiling; needs the shared MNIST stage 1 of ``_mnist.py``, built
-on first use). ``--report`` re-renders BENCHMARKS.md from the saved results.
+Run: ``.venv/bin/python benchmarks/compile_bisect.py [step] [steps]`` (both by default, each
+as found and fixed; about 25 minutes on 2 cores with an empty inductor cache, mostly compiling;
+needs the shared MNIST stage 1 of ``_mnist.py``, built on first use). ``--report`` re-renders
+BENCHMARKS.md from the saved results.
 
 - ``step``: one training step of ``configs/mnist.yaml``'s UNet, ``configs/mnist-cond.yaml``'s
   class-conditional UNet and ``configs/digits-dit.yaml``'s DiT (on the MNIST latents), after 20
@@ -16,8 +17,9 @@ on first use). ``--report`` re-renders BENCHMARKS.md from the saved results.
   and bf16 eager (two paths known to train equally well, BENCHMARKS.md "Quality on the fast
   path"), and the mean loss of the last 50 steps.
 
-The defect found is kept as ``inductor_upsample_repro.py``; ``--unpatched`` measures the same
-with ldmkit's route-around (``layers.upsample_nearest_2x``) switched off, as it was found.
+Each is measured "as found", with ldmkit's route-around (``layers.upsample_nearest_2x``)
+switched off, and "fixed"; ``--only found|fixed`` measures one. The defect is kept as
+``inductor_upsample_repro.py``.
 """
 
 from __future__ import annotations
@@ -203,8 +205,8 @@ def unpatched() -> contextlib.AbstractContextManager:
 
 
 def render(results: dict) -> str:
-    lines = [f"Machine: {machine()}. Command: `.venv/bin/python benchmarks/compile_bisect.py "
-             "[--unpatched]`.", "",
+    lines = [f"Machine: {machine()}. Command: `.venv/bin/python benchmarks/compile_bisect.py`.",
+             "",
              "One training step after 20 warm-up steps, a batch of 128 real MNIST latents, "
              "each variant's gradients against the same step in float64. \"gradient error\": "
              "\\|g - g64\\| / \\|g64\\| over all parameters; \"params off\": parameters "
@@ -254,17 +256,20 @@ end 0.05 apart from eager's weights (bf16 eager vs fp32 eager: 0.19)."""
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("parts", nargs="*", default=list(PARTS))
-    parser.add_argument("--unpatched", action="store_true")
-    parser.add_argument("--report", action="store_true")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("parts", nargs="*", help=f"any of {', '.join(PARTS)}; all when none")
+    parser.add_argument("--only", choices=("found", "fixed"),
+                        help="measure only as found (the route-around off) or only fixed")
+    parser.add_argument("--report", action="store_true",
+                        help=f"re-render BENCHMARKS.md from {RESULTS.name}; measure nothing")
     args = parser.parse_args()
     if unknown := set(args.parts) - set(PARTS):
-        parser.error(f"unknown parts {sorted(unknown)}; choose from {PARTS}")
+        parser.error(f"unknown parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-    if not args.report:
-        suffix = "_unpatched" if args.unpatched else ""
-        with unpatched() if args.unpatched else contextlib.nullcontext():
+    modes = [args.only] if args.only else ["found", "fixed"]
+    for mode in modes if not args.report else []:
+        suffix = "_unpatched" if mode == "found" else ""
+        with unpatched() if mode == "found" else contextlib.nullcontext():
             for part in args.parts or PARTS:
                 results[part + suffix] = ({name: one_step(name) for name in MODELS}
                                           if part == "step" else drift())
