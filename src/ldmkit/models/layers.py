@@ -55,6 +55,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, probe: list[float]
     the training step never materialises the logits."""
     if probe is not None:
         probe.append(float((q @ k.transpose(-1, -2)).amax()) * q.shape[-1] ** -0.5)
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        # CPU's bf16 flash-attention backward took 12x fp32's (18 vs 1.5 ms a layer, the DiT
+        # of configs/digits-dit.yaml; benchmarks/dit_profile.py): attention runs in fp32 there
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v)
 
 
