@@ -34,7 +34,7 @@ test-quick: $(STAMP)
 # in this order: sampler_quality samples the MNIST model that time_to_quality trains
 bench: $(STAMP)
 	for script in throughput scaleout time_to_quality sampler_quality objectives conditional \
-			fastpath compile_bisect fastpath_quality loop_overhead forecast; do \
+			fastpath compile_bisect fastpath_quality loop_overhead dit_profile forecast; do \
 		$(BIN)/python benchmarks/$$script.py || exit 1; done
 
 lint: $(STAMP)
