@@ -16,6 +16,7 @@ from ldmkit.cli import main
 from ldmkit.diffusion.parameterization import Parameterization
 from ldmkit.diffusion.registry import OBJECTIVES
 from ldmkit.diffusion.schedule import LinearSchedule
+from ldmkit.models.layers import Upsample
 from ldmkit.models.unet import UNet
 from ldmkit.platform import fastpath
 from ldmkit.platform.fastpath import EAGER_FP32, FastPath, choose, cpu_flags, recorded
@@ -193,36 +194,30 @@ def test_compiled_checkpoints_load_eager_and_eager_ones_resume_compiled(tmp_path
 
 
 @pytest.mark.slow
-def test_a_compiled_bf16_step_gives_every_layer_its_gradient():
+def test_a_compiled_bf16_step_gives_the_layers_below_an_upsampling_their_gradient():
     """The defect that made compiled training train worse (benchmarks/compile_bisect.py):
-    inductor gave every layer below an ``Upsample`` a zero gradient under bf16 autocast. A
-    UNet with an upsampling level, compiled, must give each parameter eager's gradient to
-    bf16's precision; the reproduction fails here unless ldmkit routes around it."""
+    inductor gave every layer below an ``Upsample`` a zero gradient under bf16 autocast
+    (benchmarks/inductor_upsample_repro.py: 16 channels show it). Compiled, the layers around
+    ldmkit's ``Upsample`` must get eager's gradients to bf16's precision; without the
+    route-around (``layers.upsample_nearest_2x``) the first convolution's is zero."""
     torch.manual_seed(0)
-    model = UNet(4, 8, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                 attention_resolutions=(4,))
-    for p in model.parameters():  # no layer at its zero init: all gradients flow
-        torch.nn.init.normal_(p, std=0.05)
-    param = Parameterization()
-    x0, eps, t = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8), torch.rand(4)
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 16, 3, padding=1), Upsample(16),
+                                torch.nn.Conv2d(16, 16, 3, padding=1),
+                                torch.nn.Conv2d(16, 4, 3, padding=1))
+    x = torch.randn(2, 4, 4, 4)
 
     def gradients(net) -> dict[str, torch.Tensor]:
         model.zero_grad(set_to_none=True)
-
-        def forward(x, t):
-            with torch.autocast("cpu", torch.bfloat16):
-                return net(x, t)
-
-        param.loss(forward, x0, t, eps).loss.backward()
+        with torch.autocast("cpu", torch.bfloat16):
+            y = net(x)
+        y.float().pow(2).mean().backward()
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 
     eager, compiled = gradients(model), gradients(torch.compile(model))
     torch._dynamo.reset()
-    below = [n for n in eager if n.startswith(("mid.", "up.0."))]
-    assert below and all(eager[n].abs().sum() > 0 for n in below)
-    assert not [n for n, g in compiled.items() if eager[n].abs().sum() > 0 and not g.any()]
+    assert eager["0.weight"].abs().sum() > 0 and compiled["0.weight"].any()
     # weights, not biases: a bias's gradient is a sum over batch and positions whose bf16
     # roundings cancel to a large relative difference between any two summation orders
     off = {n: float((compiled[n] - g).norm() / g.norm()) for n, g in eager.items()
            if g.dim() > 1}
-    assert max(off.values()) < 0.1, sorted(off.items(), key=lambda kv: -kv[1])[:3]
+    assert max(off.values()) < 0.05, off
