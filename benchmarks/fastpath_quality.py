@@ -33,11 +33,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _mnist import CONFIG, EVAL_SEED, ROOT, WORK, config, reference, stage1, train_for  # noqa: E402
 from report import machine, write_section  # noqa: E402
-from throughput import step_fn  # noqa: E402
+from throughput import path_step  # noqa: E402
 
 from ldmkit.config import from_dict  # noqa: E402
-from ldmkit.models.registry import backbone_spec, build_backbone  # noqa: E402
-from ldmkit.platform.fastpath import EAGER_FP32, Compiled, choose  # noqa: E402
+from ldmkit.platform.fastpath import EAGER_FP32  # noqa: E402
 from ldmkit.sampling.evaluate import quality_metrics  # noqa: E402
 from ldmkit.sampling.generate import generate, sampling_path  # noqa: E402
 from ldmkit.sampling.trained import load_for_sampling  # noqa: E402
@@ -70,16 +69,7 @@ def cold_env() -> dict[str, str]:
 def step_seconds(sets: list[str]) -> tuple[float, float]:
     """(median seconds per training step, seconds to compile) on the path ``sets`` choose."""
     cfg = config(*sets)
-    fast = choose(cfg.train.precision, cfg.train.compile, torch.device("cpu"), "train",
-                  cfg.train.steps)
-    model = build_backbone(backbone_spec(cfg.model, 4, 8))
-    net = Compiled(model, fast)
-
-    def forward(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        with fast.autocast():
-            return net(x, t)
-
-    step = step_fn(model, False, forward)
+    step, fast = path_step(cfg, cfg.train.steps)
     start = time.perf_counter()
     step()
     step()

@@ -33,10 +33,8 @@ from torch.profiler import ProfilerActivity
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _mnist import ROOT, STAGE1, config, stage1  # noqa: E402
 from report import machine, write_section  # noqa: E402
-from throughput import step_fn  # noqa: E402
+from throughput import path_step  # noqa: E402
 
-from ldmkit.models.registry import backbone_spec, build_backbone  # noqa: E402
-from ldmkit.platform.fastpath import Compiled, choose  # noqa: E402
 from ldmkit.training.callbacks import CONTINUE, Callback, Decision, StepEvent  # noqa: E402
 from ldmkit.training.loop import train  # noqa: E402
 from ldmkit.training.state import LoopState  # noqa: E402
@@ -81,16 +79,7 @@ class Stamps(Callback):
 
 def bare_step(compile: str, profile: bool = False) -> Callable[[], None]:
     """The bare step on the path the run takes, warmed up (compiled, if so)."""
-    cfg = config("train.precision=auto", f"train.compile={compile}")
-    fast = choose(cfg.train.precision, cfg.train.compile, torch.device("cpu"), "train", STEPS)
-    model = build_backbone(backbone_spec(cfg.model, 4, 8))
-    net = Compiled(model, fast)
-
-    def forward(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        with fast.autocast():
-            return net(x, t)
-
-    step = step_fn(model, False, forward)
+    step, _ = path_step(config("train.precision=auto", f"train.compile={compile}"), STEPS)
     for _ in range(3):
         step()
     if profile:

@@ -11,6 +11,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -20,10 +21,11 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import machine, write_section  # noqa: E402
 
-from ldmkit.config import load_config  # noqa: E402
+from ldmkit.config import Config, load_config  # noqa: E402
 from ldmkit.diffusion.parameterization import Parameterization  # noqa: E402
 from ldmkit.diffusion.schedule import sample_t  # noqa: E402
 from ldmkit.models.registry import backbone_spec, build_backbone  # noqa: E402
+from ldmkit.platform.fastpath import Compiled, FastPath, choose  # noqa: E402
 from ldmkit.training.loop import train_step  # noqa: E402
 from ldmkit.training.runtime import attach_monitor  # noqa: E402
 from ldmkit.vitals import metrics as vm  # noqa: E402
@@ -68,6 +70,20 @@ def step_fn(model: torch.nn.Module, discrete: bool, forward=None):
         opt.step()
 
     return step
+
+
+def path_step(cfg: Config, work: int) -> tuple[Callable[[], None], FastPath]:
+    """The bare step (``step_fn``) of ``cfg``'s backbone on the fast path that its training of
+    ``work`` steps chooses (``train.precision`` / ``train.compile``), and that path."""
+    fast = choose(cfg.train.precision, cfg.train.compile, torch.device("cpu"), "train", work)
+    model = build_backbone(backbone_spec(cfg.model, 4, 8))
+    net = Compiled(model, fast)
+
+    def forward(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with fast.autocast():
+            return net(x, t)
+
+    return step_fn(model, False, forward), fast
 
 
 def seconds_per_step(step, steps: int = STEPS) -> float:
