@@ -188,8 +188,7 @@ def drift(steps: int = STEPS) -> dict:
 
     def apart(a: str, b: str) -> float:
         """How far two runs' weights are apart, relative to how far the second moved."""
-        return rel(runs[a][0], runs[b][0]) * float(runs[b][0].norm()) \
-            / float((runs[b][0] - start).norm())
+        return float((runs[a][0] - runs[b][0]).norm() / (runs[b][0] - start).norm())
 
     return {"loss_last50": {n: sum(ls[-50:]) / 50 for n, (_, ls) in runs.items()},
             "apart": {"fp32 compiled vs fp32 eager": apart("fp32 compiled", "fp32 eager"),

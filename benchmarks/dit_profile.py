@@ -17,32 +17,25 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import machine, write_section  # noqa: E402
-from throughput import step_fn  # noqa: E402
+from throughput import heaviest, path_step  # noqa: E402
 
-from ldmkit.config import load_config  # noqa: E402
+from ldmkit.config import Config, load_config  # noqa: E402
 from ldmkit.models.registry import backbone_spec, build_backbone  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def dit_config(precision: str) -> Config:
+    return load_config(ROOT / "configs/digits-dit.yaml",
+                       [f"train.precision={precision}", "train.compile=false"])
+
+
 def dit() -> torch.nn.Module:
     torch.manual_seed(0)
-    cfg = load_config(ROOT / "configs/digits-dit.yaml")
-    return build_backbone(backbone_spec(cfg.model, 4, 8))
-
-
-def train_step(bf16: bool) -> Callable[[], None]:
-    model = dit()
-
-    def forward(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-            return model(x, t)
-
-    return step_fn(model, False, forward)
+    return build_backbone(backbone_spec(dit_config("fp32").model, 4, 8))
 
 
 def sample_call(batch: int, bf16: bool) -> Callable[[], None]:
@@ -72,16 +65,9 @@ def timed(calls: dict[str, Callable[[], None]], rounds: int = 7, per: int = 5
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def heaviest(call: Callable[[], None], rows: int = 12) -> str:
-    call()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(3):
-            call()
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
-
-
 def main() -> None:
-    train = {"train fp32": train_step(False), "train bf16": train_step(True)}
+    torch.manual_seed(0)
+    train = {f"train {p}": path_step(dit_config(p), 0)[0] for p in ("fp32", "bf16")}
     sample = {f"sample {b} {p}": sample_call(b, p == "bf16") for b in (64, 128)
               for p in ("fp32", "bf16")}
     for name, call in {**train, **sample}.items():

@@ -208,10 +208,11 @@ def _reading(s: dict, p: dict | None) -> str:
             f"`precision: auto` takes bf16 on this CPU; compiling pays for long runs, and "
             f"since the inductor defect is routed around (`compile_bisect.py`) a compiled run "
             f"trains as good a model (`fastpath_quality.py`), so `compile: auto` compiles "
-            f"training from its break-even. The DiT at this size is the "
-            f"exception: {x[dit, 'bf16']:.2f}x in bf16 and {x[dit, 'compile']:.2f}x compiled "
-            f"in fp32, so on a CPU a small DiT trains faster with `precision: fp32`. "
-            f"channels_last gives {x[unet, 'channels_last']:.2f}x / "
+            f"training from its break-even. The DiT at this size: {x[dit, 'bf16']:.2f}x in bf16 "
+            f"and {x[dit, 'compile']:.2f}x compiled in fp32"
+            + (", so on a CPU a small DiT trains faster with `precision: fp32`. "
+               if x[dit, "bf16"] < 1 else ", so bf16 pays for it too. ")
+            + f"channels_last gives {x[unet, 'channels_last']:.2f}x / "
             f"{x[unet, 'bf16 + channels_last']:.2f}x (fp32 / bf16) on ldmkit's UNet and "
             f"{x[hf, 'channels_last']:.2f}x / {x[hf, 'bf16 + channels_last']:.2f}x on diffusers': "
             f"it stays off.")

@@ -44,7 +44,7 @@ from ldmkit.vitals.logs.metrics_jsonl import read_metrics  # noqa: E402
 
 EVAL_NUM = 2000
 FP32 = ["train.precision=fp32", "train.compile=false"]
-# auto's bf16, compiled as auto compiles runs from 3000 steps (named over train_for's fp32)
+# auto's bf16, compiled as auto compiles training from 2300 steps (over train_for's fp32)
 FAST = ["train.precision=auto", "train.compile=true"]
 BF16 = ["train.precision=auto", "train.compile=false"]
 # two seeds of each, alternating, so that a machine slowing down hits both paths alike

@@ -33,7 +33,7 @@ from torch.profiler import ProfilerActivity
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _mnist import ROOT, STAGE1, config, stage1  # noqa: E402
 from report import machine, write_section  # noqa: E402
-from throughput import path_step  # noqa: E402
+from throughput import heaviest, path_step  # noqa: E402
 
 from ldmkit.training.callbacks import CONTINUE, Callback, Decision, StepEvent  # noqa: E402
 from ldmkit.training.loop import train  # noqa: E402
@@ -83,11 +83,8 @@ def bare_step(compile: str, profile: bool = False) -> Callable[[], None]:
     for _ in range(3):
         step()
     if profile:
-        with torch.profiler.profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(len(PROFILED)):
-                step()
         print(f"== the bare step, {len(PROFILED)} steps")
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+        print(heaviest(step, len(PROFILED), 20))
     return step
 
 

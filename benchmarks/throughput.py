@@ -86,6 +86,16 @@ def path_step(cfg: Config, work: int) -> tuple[Callable[[], None], FastPath]:
     return step_fn(model, False, forward), fast
 
 
+def heaviest(call: Callable[[], None], calls: int = 3, rows: int = 12) -> str:
+    """torch profiler's heaviest operators by self CPU time over ``calls`` calls (one before,
+    unprofiled), as a table."""
+    call()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            call()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
 def seconds_per_step(step, steps: int = STEPS) -> float:
     start = time.perf_counter()
     for _ in range(steps):
