@@ -31,9 +31,10 @@ test: $(STAMP)
 test-quick: $(STAMP)
 	$(TEST_ENV) $(BIN)/pytest -q $(TEST_ARGS) -m "not slow"
 
-# in this order: sampler_quality samples the MNIST model that time_to_quality trains
+# in this order: recipe chooses configs/mnist.yaml's recipe, which time_to_quality then
+# trains, and sampler_quality samples the MNIST model that time_to_quality trains
 bench: $(STAMP)
-	for script in throughput scaleout time_to_quality sampler_quality objectives conditional \
+	for script in throughput scaleout recipe time_to_quality sampler_quality objectives conditional \
 			fastpath compile_bisect fastpath_quality loop_overhead dit_profile forecast; do \
 		$(BIN)/python benchmarks/$$script.py || exit 1; done
 
