@@ -15,8 +15,8 @@ and UNet size, one after the other (never side by side, so none slows another), 
   ``train_unconditional.py`` example (AdamW 1e-4, betas 0.95/0.999, weight decay 1e-6, 500
   warmup steps then cosine, EMAModel with warmup power 3/4, gradient clipping 1), except the
   batch size, which is ldmkit's so that both see as many images per step, the precision (the
-  faster here of fp32 and bf16 autocast, which ``--mixed_precision bf16`` gives it), and the learning rate,
-  swept over ``REFERENCE_LRS`` (around the best of an earlier sweep from the recipe's 1e-4) so
+  faster here of fp32 and bf16 autocast, which ``--mixed_precision bf16`` gives it), and the
+  learning rate, swept over ``REFERENCE_LRS`` (around the best of an earlier sweep from the recipe's 1e-4) so
   that ldmkit is compared with a tuned peer, not only with a recipe; its EMA weights are copied
   at each budget.
 
@@ -155,7 +155,7 @@ def ddpm_schedule() -> DDPMScheduler:
 def train_reference(setup: Setup, budgets_s: list[float], steps: int, lr: float,
                     bf16: bool) -> list[Snapshot]:
     """diffusers' unconditional training recipe at ``lr`` on the cached latents, EMA copied at
-    budgets; bf16 autocast where ldmkit trains in bf16."""
+    budgets; in bf16 autocast where ``calibrate`` measured that faster than fp32."""
     started = time.monotonic()
     torch.manual_seed(0)
     model = diffusers_unet()
