@@ -25,6 +25,7 @@ LAYERS = [
     {"vitals"},
     {"run"},
     {"data"},
+    {"conditioning"},
     {"sampling"},
     {"training"},
     {"report", "integrations"},

@@ -18,6 +18,7 @@ from PIL import Image
 from test_faults import assert_healthy, config, raised
 
 from ldmkit.cli import main
+from ldmkit.conditioning.sources import requested_labels
 from ldmkit.config import from_dict
 from ldmkit.data.latents import build_cache, cache_meta, read_cache
 from ldmkit.data.sources import check_labels, load_data
@@ -31,7 +32,7 @@ from ldmkit.report.html import guidance_sweep, render_html
 from ldmkit.run.context import diagnose_path, read_run
 from ldmkit.run.layout import RunDir
 from ldmkit.sampling.classifier import load_or_train
-from ldmkit.sampling.generate import generate, requested_labels
+from ldmkit.sampling.generate import generate
 from ldmkit.sampling.trained import load_for_sampling
 from ldmkit.training.loop import train
 from ldmkit.vitals import metrics as vm
@@ -201,7 +202,7 @@ def test_class_choice_on_the_command_line():
     for choice, classes in (("12", None), ("-1", None), ("horse", ["cat", "dog"])):
         with pytest.raises(LdmkitError, match="is not a class of this model"):
             requested_labels(choice, 4, 10, classes)
-    with pytest.raises(LdmkitError, match="unconditional"):
+    with pytest.raises(LdmkitError, match="not class-conditional"):
         requested_labels("3", 4, None)
 
 
@@ -335,7 +336,7 @@ class CollapsedClass(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, label: int, target: torch.Tensor):
         super().__init__()
         self.model, self.label, self.target = model, label, target
-        self.num_classes = model.num_classes
+        self.num_classes, self.condition_keys = model.num_classes, model.condition_keys
         self.schedule = Parameterization().schedule
 
     def forward(self, x, t, labels=None):

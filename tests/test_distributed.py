@@ -92,6 +92,29 @@ def test_two_processes_log_the_same_vitals_as_one(tmp_path, shared_ae):
     assert len(list(run2.rglob("findings.jsonl"))) <= 1
 
 
+def test_two_processes_log_the_same_vitals_as_one_for_captions(tmp_path, shared_ae):
+    """A text-conditional run (captions dropped at random, sharded with the batch, prompts per
+    grid column, within-prompt diversity) logs the same records on 2 processes as on 1."""
+    from test_text import TEXT_MODEL, digits_folder
+
+    folder = digits_folder(tmp_path / "captioned", 128)
+    ae = {**GLOBAL["autoencoder"], "pretrained": shared_ae}
+    data = {"source": "folder", "path": str(folder), "image_size": 16, "val_fraction": 0.05}
+    model = {**GLOBAL["model"], **TEXT_MODEL, "text_width": 32}
+    sample = {**GLOBAL["sample"], "num": 16}
+    fp32 = {**GLOBAL["train"], "precision": "fp32"}
+    runs = [write(tmp_path, name, autoencoder=ae, data=data, model=model, sample=sample,
+                  train=fp32) for name in ("one", "two")]
+    torchrun(1, "train", str(runs[0][0]))
+    torchrun(2, "train", str(runs[1][0]))
+    one, two = by_key(runs[0][1]), by_key(runs[1][1])
+    assert one.keys() == two.keys()
+    assert {vm.COND_GAP, vm.WITHIN_PROMPT, vm.VAL_LOSS} <= {tag for _, tag in one}
+    for key, value in one.items():
+        assert two[key] == pytest.approx(value, rel=2e-3, abs=1e-5), key
+    assert (runs[1][1] / "prompts.json").read_text() == (runs[0][1] / "prompts.json").read_text()
+
+
 def test_ddp_resume_continues_to_the_same_weights(tmp_path, shared_ae):
     """On the default (auto) settings: bf16 autocast where this CPU has it, eager (auto does
     not compile training), the choice printed by every run."""

@@ -159,7 +159,7 @@ def test_cli_errors_are_one_line_with_exit_code_2(argv, needle, capsys):
     (["--seed", "99999999999999999999999"], "--seed must be >= 0 and <= 4294967295"),
     (["--eta", "nan"], "--eta must be a finite number"),
     (["--guidance", "1e30"], "--guidance must be >= 0.0 and <= 1000.0"),
-    (["--guidance", "4"], "--guidance needs a class-conditional model"),
+    (["--guidance", "4"], "--guidance needs a conditional model"),
 ])
 def test_sampling_flags_are_bounded_as_the_config_keys_are(tiny_run, flags, needle, capsys):
     """What a user types is checked before anything is allocated or written, by the bounds of

@@ -433,8 +433,10 @@ RULES_BY_METRIC = {rule.code: rule.metric for rule in RULES}
 
 
 # judged together with other signs, so one sign alone cannot say: the batch's pairwise MSE with
-# the samples' std (diversity share), a class's with the batch's, the extremes min with max
-CROSS_SIGN = {vm.PAIRWISE_PREFIX + "mean", vm.LEAST_DIVERSE_MSE, vm.FINAL_PREFIX + "max"}
+# the samples' std (diversity share), a class's or prompt's with the batch's, the extremes min
+# with max
+CROSS_SIGN = {vm.PAIRWISE_PREFIX + "mean", vm.LEAST_DIVERSE_MSE, vm.LEAST_DIVERSE_PROMPT_MSE,
+              vm.FINAL_PREFIX + "max"}
 
 
 @pytest.mark.parametrize("tag", sorted({s.tag for s in SIGNS if s.bands(ctx())}

@@ -47,6 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--class", dest="choice", metavar="CLASS",
                         help="class-conditional models: a class index or folder name, or all "
                              "(one grid row per class); default: every class in turn")
+    sample.add_argument("--prompt", dest="prompts", action="append", metavar="TEXT",
+                        help="text-conditional models: a prompt (repeat for more), --num "
+                             "samples each, a grid row per prompt; default: the run's prompts")
+    sample.add_argument("--prompts", dest="prompt_file", metavar="FILE",
+                        help="text-conditional models: a UTF-8 file of prompts, one per line")
     sample.add_argument("--guidance", type=float, metavar="SCALE",
                         help="classifier-free guidance scale (1: none; default: the run's "
                              "sample.guidance_scale)")
@@ -155,10 +160,12 @@ def _scales(text: str) -> list[float]:
 
 
 def _sample(args: argparse.Namespace) -> None:
+    from ldmkit.conditioning.sources import read_prompts
     from ldmkit.sampling.generate import sample_run
 
+    prompts = (args.prompts or []) + (read_prompts(args.prompt_file) if args.prompt_file else [])
     grid, samples = sample_run(args.run_dir, args.num, args.sampler, args.steps, args.seed,
-                               args.eta, args.out, args.choice, args.guidance)
+                               args.eta, args.out, args.choice, args.guidance, prompts or None)
     for tag, value in samples.vitals.items():
         print(f"{tag}: {value:.4g}")
     print(f"samples: {grid}")

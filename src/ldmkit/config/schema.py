@@ -36,6 +36,12 @@ class DataConfig:
     # held out of stage 2 for the validation loss (an IDX test file is used instead when present)
     val_fraction: float = ranged(0.02, lo=0.0, hi=0.5)
     val_max: int = ranged(512, lo=1)
+    # captions of a folder (text-conditional models, data/captions.py): a metadata.jsonl at its
+    # root (Hugging Face ImageFolder: file_name and this column), else a file beside each image
+    # with this extension (kohya sd-scripts, OneTrainer, ai-toolkit)
+    caption_extension: str = ".txt"
+    caption_column: str = "text"
+    missing_caption: Literal["error", "empty"] = "error"  # empty: train it as the empty caption
 
 
 @dataclass
@@ -67,6 +73,12 @@ class UNetConfig:
     num_heads: int = ranged(4, lo=1, hi=256)
     dropout: float = ranged(0.0, lo=0.0, hi=1.0)
     num_classes: int | None = ranged(None, lo=1, hi=1_000_000)  # null: unconditional
+    # captions through cross-attention: builtin (a byte-level transformer trained jointly,
+    # models/text.py) or null; exclusive with num_classes
+    text_encoder: Literal["builtin"] | None = None
+    text_width: int = ranged(128, lo=8, hi=4096)
+    text_depth: int = ranged(2, lo=1, hi=48)
+    text_max_length: int = ranged(64, lo=1, hi=4096)  # UTF-8 bytes kept of each caption
 
     def check(self, latent: int) -> None:
         """The latent halves at every level; every self-attention layer splits its channels into
@@ -100,6 +112,12 @@ class DiTConfig:
     depth: int = ranged(6, lo=1, hi=128)
     num_heads: int = ranged(4, lo=1, hi=256)
     num_classes: int | None = ranged(None, lo=1, hi=1_000_000)  # null: unconditional
+    # captions through cross-attention: builtin (a byte-level transformer trained jointly,
+    # models/text.py) or null; exclusive with num_classes
+    text_encoder: Literal["builtin"] | None = None
+    text_width: int = ranged(128, lo=8, hi=4096)
+    text_depth: int = ranged(2, lo=1, hi=48)
+    text_max_length: int = ranged(64, lo=1, hi=4096)  # UTF-8 bytes kept of each caption
 
     def check(self, latent: int) -> None:
         if latent % self.patch_size:
@@ -190,6 +208,9 @@ class SampleConfig:
     guidance_scale: float = ranged(1.0, lo=0.0, hi=MAX_GUIDANCE)
     guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0],
                                            metadata=check(0.0, hi=1.0, min_len=2))
+    # a text-conditional model's grid during training: these, then captions of the data, one
+    # prompt per column (conditioning/sources.py)
+    prompts: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -259,6 +280,18 @@ def _validate(cfg: Config) -> Config:
         )
     latent = cfg.data.image_size // factor
     cfg.model.check(latent)
+    if cfg.model.text_encoder and cfg.model.num_classes:
+        raise ConfigError("model.num_classes and model.text_encoder are both set: a model is "
+                          "conditioned on classes or on captions; set one of them to null")
+    if cfg.model.text_encoder and cfg.data.source != "folder":
+        raise ConfigError(f"model.text_encoder needs captions, which only a folder has "
+                          f"(data.source is '{cfg.data.source}'); set data.source: folder")
+    if cfg.model.text_encoder and cfg.model.text_width % 4:
+        raise ConfigError(f"model.text_width {cfg.model.text_width} must be a multiple of 4 "
+                          "(the text encoder's 4 attention heads split it)")
+    if not cfg.data.caption_extension.startswith(".") or "/" in cfg.data.caption_extension:
+        raise ConfigError(f"data.caption_extension must look like .txt, got "
+                          f"{brief(cfg.data.caption_extension)}")
     _check_device(cfg.device)
     if len(cfg.train.betas) != 2 or not all(0 <= b < 1 for b in cfg.train.betas):
         raise ConfigError(f"train.betas must be two numbers in [0, 1), got {cfg.train.betas}")

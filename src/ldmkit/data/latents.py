@@ -3,9 +3,9 @@
 The dataset is encoded once by the frozen autoencoder into a memory-mapped cache (posterior mean
 and log-variance, ``.npy``), so stage 2 never runs the encoder and a restart or a second run on
 the same autoencoder does not even decode the images again. The cache holds the labels beside
-the posteriors and records the SHA-256 of the autoencoder's weights, the data settings and
-what the dataset is made of (``data.source_digest``: files and labels), and is rebuilt when any
-of them changes.
+the posteriors (and, for a text-conditional model, the captions) and records the SHA-256 of the
+autoencoder's weights, the data settings and what the dataset is made of
+(``data.source_digest``: files, labels, captions), and is rebuilt when any of them changes.
 ``data.latent_cache``: ``auto`` (``RUN/latents``), ``off`` (encode in memory), or a directory
 shared between runs.
 """
@@ -73,10 +73,19 @@ def cache_dir(cfg: Config, run_dir: Path) -> Path | None:
     return RunDir(run_dir).latent_cache if setting == "auto" else Path(setting)
 
 
+def wants_captions(cfg: Config) -> bool:
+    return bool(cfg.model.text_encoder)
+
+
 def cache_meta(cfg: Config, ae_dir: Path) -> dict:
-    data = {k: v for k, v in asdict(cfg.data).items() if k not in NOT_ENCODED}
+    """What a cache must have been built from. The caption settings and ``captioned`` enter
+    only for a text-conditional model, so the caches of other runs keep their keys."""
+    captioned = wants_captions(cfg)
+    data = {k: v for k, v in asdict(cfg.data).items() if k not in NOT_ENCODED
+            and (captioned or not k.startswith(("caption_", "missing_caption")))}
     return {"autoencoder_sha256": autoencoder_hash(ae_dir), "data": data,
-            "source_sha256": source_digest(cfg.data)}
+            "source_sha256": source_digest(cfg.data, captioned),
+            **({"captioned": True} if captioned else {})}
 
 
 def read_cache(path: Path, expected: dict) -> LatentPosteriors | None:
@@ -102,6 +111,10 @@ def read_cache(path: Path, expected: dict) -> LatentPosteriors | None:
         names = None
     if not (isinstance(classes, list) and all(isinstance(n, str) for n in classes)):
         classes = None
+    captions = meta.get("captions")
+    if meta.get("captioned") and not (isinstance(captions, list) and len(captions) == len(mean)
+                                      and all(isinstance(c, str) for c in captions)):
+        return None
     labels = None
     if meta.get("labelled"):
         try:
@@ -111,7 +124,7 @@ def read_cache(path: Path, expected: dict) -> LatentPosteriors | None:
         if labels.dtype != torch.int64 or labels.shape != (len(mean),):
             return None
     return LatentPosteriors(torch.from_numpy(mean), torch.from_numpy(logvar), names, labels,
-                            classes)
+                            classes, captions if meta.get("captioned") else None)
 
 
 def encoding_path(cfg: Config) -> FastPath:
@@ -136,7 +149,7 @@ def encode_batches(ae: Autoencoder, data: ImageData, fast: FastPath = EAGER_FP32
 def build_cache(ae: Autoencoder, cfg: Config, path: Path, meta: dict,
                 data: LazyData | None = None) -> LatentPosteriors:
     """Encode ``cfg.data`` into ``path`` (written atomically) and return the mapped result."""
-    data = (data or LazyData(cfg.data)).get()
+    data = (data or LazyData.of(cfg)).get()
     size = cfg.data.image_size // ae.downsample_factor
     shape = (len(data), ae.latent_channels, size, size)
 
@@ -152,7 +165,8 @@ def build_cache(ae: Autoencoder, cfg: Config, path: Path, meta: dict,
             np.save(tmp / "labels.npy", data.labels.numpy().astype(np.int64))
         extra = {"labelled": data.labels is not None,
                  **({"names": data.names} if data.names is not None else {}),
-                 **({"classes": data.classes} if data.classes is not None else {})}
+                 **({"classes": data.classes} if data.classes is not None else {}),
+                 **({"captions": data.captions} if meta.get("captioned") else {})}
         (tmp / "meta.json").write_text(json.dumps({**meta, "shape": list(shape), **extra},
                                                   indent=2))
 
@@ -165,13 +179,17 @@ def encode_in_memory(ae: Autoencoder, data: ImageData, fast: FastPath = EAGER_FP
                      ) -> LatentPosteriors:
     posts = [post for _, post in encode_batches(ae, data, fast)]
     return LatentPosteriors(torch.cat([p.mean for p in posts]), torch.cat([p.logvar for p in posts]),
-                            data.names, data.labels, data.classes)
+                            data.names, data.labels, data.classes, data.captions)
 
 
 def _report(data: ImageData) -> None:
     print(f"data: {len(data)} images from {data.source}, {tuple(data.images.shape[1:])}")
     if data.skipped:
         print(f"data: skipped {data.skipped} unreadable images (first: {data.first_skipped})")
+    if data.captions is not None:
+        print(f"data: {len(set(data.captions))} distinct captions"
+              + (f"; {data.captions_missing} images had none and train on the empty caption"
+                 if data.captions_missing else ""))
     if data.hidden:
         print(f"data: left out {data.hidden} hidden files and folders (.ipynb_checkpoints, "
               ".DS_Store, __MACOSX and the like are not data)")
@@ -180,14 +198,19 @@ def _report(data: ImageData) -> None:
 class LazyData:
     """The dataset, loaded (and reported) on first use only: a valid cache never needs it.
     For a class-conditional model (``num_classes``) its labels are checked as it loads, before
-    stage 1 trains on it."""
+    stage 1 trains on it; a text-conditional one (``captions``) reads the captions first."""
 
-    def __init__(self, cfg: DataConfig, num_classes: int | None = None):
-        self.cfg, self.num_classes, self._data = cfg, num_classes, None
+    def __init__(self, cfg: DataConfig, num_classes: int | None = None, captions: bool = False):
+        self.cfg, self.num_classes, self.captions, self._data = cfg, num_classes, captions, None
+
+    @classmethod
+    def of(cls, cfg: Config) -> LazyData:
+        """The data the run's model needs: labels checked, or captions read."""
+        return cls(cfg.data, cfg.model.num_classes, wants_captions(cfg))
 
     def get(self) -> ImageData:
         if self._data is None:
-            data = load_data(self.cfg)
+            data = load_data(self.cfg, self.captions)
             _report(data)
             if self.num_classes:
                 check_labels(data.labels, data.classes, self.num_classes, data.source,
@@ -252,7 +275,7 @@ def prepare_latents(cfg: Config, run_dir: Path, logger: MetricLogger,
                     data: LazyData | None = None) -> tuple[Autoencoder, LatentPosteriors, float]:
     """Stage 1 (reuse or train), the encoded dataset, and the latent scale (calibrated if null)."""
     num_classes = cfg.model.num_classes
-    data = data or LazyData(cfg.data, num_classes)
+    data = data or LazyData.of(cfg)
     ae = stage1_autoencoder(cfg, run_dir, logger, data, stop, d)
     latents = encoded_dataset(ae, cfg, run_dir, data, d)
     if num_classes:
@@ -301,5 +324,5 @@ def encode_run(run_dir: Path, out: Path | None = None) -> Path:
     check_replaceable(path, CACHE_KIND)
     with writing_run(run_dir):
         ae = load_autoencoder(RunDir(run_dir).autoencoder)
-        encoded_dataset(ae, cfg, run_dir, LazyData(cfg.data), path=path)
+        encoded_dataset(ae, cfg, run_dir, LazyData.of(cfg), path=path)
     return path

@@ -4,13 +4,15 @@ Images are kept as uint8 ``[N, C, H, W]`` (a 60k-image MNIST at 32x32 is 60 MB) 
 float pixels in [-1, 1] per batch. Three sources: scikit-learn's bundled digits (no download),
 a folder of PNG/JPEG/WebP files, and MNIST-format IDX files. Labels: the digits' and the IDX
 labels file's; a folder's first-level subfolders are its classes (torchvision's ImageFolder
-convention) when every image sits in one.
+convention) when every image sits in one. A folder's captions (data/captions.py) are read when
+the model is text-conditional.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import math
 import os
 import struct
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from ldmkit.config import DataConfig
+from ldmkit.data.captions import read_captions
 from ldmkit.errors import DataError
 from ldmkit.platform.files import is_hidden, read_file
 
@@ -42,6 +45,8 @@ class ImageData:
     classes: list[str] | None = None  # a folder's class names (label i is classes[i])
     hidden: int = 0  # hidden files and folders left out (not data)
     limited_to: int | None = None  # data.limit cut the files read to this many
+    captions: list[str] | None = None  # a folder's caption of each image, row by row
+    captions_missing: int = 0  # images without one, trained on "" (data.missing_caption: empty)
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -191,12 +196,17 @@ def list_folder(root: Path) -> FolderListing:
     return FolderListing(root, files, classes, hidden)
 
 
-def load_folder_data(cfg: DataConfig) -> ImageData:
+def load_folder_data(cfg: DataConfig, captions: bool = False) -> ImageData:
     """Every PNG/JPEG/WebP below ``cfg.path``, labelled by its class folder when every image sits
-    in one; corrupt files are skipped and counted."""
+    in one, and with ``captions`` captioned (read before any image is decoded, so a missing
+    caption fails at once); corrupt files are skipped and counted."""
     listing = list_folder(Path(cfg.path or ""))
     root, classes = listing.root, listing.classes
     files = listing.files if cfg.limit is None else listing.files[: cfg.limit]
+    # every image's caption, beyond data.limit too: a metadata.jsonl names them all
+    texts = read_captions(root, listing.files, cfg.caption_extension, cfg.caption_column,
+                          cfg.missing_caption) if captions else None
+    caption_of = dict(zip(map(str, listing.files), texts.texts, strict=True)) if texts else {}
     mode = "L" if cfg.channels == 1 else "RGB"
     arrays, names, skipped, first_bad = [], [], 0, None
     for name in files:
@@ -215,13 +225,18 @@ def load_folder_data(cfg: DataConfig) -> ImageData:
         index = {name: i for i, name in enumerate(classes)}
         labels = torch.tensor([index[Path(n).parts[0]] for n in names], dtype=torch.int64)
     return ImageData(images, labels, f"folder {root}", skipped, first_bad, names, classes,
-                     listing.hidden, None if cfg.limit is None else len(files))
+                     listing.hidden, None if cfg.limit is None else len(files),
+                     [caption_of[n] for n in names] if texts else None,
+                     sum(not caption_of[n] for n in names) if texts else 0)
 
 
-def load_data(cfg: DataConfig) -> ImageData:
-    """Load the configured dataset; ``cfg.limit`` keeps the first N images."""
-    loader = {"digits": load_digits_data, "idx": load_idx_data, "folder": load_folder_data}
-    data = loader[cfg.source](cfg)
+def load_data(cfg: DataConfig, captions: bool = False) -> ImageData:
+    """Load the configured dataset (with ``captions``, a folder's captions too); ``cfg.limit``
+    keeps the first N images."""
+    if cfg.source == "folder":
+        data = load_folder_data(cfg, captions)
+    else:
+        data = {"digits": load_digits_data, "idx": load_idx_data}[cfg.source](cfg)
     if data.images.shape[1] != cfg.channels:
         data.images = (data.images.expand(-1, 3, -1, -1).contiguous() if cfg.channels == 3
                        else data.images.float().mean(1, keepdim=True).round().to(torch.uint8))
@@ -229,18 +244,24 @@ def load_data(cfg: DataConfig) -> ImageData:
         data.images = data.images[: cfg.limit]
         data.labels = None if data.labels is None else data.labels[: cfg.limit]
         data.names = None if data.names is None else data.names[: cfg.limit]
+        data.captions = None if data.captions is None else data.captions[: cfg.limit]
     return data
 
 
-def source_digest(cfg: DataConfig) -> str:
+def source_digest(cfg: DataConfig, captions: bool = False) -> str:
     """SHA-256 of what the dataset is made of, read without decoding an image: a folder's file
-    names (so its class folders) and sizes, an IDX images file's size and its labels file's
-    bytes. A latent cache records it, so new, removed or relabelled images rebuild the cache."""
+    names (so its class folders) and sizes (with ``captions``, each image's caption), an IDX
+    images file's size and its labels file's bytes. A latent cache records it, so new, removed,
+    relabelled or recaptioned images rebuild the cache."""
     digest = hashlib.sha256(cfg.source.encode())
     if cfg.source == "folder":
         listing = list_folder(Path(cfg.path or ""))
         for name in listing.files:
             digest.update(f"{name}\0{(listing.root / name).stat().st_size}\n".encode())
+        if captions:
+            texts = read_captions(listing.root, listing.files, cfg.caption_extension,
+                                  cfg.caption_column, cfg.missing_caption).texts
+            digest.update(json.dumps(texts).encode())
     elif cfg.source == "idx":
         path = Path(cfg.path or "")
         images = find_idx(path, cfg.split, "images") if path.is_dir() else path

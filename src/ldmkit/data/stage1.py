@@ -167,6 +167,7 @@ class LatentPosteriors:
     names: list[str] | None = None  # the image files of a folder dataset, row by row
     labels: torch.Tensor | None = None  # [N] int64 class of each image, when the data has them
     classes: list[str] | None = None  # a folder dataset's class names
+    captions: list[str] | None = None  # a folder's caption of each image (text-conditional)
 
     def describe(self, rows: list[int]) -> str:
         """The images at dataset ``rows`` as a user finds them: file names, else indices."""

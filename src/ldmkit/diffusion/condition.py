@@ -1,13 +1,13 @@
 """The condition that travels with a batch, and classifier-free guidance over it.
 
 A condition is a mapping of keyword tensors the backbone takes besides ``(x, t)`` (k-diffusion's
-``extra_args``, DiT's ``model_kwargs``), each with the batch as its first dimension. Today the
-one key is ``labels`` (``[B]`` int64 class indices, ``NULL_LABEL`` for "no class": the
-unconditional input that classifier-free guidance needs; Ho & Salimans 2022). A sequence of
-text embeddings would be one more key (``context [B, L, D]``, read by cross-attention, with its
-own null in ``null``: zeros today, the empty prompt's embedding for a text encoder); everything
-else here chunks, joins and drops conditions key by key, so it would not change. An empty
-mapping is the unconditional model's condition.
+``extra_args``, DiT's ``model_kwargs``), each with the batch as its first dimension:
+``labels`` (``[B]`` int64 class indices, ``NULL_LABEL`` for "no class": the unconditional
+input that classifier-free guidance needs; Ho & Salimans 2022) or ``tokens`` (``[B, L]`` int64
+byte tokens of a caption, all padding for the empty caption, which the built-in text encoder
+maps to its learned null; models/text.py). Everything here chunks, joins and drops conditions
+key by key. An empty mapping is the unconditional model's condition; which source makes a
+condition, and which a backbone takes, is ``ldmkit.conditioning``'s business.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 Cond = dict[str, torch.Tensor]
 LABELS = "labels"
 NULL_LABEL = -1  # the backbones' label embedding maps it to its extra "no class" row
+TOKENS = "tokens"  # its null, all zeros, is the padding of the empty caption
 
 
 def chunk(cond: Cond, n: int) -> list[Cond]:
@@ -38,21 +39,23 @@ def joined(first: Cond, second: Cond) -> Cond:
 
 
 def null(cond: Cond) -> Cond:
-    """The unconditional input of the same batch: every label the null label (any other key:
-    zeros)."""
+    """The unconditional input of the same batch: every label the null label, every caption
+    the empty one (all padding, zeros: as any other key)."""
     return {key: torch.full_like(value, NULL_LABEL) if key == LABELS else torch.zeros_like(value)
             for key, value in cond.items()}
 
 
-def dropped(cond: Cond, prob: float, generator: torch.Generator) -> Cond:
-    """Each sample's condition replaced by the null one with probability ``prob``: how a
-    model learns the unconditional prediction that guidance extrapolates from (Ho & Salimans
-    2022, Algorithm 1). No random numbers are drawn for an empty condition."""
+def dropped(cond: Cond, prob: float, generator: torch.Generator,
+            null_of: Callable[[Cond], Cond] | None = None) -> Cond:
+    """Each sample's condition replaced by the null one (``null_of``, the source's; default
+    ``null``) with probability ``prob``: how a model learns the unconditional prediction that
+    guidance extrapolates from (Ho & Salimans 2022, Algorithm 1). No random numbers are drawn
+    for an empty condition."""
     if not cond or prob <= 0:
         return cond
     batch = len(next(iter(cond.values())))
     drop = torch.rand(batch, generator=generator) < prob
-    empty = null(cond)
+    empty = (null_of or null)(cond)
     return {key: torch.where(drop.view((-1,) + (1,) * (value.dim() - 1)), empty[key], value)
             for key, value in cond.items()}
 

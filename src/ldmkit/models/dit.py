@@ -4,7 +4,9 @@ The latent is cut into ``patch_size`` x ``patch_size`` patches, one token each, 
 sin-cos position embedding (He et al. 2022, MAE). Every block is pre-norm self-attention then an
 MLP, both modulated by adaLN-Zero: the time embedding regresses a shift, scale and gate for each
 branch, and the gates start at zero, so every block starts as the identity (the paper's best
-conditioning, sec. 3.2 and fig. 5). Time is embedded as diffusers' ``DiTTransformer2DModel``
+conditioning, sec. 3.2 and fig. 5). A caption enters through a cross-attention layer between
+each block's self-attention and MLP (PixArt-alpha, Chen et al. 2023; models/text.py). Time is
+embedded as diffusers' ``DiTTransformer2DModel``
 embeds its discrete step ``999 t``, so ``ldmkit export`` writes a model that diffusers loads as
 its own class (models/diffusers_export.py). The backbone knows nothing of objectives.
 """
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldmkit.models.layers import LabelEmbedding, attend, timestep_embedding, zero_init
+from ldmkit.models.text import ByteTextEncoder, CrossAttention, Text
 
 FREQUENCIES = 256  # sinusoidal features of t before the time MLP (DiT's frequency_embedding_size)
 TIME_STEPS = 999.0  # t = 1 is diffusers' last discrete step (num_train_timesteps - 1)
@@ -42,9 +45,11 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 class DiTBlock(nn.Module):
     """Self-attention and MLP on ``[B, N, D]`` tokens, each gated by adaLN-Zero from ``c``."""
 
-    def __init__(self, width: int, num_heads: int, mlp_ratio: int = 4):
+    def __init__(self, width: int, num_heads: int, mlp_ratio: int = 4,
+                 context_dim: int | None = None):
         super().__init__()
         self.num_heads = num_heads
+        self.cross = CrossAttention(width, context_dim, num_heads) if context_dim else None
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
@@ -55,7 +60,8 @@ class DiTBlock(nn.Module):
         self.modulation = zero_init(nn.Linear(width, 6 * width))
         self.logit_probe: list[float] | None = None  # layers.largest_attention_logit's
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, text: Text | None = None
+                ) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = (
             self.modulation(F.silu(c))[:, None].chunk(6, dim=-1))  # each [B, 1, D]
         b, n, d = x.shape
@@ -64,17 +70,21 @@ class DiTBlock(nn.Module):
             2, 0, 3, 1, 4)  # each [B, heads, N, D/heads]
         h = attend(q, k, v, self.logit_probe).transpose(1, 2).reshape(b, n, d)
         x = x + gate1 * self.proj(h)
+        if self.cross is not None and text is not None:
+            x = x + self.cross(x, text)
         return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 
 class DiT(nn.Module):
-    """``forward(x [B, C, h, w], t [B] in [0, 1], labels [B] | None) -> [B, C, h, w]``, the
-    objective's target. With ``num_classes`` the label embedding is added to the time
-    embedding that drives every adaLN (DiT's class conditioning); None or -1: the null class."""
+    """``forward(x [B, C, h, w], t [B] in [0, 1], labels [B] | None, tokens [B, L] | None)
+    -> [B, C, h, w]``, the objective's target. With ``num_classes`` the label embedding is
+    added to the time embedding that drives every adaLN (DiT's class conditioning); None or -1:
+    the null class. With ``text_encoder`` every block attends to the caption's tokens."""
 
     def __init__(self, in_channels: int, latent_size: int, patch_size: int = 2,
                  hidden_size: int = 256, depth: int = 6, num_heads: int = 4,
-                 num_classes: int | None = None):
+                 num_classes: int | None = None, text_encoder: str | None = None,
+                 text_width: int = 128, text_depth: int = 2, text_max_length: int = 64):
         super().__init__()
         self.patch_size, self.num_classes = patch_size, num_classes
         self.patchify = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
@@ -83,8 +93,10 @@ class DiT(nn.Module):
         self.time_mlp = nn.Sequential(nn.Linear(FREQUENCIES, hidden_size), nn.SiLU(),
                                       nn.Linear(hidden_size, hidden_size))
         self.label_emb = LabelEmbedding(num_classes, hidden_size) if num_classes else None
-        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads)
-                                    for _ in range(depth))
+        self.text = ByteTextEncoder(text_width, text_depth, text_max_length) \
+            if text_encoder else None
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, context_dim=text_width
+                                             if text_encoder else None) for _ in range(depth))
         self.norm_out = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.modulation_out = nn.Linear(hidden_size, 2 * hidden_size)
         self.out = nn.Linear(hidden_size, patch_size * patch_size * in_channels)
@@ -104,18 +116,27 @@ class DiT(nn.Module):
             nn.init.normal_(layer.weight, std=0.02)
         for layer in [block.modulation for block in self.blocks] + [self.modulation_out, self.out]:
             zero_init(layer)
+        for block in self.blocks:
+            if block.cross is not None:
+                zero_init(block.cross.proj)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None
-                ) -> torch.Tensor:
+    @property
+    def condition_keys(self) -> tuple[str, ...]:
+        """The condition it takes (diffusion/condition.py's keys)."""
+        return ("labels",) if self.num_classes else ("tokens",) if self.text else ()
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None,
+                tokens: torch.Tensor | None = None) -> torch.Tensor:
         b, channels, height, width = x.shape
         p = self.patch_size
-        tokens = self.patchify(x).flatten(2).transpose(1, 2) + self.pos  # [B, N, D]
         c = self.time_mlp(timestep_embedding(t, FREQUENCIES, steps=TIME_STEPS, freq_shift=1))
         if self.label_emb is not None:
             c = c + self.label_emb(labels, b, x.device)
+        text = self.text(tokens, b, x.device) if self.text is not None else None
+        h = self.patchify(x).flatten(2).transpose(1, 2) + self.pos  # [B, N, D]
         for block in self.blocks:
-            tokens = block(tokens, c)
+            h = block(h, c, text)
         shift, scale = self.modulation_out(F.silu(c))[:, None].chunk(2, dim=-1)
-        y = self.out(modulate(self.norm_out(tokens), shift, scale))  # [B, N, p * p * C]
+        y = self.out(modulate(self.norm_out(h), shift, scale))  # [B, N, p * p * C]
         y = y.reshape(b, height // p, width // p, p, p, channels)
         return torch.einsum("nhwpqc->nchpwq", y).reshape(b, channels, height, width)

@@ -47,20 +47,23 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, probe: list[float] | None
-           ) -> torch.Tensor:
-    """Scaled dot-product attention of ``[B, heads, N, d]`` tensors; with ``probe`` (a list),
-    also appends the largest attention logit q.k / sqrt(d), whose growth comes before a
-    transformer's divergence (Wortsman et al. 2023). Only ``largest_attention_logit`` sets it:
-    the training step never materialises the logits."""
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, probe: list[float] | None,
+           mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Scaled dot-product attention of ``[B, heads, N, d]`` queries on ``[B, heads, M, d]``
+    keys; ``mask [B, M]`` (bool) leaves out the keys where it is False (a caption's padding).
+    With ``probe`` (a list), also appends the largest attention logit q.k / sqrt(d), whose
+    growth comes before a transformer's divergence (Wortsman et al. 2023). Only
+    ``largest_attention_logit`` sets it: the training step never materialises the logits."""
     if probe is not None:
         probe.append(float((q @ k.transpose(-1, -2)).amax()) * q.shape[-1] ** -0.5)
+    keep = None if mask is None else mask[:, None, None, :]  # [B, 1, 1, M]
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
         # CPU's bf16 flash-attention backward took 12x fp32's (18 vs 1.5 ms a layer, the DiT
         # of configs/digits-dit.yaml; benchmarks/dit_profile.py): attention runs in fp32 there
         with torch.autocast("cpu", enabled=False):
-            return F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
-    return F.scaled_dot_product_attention(q, k, v)
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                                  attn_mask=keep).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
 
 
 @torch.no_grad()

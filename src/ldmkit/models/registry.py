@@ -43,8 +43,10 @@ BACKBONES: dict[str, Backbone] = {b.name: b for b in (
 
 def backbone_spec(model_config: Any, in_channels: int, latent_size: int) -> dict:
     """``{"type", "args"}`` of the backbone a ``model:`` config section describes, for latents
-    of ``in_channels`` x ``latent_size`` x ``latent_size``."""
-    args = {k: v for k, v in dataclasses.asdict(model_config).items() if k != "type"}
+    of ``in_channels`` x ``latent_size`` x ``latent_size``. The text encoder's settings enter
+    only with a text encoder, so other models' specs are those written before it existed."""
+    args = {k: v for k, v in dataclasses.asdict(model_config).items() if k != "type"
+            and (model_config.text_encoder or not k.startswith("text_"))}
     return {"type": model_config.type,
             "args": {"in_channels": in_channels, "latent_size": latent_size, **args}}
 
@@ -73,5 +75,9 @@ def export_backbone(spec: dict, model: nn.Module, out: Path) -> None:
     if entry is None:
         raise LdmkitError(f"cannot export backbone type {str(spec.get('type'))[:40]!r}: ldmkit "
                           f"exports {', '.join(BACKBONES)}; sample the run with `ldmkit sample`")
+    if spec["args"].get("text_encoder"):
+        raise LdmkitError("cannot export a text-conditional backbone yet: diffusers has no "
+                          "class for ldmkit's byte-level text encoder; sample the run with "
+                          "`ldmkit sample --prompt`")
     adapter = getattr(importlib.import_module("ldmkit.models.diffusers_export"), entry.export)
     adapter(model, spec["args"], out)

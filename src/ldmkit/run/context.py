@@ -31,18 +31,21 @@ def check_thresholds(config: Config) -> None:
 
 
 def context_of(config: Config | None, latent_scale_factor: float | None,
-               thresholds: dict[str, float] | None = None) -> Context:
+               thresholds: dict[str, float] | None = None, prompts: list[str] | None = None
+               ) -> Context:
     """The guide's thresholds overridden by ``config.vitals.thresholds``, then ``thresholds``;
-    the objective's loss units and the configured learning-rate schedule."""
+    the objective's loss units and the configured learning-rate schedule; ``prompts``: a
+    text-conditional run's grid prompts, which findings name."""
     if config is None:
-        return Context.of(latent_scale_factor, thresholds)
+        return Context.of(latent_scale_factor, thresholds, prompts=tuple(prompts or ()))
     check_thresholds(config)
     param = parameterization_of(config.diffusion)
     train = config.train
     return Context.of(latent_scale_factor, {**config.vitals.thresholds, **(thresholds or {})},
                       lr_schedule=lambda step: lr_at(step, train), lr=train.lr,
                       loss_scale=param.untrained_loss(),
-                      val_loss_scale=param.untrained_loss(weighted=False))
+                      val_loss_scale=param.untrained_loss(weighted=False),
+                      prompts=tuple(prompts or ()))
 
 
 def run_config(run_dir: Path) -> Config | None:
@@ -56,10 +59,19 @@ def run_config(run_dir: Path) -> Config | None:
         return None
 
 
+def run_prompts(run_dir: Path) -> list[str] | None:
+    """A run's grid prompts; a damaged file names none (diagnosis goes on without them)."""
+    try:
+        return RunDir(run_dir).prompts()
+    except LdmkitError:
+        return None
+
+
 def run_context(run_dir: Path) -> Context:
     """The context of a run directory's saved config (the guide's defaults without one)."""
     config = run_config(run_dir)
-    return context_of(config, config.diffusion.latent_scale_factor if config else None)
+    return context_of(config, config.diffusion.latent_scale_factor if config else None,
+                      prompts=run_prompts(run_dir))
 
 
 def read_run(path: str | Path, latent_scale_factor: float | None = None,
@@ -71,7 +83,9 @@ def read_run(path: str | Path, latent_scale_factor: float | None = None,
     if latent_scale_factor is None and config is not None:
         latent_scale_factor = config.diffusion.latent_scale_factor
     log = read_log(path, latent_scale_factor, require_values)
-    return log, context_of(config, log.latent_scale_factor, thresholds).learn(log.series)
+    prompts = run_prompts(Path(path)) if Path(path).is_dir() else None
+    return log, context_of(config, log.latent_scale_factor, thresholds,
+                           prompts).learn(log.series)
 
 
 def diagnose_path(path: str | Path, latent_scale_factor: float | None = None,

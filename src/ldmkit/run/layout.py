@@ -44,6 +44,7 @@ CHANGES_FILE = "changes.jsonl"  # what each --resume --set changed, at which ste
 # during training or by restarting it) and the divergence guard's rollback
 FIX, REPAIR, ROLLBACK = "ldmkit fix", "vitals repair", "vitals rollback"
 CLASSES_FILE = "classes.json"  # a folder dataset's class names, label by label
+PROMPTS_FILE = "prompts.json"  # a text-conditional run's grid prompts (conditioning/sources.py)
 VAL_FILE = "validation.safetensors"  # the held-out points (training/held_out.py)
 SPLIT_FILE = "split.json"  # which images the run holds out, for its life (training/held_out.py)
 AE_DIR = "autoencoder"  # stage 1: weights, meta.json, reconstructions.png
@@ -103,6 +104,10 @@ class RunDir:
     @property
     def classes_file(self) -> Path:
         return self.path / CLASSES_FILE
+
+    @property
+    def prompts_file(self) -> Path:
+        return self.path / PROMPTS_FILE
 
     @property
     def validation(self) -> Path:
@@ -201,19 +206,37 @@ class RunDir:
         """The class names the run's labels stand for (folder datasets), or None when it has
         none. A file that does not hold ``num_classes`` names is damaged (it would put the
         wrong name on every class): a one-line CheckpointError."""
-        if not self.classes_file.exists():
+        names = _strings(self.classes_file)
+        if names is None:
             return None
-        try:
-            names = read_json(self.classes_file)
-        except (OSError, ValueError):
-            names = None
-        if not (isinstance(names, list) and all(isinstance(n, str) for n in names)) or (
-                num_classes is not None and len(names) != num_classes):
+        if not isinstance(names, list) or (num_classes is not None and len(names) != num_classes):
             count = f"{len(names)} names" if isinstance(names, list) else "no list of names"
             raise CheckpointError(f"'{self.classes_file}' is damaged ({count} for a model of "
                                   f"{num_classes} classes); restore it, or remove it to name "
                                   "classes by index")
         return names
+
+    def prompts(self) -> list[str] | None:
+        """The prompts of a text-conditional run's grids, or None when it has none; a damaged
+        file is a one-line CheckpointError."""
+        prompts = _strings(self.prompts_file)
+        if prompts is not None and not prompts:
+            raise CheckpointError(f"'{self.prompts_file}' is damaged (not a list of prompts); "
+                                  "restore it, or remove it and sample with --prompt")
+        return prompts
+
+
+def _strings(path: Path) -> list[str] | bool | None:
+    """A JSON list of strings: None when the file is absent, False when it holds no such
+    list (or is unreadable)."""
+    if not path.exists():
+        return None
+    try:
+        value = read_json(path)
+    except (OSError, ValueError):
+        return False
+    return value if isinstance(value, list) and all(isinstance(v, str) for v in value) \
+        else False
 
 
 def is_run(path: Path) -> bool:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ldmkit.conditioning.sources import ConditionSource
 from ldmkit.config import Config, DataConfig, SampleConfig, check_flag, from_dict
 from ldmkit.data.sources import load_data, to_signed
 from ldmkit.errors import DataError, LdmkitError
@@ -22,7 +23,7 @@ from ldmkit.platform.distributed import SINGLE, Dist, broadcast_float
 from ldmkit.platform.preemption import StopRequest
 from ldmkit.run.layout import writing_run
 from ldmkit.sampling.classifier import Classifier, load_or_train
-from ldmkit.sampling.generate import check_sampling, generate, guided_tags
+from ldmkit.sampling.generate import check_sampling, generate, guided_tags, run_source
 from ldmkit.sampling.quality import (
     NotComputable,
     class_coverage,
@@ -123,11 +124,14 @@ class InLoopEval:
         return cls(ref, echo)
 
     def measure(self, model: torch.nn.Module, ae: Autoencoder, scale: float, cfg: Config,
-                d: Dist = SINGLE, interrupt: Callable[[], bool] | None = None
-                ) -> dict[str, float]:
-        """Every rank samples its shard; rank 0 gets the images and the metrics."""
+                d: Dist = SINGLE, interrupt: Callable[[], bool] | None = None,
+                source: ConditionSource | None = None) -> dict[str, float]:
+        """Every rank samples its shard (``source``'s default request: every class, or the
+        run's prompts, in turn); rank 0 gets the images and the metrics."""
+        request = source.request(EVAL_NUM) if source is not None else None
         samples = generate(model, ae, scale, cfg, EVAL_NUM, EVAL_SAMPLER, EVAL_STEPS,
-                           cfg.sample.seed + 1, d=d, interrupt=interrupt, guidance=1.0)
+                           cfg.sample.seed + 1, d=d, interrupt=interrupt, request=request,
+                           guidance=1.0)
         if self.ref is None:
             return {}
         skipped: dict[str, str] = {}
@@ -151,11 +155,13 @@ def eval_run(run_dir: str | Path, num: int = 1000, sampler: str | None = None,
     with writing_run(run_dir), StopRequest() as stop:
         cfg_dict, step, model, ae, scale, _ = load_for_sampling(run_dir)
         cfg = from_dict(cfg_dict)
-        conditional = bool(getattr(model, "num_classes", None))
+        source = run_source(run_dir, model)
+        conditional = source.kind != "none"
         scales = guidance or [cfg.sample.guidance_scale]
         if guidance and not conditional:
-            raise LdmkitError("--guidance needs a class-conditional model (model.num_classes); "
-                              f"the model of '{run_dir}' is unconditional: drop --guidance")
+            raise LdmkitError("--guidance needs a conditional model (model.num_classes or "
+                              f"model.text_encoder); the model of '{run_dir}' is unconditional: "
+                              "drop --guidance")
         clf, _, held_out = load_or_train(cfg.data)
         trained_on = load_data(cfg.data)  # what the diffusion model saw: memorization's reference
         ref = Reference.of(clf, held_out.images[:num], trained_on.images)
@@ -163,7 +169,7 @@ def eval_run(run_dir: str | Path, num: int = 1000, sampler: str | None = None,
         for g in scales:
             samples = generate(model, ae, scale, cfg, num, sampler or s.sampler,
                                steps or s.steps, seed, s.eta, interrupt=lambda: stop.requested,
-                               guidance=g)
+                               request=source.request(num), guidance=g)
             skipped: dict[str, str] = {}
             measured = {**quality_metrics(ref, samples.images, samples.labels, skipped),
                         **(samples.vitals if len(scales) > 1 else {})}

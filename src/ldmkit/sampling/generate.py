@@ -2,8 +2,9 @@
 
 The same ``generate`` serves sampling during training (fixed seed, so grids are comparable across
 steps) and ``ldmkit sample``. The sample vitals are measured on the latents handed to the decoder,
-i.e. after dividing by the scale (guide: final_latent_stats). A class-conditional model samples
-the classes it is given (by default every class in turn) with classifier-free guidance.
+i.e. after dividing by the scale (guide: final_latent_stats). A conditional model samples the
+conditions its source is asked for (conditioning/sources.py: by default every class, or the
+run's prompts, in turn) with classifier-free guidance.
 """
 
 from __future__ import annotations
@@ -15,8 +16,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ldmkit.conditioning.sources import (
+    ClassSource,
+    ConditionSource,
+    Request,
+    TextSource,
+    source_of_model,
+)
 from ldmkit.config import Config, SampleConfig, check_flag, from_dict
 from ldmkit.data.sources import to_uint8
+from ldmkit.diffusion import condition
 from ldmkit.diffusion.condition import LABELS
 from ldmkit.diffusion.parameterization import Parameterization, parameterization_of
 from ldmkit.diffusion.samplers import run_sampler
@@ -24,7 +33,7 @@ from ldmkit.errors import LdmkitError
 from ldmkit.models.autoencoder import Autoencoder
 from ldmkit.platform.distributed import SINGLE, Dist, all_gather_cat, shard, shard_size
 from ldmkit.platform.fastpath import EAGER_FP32, Compiled, FastPath, choose
-from ldmkit.platform.files import check_output
+from ldmkit.platform.files import check_output, write_text_atomic
 from ldmkit.platform.images import image_grid, save_png, to_pil
 from ldmkit.platform.preemption import Preempted, StopRequest
 from ldmkit.run.layout import RunDir, writing_run
@@ -40,7 +49,12 @@ class Samples:
     latents: torch.Tensor  # [N, C, h, w] decoder space (divided by the scale)
     images: torch.Tensor  # [N, C, H, W] uint8
     vitals: dict[str, float]
-    labels: torch.Tensor | None = None  # [N] the class each sample was asked for
+    request: Request  # the condition each sample was asked for
+
+    @property
+    def labels(self) -> torch.Tensor | None:
+        """``[N]`` the class each sample was asked for (None: not class-conditional)."""
+        return self.request.cond.get(LABELS)
 
 
 def parameterization(cfg: Config) -> Parameterization:
@@ -81,29 +95,26 @@ def autocast_net(net: nn.Module | Compiled, fast: FastPath) -> Callable[..., tor
     return forward
 
 
-def class_cycle(num: int, num_classes: int) -> torch.Tensor:
-    """``[num]`` labels 0, 1, ..., C - 1, 0, 1, ...: every class in turn (a grid with C columns
-    has one class per column)."""
-    return torch.arange(num) % num_classes
-
-
 @torch.no_grad()
 def generate(model: nn.Module, ae: Autoencoder, scale: float, cfg: Config, num: int,
              sampler: str, steps: int, seed: int, eta: float = 0.0,
              batch_size: int = 256, d: Dist = SINGLE,
-             interrupt: Callable[[], bool] | None = None, labels: torch.Tensor | None = None,
+             interrupt: Callable[[], bool] | None = None, request: Request | None = None,
              guidance: float | None = None, fast: FastPath | None = None) -> Samples:
     """Sample ``num`` latents in batches from ``N(0, I)`` drawn with ``seed``, then decode.
 
-    A class-conditional model (its ``num_classes``) samples ``labels`` (default: every class
-    in turn) with classifier-free guidance ``guidance`` (default ``sample.guidance_scale``)
-    within ``sample.guidance_interval``. Under DDP each rank samples its shard of the same noise
-    and the latents are gathered, so the sample vitals are those of all ``num`` samples; rank 0
-    alone decodes (others get no images). ``interrupt`` is asked at every sampler step; when it
-    says yes, sampling ends with ``Preempted`` (a SIGTERM must not wait for a whole sampling).
+    A conditional model samples the conditions of ``request`` (one per sample; default: its
+    source's, every class in turn) with classifier-free guidance ``guidance`` (default
+    ``sample.guidance_scale``) within ``sample.guidance_interval``. Under DDP each rank
+    samples its shard of the same noise and the latents are gathered, so the sample vitals are
+    those of all ``num`` samples; rank 0 alone decodes (others get no images). ``interrupt``
+    is asked at every sampler step; when it says yes, sampling ends with ``Preempted`` (a
+    SIGTERM must not wait for a whole sampling).
     ``fast``: bf16 and compilation (default: ``sampling_path`` of the config on this device).
     """
     device = next(model.parameters()).device
+    request = request or source_of_model(model).request(num)
+    num = len(request) or num
     fast = fast or sampling_path(cfg, device, num, steps)
     shape = (ae.latent_channels, cfg.data.image_size // ae.downsample_factor,
              cfg.data.image_size // ae.downsample_factor)
@@ -112,12 +123,9 @@ def generate(model: nn.Module, ae: Autoencoder, scale: float, cfg: Config, num: 
     noise = shard(noise, d)
     if d.active:  # ancestral noise must differ between shards
         gen = torch.Generator().manual_seed(seed * 1_000_003 + d.rank + 1)
-    num_classes = getattr(model, "num_classes", None)
-    if num_classes and labels is None:
-        labels = class_cycle(num, num_classes)
-    labels = labels if num_classes else None
-    parts_cond = [{} for _ in range(0, len(noise), batch_size)] if labels is None else \
-        [{LABELS: c.to(device)} for c in shard(labels, d).split(batch_size)]
+    mine = {key: shard(value, d).to(device) for key, value in request.cond.items()}
+    parts_cond = [condition.rows(mine, slice(i, i + batch_size))
+                  for i in range(0, len(noise), batch_size)]
     param = parameterization(cfg)
     guidance = cfg.sample.guidance_scale if guidance is None else guidance
     interval = tuple(cfg.sample.guidance_interval)
@@ -138,7 +146,7 @@ def generate(model: nn.Module, ae: Autoencoder, scale: float, cfg: Config, num: 
     latents = all_gather_cat(torch.cat(parts).float(), d).cpu() / scale
     images = (decode_images(ae, latents, batch_size, fast) if d.is_main
               else torch.empty(0, dtype=torch.uint8))
-    return Samples(latents, images, sample_vitals(latents, labels), labels)
+    return Samples(latents, images, sample_vitals(latents, request.groups, request.by), request)
 
 
 def save_samples(samples: Samples, out_dir: Path, singles: bool = True,
@@ -153,43 +161,43 @@ def save_samples(samples: Samples, out_dir: Path, singles: bool = True,
     return grid_path
 
 
-def requested_labels(choice: str | None, num: int, num_classes: int | None,
-                     classes: list[str] | None = None) -> tuple[torch.Tensor | None, int | None]:
-    """``--class``: None (every class in turn), ``all`` (one grid row per class, ``num //
-    num_classes`` samples each), a class index or a class folder's name -> (labels, grid
-    columns); a one-line error for a class the model does not have."""
-    if choice is None:
-        return (class_cycle(num, num_classes), num_classes) if num_classes else (None, None)
-    if not num_classes:
-        raise LdmkitError(f"--class {choice}: this run's model is unconditional "
+def sampling_request(source: ConditionSource, num: int, choice: str | None = None,
+                     prompts: list[str] | None = None) -> Request:
+    """What ``ldmkit sample`` asks for: ``--class`` of a class-conditional model, ``--prompt``
+    of a text-conditional one (``num`` samples each), else the source's default; a one-line
+    error for a flag the model cannot take."""
+    if prompts and source.kind != "text":
+        instead = "class-conditional: use --class" if source.kind == "class" \
+            else "unconditional: drop --prompt"
+        raise LdmkitError("--prompt needs a text-conditional model (model.text_encoder); this "
+                          f"run's model is {instead}")
+    if isinstance(source, ClassSource):
+        return source.request(num, choice)
+    if choice is not None:
+        raise LdmkitError(f"--class {choice[:40]}: this run's model is not class-conditional "
                           "(model.num_classes is null); sample without --class")
-    if choice == "all":
-        per = max(1, num // num_classes)
-        return torch.arange(num_classes).repeat_interleave(per), per
-    names = classes or []
-    index = names.index(choice) if choice in names else (
-        int(choice) if choice.lstrip("-").isdigit() else None)
-    if index is None or not 0 <= index < num_classes:
-        known = f"0-{num_classes - 1}" + (f" or one of {', '.join(names)[:200]}" if names else "")
-        raise LdmkitError(f"--class {choice[:40]} is not a class of this model ({known}); "
-                          "pass one of those, or all")
-    return torch.full((num,), index), None
+    if isinstance(source, TextSource):
+        return source.request(num, prompts, num if prompts else None)
+    return source.request(num)
 
 
-def guidance_finding(cfg: Config, num_classes: int | None, guidance: float, step: int
+def guidance_finding(cfg: Config, conditional: bool, guidance: float, step: int
                      ) -> Finding | None:
     """``cfg_without_uncond``: guidance extrapolates from the unconditional prediction, which a
     model trained with ``cond_drop_prob`` 0 never learned."""
-    if not num_classes or guidance == 1.0 or cfg.train.cond_drop_prob > 0:
+    if not conditional or guidance == 1.0 or cfg.train.cond_drop_prob > 0:
         return None
     return event_finding("cfg_without_uncond", step, guidance)
 
 
 def sample_run(run_dir: str | Path, num: int, sampler: str, steps: int, seed: int,
                eta: float = 0.0, out_dir: str | Path | None = None, choice: str | None = None,
-               guidance: float | None = None) -> tuple[Path, Samples]:
+               guidance: float | None = None, prompts: list[str] | None = None
+               ) -> tuple[Path, Samples]:
     """``ldmkit sample``: EMA weights of the last checkpoint -> PNGs and logged sample vitals;
-    ``choice`` and ``guidance``: ``--class`` and ``--guidance`` of a class-conditional model."""
+    ``choice``, ``prompts`` and ``guidance``: ``--class`` of a class-conditional model,
+    ``--prompt`` of a text-conditional one (``num`` samples each, a grid row per prompt), and
+    ``--guidance`` of either."""
     from ldmkit.run.context import context_of
     from ldmkit.sampling.trained import load_for_sampling
 
@@ -202,27 +210,39 @@ def sample_run(run_dir: str | Path, num: int, sampler: str, steps: int, seed: in
     with writing_run(run_dir), StopRequest() as stop:
         cfg_dict, step, model, ae, scale, _ = load_for_sampling(run_dir)
         cfg = from_dict(cfg_dict)
-        num_classes = getattr(model, "num_classes", None)
-        if guidance is not None and not num_classes:
-            raise LdmkitError(f"--guidance needs a class-conditional model (model.num_classes); "
-                              f"the model of '{run_dir}' is unconditional: drop --guidance")
-        labels, columns = requested_labels(
-            choice, num, num_classes, RunDir(run_dir).classes(num_classes) if num_classes else None)
+        source = run_source(run_dir, model)
+        conditional = source.kind != "none"
+        if guidance is not None and not conditional:
+            raise LdmkitError(f"--guidance needs a conditional model (model.num_classes or "
+                              f"model.text_encoder); the model of '{run_dir}' is unconditional: "
+                              "drop --guidance")
+        request = sampling_request(source, num, choice, prompts)
         guidance = cfg.sample.guidance_scale if guidance is None else guidance
-        warning = guidance_finding(cfg, num_classes, guidance, step)
+        warning = guidance_finding(cfg, conditional, guidance, step)
         if warning is not None:
-            LiveMonitor(run_dir, context_of(cfg, scale)).record(warning, step)
-        samples = generate(model, ae, scale, cfg, len(labels) if labels is not None else num,
-                           sampler, steps, seed, eta, interrupt=lambda: stop.requested,
-                           labels=labels, guidance=guidance)
+            LiveMonitor(run_dir, context_of(cfg, scale, prompts=RunDir(run_dir).prompts()
+                                            )).record(warning, step)
+        samples = generate(model, ae, scale, cfg, num, sampler, steps, seed, eta,
+                           interrupt=lambda: stop.requested, request=request, guidance=guidance)
         which = "" if choice is None else f"-class{choice}"
-        which += "" if not num_classes or guidance == 1.0 else f"-cfg{guidance:g}"
+        which += "" if not prompts else f"-{len(prompts)}prompts"
+        which += "" if not conditional or guidance == 1.0 else f"-cfg{guidance:g}"
         out = Path(out_dir) if out_dir else \
             RunDir(run_dir).samples_root / f"{sampler}{steps}-seed{seed}-n{num}{which}"
-        grid = save_samples(samples, out, columns=columns)
+        grid = save_samples(samples, out, columns=request.columns)
+        if prompts:
+            write_text_atomic(out / "prompts.txt", "".join(p + "\n" for p in prompts))
         with MetricLogger(run_dir, tensorboard=cfg.tensorboard) as logger:
-            logger.log(step, guided_tags(samples.vitals, guidance if num_classes else 1.0))
+            logger.log(step, guided_tags(samples.vitals, guidance if conditional else 1.0))
     return grid, samples
+
+
+def run_source(run_dir: Path, model: nn.Module) -> ConditionSource:
+    """A trained run's condition source: by its model's keys, with its class names and the
+    prompts of its grids."""
+    num_classes = getattr(model, "num_classes", None)
+    return source_of_model(model, RunDir(run_dir).classes(num_classes) if num_classes else None,
+                           RunDir(run_dir).prompts())
 
 
 def check_sampling(num: int, steps: int | None, seed: int, eta: float = 0.0

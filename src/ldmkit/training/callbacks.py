@@ -18,6 +18,7 @@ from typing import Literal
 
 import torch
 
+from ldmkit.conditioning.sources import ConditionSource
 from ldmkit.config import Config
 from ldmkit.diffusion.parameterization import Parameterization
 from ldmkit.run.layout import RunDir
@@ -124,12 +125,13 @@ class Validation(Callback):
     vset: held_out.ValidationSet | None
     param: Parameterization
     scale: float
+    source: ConditionSource
 
     def measure(self, state: LoopState) -> None:
         if self.vset is not None:
             self.rt.logger.log(state.step, held_out.measure(
                 state.model, state.ema.model, lambda net: forward_model(net, self.rt),
-                self.param, self.vset, self.scale))
+                self.param, self.vset, self.scale, self.source))
 
     def on_step(self, event: StepEvent, state: LoopState) -> Decision:
         every = self.cfg.train.val_every

@@ -27,10 +27,12 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from ldmkit.conditioning.sources import ConditionSource
 from ldmkit.config import Config, DataConfig
 from ldmkit.data.sources import find_idx, load_data
 from ldmkit.data.stage1 import LatentPosteriors
-from ldmkit.diffusion.condition import LABELS, NULL_LABEL
+from ldmkit.diffusion import condition
+from ldmkit.diffusion.condition import LABELS, NULL_LABEL, Cond
 from ldmkit.diffusion.parameterization import Net, Parameterization
 from ldmkit.errors import DataError
 from ldmkit.models.autoencoder import Autoencoder
@@ -140,6 +142,7 @@ class ValidationSet:
     held_out: torch.Tensor  # [N] dataset indices (empty for a test file)
     labels: torch.Tensor  # [N] class of each validation image (NULL_LABEL: none)
     probe_labels: torch.Tensor  # [M]
+    probe_rows: torch.Tensor  # [M] dataset indices of the probe (its captions)
     source: str
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -173,7 +176,7 @@ def draw(cfg: Config, parts: Split, latents: LatentPosteriors, ae: Autoencoder
                                                                  dtype=torch.float64)) / POINTS
     eps = torch.randn((POINTS, *val.shape[1:]), generator=gen)
     return ValidationSet(val, probe, t.float(), eps, parts.held_out, labels,
-                         known[probe_rows].clone(), source)
+                         known[probe_rows].clone(), probe_rows.clone(), source)
 
 
 def save(vset: ValidationSet, path: Path) -> None:
@@ -192,7 +195,7 @@ def load(path: Path) -> ValidationSet | None:
         return None
 
 
-DRAWN_FROM_SEED = ("t", "eps", "held_out", "labels", "probe_labels")
+DRAWN_FROM_SEED = ("t", "eps", "held_out", "labels", "probe_labels", "probe_rows")
 
 
 def matches(stored: ValidationSet, drawn: ValidationSet) -> bool:
@@ -239,17 +242,26 @@ def prepare(cfg: Config, run_dir: Path, parts: Split, latents: LatentPosteriors,
 
 
 @torch.no_grad()
-def _score(forward: Net, param: Parameterization, x0: torch.Tensor, labels: torch.Tensor | None,
+def conditions(vset: ValidationSet, source: ConditionSource) -> tuple[Cond, Cond]:
+    """The condition of each validation image and of each probe image: the stored labels of a
+    class-conditional model (a test file's own), the source's rows (captions) otherwise."""
+    if source.kind == "class":
+        return {LABELS: vset.labels}, {LABELS: vset.probe_labels}
+    return source.rows(vset.held_out), source.rows(vset.probe_rows)
+
+
+def _score(forward: Net, param: Parameterization, x0: torch.Tensor, given: Cond,
            vset: ValidationSet, scale: float, device: torch.device
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per point ``[K]``: the objective's loss, the noise MSE, the cosine of predicted and true
-    noise (the loss unweighted: a weighting would make noise levels incomparable). ``labels``:
-    a class-conditional model's condition for each image of ``x0``."""
+    noise (the loss unweighted: a weighting would make noise levels incomparable). ``given``:
+    the condition of each image of ``x0`` (``{}``: none)."""
     losses, eps_mse, cosines = [], [], []
     for rows in torch.arange(len(vset.t)).split(CHUNK):
         z0 = scale * x0[rows % len(x0)].to(device)
         t, eps = vset.t[rows].to(device), vset.eps[rows].to(device)
-        cond = {} if labels is None else {LABELS: labels[rows % len(x0)].to(device)}
+        cond = {key: value.to(device)
+                for key, value in condition.rows(given, rows % len(x0)).items()}
         out = param.loss(forward, z0, t, eps, cond)
         err = (out.eps_pred.float() - eps).pow(2).flatten(1).mean(1)
         cos = vm.cos_eps(out.eps_pred, eps)
@@ -260,26 +272,25 @@ def _score(forward: Net, param: Parameterization, x0: torch.Tensor, labels: torc
 
 
 def measure(model: nn.Module, ema_model: nn.Module, wrap: Callable[[nn.Module], Net],
-            param: Parameterization, vset: ValidationSet, scale: float) -> dict[str, float]:
+            param: Parameterization, vset: ValidationSet, scale: float,
+            source: ConditionSource) -> dict[str, float]:
     """``validation/*`` (raw weights) and ``validation_ema/*`` (EMA weights) of the fixed set;
-    a class-conditional model is scored given each image's class.
+    a conditional model is scored given each image's class or caption.
 
     Eval mode (no dropout) and no RNG draw: training continues exactly as without it.
     """
     device = next(model.parameters()).device
-    conditional = bool(getattr(model, "num_classes", None))
-    val_labels = vset.labels if conditional else None
-    probe_labels = vset.probe_labels if conditional else None
+    val_cond, probe_cond = conditions(vset, source)
     bucket = (vset.t * vm.VAL_BUCKETS).long().clamp(max=vm.VAL_BUCKETS - 1)
     values: dict[str, float] = {}
     for prefix, net in ((vm.VAL_PREFIX, model), (vm.VAL_EMA_PREFIX, ema_model)):
         was_training = net.training
         net.eval()
         try:
-            loss, eps_mse, cos = _score(wrap(net), param, vset.latents, val_labels, vset,
+            loss, eps_mse, cos = _score(wrap(net), param, vset.latents, val_cond, vset,
                                         scale, device)
             if prefix == vm.VAL_PREFIX:
-                values[vm.VAL_TRAIN_LOSS] = _score(wrap(net), param, vset.probe, probe_labels,
+                values[vm.VAL_TRAIN_LOSS] = _score(wrap(net), param, vset.probe, probe_cond,
                                                    vset, scale, device)[0].mean().item()
         finally:
             net.train(was_training)

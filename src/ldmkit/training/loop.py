@@ -73,7 +73,7 @@ from ldmkit.training.runtime import (
     check_vae_scale,
     forward_model,
 )
-from ldmkit.training.start import resolve_device, start_run
+from ldmkit.training.start import resolve_device, run_source, start_run
 from ldmkit.training.state import (
     LoopState,
     restore_state,
@@ -134,7 +134,7 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False,
 def _train(cfg: Config, run_dir: Path | None, resume: bool, stop_at: int | None,
            param: Parameterization | None, d: Dist, callbacks: Sequence[Callback]
            ) -> TrainResult:
-    started, data = time.time(), LazyData(cfg.data, cfg.model.num_classes)
+    started, data = time.time(), LazyData.of(cfg)
     per_rank = shard_size(cfg.train.batch_size, d, "train.batch_size")  # fails early
     if per_rank % cfg.train.grad_accum_steps:
         raise ConfigError(f"each of the {d.world} processes' {per_rank} samples per step must "
@@ -194,7 +194,8 @@ def _start_state(opened: OpenedRun, cfg: Config, ae: Autoencoder, latents: Laten
         rt.logger.log(0, {vm.SCALE_FACTOR: scale, vm.DATA_EXTREME: reach})
         if calibrated and rt.monitor is not None:
             check_vae_scale(ae, scale, rt.monitor)
-        warning = guidance_finding(cfg, cfg.model.num_classes, cfg.sample.guidance_scale, 0)
+        conditional = bool(cfg.model.num_classes or cfg.model.text_encoder)
+        warning = guidance_finding(cfg, conditional, cfg.sample.guidance_scale, 0)
         if warning is not None and rt.monitor is not None:
             rt.monitor.record(warning, 0)
     if cfg.vitals.on_nonfinite != "skip" and opened.ckpt is None:
@@ -237,6 +238,7 @@ def _diffusion(opened: OpenedRun, ae: Autoencoder, latents: LatentPosteriors, sc
         opened.cfg.diffusion, latent_scale_factor=scale))
     tc, ctx = cfg.train, context_of(cfg, scale)
     parts = held_out.run_split(cfg, run_dir, latents, d.is_main)
+    source = run_source(cfg, run_dir, latents, parts.train, d)
     state = _start_state(opened, cfg, ae, latents, len(parts.train), calibrated, rt)
     state.forecaster.threshold = ctx.thr("divergence_risk")
     state.forecaster.steps = int(ctx.thr("divergence_risk_steps"))
@@ -258,10 +260,10 @@ def _diffusion(opened: OpenedRun, ae: Autoencoder, latents: LatentPosteriors, sc
     bar = tqdm(total=tc.steps, initial=state.step, desc="diffusion", dynamic_ncols=True,
                mininterval=1.0, disable=not d.is_main)
     model.train()
-    validation = Validation(cfg, rt, vset, param, scale)
+    validation = Validation(cfg, rt, vset, param, scale, source)
     if state.step == 0:  # the untrained model's: where each noise level starts from
         validation.measure(state)
-    outputs = StepOutputs(cfg, ae, scale, rt, run_dir, reference, evaluator)
+    outputs = StepOutputs(cfg, ae, scale, rt, run_dir, reference, evaluator, source)
     state.pending = outputs.make(state, state.pending)  # what a stop cut short, made now
     guard = DivergenceGuard(cfg, run_dir, rt, model, latents.describe)
     logged: dict[str, float] = {}  # the last interval's train vitals
@@ -269,7 +271,7 @@ def _diffusion(opened: OpenedRun, ae: Autoencoder, latents: LatentPosteriors, sc
     while state.step < end:
         lr = lr_at(state.step, tc) * state.lr_scale
         set_lr(state.opt, lr)
-        b = draw_batch(state, parts.train, latents, scale, cfg, d, rt.device)
+        b = draw_batch(state, parts.train, latents, scale, cfg, d, rt.device, source)
         measure = scratch if state.step % ratio_every == 0 else None
         applied, step_vitals = compiled.run(train_step, net, params, state.opt, step_param,
                                             b.z, b.t, b.eps, tc.grad_clip, measure,
@@ -311,7 +313,7 @@ def _diffusion(opened: OpenedRun, ae: Autoencoder, latents: LatentPosteriors, sc
         try:
             grid, sample_vitals = sample_and_log(cfg, state.step, state.ema, ae, scale, rt,
                                                  RunDir(run_dir).samples(None), cfg.sample.num,
-                                                 True, reference)
+                                                 True, reference, source)
             vitals = {**vitals, **sample_vitals}
         except Preempted:
             announce_stop(run_dir, state.step, None, rt.stop, d, "during the final sampling")

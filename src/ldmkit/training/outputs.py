@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ldmkit.conditioning.sources import ConditionSource
 from ldmkit.config import Config
 from ldmkit.models.autoencoder import Autoencoder
 from ldmkit.platform.preemption import Preempted
@@ -25,27 +26,27 @@ from ldmkit.vitals import metrics as vm
 
 def sample_and_log(cfg: Config, step: int, ema: EMA, ae: Autoencoder, scale: float, rt: Runtime,
                    out: Path, num: int, singles: bool,
-                   reference: Callable[[], vm.CopyReference | None] | None
-                   ) -> tuple[Path | None, dict]:
-    """Sample with the EMA weights, log the sample vitals (with how near the samples are to
-    the training images ``reference()`` renders), save the grid. A class-conditional model
-    with ``sample.guidance_scale`` != 1 is sampled twice: unguided for the vital signs, which
-    the guide's bands judge, and guided for the grid, whose vitals are logged as ``TAG@cfgG``.
+                   reference: Callable[[], vm.CopyReference | None] | None,
+                   source: ConditionSource) -> tuple[Path | None, dict]:
+    """Sample the ``source``'s default request (every class, or the run's prompts, in turn)
+    with the EMA weights, log the sample vitals (with how near the samples are to the
+    training images ``reference()`` renders), save the grid. A conditional model with
+    ``sample.guidance_scale`` != 1 is sampled twice: unguided for the vital signs, which the
+    guide's bands judge, and guided for the grid, whose vitals are logged as ``TAG@cfgG``.
     A stop request (SIGTERM/SIGINT) ends the sampling at its next step with ``Preempted``."""
-    s = cfg.sample
+    s, request = cfg.sample, source.request(num)
     samples = generate(ema.model, ae, scale, cfg, num, s.sampler, s.steps, s.seed, s.eta, d=rt.d,
-                       interrupt=rt.stop_requested, guidance=1.0)
+                       interrupt=rt.stop_requested, request=request, guidance=1.0)
     copies = reference() if reference is not None and rt.d.is_main else None
     if copies is not None:
         samples.vitals.update(vm.copy_vitals(samples.images, copies))
     vitals, logged = samples.vitals, dict(samples.vitals)
-    if cfg.model.num_classes and s.guidance_scale != 1.0:
+    if source.kind != "none" and s.guidance_scale != 1.0:
         samples = generate(ema.model, ae, scale, cfg, num, s.sampler, s.steps, s.seed, s.eta,
-                           d=rt.d, interrupt=rt.stop_requested)
+                           d=rt.d, interrupt=rt.stop_requested, request=request)
         logged |= guided_tags(samples.vitals, s.guidance_scale)
     rt.logger.log(step, logged)  # once all is sampled: an interrupted sampling logs nothing
-    columns = cfg.model.num_classes if cfg.model.num_classes else None
-    grid = save_samples(samples, out, singles, columns) if rt.d.is_main else None
+    grid = save_samples(samples, out, singles, request.columns) if rt.d.is_main else None
     return grid, vitals
 
 
@@ -63,6 +64,7 @@ class StepOutputs:
     run_dir: Path
     reference: Callable[[], vm.CopyReference | None]
     evaluator: InLoopEval | None
+    source: ConditionSource
 
     def due(self, step: int) -> list[str]:
         tc = self.cfg.train
@@ -78,10 +80,12 @@ class StepOutputs:
                 if kind == SAMPLE:
                     sample_and_log(self.cfg, step, state.ema, self.ae, self.scale, rt,
                                    RunDir(self.run_dir).samples(step),
-                                   self.cfg.sample.during_training_num, False, self.reference)
+                                   self.cfg.sample.during_training_num, False, self.reference,
+                                   self.source)
                 elif self.evaluator is not None:
                     rt.logger.log(step, self.evaluator.measure(
-                        state.ema.model, self.ae, self.scale, self.cfg, rt.d, rt.stop_requested))
+                        state.ema.model, self.ae, self.scale, self.cfg, rt.d, rt.stop_requested,
+                        self.source))
             except Preempted:  # the checkpoint comes next, and names what is left
                 cut.append(kind)
         return cut

@@ -17,6 +17,7 @@ from ldmkit.platform.distributed import Dist, any_rank
 from ldmkit.platform.fastpath import EAGER_FP32, Compiled, FastPath
 from ldmkit.platform.preemption import StopRequest
 from ldmkit.run.context import context_of
+from ldmkit.run.layout import RunDir
 from ldmkit.vitals.diagnose import Finding, event_finding
 from ldmkit.vitals.logs.metrics_jsonl import MetricLogger
 from ldmkit.vitals.monitor import LiveMonitor
@@ -72,7 +73,7 @@ def attach_monitor(cfg: Config, run_dir: Path, logger: MetricLogger, scale: floa
     """Live diagnosis on every value the logger writes from here on (guide rules, vitals/)."""
     if not cfg.vitals.enabled:
         return None
-    ctx = context_of(cfg, scale)
+    ctx = context_of(cfg, scale, prompts=RunDir(run_dir).prompts())
     monitor = LiveMonitor(run_dir, ctx, cfg.vitals.on_critical, echo=tqdm.write,
                           on_warning=cfg.vitals.on_warning)
     if step > 0:

@@ -10,14 +10,16 @@ whole command and writes ``config.yaml``.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from ldmkit.conditioning.sources import ConditionSource, source_of, training_prompts
 from ldmkit.config import Config, to_yaml
 from ldmkit.data.latents import LazyData, cache_dir, check_stage1_paths, data_needed
-from ldmkit.data.stage1 import is_autoencoder_dir, load_autoencoder
+from ldmkit.data.stage1 import LatentPosteriors, is_autoencoder_dir, load_autoencoder
 from ldmkit.errors import ConfigError, LdmkitError
 from ldmkit.platform.distributed import SINGLE, Dist, barrier, broadcast_text
 from ldmkit.platform.files import write_text_atomic
@@ -107,3 +109,17 @@ def start_run(cfg: Config, run_dir: Path | None, resume: bool, data: LazyData,
     finally:
         if lock is not None:
             lock.release()
+
+
+def run_source(cfg: Config, run_dir: Path, latents: LatentPosteriors, train_rows: torch.Tensor,
+               d: Dist = SINGLE) -> ConditionSource:
+    """The run's condition source (conditioning/sources.py). A text-conditional run's grid
+    prompts (``sample.prompts``, then captions of its training images) are the same on every
+    rank; rank 0 writes them to ``RUN/prompts.json``, where ``ldmkit sample`` and the findings
+    that name a prompt read them."""
+    prompts = None
+    if cfg.model.text_encoder and latents.captions is not None:
+        prompts = training_prompts(cfg.sample.prompts, latents.captions, train_rows)
+        if d.is_main:
+            write_text_atomic(RunDir(run_dir).prompts_file, json.dumps(prompts, indent=1))
+    return source_of(cfg, latents, prompts=prompts)

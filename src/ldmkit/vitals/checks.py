@@ -112,9 +112,10 @@ def _mode_collapse(rule: Rule, series: Series, ctx: Context) -> Verdict | None:
     level = _level(rule, ctx, lambda t: value < t)
     detail = f"pairwise MSE mean {value:.3g} in normalized units"
     mins = series.get(vm.PAIRWISE_PREFIX + "min", [])
-    # a class-conditional model's closest pair is two samples of one class: class_collapse's
-    per_class = _last(series, vm.LEAST_DIVERSE_MSE)
-    if per_class is not None and per_class[0] == step:
+    # a conditional model's closest pair is two samples of one class or prompt:
+    # class_collapse's or prompt_collapse's
+    per_group = [_last(series, tag) for tag in (vm.LEAST_DIVERSE_MSE, vm.LEAST_DIVERSE_PROMPT_MSE)]
+    if any(last is not None and last[0] == step for last in per_group):
         mins = []
     if level is None and mins and mins[-1][1] * norm < ctx.thr("pairwise_min_zero"):
         level, detail = rule.warning, f"the closest pair has MSE {mins[-1][1] * norm:.2g}"
@@ -288,10 +289,12 @@ def _guidance_too_high(rule: Rule, series: Series, ctx: Context) -> Verdict | No
 
 
 def _class_collapse(rule: Rule, series: Series, ctx: Context) -> Verdict | None:
-    """The least diverse class's pairwise MSE (normalized units, as mode_collapse reads the
-    batch's) under the guide's collapse thresholds while the whole batch's is above them."""
+    """The least diverse class's (or prompt's) pairwise MSE (normalized units, as mode_collapse
+    reads the batch's) under the guide's collapse thresholds while the whole batch's is above
+    them; a prompt is named by its text (``Context.prompts``)."""
     lowest, batch = _last(series, rule.metric), _last(series, vm.PAIRWISE_PREFIX + "mean")
-    which = _last(series, vm.LEAST_DIVERSE_CLASS)
+    by_prompt = rule.metric == vm.LEAST_DIVERSE_PROMPT_MSE
+    which = _last(series, vm.LEAST_DIVERSE_PROMPT if by_prompt else vm.LEAST_DIVERSE_CLASS)
     if lowest is None or batch is None or batch[0] != lowest[0]:
         return None
     norm = (ctx.latent_scale_factor or 1.0) ** 2
@@ -300,6 +303,9 @@ def _class_collapse(rule: Rule, series: Series, ctx: Context) -> Verdict | None:
     value = lowest[1] * norm
     level = _level(rule, ctx, lambda t: value < t)
     label = int(which[1]) if which is not None and which[0] == lowest[0] else "?"
+    if by_prompt and isinstance(label, int):
+        label = f"{label}" + (f" {ctx.prompts[label][:80]!r}" if 0 <= label < len(ctx.prompts)
+                              else "")
     return Verdict(level, lowest[1], lowest[0], {"label": label, "normalized": value,
                                                  "batch": batch[1] * norm}) if level else None
 
@@ -353,7 +359,7 @@ CHECKS: dict[str, Check] = {
     "memorization": _memorization,
     "memorization_rising": _memorization_rising,
     "guidance_too_high": _guidance_too_high,
-    "class_collapse": _class_collapse,
+    "class_collapse": _class_collapse,  # and prompt_collapse, by its metric
 }
 RULES_BY_CODE = {rule.code: rule for rule in RULES}
 

@@ -49,6 +49,8 @@ class Context:
     regime: str = "pretrain"
     # max |z| of the encoded data (latent/data_max_abs), the samples' extremes' yardstick
     data_latent_extreme: float | None = None
+    # a text-conditional run's grid prompts: sample_diversity/least_diverse_prompt indexes them
+    prompts: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, latent_scale_factor: float | None, thresholds: dict[str, float] | None = None,

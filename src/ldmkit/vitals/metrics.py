@@ -19,9 +19,12 @@ from ldmkit.vitals.tags import (
     FINAL_PREFIX,
     LEAST_DIVERSE_CLASS,
     LEAST_DIVERSE_MSE,
+    LEAST_DIVERSE_PROMPT,
+    LEAST_DIVERSE_PROMPT_MSE,
     NEAREST_PREFIX,
     PAIRWISE_PREFIX,
     WITHIN_CLASS,
+    WITHIN_PROMPT,
 )
 
 
@@ -126,10 +129,17 @@ def data_latent_extreme(mean: torch.Tensor, logvar: torch.Tensor, generator: tor
     return top
 
 
-def within_class_diversity(latents: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+GROUP_TAGS = {"class": (WITHIN_CLASS, LEAST_DIVERSE_MSE, LEAST_DIVERSE_CLASS),
+              "prompt": (WITHIN_PROMPT, LEAST_DIVERSE_PROMPT_MSE, LEAST_DIVERSE_PROMPT)}
+
+
+def within_class_diversity(latents: torch.Tensor, labels: torch.Tensor, by: str = "class"
+                           ) -> dict[str, float]:
     """The mean MSE over pairs of samples asked for the same class (the guide's mode collapse
     inside one class, which the whole batch's pairwise MSE hides when classes differ), and the
-    class whose samples are most alike; empty when no class has two samples."""
+    class whose samples are most alike; empty when no class has two samples. ``by``
+    ``prompt``: the same over the samples of each prompt (different seeds), under the
+    ``within_prompt`` tags: an over-trained fine-tune gives one image whatever the seed."""
     total = pairs = 0.0
     lowest: tuple[float, int] | None = None
     for label in labels.unique().tolist():
@@ -141,17 +151,17 @@ def within_class_diversity(latents: torch.Tensor, labels: torch.Tensor) -> dict[
             lowest = min(lowest or (mean, label), (mean, label))
     if lowest is None:
         return {}
-    return {WITHIN_CLASS: total / pairs, LEAST_DIVERSE_MSE: lowest[0],
-            LEAST_DIVERSE_CLASS: float(lowest[1])}
+    within, least_mse, least = GROUP_TAGS[by]
+    return {within: total / pairs, least_mse: lowest[0], least: float(lowest[1])}
 
 
-def sample_vitals(decoder_latents: torch.Tensor, labels: torch.Tensor | None = None
-                  ) -> dict[str, float]:
+def sample_vitals(decoder_latents: torch.Tensor, groups: torch.Tensor | None = None,
+                  by: str = "class") -> dict[str, float]:
     """Both sampling groups for latents in the decoder's space ``[N, C, h, w]``; with the
-    classes the samples were asked for, the within-class diversity too."""
+    class or prompt (``by``) each sample was asked for, the diversity within each too."""
     out = {**pairwise_mse_stats(decoder_latents), **final_latent_stats(decoder_latents)}
-    if labels is not None:
-        out |= within_class_diversity(decoder_latents, labels)
+    if groups is not None:
+        out |= within_class_diversity(decoder_latents, groups, by)
     return out
 
 

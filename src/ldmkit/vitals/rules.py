@@ -226,12 +226,13 @@ RULES: tuple[Rule, ...] = (
          remedy=LR_UP),
     Rule("conditioning_ignored", vm.COND_GAP, "stays_abs_below", "cond_gap_low", None,
          "diffusion/cos_eps_mean: 'Stays at 0.0: model is guessing randomly', applied to the "
-         "condition: the prediction does not depend on the labels", "conditioning_ignored",
+         "condition: the prediction does not depend on the labels or captions",
+         "conditioning_ignored",
          "the conditional and unconditional noise estimates differ by {value:.3g} of their size "
-         "after {step} steps: the class labels do not reach the model, and guidance will do "
-         "nothing",
-         "check that the data has labels and that $train.cond_drop_prob is well below 1 (0.1 "
-         "is usual); in your own loop, pass the labels to the model",
+         "after {step} steps: the class labels or captions do not reach the model, and "
+         "guidance will do nothing",
+         "check that the data has labels or captions and that $train.cond_drop_prob is well "
+         "below 1 (0.1 is usual); in your own loop, pass the condition to the model",
          remedy=RemedySpec((("train.cond_drop_prob", "=0.1"),), "latest", automatic=True)),
     Rule("overfitting", vm.VAL_LOSS, "overfitting", "overfit_gap", None,
          "loss/total_loss: '< 0.01: overfitting'; scenario C 'Memorization ... Increase dataset, "
@@ -249,6 +250,17 @@ RULES: tuple[Rule, ...] = (
          "class",
          "lower the guidance scale, check that class's training images (few or duplicated), "
          "sample with the EMA weights; more data for that class",
+         about_samples=True),
+    Rule("prompt_collapse", vm.LEAST_DIVERSE_PROMPT_MSE, "class_collapse",
+         "pairwise_low_warning", "pairwise_low_critical",
+         "sample_diversity: 'Very low (< 0.01): mode collapse', per prompt: every seed of one "
+         "prompt gives the same image while the batch's, across prompts, look diverse",
+         "mode_collapse",
+         "the samples of prompt {label} are nearly identical across seeds (pairwise MSE "
+         "{normalized:.3g} in normalized units, the whole batch's {batch:.3g}): the model "
+         "collapsed on that prompt, as an over-trained fine-tune does",
+         "keep an earlier checkpoint, lower the guidance scale, train fewer steps or on more "
+         "images captioned like that prompt; sample with the EMA weights",
          about_samples=True),
     Rule("guidance_too_high", vm.GUIDANCE_SCALE, "guidance_too_high", "final_std_ratio_warning",
          "final_std_ratio_critical",

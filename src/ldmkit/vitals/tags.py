@@ -115,6 +115,10 @@ WITHIN_CLASS = "sample_diversity/within_class_pairwise_mse_mean"
 # the class whose samples are most alike, and their pairwise MSE mean
 LEAST_DIVERSE_CLASS = "sample_diversity/least_diverse_class"
 LEAST_DIVERSE_MSE = "sample_diversity/least_diverse_class_pairwise_mse_mean"
+# the same per prompt of a text-conditional model (the index into the run's prompts)
+WITHIN_PROMPT = "sample_diversity/within_prompt_pairwise_mse_mean"
+LEAST_DIVERSE_PROMPT = "sample_diversity/least_diverse_prompt"
+LEAST_DIVERSE_PROMPT_MSE = "sample_diversity/least_diverse_prompt_pairwise_mse_mean"
 GUIDANCE_SCALE = "sampling/guidance_scale"  # logged with the vitals of guided sampling
 
 

@@ -1,0 +1,124 @@
+"""Captions into the backbones: a byte-level text encoder and cross-attention.
+
+The built-in encoder reads UTF-8 bytes (ByT5's vocabulary without its special tokens; Xue et
+al. 2022), so it needs no vocabulary file and nothing to download, and trains jointly with the
+backbone. A learned start token leads every caption; its output is the pooled embedding (as
+CLIP pools its end token).
+
+Cross-attention lets every position of the latent attend to the caption's tokens, padding
+masked (Rombach et al. 2022, sec. 3.3, as Stable Diffusion's UNet; PixArt-alpha's DiT blocks,
+Chen et al. 2023); its output projection starts at zero, so a text-conditional backbone starts
+as its unconditional self.
+
+The empty caption (all padding: a dropped one, for classifier-free guidance) is the null
+condition, and the text adds nothing for it: cross-attention and the pooled embedding are
+multiplied by ``present`` (0 for it), as the class embedding's null row is fixed at zero
+(layers.LabelEmbedding; a learned null would be a constant the backbone's biases can learn).
+So a model trained on dropped captions only never trains its text path, whose output stays
+zero, and ``conditioning/cond_gap`` is exactly 0: ``conditioning_ignored``, not noise.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from ldmkit.models.layers import attend, zero_init
+
+PAD = 0  # token of padding; byte b is token b + 1
+VOCAB = 257
+HEADS = 4
+
+
+def tokenize(texts: list[str], max_length: int) -> torch.Tensor:
+    """Captions -> ``[N, max_length]`` int64 byte tokens, cut at ``max_length`` UTF-8 bytes
+    (a cut never leaves half a character) and padded with ``PAD``."""
+    out = torch.full((len(texts), max_length), PAD, dtype=torch.int64)
+    for row, text in enumerate(texts):
+        data = text.encode("utf-8")[:max_length].decode("utf-8", errors="ignore").encode("utf-8")
+        if data:
+            out[row, :len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8).long() + 1
+    return out
+
+
+class Text(NamedTuple):
+    """An encoded caption: ``context [B, M, D]``, ``mask [B, M]`` (bool: not padding),
+    ``pooled [B, D]`` and ``present [B]`` (1.0, or 0.0 for the empty caption)."""
+
+    context: torch.Tensor
+    mask: torch.Tensor
+    pooled: torch.Tensor
+    present: torch.Tensor
+
+
+class CrossAttention(nn.Module):
+    """``x [B, N, width]`` attends to a caption's ``context [B, M, context_dim]`` where its
+    ``mask [B, M]``; returns the residual branch (added by the caller), zero for an empty
+    caption. Queries are layer-normed, as in a pre-norm transformer block."""
+
+    def __init__(self, width: int, context_dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(context_dim, 2 * width)
+        self.proj = zero_init(nn.Linear(width, width))
+        self.logit_probe: list[float] | None = None  # layers.largest_attention_logit's
+
+    def forward(self, x: torch.Tensor, text: Text) -> torch.Tensor:
+        b, n, width = x.shape
+        context, mask = text.context, text.mask
+        heads, m = self.num_heads, context.shape[1]
+        q = self.q(self.norm(x)).reshape(b, n, heads, width // heads).transpose(1, 2)
+        k, v = self.kv(context).reshape(b, m, 2, heads, width // heads).permute(2, 0, 3, 1, 4)
+        h = attend(q, k, v, self.logit_probe, mask)  # [B, heads, N, width / heads]
+        out = self.proj(h.transpose(1, 2).reshape(b, n, width))
+        return out * text.present.to(out.dtype)[:, None, None]
+
+
+class TextBlock(nn.Module):
+    """Pre-norm self-attention over the caption's tokens (padding masked), then an MLP."""
+
+    def __init__(self, width: int, num_heads: int = HEADS):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, n, width = h.shape
+        q, k, v = self.qkv(self.norm1(h)).reshape(b, n, 3, self.num_heads, -1).permute(
+            2, 0, 3, 1, 4)  # each [B, heads, N, width / heads]
+        h = h + self.proj(attend(q, k, v, None, mask).transpose(1, 2).reshape(b, n, width))
+        return h + self.mlp(self.norm2(h))
+
+
+class ByteTextEncoder(nn.Module):
+    """``tokens [B, L]`` (None: the empty caption) -> ``Text`` with ``1 + L`` context rows."""
+
+    def __init__(self, width: int = 128, depth: int = 2, max_length: int = 64):
+        super().__init__()
+        self.max_length = max_length
+        self.embed = nn.Embedding(VOCAB, width, padding_idx=PAD)
+        self.start = nn.Parameter(torch.randn(1, 1, width) * 0.02)
+        self.pos = nn.Parameter(torch.randn(1, 1 + max_length, width) * 0.02)
+        self.blocks = nn.ModuleList(TextBlock(width) for _ in range(depth))
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, tokens: torch.Tensor | None, batch: int, device: torch.device) -> Text:
+        if tokens is None:
+            tokens = torch.full((batch, self.max_length), PAD, device=device, dtype=torch.int64)
+        b, length = tokens.shape
+        h = torch.cat([self.start.expand(b, -1, -1), self.embed(tokens)], 1) + \
+            self.pos[:, :1 + length]
+        mask = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=tokens.device),
+                          tokens != PAD], 1)
+        for block in self.blocks:
+            h = block(h, mask)
+        h = self.norm(h)
+        present = mask[:, 1:].any(1).float()
+        return Text(h, mask, h[:, 0] * present[:, None], present)
