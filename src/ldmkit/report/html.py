@@ -15,6 +15,7 @@ from html import escape
 from pathlib import Path
 
 from ldmkit.config.untrusted import brief
+from ldmkit.errors import LdmkitError
 from ldmkit.platform.files import check_output, check_plain_tree, read_regular, write_text_atomic
 from ldmkit.run.context import read_run
 from ldmkit.run.layout import REPORT_HTML, RunDir
@@ -130,6 +131,18 @@ def _grids(run_dir: Path) -> list[tuple[Path, str]]:
     return [(p, p.parent.name.replace("_", " ")) for p in [*during, *other]]
 
 
+def _prompts_line(run_dir: Path) -> str:
+    """A text-conditional run's grids have a column per prompt: which, left to right."""
+    try:
+        prompts = RunDir(run_dir).prompts()
+    except LdmkitError:
+        return "<p>The grids' prompts: <code>prompts.json</code> is damaged.</p>"
+    if not prompts:
+        return ""
+    items = "".join(f"<li>{escape(p)}</li>" for p in prompts)
+    return f"<p>One prompt per column, left to right:</p><ol>{items}</ol>"
+
+
 def _findings_table(findings: list, title: str) -> str:
     if not findings:
         return f"<p>{escape(title)}: none.</p>"
@@ -216,7 +229,8 @@ def render_html(run_dir: Path) -> str:
     sections.append(_guidance_section(log.series))
     grids = _grids(run_dir)
     if grids:
-        sections.append("<h2>Samples over training</h2>" + "".join(_img(p, c) for p, c in grids))
+        sections.append("<h2>Samples over training</h2>" + _prompts_line(run_dir)
+                        + "".join(_img(p, c) for p, c in grids))
     if recon.is_file():
         sections.append("<h2>Autoencoder reconstructions</h2><p>Top: data; bottom: "
                         "reconstruction.</p>" + _img(recon, "reconstructions"))
