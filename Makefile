@@ -34,7 +34,7 @@ test-quick: $(STAMP)
 # in this order: recipe chooses configs/mnist.yaml's recipe, which time_to_quality then
 # trains, and sampler_quality samples the MNIST model that time_to_quality trains
 bench: $(STAMP)
-	for script in throughput scaleout recipe time_to_quality sampler_quality objectives conditional \
+	for script in throughput scaleout recipe time_to_quality sampler_quality objectives conditional text \
 			fastpath compile_bisect fastpath_quality loop_overhead dit_profile forecast; do \
 		$(BIN)/python benchmarks/$$script.py || exit 1; done
 

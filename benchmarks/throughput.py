@@ -49,13 +49,15 @@ def params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def step_fn(model: torch.nn.Module, discrete: bool, forward=None):
-    """One training step (forward, backward, AdamW) of ``model`` on a fixed batch; ``discrete``:
-    a diffusers model taking steps 0..999; ``forward(x, t)``: how to call it, if otherwise."""
+def step_fn(model: torch.nn.Module, discrete: bool, forward=None, batch: int = BATCH,
+            shape: tuple[int, ...] = SHAPE):
+    """One training step (forward, backward, AdamW) of ``model`` on a fixed batch of ``batch``
+    latents of ``shape``; ``discrete``: a diffusers model taking steps 0..999;
+    ``forward(x, t)``: how to call it, if otherwise."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     gen = torch.Generator().manual_seed(0)
-    z, eps = torch.randn(BATCH, *SHAPE, generator=gen), torch.randn(BATCH, *SHAPE, generator=gen)
-    t = torch.rand(BATCH, generator=gen)
+    z, eps = torch.randn(batch, *shape, generator=gen), torch.randn(batch, *shape, generator=gen)
+    t = torch.rand(batch, generator=gen)
     param = Parameterization()
 
     def net(x: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
