@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_conditional import BACKBONES, trained_on_null
 from test_faults import BASE, raised
 from test_kill_points import STEPS, assert_same_end
 from test_kill_points import run as run_cli
@@ -182,12 +183,10 @@ def test_a_text_backbone_starts_unconditional_and_masks_padding(kind):
     """Cross-attention's output (and the UNet's pooled projection) start at zero: the untrained
     model ignores the caption (cond_gap 0). Padding is masked: a caption's prediction does
     not depend on the length it is padded to."""
-    args = {"unet": {"base_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1,
-                     "attention_resolutions": [2], "num_heads": 2},
-            "dit": {"patch_size": 1, "hidden_size": 32, "depth": 2, "num_heads": 2}}[kind]
     torch.manual_seed(0)
-    model = build_backbone({"type": kind, "args": {"in_channels": 4, "latent_size": 4, **args,
-                                                   **{**TEXT_MODEL, "text_width": 32}}})
+    model = build_backbone({"type": kind, "args": {"in_channels": 4, "latent_size": 4,
+                                                   **BACKBONES[kind], **TEXT_MODEL,
+                                                   "text_width": 32}})
     assert model.condition_keys == (TOKENS,)
     x, t = torch.randn(3, 4, 4, 4), torch.rand(3)
     tokens = tokenize(["a handwritten seven", "one", ""], 24)
@@ -209,20 +208,8 @@ def test_captions_that_never_reach_the_model_leave_it_unconditional(kind):
     """The empty caption adds nothing: a model trained on dropped captions only
     (cond_drop_prob 1) never trains its text path, so every caption predicts as the null one
     and cond_gap is exactly 0, as for labels (test_conditional.py)."""
-    args = {"unet": {"base_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1,
-                     "attention_resolutions": [2], "num_heads": 2},
-            "dit": {"patch_size": 1, "hidden_size": 32, "depth": 2, "num_heads": 2}}[kind]
-    torch.manual_seed(0)
-    model = build_backbone({"type": kind, "args": {"in_channels": 4, "latent_size": 4, **args,
-                                                   **{**TEXT_MODEL, "text_width": 32}}})
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    param, x0 = Parameterization(), torch.randn(8, 4, 4, 4)
-    for _ in range(5):
-        t, eps = torch.rand(8), torch.randn(8, 4, 4, 4)
-        loss = param.loss(model, x0, t, eps, {TOKENS: torch.zeros(8, 24, dtype=torch.long)}).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    model = trained_on_null(kind, {**TEXT_MODEL, "text_width": 32},
+                            {TOKENS: torch.zeros(8, 24, dtype=torch.long)})
     x, t = torch.randn(3, 4, 4, 4), torch.rand(3)
     with torch.no_grad():
         null = model(x, t)
