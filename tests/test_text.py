@@ -33,8 +33,9 @@ from ldmkit.data.sources import list_folder, load_data, source_digest
 from ldmkit.diffusion.condition import LABELS, TOKENS
 from ldmkit.diffusion.parameterization import Parameterization
 from ldmkit.errors import ConfigError, DataError, LdmkitError
+from ldmkit.models.layers import largest_attention_logit
 from ldmkit.models.registry import build_backbone
-from ldmkit.models.text import PAD, tokenize
+from ldmkit.models.text import PAD, CrossAttention, Text, tokenize
 from ldmkit.run.context import diagnose_path
 from ldmkit.run.layout import RunDir
 from ldmkit.sampling.classifier import load_or_train
@@ -104,12 +105,12 @@ def test_captions_are_read_in_both_conventions(tmp_path):
     # a caption's lines are joined and stripped (kohya's and OneTrainer's reading)
     (tmp_path / "txt" / "0001.txt").write_text("  a handwritten\n one \n")
     listing = list_folder(tmp_path / "txt")
-    assert read_captions(listing.root, listing.files).texts[1] == "a handwritten one"
+    assert read_captions(listing.root, listing.files, DataConfig())[1] == "a handwritten one"
     # with a metadata.jsonl at the root, it alone is read
     (tmp_path / "txt" / "metadata.jsonl").write_text(
         "".join(json.dumps({"file_name": f"{i:04d}.png", "text": f"image {i}"}) + "\n"
                 for i in range(6)))
-    assert read_captions(listing.root, listing.files).texts[0] == "image 0"
+    assert read_captions(listing.root, listing.files, DataConfig())[0] == "image 0"
 
 
 @pytest.mark.parametrize("case, message", [
@@ -201,6 +202,22 @@ def test_a_text_backbone_starts_unconditional_and_masks_padding(kind):
         assert torch.allclose(model(x, t, tokens=tokens), out, atol=1e-5)
         assert torch.allclose(model(x[2:], t[2:], tokens=tokens[2:]), model(x[2:], t[2:]),
                               atol=1e-6)
+
+
+def test_the_attention_logit_probe_leaves_out_padding():
+    """optimization/attn_logit_max reads the logits that reach the output: a padding key's,
+    however large, is masked out of it as out of the attention."""
+    torch.manual_seed(0)
+    cross = CrossAttention(8, 8, 2)
+    x, context = torch.randn(2, 3, 8), torch.randn(2, 4, 8)
+    mask = torch.tensor([[True, True, False, False]] * 2)
+    padded = context.clone()
+    padded[:, 2:] = 1e4  # padding that would dominate an unmasked maximum
+    logits = []
+    for ctx in (context, padded):
+        text = Text(ctx, mask, ctx[:, 0], torch.ones(2))
+        logits.append(largest_attention_logit(cross, lambda text=text: cross(x, text)))
+    assert logits[0] == pytest.approx(logits[1]) and logits[0] < 100
 
 
 @pytest.mark.parametrize("kind", ["unet", "dit"])

@@ -123,7 +123,7 @@ def requested_labels(choice: str | None, num: int, num_classes: int | None,
     if choice is None:
         return (torch.arange(num) % num_classes, num_classes) if num_classes else (None, None)
     if not num_classes:
-        raise LdmkitError(f"--class {choice}: this run's model is not class-conditional "
+        raise LdmkitError(f"--class {choice[:40]}: this run's model is not class-conditional "
                           "(model.num_classes is null); sample without --class")
     if choice == "all":
         per = max(1, num // num_classes)

@@ -17,24 +17,14 @@ without a caption trains on the empty caption instead, and the count is printed.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
+from ldmkit.config import DataConfig
 from ldmkit.errors import DataError
 from ldmkit.platform.files import read_file
 
 METADATA_FILE = "metadata.jsonl"
 MAX_CAPTION_BYTES = 1 << 16  # a caption is a sentence or a tag list, never a file's worth
-
-
-@dataclass(frozen=True)
-class Captions:
-    """One caption per image (the listing's order), where they came from, and how many images
-    had none (``data.missing_caption: empty``)."""
-
-    texts: list[str]
-    source: str
-    missing: int = 0
 
 
 def _clean(raw: str, where: str) -> str:
@@ -87,9 +77,10 @@ def _from_files(root: Path, files: list[Path], extension: str) -> dict[str, str]
         path = (root / name).with_suffix(extension)
         if not path.is_file():
             continue
-        if path.stat().st_size > MAX_CAPTION_BYTES:
-            raise DataError(f"caption '{path}' is {path.stat().st_size} bytes; a caption is at "
-                            f"most {MAX_CAPTION_BYTES} bytes: is it the right file?")
+        size = path.stat().st_size
+        if size > MAX_CAPTION_BYTES:
+            raise DataError(f"caption '{path}' is {size} bytes; a caption is at most "
+                            f"{MAX_CAPTION_BYTES} bytes: is it the right file?")
         try:
             found[str(name)] = _clean(read_file(path).decode("utf-8"), f"'{path}'")
         except UnicodeDecodeError:
@@ -97,19 +88,18 @@ def _from_files(root: Path, files: list[Path], extension: str) -> dict[str, str]
     return found
 
 
-def read_captions(root: Path, files: list[Path], extension: str = ".txt", column: str = "text",
-                  missing: str = "error") -> Captions:
-    """The caption of each of ``files`` (paths below ``root``), by ``metadata.jsonl`` when the
-    root holds one, else by the caption file beside each image."""
-    if (root / METADATA_FILE).is_file():
-        found, source = _from_metadata(root, files, column), f"{root / METADATA_FILE}"
-    else:
-        found, source = _from_files(root, files, extension), f"'*{extension}' files"
+def read_captions(root: Path, files: list[Path], cfg: DataConfig) -> list[str]:
+    """The caption of each of ``files`` (paths below ``root``; "" for one without, under
+    ``data.missing_caption: empty``), by ``metadata.jsonl`` when the root holds one, else by
+    the caption file beside each image (``cfg``'s caption settings)."""
+    metadata = (root / METADATA_FILE).is_file()
+    found = (_from_metadata(root, files, cfg.caption_column) if metadata
+             else _from_files(root, files, cfg.caption_extension))
     absent = [f for f in files if str(f) not in found]
-    if absent and missing == "error":
-        where = (f"no line of '{root / METADATA_FILE}' names it" if source.endswith(METADATA_FILE)
-                 else f"'{(root / absent[0]).with_suffix(extension)}' does not exist")
+    if absent and cfg.missing_caption == "error":
+        where = (f"no line of '{root / METADATA_FILE}' names it" if metadata
+                 else f"'{(root / absent[0]).with_suffix(cfg.caption_extension)}' does not exist")
         raise DataError(f"image '{root / absent[0]}' has no caption ({where}; {len(absent)} of "
                         f"{len(files)} images have none); caption it, or set "
                         "data.missing_caption: empty to train those on the empty caption")
-    return Captions([found.get(str(f), "") for f in files], source, len(absent))
+    return [found.get(str(f), "") for f in files]

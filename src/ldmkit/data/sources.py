@@ -204,9 +204,8 @@ def load_folder_data(cfg: DataConfig, captions: bool = False) -> ImageData:
     root, classes = listing.root, listing.classes
     files = listing.files if cfg.limit is None else listing.files[: cfg.limit]
     # every image's caption, beyond data.limit too: a metadata.jsonl names them all
-    texts = read_captions(root, listing.files, cfg.caption_extension, cfg.caption_column,
-                          cfg.missing_caption) if captions else None
-    caption_of = dict(zip(map(str, listing.files), texts.texts, strict=True)) if texts else {}
+    caption_of = dict(zip(map(str, listing.files), read_captions(root, listing.files, cfg),
+                          strict=True)) if captions else None
     mode = "L" if cfg.channels == 1 else "RGB"
     arrays, names, skipped, first_bad = [], [], 0, None
     for name in files:
@@ -226,8 +225,8 @@ def load_folder_data(cfg: DataConfig, captions: bool = False) -> ImageData:
         labels = torch.tensor([index[Path(n).parts[0]] for n in names], dtype=torch.int64)
     return ImageData(images, labels, f"folder {root}", skipped, first_bad, names, classes,
                      listing.hidden, None if cfg.limit is None else len(files),
-                     [caption_of[n] for n in names] if texts else None,
-                     sum(not caption_of[n] for n in names) if texts else 0)
+                     [caption_of[n] for n in names] if caption_of is not None else None,
+                     sum(not caption_of[n] for n in names) if caption_of is not None else 0)
 
 
 def load_data(cfg: DataConfig, captions: bool = False) -> ImageData:
@@ -259,9 +258,7 @@ def source_digest(cfg: DataConfig, captions: bool = False) -> str:
         for name in listing.files:
             digest.update(f"{name}\0{(listing.root / name).stat().st_size}\n".encode())
         if captions:
-            texts = read_captions(listing.root, listing.files, cfg.caption_extension,
-                                  cfg.caption_column, cfg.missing_caption).texts
-            digest.update(json.dumps(texts).encode())
+            digest.update(json.dumps(read_captions(listing.root, listing.files, cfg)).encode())
     elif cfg.source == "idx":
         path = Path(cfg.path or "")
         images = find_idx(path, cfg.split, "images") if path.is_dir() else path

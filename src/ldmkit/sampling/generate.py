@@ -21,6 +21,7 @@ from ldmkit.conditioning.sources import (
     ConditionSource,
     Request,
     TextSource,
+    requested_labels,
     source_of_model,
 )
 from ldmkit.config import Config, SampleConfig, check_flag, from_dict
@@ -174,8 +175,7 @@ def sampling_request(source: ConditionSource, num: int, choice: str | None = Non
     if isinstance(source, ClassSource):
         return source.request(num, choice)
     if choice is not None:
-        raise LdmkitError(f"--class {choice[:40]}: this run's model is not class-conditional "
-                          "(model.num_classes is null); sample without --class")
+        requested_labels(choice, num, None)  # refuses --class: not class-conditional
     if isinstance(source, TextSource):
         return source.request(num, prompts, num if prompts else None)
     return source.request(num)

@@ -114,7 +114,7 @@ def _mode_collapse(rule: Rule, series: Series, ctx: Context) -> Verdict | None:
     mins = series.get(vm.PAIRWISE_PREFIX + "min", [])
     # a conditional model's closest pair is two samples of one class or prompt:
     # class_collapse's or prompt_collapse's
-    per_group = [_last(series, tag) for tag in (vm.LEAST_DIVERSE_MSE, vm.LEAST_DIVERSE_PROMPT_MSE)]
+    per_group = [_last(series, least_mse) for _, least_mse, _ in vm.GROUP_TAGS.values()]
     if any(last is not None and last[0] == step for last in per_group):
         mins = []
     if level is None and mins and mins[-1][1] * norm < ctx.thr("pairwise_min_zero"):
@@ -293,8 +293,9 @@ def _class_collapse(rule: Rule, series: Series, ctx: Context) -> Verdict | None:
     reads the batch's) under the guide's collapse thresholds while the whole batch's is above
     them; a prompt is named by its text (``Context.prompts``)."""
     lowest, batch = _last(series, rule.metric), _last(series, vm.PAIRWISE_PREFIX + "mean")
-    by_prompt = rule.metric == vm.LEAST_DIVERSE_PROMPT_MSE
-    which = _last(series, vm.LEAST_DIVERSE_PROMPT if by_prompt else vm.LEAST_DIVERSE_CLASS)
+    by, (_, _, least) = next((by, tags) for by, tags in vm.GROUP_TAGS.items()
+                             if tags[1] == rule.metric)
+    which = _last(series, least)
     if lowest is None or batch is None or batch[0] != lowest[0]:
         return None
     norm = (ctx.latent_scale_factor or 1.0) ** 2
@@ -303,7 +304,7 @@ def _class_collapse(rule: Rule, series: Series, ctx: Context) -> Verdict | None:
     value = lowest[1] * norm
     level = _level(rule, ctx, lambda t: value < t)
     label = int(which[1]) if which is not None and which[0] == lowest[0] else "?"
-    if by_prompt and isinstance(label, int):
+    if by == "prompt" and isinstance(label, int):
         label = f"{label}" + (f" {ctx.prompts[label][:80]!r}" if 0 <= label < len(ctx.prompts)
                               else "")
     return Verdict(level, lowest[1], lowest[0], {"label": label, "normalized": value,

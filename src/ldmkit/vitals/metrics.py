@@ -17,14 +17,9 @@ from ldmkit.vitals.tags import (
     COPY_RATIO,
     COPY_SHARE,
     FINAL_PREFIX,
-    LEAST_DIVERSE_CLASS,
-    LEAST_DIVERSE_MSE,
-    LEAST_DIVERSE_PROMPT,
-    LEAST_DIVERSE_PROMPT_MSE,
+    GROUP_TAGS,
     NEAREST_PREFIX,
     PAIRWISE_PREFIX,
-    WITHIN_CLASS,
-    WITHIN_PROMPT,
 )
 
 
@@ -127,10 +122,6 @@ def data_latent_extreme(mean: torch.Tensor, logvar: torch.Tensor, generator: tor
         z = m + torch.exp(0.5 * lv) * torch.randn(m.shape, generator=generator)
         top = max(top, z.abs().max().item())
     return top
-
-
-GROUP_TAGS = {"class": (WITHIN_CLASS, LEAST_DIVERSE_MSE, LEAST_DIVERSE_CLASS),
-              "prompt": (WITHIN_PROMPT, LEAST_DIVERSE_PROMPT_MSE, LEAST_DIVERSE_PROMPT)}
 
 
 def within_class_diversity(latents: torch.Tensor, labels: torch.Tensor, by: str = "class"

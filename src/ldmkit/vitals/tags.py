@@ -119,6 +119,10 @@ LEAST_DIVERSE_MSE = "sample_diversity/least_diverse_class_pairwise_mse_mean"
 WITHIN_PROMPT = "sample_diversity/within_prompt_pairwise_mse_mean"
 LEAST_DIVERSE_PROMPT = "sample_diversity/least_diverse_prompt"
 LEAST_DIVERSE_PROMPT_MSE = "sample_diversity/least_diverse_prompt_pairwise_mse_mean"
+# per group kind (vitals/metrics.py's within_class_diversity): (within, least diverse's MSE,
+# least diverse group)
+GROUP_TAGS = {"class": (WITHIN_CLASS, LEAST_DIVERSE_MSE, LEAST_DIVERSE_CLASS),
+              "prompt": (WITHIN_PROMPT, LEAST_DIVERSE_PROMPT_MSE, LEAST_DIVERSE_PROMPT)}
 GUIDANCE_SCALE = "sampling/guidance_scale"  # logged with the vitals of guided sampling
 
 
