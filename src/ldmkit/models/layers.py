@@ -54,9 +54,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, probe: list[float]
     With ``probe`` (a list), also appends the largest attention logit q.k / sqrt(d), whose
     growth comes before a transformer's divergence (Wortsman et al. 2023). Only
     ``largest_attention_logit`` sets it: the training step never materialises the logits."""
-    if probe is not None:
-        probe.append(float((q @ k.transpose(-1, -2)).amax()) * q.shape[-1] ** -0.5)
     keep = None if mask is None else mask[:, None, None, :]  # [B, 1, 1, M]
+    if probe is not None:  # the logits of masked keys never reach the output
+        logits = q @ k.transpose(-1, -2)
+        probe.append(float((logits if keep is None else logits.masked_fill(
+            ~keep, float("-inf"))).amax()) * q.shape[-1] ** -0.5)
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
         # CPU's bf16 flash-attention backward took 12x fp32's (18 vs 1.5 ms a layer, the DiT
         # of configs/digits-dit.yaml; benchmarks/dit_profile.py): attention runs in fp32 there
