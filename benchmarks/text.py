@@ -43,11 +43,13 @@ from ldmkit.diffusion.parameterization import parameterization_of  # noqa: E402
 from ldmkit.models.registry import backbone_spec, build_backbone  # noqa: E402
 from ldmkit.models.text import tokenize  # noqa: E402
 from ldmkit.platform.fastpath import Compiled, choose  # noqa: E402
+from ldmkit.run.context import read_run  # noqa: E402
 from ldmkit.run.layout import RunDir  # noqa: E402
 from ldmkit.sampling.classifier import load_or_train  # noqa: E402
 from ldmkit.sampling.generate import generate  # noqa: E402
 from ldmkit.sampling.trained import load_for_sampling  # noqa: E402
 from ldmkit.vitals import metrics as vm  # noqa: E402
+from ldmkit.vitals.logs.metrics_jsonl import json_objects  # noqa: E402
 
 CLASS_CONFIG, TEXT_CONFIG = ROOT / "configs/emoji.yaml", ROOT / "configs/emoji-text.yaml"
 RUN = ROOT / "runs/emoji-text"
@@ -61,7 +63,9 @@ PARTS = ("cost", "emoji")
 def step_cost() -> dict[str, dict]:
     """Milliseconds per training step and per guided sampling call, class against text."""
     cfgs = {"class": load_config(CLASS_CONFIG), "text": load_config(TEXT_CONFIG)}
-    captions = read_captions(*_listing(cfgs["text"])).texts[:BATCH]
+    data = cfgs["text"].data
+    listing = list_folder(ROOT / data.path)
+    captions = read_captions(listing.root, listing.files[:BATCH], data)
     conds = {"class": {LABELS: torch.arange(BATCH) % 8},
              "text": {TOKENS: tokenize(captions, cfgs["text"].model.text_max_length)}}
     calls, paths = {}, {}
@@ -82,7 +86,7 @@ def step_cost() -> dict[str, dict]:
             BATCH, LATENT)
         denoise = parameterization_of(cfg.diffusion).denoiser(
             lambda x, t, run=run, net=model, **c: run(net, x, t, **c), cond, 3.0)
-        calls[f"sample {name}"] = lambda denoise=denoise: denoise(x, t)
+        calls[f"sample {name}"] = torch.no_grad()(lambda denoise=denoise: denoise(x, t))
         paths[name] = fast.describe()
     times: dict[str, list[float]] = {k: [] for k in calls}
     for _ in range(2):  # warm-up, compilation included
@@ -93,20 +97,11 @@ def step_cost() -> dict[str, dict]:
             repeat = STEPS if key.startswith("step") else CALLS
             start = time.perf_counter()
             for _ in range(repeat):
-                if key.startswith("step"):
-                    call()
-                else:
-                    with torch.no_grad():
-                        call()
+                call()
             times[key].append((time.perf_counter() - start) / repeat * 1e3)
     figures = {k: statistics.median(v) for k, v in times.items()}
     print(figures, paths, flush=True)
     return {"ms": figures, "paths": paths}
-
-
-def _listing(cfg) -> tuple[Path, list[Path]]:
-    listing = list_folder(ROOT / cfg.data.path)
-    return listing.root, listing.files
 
 
 def emoji(run: Path | None) -> dict:
@@ -119,17 +114,15 @@ def emoji(run: Path | None) -> dict:
                             f"run_dir={run}"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                            check=True)
         wall = time.perf_counter() - start
-    series = {}
-    for record in map(json.loads, RunDir(run).metrics.open()):
-        series.setdefault(record["tag"], []).append((record["step"], record["value"]))
+    series = read_run(run)[0].series
     val, train_loss = series[vm.VAL_LOSS][-1][1], series[vm.VAL_TRAIN_LOSS][-1][1]
-    raised = [json.loads(line) for line in RunDir(run).findings.open()] \
-        if RunDir(run).findings.is_file() else []
-    serious = sorted({r["code"] for r in raised if r.get("event") == "raised"
+    findings = RunDir(run).findings
+    serious = sorted({r["code"] for r in (json_objects(findings) if findings.is_file() else ())
+                      if r.get("event") == "raised"
                       and r.get("severity") in ("warning", "critical")})
     return {"wall_s": wall, "val_loss": val, "train_loss": train_loss,
             "gap": val / train_loss - 1, "serious": serious, "rows": sweep(run),
-            "prompts": len(json.loads((run / "split.json").read_text())["held_out"]),
+            "prompts": len(json.loads(RunDir(run).split_file.read_text())["held_out"]),
             "steps": series[vm.LOSS][-1][0]}
 
 
@@ -137,19 +130,15 @@ def sweep(run: Path) -> list[dict]:
     """Category accuracy of held-out captions' samples per guidance scale, and the ceiling."""
     trained = load_for_sampling(run)
     cfg = from_dict(trained.config)
-    split = json.loads((run / "split.json").read_text())
-    names = split["held_out_names"]
-    root, files = _listing(cfg)
-    captions = dict(zip(map(str, files), read_captions(root, files).texts, strict=True))
-    clf = load_or_train(cfg.data)[0]
-    classes = sorted({Path(n).parts[0] for n in map(str, files)})
-    want = torch.tensor([classes.index(Path(n).parts[0]) for n in names])
-    data = load_data(cfg.data)
+    names = json.loads(RunDir(run).split_file.read_text())["held_out_names"]
+    data = load_data(cfg.data, captions=True)  # the category of an image is its folder's label
     rows_of = {name: i for i, name in enumerate(data.names)}
-    real = data.batch(torch.tensor([rows_of[n] for n in names]))
-    ceiling = (clf.embed(real)[1] == want).float().mean().item()
+    rows = torch.tensor([rows_of[n] for n in names])
+    want = data.labels[rows]
+    clf = load_or_train(cfg.data)[0]
+    ceiling = (clf.embed(data.batch(rows))[1] == want).float().mean().item()
     source = TextSource(cfg.model.text_max_length)
-    request = source.request(0, [captions[n] for n in names], PER_PROMPT)
+    request = source.request(0, [data.captions[i] for i in rows.tolist()], PER_PROMPT)
     rows = [{"guidance": "real", "category_accuracy": ceiling, "within_prompt": None}]
     print(json.dumps(rows[-1]), flush=True)
     for g in SCALES:
