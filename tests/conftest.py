@@ -12,6 +12,10 @@ import pytest
 
 from ldmkit.config import Config, from_dict
 
+# nothing in the suite may download: Hugging Face code fails instead of reaching the network
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 TINY = {
@@ -60,6 +64,14 @@ def ae_digits(tmp_path_factory) -> str:
     from test_faults import train_autoencoder
 
     return train_autoencoder(tmp_path_factory.mktemp("ae") / "digits")
+
+
+@pytest.fixture(scope="session")
+def digits_captioned(tmp_path_factory) -> Path:
+    """The first 512 scikit-learn digits as a captioned folder (``test_text.digits_folder``)."""
+    from test_text import digits_folder
+
+    return digits_folder(tmp_path_factory.mktemp("captioned") / "digits")
 
 
 def copy_run(run: Path, dest: Path) -> Path:

@@ -166,8 +166,8 @@ def test_text_settings_are_checked(tmp_path):
         text_config(root, data={"source": "digits", "path": None})
     with pytest.raises(ConfigError, match="data.caption_extension must look like .txt"):
         text_config(root, data={"caption_extension": "txt"})
-    with pytest.raises(ConfigError, match="model.text_encoder"):
-        text_config(root, model={"text_encoder": "clip"})
+    with pytest.raises(ConfigError, match="model.text_encoder is empty"):
+        text_config(root, model={"text_encoder": " "})
 
 
 # -- tokens, backbones and the seam ----------------------------------------------------------
@@ -269,11 +269,6 @@ def test_a_prompt_file_is_read_or_refused_in_one_line(tmp_path):
 
 
 # -- real runs -------------------------------------------------------------------------------
-
-@pytest.fixture(scope="session")
-def digits_captioned(tmp_path_factory) -> Path:
-    return digits_folder(tmp_path_factory.mktemp("captioned") / "digits")
-
 
 @pytest.fixture(scope="session")
 def text_run(tmp_path_factory, digits_captioned, ae_digits) -> Path:

@@ -20,8 +20,9 @@ import torch
 from ldmkit.config import Config
 from ldmkit.data.stage1 import LatentPosteriors
 from ldmkit.diffusion import condition
-from ldmkit.diffusion.condition import LABELS, TOKENS, Cond
+from ldmkit.diffusion.condition import CONTEXT, CONTEXT_MASK, LABELS, POOLED, TOKENS, Cond
 from ldmkit.errors import LdmkitError
+from ldmkit.models.hf_text import EncodedCaptions, FrozenTextEncoder, encoder_info
 from ldmkit.models.text import tokenize
 from ldmkit.platform.files import read_file
 
@@ -60,6 +61,10 @@ class ConditionSource:
         """What sampling asks for by default: ``num`` samples, every group in turn."""
         return Request({})
 
+    def attach(self, model: torch.nn.Module) -> None:
+        """Give a freshly built backbone what it needs of the source (a frozen encoder's
+        empty caption); nothing for the others."""
+
 
 @dataclass
 class ClassSource(ConditionSource):
@@ -85,8 +90,8 @@ class ClassSource(ConditionSource):
 
 @dataclass
 class TextSource(ConditionSource):
-    """Captions (``model.text_encoder``) as byte tokens: the dataset's, and the prompts asked
-    for (by default the run's ``prompts``, one per grid column)."""
+    """Captions (``model.text_encoder: builtin``) as byte tokens: the dataset's, and the
+    prompts asked for (by default the run's ``prompts``, one per grid column)."""
 
     max_length: int
     captions: list[str] | None = None  # of the dataset, row by row
@@ -102,6 +107,10 @@ class TextSource(ConditionSource):
                               "rebuild its latent cache (`ldmkit encode RUN`)")
         return {TOKENS: self.tokens[index]}
 
+    def encode(self, texts: list[str]) -> Cond:
+        """The condition rows of ``texts``."""
+        return {TOKENS: tokenize(texts, self.max_length)}
+
     def request(self, num: int, prompts: list[str] | None = None, per_prompt: int | None = None
                 ) -> Request:
         """``prompts`` with ``per_prompt`` samples each, a grid row per prompt; by default the
@@ -109,12 +118,56 @@ class TextSource(ConditionSource):
         if prompts:
             per = per_prompt or max(1, num // len(prompts))
             groups = torch.arange(len(prompts)).repeat_interleave(per)
-            return Request({TOKENS: tokenize(prompts, self.max_length)[groups]}, groups,
+            return Request(condition.rows(self.encode(list(prompts)), groups), groups,
                            list(prompts), per, "prompt")
         names = self.prompts or [""]
         groups = torch.arange(num) % len(names)
-        return Request({TOKENS: tokenize(names, self.max_length)[groups]}, groups, names,
-                       len(names), "prompt")
+        return Request(condition.rows(self.encode(names), groups), groups, names, len(names),
+                       "prompt")
+
+
+@dataclass
+class EncodedTextSource(TextSource):
+    """Captions through a frozen pretrained encoder (``model.text_encoder``: a directory;
+    models/hf_text.py): rows are the latent cache's encodings of the dataset's captions, so
+    training never runs the encoder; a prompt the cache lacks loads it once. The null
+    condition is ``condition.null``'s all-False mask, which the backbone reads as the encoded
+    empty caption that ``attach`` gives it."""
+
+    encoder: str = ""
+    encoded: EncodedCaptions | None = None  # the cache's, the empty caption among them
+
+    def __post_init__(self) -> None:
+        self.info = encoder_info(self.encoder, self.max_length)
+        self.index = None if self.captions is None or self.encoded is None \
+            else self.encoded.index(self.captions)
+        self._loaded: FrozenTextEncoder | None = None
+
+    def rows(self, index: torch.Tensor) -> Cond:
+        if self.index is None:
+            raise LdmkitError("this text-conditional run has no encoded captions to train on; "
+                              "rebuild its latent cache (`ldmkit encode RUN`)")
+        return self._cond(self.encoded, self.index[index])
+
+    def encode(self, texts: list[str]) -> Cond:
+        known = set(self.encoded.captions) if self.encoded is not None else set()
+        missing = [text for text in dict.fromkeys(texts) if text not in known]
+        if missing:
+            if self._loaded is None:
+                self._loaded = FrozenTextEncoder(self.info, self.max_length)
+            new = self._loaded.encode(missing)
+            self.encoded = new if self.encoded is None else self.encoded.joined(new)
+        return self._cond(self.encoded, self.encoded.index(texts))
+
+    @staticmethod
+    def _cond(encoded: EncodedCaptions, index: torch.Tensor) -> Cond:
+        cond = {CONTEXT: encoded.context[index].float(), CONTEXT_MASK: encoded.mask[index]}
+        return cond if encoded.pooled is None else {**cond, POOLED: encoded.pooled[index].float()}
+
+    def attach(self, model: torch.nn.Module) -> None:
+        empty = self.encode([""])
+        model.text.set_null(empty[CONTEXT][0], empty[CONTEXT_MASK][0],
+                            empty[POOLED][0] if POOLED in empty else None)
 
 
 def requested_labels(choice: str | None, num: int, num_classes: int | None,
@@ -178,8 +231,12 @@ def source_of(cfg: Config, latents: LatentPosteriors | None = None,
     if model.num_classes:
         return ClassSource(model.num_classes, latents.labels if latents else None,
                            classes or (latents.classes if latents else None))
+    captions = latents.captions if latents else None
+    if model.text_encoder == "builtin":
+        return TextSource(model.text_max_length, captions, prompts)
     if model.text_encoder:
-        return TextSource(model.text_max_length, latents.captions if latents else None, prompts)
+        return EncodedTextSource(model.text_max_length, captions, prompts, model.text_encoder,
+                                 latents.encoded if latents else None)
     return ConditionSource()
 
 
@@ -192,4 +249,6 @@ def source_of_model(model: torch.nn.Module, classes: list[str] | None = None,
         return ClassSource(model.num_classes, None, classes)
     if TOKENS in keys:
         return TextSource(model.text.max_length, None, prompts)
+    if CONTEXT in keys:
+        return EncodedTextSource(model.text.max_length, None, prompts, model.text.encoder)
     return ConditionSource()

@@ -74,11 +74,13 @@ class UNetConfig:
     dropout: float = ranged(0.0, lo=0.0, hi=1.0)
     num_classes: int | None = ranged(None, lo=1, hi=1_000_000)  # null: unconditional
     # captions through cross-attention: builtin (a byte-level transformer trained jointly,
-    # models/text.py) or null; exclusive with num_classes
-    text_encoder: Literal["builtin"] | None = None
-    text_width: int = ranged(128, lo=8, hi=4096)
-    text_depth: int = ranged(2, lo=1, hi=48)
-    text_max_length: int = ranged(64, lo=1, hi=4096)  # UTF-8 bytes kept of each caption
+    # models/text.py), a local Hugging Face CLIP or T5 encoder directory (frozen, cached;
+    # models/hf_text.py) or null; exclusive with num_classes
+    text_encoder: str | None = None
+    text_width: int = ranged(128, lo=8, hi=4096)  # the built-in encoder's
+    text_depth: int = ranged(2, lo=1, hi=48)  # the built-in encoder's
+    # tokens kept of each caption: UTF-8 bytes (builtin), the tokenizer's tokens (frozen)
+    text_max_length: int = ranged(64, lo=1, hi=4096)
 
     def check(self, latent: int) -> None:
         """The latent halves at every level; every self-attention layer splits its channels into
@@ -113,11 +115,13 @@ class DiTConfig:
     num_heads: int = ranged(4, lo=1, hi=256)
     num_classes: int | None = ranged(None, lo=1, hi=1_000_000)  # null: unconditional
     # captions through cross-attention: builtin (a byte-level transformer trained jointly,
-    # models/text.py) or null; exclusive with num_classes
-    text_encoder: Literal["builtin"] | None = None
-    text_width: int = ranged(128, lo=8, hi=4096)
-    text_depth: int = ranged(2, lo=1, hi=48)
-    text_max_length: int = ranged(64, lo=1, hi=4096)  # UTF-8 bytes kept of each caption
+    # models/text.py), a local Hugging Face CLIP or T5 encoder directory (frozen, cached;
+    # models/hf_text.py) or null; exclusive with num_classes
+    text_encoder: str | None = None
+    text_width: int = ranged(128, lo=8, hi=4096)  # the built-in encoder's
+    text_depth: int = ranged(2, lo=1, hi=48)  # the built-in encoder's
+    # tokens kept of each caption: UTF-8 bytes (builtin), the tokenizer's tokens (frozen)
+    text_max_length: int = ranged(64, lo=1, hi=4096)
 
     def check(self, latent: int) -> None:
         if latent % self.patch_size:
@@ -286,6 +290,9 @@ def _validate(cfg: Config) -> Config:
     if cfg.model.text_encoder and cfg.data.source != "folder":
         raise ConfigError(f"model.text_encoder needs captions, which only a folder has "
                           f"(data.source is '{cfg.data.source}'); set data.source: folder")
+    if cfg.model.text_encoder is not None and not cfg.model.text_encoder.strip():
+        raise ConfigError("model.text_encoder is empty; set it to builtin, to a local Hugging "
+                          "Face text encoder directory, or to null")
     if cfg.model.text_encoder and cfg.model.text_width % 4:
         raise ConfigError(f"model.text_width {cfg.model.text_width} must be a multiple of 4 "
                           "(the text encoder's 4 attention heads split it)")

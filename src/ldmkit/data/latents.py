@@ -16,11 +16,13 @@ import hashlib
 import json
 import shutil
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import save_file
 
 from ldmkit.config import Config, DataConfig
 from ldmkit.data.sources import ImageData, check_labels, load_data, source_digest
@@ -35,11 +37,19 @@ from ldmkit.data.stage1 import (
 )
 from ldmkit.errors import CheckpointError
 from ldmkit.models.autoencoder import Autoencoder, Posterior
+from ldmkit.models.hf_text import (
+    EncodedCaptions,
+    EncoderInfo,
+    FrozenTextEncoder,
+    encoder_digest,
+    encoder_info,
+)
 from ldmkit.platform.distributed import SINGLE, Dist, barrier, broadcast_float
 from ldmkit.platform.fastpath import EAGER_FP32, FastPath, choose
 from ldmkit.platform.files import (
     check_output,
     check_replaceable,
+    load_tensors,
     open_regular,
     read_json,
     write_dir_atomically,
@@ -50,6 +60,7 @@ from ldmkit.run.layout import RunDir
 from ldmkit.vitals.logs.metrics_jsonl import MetricLogger
 
 CACHE_KIND = "latent_cache"
+TEXT_FILE = "text.safetensors"  # a frozen text encoder's encodings (models/hf_text.py)
 ENCODE_BATCH = 256
 # data settings that do not change what is encoded (the cache holds every image)
 NOT_ENCODED = ("latent_cache", "val_fraction", "val_max")
@@ -77,15 +88,34 @@ def wants_captions(cfg: Config) -> bool:
     return bool(cfg.model.text_encoder)
 
 
+def frozen_encoder(cfg: Config) -> EncoderInfo | None:
+    """The frozen text encoder whose encodings the cache holds (None: builtin or none)."""
+    if cfg.model.text_encoder in (None, "builtin"):
+        return None
+    return encoder_info(cfg.model.text_encoder, cfg.model.text_max_length)
+
+
+def encode_captions(cfg: Config, captions: list[str]) -> EncodedCaptions:
+    """Every distinct caption, and the empty one (the null condition), by the frozen encoder:
+    once, so that training never runs it."""
+    info = frozen_encoder(cfg)
+    distinct = list(dict.fromkeys(["", *captions]))
+    print(f"text encoder: encoding {len(distinct)} distinct captions with {info.architecture} "
+          f"from '{info.path}'")
+    return FrozenTextEncoder(info, cfg.model.text_max_length).encode(distinct)
+
+
 def cache_meta(cfg: Config, ae_dir: Path) -> dict:
     """What a cache must have been built from. The caption settings and ``captioned`` enter
     only for a text-conditional model, so the caches of other runs keep their keys."""
-    captioned = wants_captions(cfg)
+    captioned, info = wants_captions(cfg), frozen_encoder(cfg)
     data = {k: v for k, v in asdict(cfg.data).items() if k not in NOT_ENCODED
             and (captioned or not k.startswith(("caption_", "missing_caption")))}
+    encoder = {"text_encoder_sha256": encoder_digest(info),
+               "text_max_length": cfg.model.text_max_length} if info else {}
     return {"autoencoder_sha256": autoencoder_hash(ae_dir), "data": data,
             "source_sha256": source_digest(cfg.data, captioned),
-            **({"captioned": True} if captioned else {})}
+            **({"captioned": True} if captioned else {}), **encoder}
 
 
 def read_cache(path: Path, expected: dict) -> LatentPosteriors | None:
@@ -115,6 +145,11 @@ def read_cache(path: Path, expected: dict) -> LatentPosteriors | None:
     if meta.get("captioned") and not (isinstance(captions, list) and len(captions) == len(mean)
                                       and all(isinstance(c, str) for c in captions)):
         return None
+    encoded = None
+    if meta.get("text_encoder_sha256"):
+        encoded = _read_encoded(path, meta.get("text_captions"))
+        if encoded is None:
+            return None
     labels = None
     if meta.get("labelled"):
         try:
@@ -124,7 +159,17 @@ def read_cache(path: Path, expected: dict) -> LatentPosteriors | None:
         if labels.dtype != torch.int64 or labels.shape != (len(mean),):
             return None
     return LatentPosteriors(torch.from_numpy(mean), torch.from_numpy(logvar), names, labels,
-                            classes, captions if meta.get("captioned") else None)
+                            classes, captions if meta.get("captioned") else None, encoded)
+
+
+def _read_encoded(path: Path, captions: object) -> EncodedCaptions | None:
+    if not (isinstance(captions, list) and all(isinstance(c, str) for c in captions)):
+        return None
+    try:
+        tensors = load_tensors(path / TEXT_FILE)
+    except (OSError, SafetensorError, ValueError):
+        return None
+    return EncodedCaptions.from_tensors(captions, tensors)
 
 
 def encoding_path(cfg: Config) -> FastPath:
@@ -164,6 +209,7 @@ def build_cache(ae: Autoencoder, cfg: Config, path: Path, meta: dict,
         if data.labels is not None:
             np.save(tmp / "labels.npy", data.labels.numpy().astype(np.int64))
         extra = {"labelled": data.labels is not None,
+                 **_write_encoded(cfg, data, tmp, meta),
                  **({"names": data.names} if data.names is not None else {}),
                  **({"classes": data.classes} if data.classes is not None else {}),
                  **({"captions": data.captions} if meta.get("captioned") else {})}
@@ -173,6 +219,15 @@ def build_cache(ae: Autoencoder, cfg: Config, path: Path, meta: dict,
     path.parent.mkdir(parents=True, exist_ok=True)
     write_dir_atomically(path, write, CACHE_KIND)
     return read_cache(path, meta)
+
+
+def _write_encoded(cfg: Config, data: ImageData, tmp: Path, meta: dict) -> dict:
+    """A frozen encoder's encodings into the cache (``text.safetensors``); its meta entry."""
+    if not meta.get("text_encoder_sha256"):
+        return {}
+    encoded = encode_captions(cfg, data.captions)
+    save_file(encoded.tensors(), str(tmp / TEXT_FILE))
+    return {"text_captions": encoded.captions}
 
 
 def encode_in_memory(ae: Autoencoder, data: ImageData, fast: FastPath = EAGER_FP32
@@ -224,7 +279,10 @@ def encoded_dataset(ae: Autoencoder, cfg: Config, run_dir: Path, data: LazyData,
     """The dataset's posteriors: from the cache when it matches, else encoded (rank 0 builds)."""
     path = path or cache_dir(cfg, run_dir)
     if path is None:
-        return encode_in_memory(ae, data.get(), encoding_path(cfg))
+        latents = encode_in_memory(ae, data.get(), encoding_path(cfg))
+        if frozen_encoder(cfg):
+            latents = replace(latents, encoded=encode_captions(cfg, latents.captions))
+        return latents
     check_replaceable(path, CACHE_KIND)
     meta = cache_meta(cfg, RunDir(run_dir).autoencoder)
     if d.is_main:

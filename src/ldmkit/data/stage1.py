@@ -22,6 +22,7 @@ from ldmkit.data.sources import BatchOrder, ImageData, to_uint8
 from ldmkit.errors import CheckpointError
 from ldmkit.models.autoencoder import Autoencoder, Posterior
 from ldmkit.models.diffusers_vae import DiffusersAutoencoder, is_diffusers_vae, load_diffusers_vae
+from ldmkit.models.hf_text import EncodedCaptions
 from ldmkit.platform.distributed import SINGLE, Dist, all_sum
 from ldmkit.platform.fastpath import Compiled, choose, record
 from ldmkit.platform.files import load_tensors, read_json, write_dir_atomically
@@ -168,6 +169,7 @@ class LatentPosteriors:
     labels: torch.Tensor | None = None  # [N] int64 class of each image, when the data has them
     classes: list[str] | None = None  # a folder dataset's class names
     captions: list[str] | None = None  # a folder's caption of each image (text-conditional)
+    encoded: EncodedCaptions | None = None  # by a frozen text encoder: its distinct captions
 
     def describe(self, rows: list[int]) -> str:
         """The images at dataset ``rows`` as a user finds them: file names, else indices."""

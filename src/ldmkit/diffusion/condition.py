@@ -3,11 +3,12 @@
 A condition is a mapping of keyword tensors the backbone takes besides ``(x, t)`` (k-diffusion's
 ``extra_args``, DiT's ``model_kwargs``), each with the batch as its first dimension:
 ``labels`` (``[B]`` int64 class indices, ``NULL_LABEL`` for "no class": the unconditional
-input that classifier-free guidance needs; Ho & Salimans 2022) or ``tokens`` (``[B, L]`` int64
-byte tokens of a caption, all padding for the empty caption, which the built-in text encoder
-maps to its learned null; models/text.py). Everything here chunks, joins and drops conditions
-key by key. An empty mapping is the unconditional model's condition; which source makes a
-condition, and which a backbone takes, is ``ldmkit.conditioning``'s business.
+input that classifier-free guidance needs; Ho & Salimans 2022), ``tokens`` (``[B, L]`` int64
+byte tokens of a caption, all padding for the empty caption, which adds nothing in the
+built-in text encoder) or a frozen encoder's cached ``context``, ``context_mask`` and
+``pooled`` (models/text.py). Everything here chunks, joins and drops conditions key by key.
+An empty mapping is the unconditional model's condition; which source makes a condition, and
+which a backbone takes, is ``ldmkit.conditioning``'s business.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ Cond = dict[str, torch.Tensor]
 LABELS = "labels"
 NULL_LABEL = -1  # the backbones' label embedding maps it to its extra "no class" row
 TOKENS = "tokens"  # its null, all zeros, is the padding of the empty caption
+# a frozen encoder's cached states [B, L, D], their mask [B, L] and pooled embedding [B, P];
+# the null (zeros, an all-False mask) stands for the encoded empty caption (models/text.py)
+CONTEXT, CONTEXT_MASK, POOLED = "context", "context_mask", "pooled"
 
 
 def chunk(cond: Cond, n: int) -> list[Cond]:

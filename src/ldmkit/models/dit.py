@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldmkit.models.layers import LabelEmbedding, attend, timestep_embedding, zero_init
-from ldmkit.models.text import ByteTextEncoder, CrossAttention, Text
+from ldmkit.models.text import CrossAttention, Text, text_input
 
 FREQUENCIES = 256  # sinusoidal features of t before the time MLP (DiT's frequency_embedding_size)
 TIME_STEPS = 999.0  # t = 1 is diffusers' last discrete step (num_train_timesteps - 1)
@@ -76,15 +76,16 @@ class DiTBlock(nn.Module):
 
 
 class DiT(nn.Module):
-    """``forward(x [B, C, h, w], t [B] in [0, 1], labels [B] | None, tokens [B, L] | None)
-    -> [B, C, h, w]``, the objective's target. With ``num_classes`` the label embedding is
-    added to the time embedding that drives every adaLN (DiT's class conditioning); None or -1:
-    the null class. With ``text_encoder`` every block attends to the caption's tokens."""
+    """``forward(x [B, C, h, w], t [B] in [0, 1], **cond) -> [B, C, h, w]``, the objective's
+    target. With ``num_classes`` the label embedding is added to the time embedding that drives
+    every adaLN (DiT's class conditioning); None or -1: the null class. With ``text_encoder``
+    every block attends to the caption's tokens (the UNet's inputs)."""
 
     def __init__(self, in_channels: int, latent_size: int, patch_size: int = 2,
                  hidden_size: int = 256, depth: int = 6, num_heads: int = 4,
                  num_classes: int | None = None, text_encoder: str | None = None,
-                 text_width: int = 128, text_depth: int = 2, text_max_length: int = 64):
+                 text_width: int = 128, text_depth: int = 2, text_max_length: int = 64,
+                 text_context_dim: int | None = None, text_pooled_dim: int | None = None):
         super().__init__()
         self.patch_size, self.num_classes = patch_size, num_classes
         self.patchify = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
@@ -93,10 +94,10 @@ class DiT(nn.Module):
         self.time_mlp = nn.Sequential(nn.Linear(FREQUENCIES, hidden_size), nn.SiLU(),
                                       nn.Linear(hidden_size, hidden_size))
         self.label_emb = LabelEmbedding(num_classes, hidden_size) if num_classes else None
-        self.text = ByteTextEncoder(text_width, text_depth, text_max_length) \
-            if text_encoder else None
-        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, context_dim=text_width
-                                             if text_encoder else None) for _ in range(depth))
+        self.text = text_input(text_encoder, text_width, text_depth, text_max_length,
+                               text_context_dim, text_pooled_dim)
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, context_dim=self.text.width
+                                             if self.text is not None else None) for _ in range(depth))
         self.norm_out = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.modulation_out = nn.Linear(hidden_size, 2 * hidden_size)
         self.out = nn.Linear(hidden_size, patch_size * patch_size * in_channels)
@@ -123,16 +124,16 @@ class DiT(nn.Module):
     @property
     def condition_keys(self) -> tuple[str, ...]:
         """The condition it takes (diffusion/condition.py's keys)."""
-        return ("labels",) if self.num_classes else ("tokens",) if self.text else ()
+        return ("labels",) if self.num_classes else self.text.keys if self.text else ()
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None,
-                tokens: torch.Tensor | None = None) -> torch.Tensor:
+                **text_inputs: torch.Tensor) -> torch.Tensor:
         b, channels, height, width = x.shape
         p = self.patch_size
         c = self.time_mlp(timestep_embedding(t, FREQUENCIES, steps=TIME_STEPS, freq_shift=1))
         if self.label_emb is not None:
             c = c + self.label_emb(labels, b, x.device)
-        text = self.text(tokens, b, x.device) if self.text is not None else None
+        text = self.text(b, x.device, **text_inputs) if self.text is not None else None
         h = self.patchify(x).flatten(2).transpose(1, 2) + self.pos  # [B, N, D]
         for block in self.blocks:
             h = block(h, c, text)

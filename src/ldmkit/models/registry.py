@@ -24,6 +24,7 @@ from torch import nn
 from ldmkit.config import DiTConfig, UNetConfig
 from ldmkit.errors import LdmkitError
 from ldmkit.models.dit import DiT
+from ldmkit.models.hf_text import encoder_info
 from ldmkit.models.unet import UNet
 
 
@@ -44,9 +45,13 @@ BACKBONES: dict[str, Backbone] = {b.name: b for b in (
 def backbone_spec(model_config: Any, in_channels: int, latent_size: int) -> dict:
     """``{"type", "args"}`` of the backbone a ``model:`` config section describes, for latents
     of ``in_channels`` x ``latent_size`` x ``latent_size``. The text encoder's settings enter
-    only with a text encoder, so other models' specs are those written before it existed."""
+    only with a text encoder, so other models' specs are those written before it existed; a
+    frozen encoder's widths are read from its ``config.json``."""
     args = {k: v for k, v in dataclasses.asdict(model_config).items() if k != "type"
             and (model_config.text_encoder or not k.startswith("text_"))}
+    if model_config.text_encoder not in (None, "builtin"):  # a frozen encoder's widths
+        info = encoder_info(model_config.text_encoder)
+        args.update(text_context_dim=info.context_dim, text_pooled_dim=info.pooled_dim)
     return {"type": model_config.type,
             "args": {"in_channels": in_channels, "latent_size": latent_size, **args}}
 
@@ -76,8 +81,8 @@ def export_backbone(spec: dict, model: nn.Module, out: Path) -> None:
         raise LdmkitError(f"cannot export backbone type {str(spec.get('type'))[:40]!r}: ldmkit "
                           f"exports {', '.join(BACKBONES)}; sample the run with `ldmkit sample`")
     if spec["args"].get("text_encoder"):
-        raise LdmkitError("cannot export a text-conditional backbone yet: diffusers has no "
-                          "class for ldmkit's byte-level text encoder; sample the run with "
+        raise LdmkitError("cannot export a text-conditional backbone yet: its cross-attention "
+                          "does not map onto a diffusers class; sample the run with "
                           "`ldmkit sample --prompt`")
     adapter = getattr(importlib.import_module("ldmkit.models.diffusers_export"), entry.export)
     adapter(model, spec["args"], out)

@@ -24,7 +24,9 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
+from ldmkit.diffusion.condition import CONTEXT, CONTEXT_MASK, POOLED, TOKENS
 from ldmkit.models.layers import attend, zero_init
 
 PAD = 0  # token of padding; byte b is token b + 1
@@ -100,16 +102,19 @@ class TextBlock(nn.Module):
 class ByteTextEncoder(nn.Module):
     """``tokens [B, L]`` (None: the empty caption) -> ``Text`` with ``1 + L`` context rows."""
 
+    keys = (TOKENS,)
+
     def __init__(self, width: int = 128, depth: int = 2, max_length: int = 64):
         super().__init__()
-        self.max_length = max_length
+        self.max_length, self.width, self.pooled_dim = max_length, width, width
         self.embed = nn.Embedding(VOCAB, width, padding_idx=PAD)
         self.start = nn.Parameter(torch.randn(1, 1, width) * 0.02)
         self.pos = nn.Parameter(torch.randn(1, 1 + max_length, width) * 0.02)
         self.blocks = nn.ModuleList(TextBlock(width) for _ in range(depth))
         self.norm = nn.LayerNorm(width)
 
-    def forward(self, tokens: torch.Tensor | None, batch: int, device: torch.device) -> Text:
+    def forward(self, batch: int, device: torch.device, tokens: torch.Tensor | None = None,
+                **_: torch.Tensor | None) -> Text:
         if tokens is None:
             tokens = torch.full((batch, self.max_length), PAD, device=device, dtype=torch.int64)
         b, length = tokens.shape
@@ -122,3 +127,66 @@ class ByteTextEncoder(nn.Module):
         h = self.norm(h)
         present = mask[:, 1:].any(1).float()
         return Text(h, mask, h[:, 0] * present[:, None], present)
+
+
+class EncodedText(nn.Module):
+    """A frozen encoder's cached output as the backbone's input (models/hf_text.py): its
+    ``context [B, L, D]``, ``context_mask [B, L]`` and ``pooled [B, P]`` become ``Text``.
+    Both are layer-normed without weights: encoders' output scales differ by orders of
+    magnitude (a random tiny CLIP's projected embedding is ~0.02, ViT-L's ~20), and the
+    zero-initialised layers they feed learn at a rate proportional to it. Nothing here
+    trains. A row whose mask is all False is the null condition
+    (``diffusion.condition.null``'s zeros, as ``train.cond_drop_prob`` and guidance make it),
+    read as the encoded empty caption, which Stable Diffusion trains on for guidance and
+    ``set_null`` stores here (so the checkpoint holds it and sampling needs no encoder for
+    the unconditional half)."""
+
+    def __init__(self, context_dim: int, pooled_dim: int | None, max_length: int, encoder: str):
+        super().__init__()
+        self.width, self.pooled_dim, self.max_length = context_dim, pooled_dim, max_length
+        self.encoder = encoder  # the directory prompts are encoded with (model.text_encoder)
+        self.keys = (CONTEXT, CONTEXT_MASK) + ((POOLED,) if pooled_dim else ())
+        null_mask = torch.zeros(max_length, dtype=torch.bool)
+        null_mask[0] = True  # never an all-masked attention, even before set_null
+        self.register_buffer("null_context", torch.zeros(max_length, context_dim))
+        self.register_buffer("null_mask", null_mask)
+        self.register_buffer("null_pooled", torch.zeros(pooled_dim or 0))
+
+    @torch.no_grad()
+    def set_null(self, context: torch.Tensor, mask: torch.Tensor,
+                 pooled: torch.Tensor | None) -> None:
+        """The empty caption's encoding: ``context [L, D]``, ``mask [L]``, ``pooled [P]``."""
+        self.null_context.copy_(context)
+        self.null_mask.copy_(mask)
+        if pooled is not None:
+            self.null_pooled.copy_(pooled)
+
+    def forward(self, batch: int, device: torch.device, context: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None, pooled: torch.Tensor | None = None,
+                **_: torch.Tensor | None) -> Text:
+        if context is None:
+            context = torch.zeros(batch, self.max_length, self.width, device=device)
+            context_mask = torch.zeros(batch, self.max_length, dtype=torch.bool, device=device)
+        empty = ~context_mask.any(1)  # [B]
+        context = torch.where(empty[:, None, None], self.null_context,
+                              context.to(self.null_context.dtype))
+        mask = torch.where(empty[:, None], self.null_mask, context_mask)
+        if self.pooled_dim:
+            pooled = self.null_pooled.expand(batch, -1) if pooled is None else pooled
+            pooled = torch.where(empty[:, None], self.null_pooled,
+                                 pooled.to(self.null_pooled.dtype))
+            pooled = F.layer_norm(pooled, (self.pooled_dim,))
+        context = F.layer_norm(context, (self.width,))
+        return Text(context, mask, pooled, torch.ones(batch, device=device))
+
+
+def text_input(text_encoder: str | None, width: int, depth: int, max_length: int,
+               context_dim: int | None, pooled_dim: int | None
+               ) -> ByteTextEncoder | EncodedText | None:
+    """A backbone's text input for ``model.text_encoder``: the built-in encoder, a frozen
+    one's cached states (``context_dim``, ``pooled_dim`` from its config), or None."""
+    if not text_encoder:
+        return None
+    if text_encoder == "builtin":
+        return ByteTextEncoder(width, depth, max_length)
+    return EncodedText(context_dim, pooled_dim, max_length, text_encoder)

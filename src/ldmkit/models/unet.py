@@ -24,7 +24,7 @@ from ldmkit.models.layers import (
     timestep_embedding,
     zero_init,
 )
-from ldmkit.models.text import ByteTextEncoder, CrossAttention, Text
+from ldmkit.models.text import CrossAttention, Text, text_input
 
 
 class Level(nn.Module):
@@ -49,18 +49,20 @@ class Level(nn.Module):
 
 
 class UNet(nn.Module):
-    """``forward(x [B, C, h, w], t [B] in [0, 1], labels [B] | None, tokens [B, L] | None)
-    -> [B, C, h, w]``, the objective's target. With ``num_classes`` a class embedding is added
-    to the time embedding (ADM's class-conditional UNet); ``labels`` None or -1 is the null
-    class. With ``text_encoder`` (``builtin``) the caption's byte ``tokens`` are encoded
-    (models/text.py) and attended to; None or all padding is the null caption."""
+    """``forward(x [B, C, h, w], t [B] in [0, 1], **cond) -> [B, C, h, w]``, the objective's
+    target. With ``num_classes`` a class embedding is added to the time embedding (ADM's
+    class-conditional UNet); ``labels`` None or -1 is the null class. With ``text_encoder``
+    the caption (``builtin``: its byte ``tokens``; a frozen encoder: its cached ``context``,
+    ``context_mask`` and ``pooled``; models/text.py) is attended to and its pooled embedding
+    added to the time embedding (SDXL); None or all padding is the null caption."""
 
     def __init__(self, in_channels: int, latent_size: int, base_channels: int = 64,
                  channel_mult: list[int] | tuple[int, ...] = (1, 2), num_res_blocks: int = 2,
                  attention_resolutions: list[int] | tuple[int, ...] = (4,), num_heads: int = 4,
                  dropout: float = 0.0, num_classes: int | None = None,
                  text_encoder: str | None = None, text_width: int = 128, text_depth: int = 2,
-                 text_max_length: int = 64):
+                 text_max_length: int = 64, text_context_dim: int | None = None,
+                 text_pooled_dim: int | None = None):
         super().__init__()
         self.base_channels, self.num_classes = base_channels, num_classes
         emb_dim = 4 * base_channels
@@ -68,11 +70,12 @@ class UNet(nn.Module):
             nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
         )
         self.label_emb = LabelEmbedding(num_classes, emb_dim) if num_classes else None
-        self.text = ByteTextEncoder(text_width, text_depth, text_max_length) \
-            if text_encoder else None
+        self.text = text_input(text_encoder, text_width, text_depth, text_max_length,
+                               text_context_dim, text_pooled_dim)
         # zero, as cross-attention's output: the caption starts with no effect (cond_gap 0)
-        self.pooled_emb = zero_init(nn.Linear(text_width, emb_dim)) if text_encoder else None
-        context = text_width if text_encoder else None
+        self.pooled_emb = zero_init(nn.Linear(self.text.pooled_dim, emb_dim)) \
+            if self.text is not None and self.text.pooled_dim else None
+        context = self.text.width if self.text is not None else None
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
 
         self.down = nn.ModuleList()
@@ -111,16 +114,17 @@ class UNet(nn.Module):
     @property
     def condition_keys(self) -> tuple[str, ...]:
         """The condition it takes (diffusion/condition.py's keys)."""
-        return ("labels",) if self.num_classes else ("tokens",) if self.text else ()
+        return ("labels",) if self.num_classes else self.text.keys if self.text else ()
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None,
-                tokens: torch.Tensor | None = None) -> torch.Tensor:
+                **text_inputs: torch.Tensor) -> torch.Tensor:
         emb = self.time_mlp(timestep_embedding(t, self.base_channels))
         if self.label_emb is not None:
             emb = emb + self.label_emb(labels, len(x), x.device)
         text = None
         if self.text is not None:
-            text = self.text(tokens, len(x), x.device)
+            text = self.text(len(x), x.device, **text_inputs)
+        if self.pooled_emb is not None:
             emb = emb + self.pooled_emb(text.pooled) * text.present[:, None]
         h = self.conv_in(x)
         hs = [h]

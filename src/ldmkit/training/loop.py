@@ -22,6 +22,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from ldmkit.conditioning.sources import ConditionSource
 from ldmkit.config import Config, to_yaml
 from ldmkit.config.schedule import lr_at
 from ldmkit.data.latents import LazyData, prepare_latents
@@ -159,14 +160,17 @@ def _train(cfg: Config, run_dir: Path | None, resume: bool, stop_at: int | None,
 
 
 def _start_state(opened: OpenedRun, cfg: Config, ae: Autoencoder, latents: LatentPosteriors,
-                 n_train: int, calibrated: bool, rt: Runtime) -> LoopState:
+                 n_train: int, calibrated: bool, rt: Runtime, source: ConditionSource
+                 ) -> LoopState:
     """A fresh loop state, or the checkpoint's; logs rewound to it and the monitor attached."""
     tc, run_dir, scale = cfg.train, opened.run_dir, cfg.diffusion.latent_scale_factor
     spec = run_backbone(cfg, ae)
     # stage 2 draws from its own seed, not from where stage 1 (trained, or reused after a
     # kill) left torch's generator: a resume that skips stage 1 builds the same network
     torch.manual_seed(cfg.seed * 1_000_003 + 9)
-    model = build_backbone(spec).to(rt.device)
+    model = build_backbone(spec)
+    source.attach(model)
+    model = model.to(rt.device)
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
     state = LoopState(model, EMA(model, tc.ema_decay), build_optimizer(model, tc),
@@ -239,7 +243,7 @@ def _diffusion(opened: OpenedRun, ae: Autoencoder, latents: LatentPosteriors, sc
     tc, ctx = cfg.train, context_of(cfg, scale)
     parts = held_out.run_split(cfg, run_dir, latents, d.is_main)
     source = run_source(cfg, run_dir, latents, parts.train, d)
-    state = _start_state(opened, cfg, ae, latents, len(parts.train), calibrated, rt)
+    state = _start_state(opened, cfg, ae, latents, len(parts.train), calibrated, rt, source)
     state.forecaster.threshold = ctx.thr("divergence_risk")
     state.forecaster.steps = int(ctx.thr("divergence_risk_steps"))
     state.forecaster.limit = ctx.thr("grad_norm_high")

@@ -18,7 +18,13 @@ import torch
 
 from ldmkit.conditioning.sources import ConditionSource, source_of, training_prompts
 from ldmkit.config import Config, to_yaml
-from ldmkit.data.latents import LazyData, cache_dir, check_stage1_paths, data_needed
+from ldmkit.data.latents import (
+    LazyData,
+    cache_dir,
+    check_stage1_paths,
+    data_needed,
+    frozen_encoder,
+)
 from ldmkit.data.stage1 import LatentPosteriors, is_autoencoder_dir, load_autoencoder
 from ldmkit.errors import ConfigError, LdmkitError
 from ldmkit.platform.distributed import SINGLE, Dist, barrier, broadcast_text
@@ -54,6 +60,7 @@ def preflight(opened: OpenedRun, data: LazyData) -> None:
     resolve_device(cfg.device)
     check_thresholds(cfg)
     check_stage1_paths(cfg, run_dir, cache_dir(cfg, run_dir))
+    frozen_encoder(cfg)  # a frozen text encoder's directory, tokenizer and transformers
     if cfg.autoencoder.pretrained and not is_autoencoder_dir(RunDir(run_dir).autoencoder):
         load_autoencoder(cfg.autoencoder.pretrained)
     if opened.ckpt is not None:
