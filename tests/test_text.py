@@ -39,6 +39,7 @@ from ldmkit.models.text import PAD, CrossAttention, Text, tokenize
 from ldmkit.run.context import diagnose_path
 from ldmkit.run.layout import RunDir
 from ldmkit.sampling.classifier import load_or_train
+from ldmkit.sampling.contrastive import load_or_train_image_text, split_captioned
 from ldmkit.sampling.generate import generate, sampling_request
 from ldmkit.sampling.trained import load_for_sampling
 from ldmkit.training.loop import train
@@ -317,10 +318,15 @@ def test_a_text_conditional_unet_follows_its_captions_and_is_healthy(text_run):
 def test_a_text_conditional_dit_learns_its_captions(tmp_path, digits_captioned, ae_digits):
     dit = {"type": "dit", "patch_size": 1, "hidden_size": 64, "depth": 4, "num_heads": 4,
            **TEXT_MODEL}
-    train(text_config(digits_captioned, ae_digits, model=dit, train={"steps": 400}),
-          tmp_path / "run")
+    train(text_config(digits_captioned, ae_digits, model=dit,
+                      train={"steps": 400, "eval_every": 400}), tmp_path / "run")
     serious = {e["code"] for e in raised(tmp_path / "run") if e["severity"] != "info"}
     assert not serious, serious
+    # the in-loop eval: prompt adherence only (no class folders for the classifier)
+    evals = {r["tag"] for r in map(json.loads, RunDir(tmp_path / "run").metrics.open())
+             if r["tag"].startswith(vm.EVAL_PREFIX)}
+    assert evals == {vm.EVAL_CLIP_SCORE, vm.EVAL_PROMPT_RETRIEVAL, vm.EVAL_CLIP_SCORE_REAL,
+                     vm.EVAL_PROMPT_RETRIEVAL_REAL}, evals
     gaps = cond_gaps(tmp_path / "run")
     assert min(gaps) > 0.01 and gaps[-1] > 0.1, gaps  # from exactly 0 untrained (above)
     accuracy = digit_accuracy(tmp_path / "run", 3.0)
@@ -401,6 +407,44 @@ def test_sampling_prompts_from_the_command_line(tmp_path, text_run, tiny_run, ca
     RunDir(run_dir).prompts_file.write_text('{"not": "a list"}')
     assert main(["sample", str(run_dir), "--num", "2", "--steps", "2"]) == 2
     assert "prompts.json' is damaged" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_image_text_model_knows_real_images_captions(digits_captioned):
+    """Known answers for the in-project CLIP: held-out real digits score higher with their own
+    captions than with the same captions shuffled, and their caption is retrieved far above
+    chance (1 in 20 distinct captions); shuffled, near chance."""
+    cfg = DataConfig(source="folder", path=str(digits_captioned), image_size=16)
+    model = load_or_train_image_text(cfg)
+    held_out = split_captioned(cfg)[1]
+    shuffled = [held_out.captions[i] for i in
+                torch.randperm(len(held_out), generator=torch.Generator().manual_seed(0))]
+    print(f"real held-out digits: clip score {model.real_clip_score:.3f}, retrieval "
+          f"{model.real_retrieval:.3f}; shuffled captions: "
+          f"{model.clip_score(held_out.images, shuffled):.3f}, "
+          f"{model.retrieval(held_out.images, shuffled):.3f}")
+    assert model.real_clip_score > model.clip_score(held_out.images, shuffled) + 0.3
+    assert model.real_retrieval > 0.3 > 0.15 > model.retrieval(held_out.images, shuffled)
+    assert model.real_clip_score == pytest.approx(
+        model.clip_score(held_out.images, held_out.captions))
+    assert load_or_train_image_text(cfg).real_retrieval == model.real_retrieval  # cached
+
+
+@pytest.mark.xdist_group("text_run")
+@pytest.mark.slow
+def test_eval_measures_how_samples_follow_their_prompts(tmp_path, text_run, capsys):
+    run_dir = tmp_path / "copy"
+    shutil.copytree(text_run, run_dir)
+    assert main(["eval", str(run_dir), "--num", "40", "--steps", "10", "--guidance", "1,3"]) == 0
+    out = capsys.readouterr().out
+    assert "FD, precision, recall and memorization skipped" in out  # no class folders
+    values = {r["tag"]: r["value"] for r in map(json.loads, RunDir(run_dir).metrics.open())}
+    guided = vm.guidance_tag(vm.EVAL_PROMPT_RETRIEVAL, 3.0)
+    print(f"prompt retrieval {values[vm.EVAL_PROMPT_RETRIEVAL]:.3f} at guidance 1, "
+          f"{values[guided]:.3f} at 3; real {values[vm.EVAL_PROMPT_RETRIEVAL_REAL]:.3f}")
+    assert values[guided] > 0.2  # chance: 1 in 20 distinct captions
+    assert values[vm.guidance_tag(vm.EVAL_CLIP_SCORE, 3.0)] > 0.2
+    assert 0 < values[vm.EVAL_CLIP_SCORE_REAL] <= 1
 
 
 @pytest.mark.slow

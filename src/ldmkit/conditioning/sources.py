@@ -44,6 +44,10 @@ class Request:
     def __len__(self) -> int:
         return len(next(iter(self.cond.values()))) if self.cond else 0
 
+    def sample_names(self) -> list[str]:
+        """The name of each sample's group (its prompt, or class name)."""
+        return [self.names[g] for g in self.groups.tolist()]
+
 
 class ConditionSource:
     """No condition: the unconditional model's source, and the others' base."""

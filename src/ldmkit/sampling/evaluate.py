@@ -23,6 +23,7 @@ from ldmkit.platform.distributed import SINGLE, Dist, broadcast_float
 from ldmkit.platform.preemption import StopRequest
 from ldmkit.run.layout import writing_run
 from ldmkit.sampling.classifier import Classifier, load_or_train
+from ldmkit.sampling.contrastive import ImageText, load_or_train_image_text
 from ldmkit.sampling.generate import check_sampling, generate, guided_tags, run_source
 from ldmkit.sampling.quality import (
     NotComputable,
@@ -102,26 +103,31 @@ EVAL_MIN = 10  # fewer samples than this measure nothing
 class InLoopEval:
     """``train.eval_every``: the ``eval/*`` metrics on a small budget during training (EVAL_NUM
     samples, DPM-Solver++(2M) with EVAL_STEPS steps), against references embedded once. The
-    memorization reference is the images stage 2 trains on (the validation split excluded)."""
+    memorization reference is the images stage 2 trains on (the validation split excluded). A
+    text-conditional run adds the image-text model's prompt adherence."""
 
     ref: Reference | None  # rank 0's; the other ranks only help sampling
     echo: Callable[[str], None] = print  # the loop's, which keeps its progress bar whole
+    image_text: ImageText | None = None
 
     @classmethod
     def of(cls, data: DataConfig, train_index: torch.Tensor, d: Dist = SINGLE,
-           echo: Callable[[str], None] = print) -> InLoopEval | None:
-        """None (rank 0 says why) when the dataset has no labels for the classifier."""
-        ref = None
+           echo: Callable[[str], None] = print, captioned: bool = False) -> InLoopEval | None:
+        """None (rank 0 says why) when the dataset has neither labels for the classifier nor
+        (``captioned``: a text-conditional run) captions for the image-text model."""
+        ref = image_text = None
         if d.is_main:
             try:
                 clf, _, held_out = load_or_train(data)
                 trained_on = load_data(data).images[train_index]
                 ref = Reference.of(clf, held_out.images[:EVAL_NUM * 4], trained_on)
             except DataError as exc:
-                print(f"eval during training: off ({exc})")
-        if not broadcast_float(1.0 if ref is not None else 0.0, d):
+                print(f"eval during training: {'only prompt adherence' if captioned else 'off'}"
+                      f" ({exc})")
+            image_text = load_or_train_image_text(data) if captioned else None
+        if not broadcast_float(1.0 if ref is not None or image_text is not None else 0.0, d):
             return None
-        return cls(ref, echo)
+        return cls(ref, echo, image_text)
 
     def measure(self, model: torch.nn.Module, ae: Autoencoder, scale: float, cfg: Config,
                 d: Dist = SINGLE, interrupt: Callable[[], bool] | None = None,
@@ -132,21 +138,39 @@ class InLoopEval:
         samples = generate(model, ae, scale, cfg, EVAL_NUM, EVAL_SAMPLER, EVAL_STEPS,
                            cfg.sample.seed + 1, d=d, interrupt=interrupt, request=request,
                            guidance=1.0)
-        if self.ref is None:
-            return {}
-        skipped: dict[str, str] = {}
-        values = quality_metrics(self.ref, samples.images, samples.labels, skipped)
-        for line in self.ref.news(skipped):
-            self.echo(line)
+        values: dict[str, float] = {}
+        if self.ref is not None:
+            skipped: dict[str, str] = {}
+            values = quality_metrics(self.ref, samples.images, samples.labels, skipped)
+            for line in self.ref.news(skipped):
+                self.echo(line)
+        if self.image_text is not None:
+            values |= self.image_text.metrics(samples.images, samples.request.sample_names())
         return values
+
+
+def reference(data: DataConfig, num: int, optional: bool) -> Reference | None:
+    """The classifier's reference sets for ``ldmkit eval``; a dataset without labels is an
+    error, or (``optional``: a text-conditional run, judged by the image-text model) leaves
+    the classifier's metrics out, saying so."""
+    try:
+        clf, _, held_out = load_or_train(data)
+    except DataError as exc:
+        if not optional:
+            raise
+        print(f"eval: FD, precision, recall and memorization skipped ({exc})")
+        return None
+    trained_on = load_data(data)  # what the diffusion model saw: memorization's reference
+    return Reference.of(clf, held_out.images[:num], trained_on.images)
 
 
 def eval_run(run_dir: str | Path, num: int = 1000, sampler: str | None = None,
              steps: int | None = None, seed: int = 1,
              guidance: list[float] | None = None) -> dict[str, float]:
     """``ldmkit eval``: the metrics at the run's guidance scale, or at each of ``guidance``
-    (a class-conditional model's fidelity/diversity sweep; each scale but 1 logged under
-    ``TAG@cfgG``, with its sample vitals)."""
+    (a conditional model's fidelity/diversity sweep; each scale but 1 logged under
+    ``TAG@cfgG``, with its sample vitals). A text-conditional run adds ``eval/clip_score``
+    and ``eval/prompt_retrieval`` (sampling/contrastive.py)."""
     run_dir = Path(run_dir)
     if num < EVAL_MIN:
         raise LdmkitError(f"--num must be >= {EVAL_MIN} for the metrics to mean anything")
@@ -162,19 +186,21 @@ def eval_run(run_dir: str | Path, num: int = 1000, sampler: str | None = None,
             raise LdmkitError("--guidance needs a conditional model (model.num_classes or "
                               f"model.text_encoder); the model of '{run_dir}' is unconditional: "
                               "drop --guidance")
-        clf, _, held_out = load_or_train(cfg.data)
-        trained_on = load_data(cfg.data)  # what the diffusion model saw: memorization's reference
-        ref = Reference.of(clf, held_out.images[:num], trained_on.images)
+        ref = reference(cfg.data, num, source.kind == "text")
+        image_text = load_or_train_image_text(cfg.data) if source.kind == "text" else None
         s, values = cfg.sample, {}
         for g in scales:
             samples = generate(model, ae, scale, cfg, num, sampler or s.sampler,
                                steps or s.steps, seed, s.eta, interrupt=lambda: stop.requested,
                                request=source.request(num), guidance=g)
             skipped: dict[str, str] = {}
-            measured = {**quality_metrics(ref, samples.images, samples.labels, skipped),
-                        **(samples.vitals if len(scales) > 1 else {})}
-            for line in ref.news(skipped):
-                print(line)
+            measured = samples.vitals if len(scales) > 1 else {}
+            if ref is not None:
+                measured |= quality_metrics(ref, samples.images, samples.labels, skipped)
+                for line in ref.news(skipped):
+                    print(line)
+            if image_text is not None:
+                measured |= image_text.metrics(samples.images, samples.request.sample_names())
             values |= guided_tags(measured, g if conditional else 1.0)
         with MetricLogger(run_dir, tensorboard=cfg.tensorboard) as logger:
             logger.log(step, values)

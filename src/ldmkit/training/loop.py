@@ -251,7 +251,8 @@ def _diffusion(opened: OpenedRun, ae: Autoencoder, latents: LatentPosteriors, sc
     # decoding up to 16k training images takes seconds (17 s for MNIST): at the first sampling
     reference = functools.cache(functools.partial(
         vm.CopyReference.of, ae.decode, latents.mean, parts.train, cfg.seed))
-    evaluator = InLoopEval.of(cfg.data, parts.train, d, tqdm.write) if tc.eval_every else None
+    evaluator = InLoopEval.of(cfg.data, parts.train, d, tqdm.write,
+                              bool(cfg.model.text_encoder)) if tc.eval_every else None
     model = state.model
     ddp, compiled = _network(model, rt, run_dir, state)
     net, params = forward_model(compiled, rt), list(model.parameters())

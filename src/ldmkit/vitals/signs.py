@@ -191,6 +191,10 @@ SIGNS: tuple[VitalSign, ...] = (
     _eval(vm.EVAL_CLASS_COVERAGE),
     _eval(vm.EVAL_MEMORIZATION),
     _eval(vm.EVAL_CLASSIFIER_ACCURACY),
+    _eval(vm.EVAL_CLIP_SCORE, swept=True),
+    _eval(vm.EVAL_PROMPT_RETRIEVAL, swept=True),
+    _eval(vm.EVAL_CLIP_SCORE_REAL),
+    _eval(vm.EVAL_PROMPT_RETRIEVAL_REAL),
 )
 BY_TAG = {sign.tag: sign for sign in SIGNS}
 # what every optimizer step logs (given a gradient norm), in the guide's order

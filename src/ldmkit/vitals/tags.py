@@ -100,6 +100,13 @@ EVAL_CLASS_COVERAGE = EVAL_PREFIX + "class_coverage"
 EVAL_MEMORIZATION = EVAL_PREFIX + "memorization"
 EVAL_CLASSIFIER_ACCURACY = EVAL_PREFIX + "classifier_accuracy"
 EVAL_CLASS_ACCURACY = EVAL_PREFIX + "class_accuracy"  # class-conditional: asked-for class hit
+# text-conditional, with the in-project image-text model (sampling/contrastive.py): the cosine of
+# sample and prompt, the share of samples whose prompt ranks first among 32 captions, and both
+# on held-out real images with their own captions (the ceiling)
+EVAL_CLIP_SCORE = EVAL_PREFIX + "clip_score"
+EVAL_PROMPT_RETRIEVAL = EVAL_PREFIX + "prompt_retrieval"
+EVAL_CLIP_SCORE_REAL = EVAL_PREFIX + "clip_score_real"
+EVAL_PROMPT_RETRIEVAL_REAL = EVAL_PREFIX + "prompt_retrieval_real"
 # stage 1 (ldmkit.data.stage1); their own TensorBoard run and rewind stage
 VAE_PREFIX = "vae/"
 VAE_RECON_MSE = VAE_PREFIX + "recon_mse"
