@@ -176,7 +176,8 @@ def test_compiled_checkpoints_load_eager_and_eager_ones_resume_compiled(tmp_path
     assert torch.isfinite(eager.latents).all()
 
     eager_run = tmp_path / "eager"
-    train(tiny_config(**short_run(shared_ae, compile=False)), eager_run)
+    # auto, as the compiled runs: the resume compiles the graph they compiled (inductor's cache)
+    train(tiny_config(**short_run(shared_ae, compile=False, precision="auto")), eager_run)
     assert main(["train", "--resume", str(eager_run), "--set", "train.compile=true",
                  "--set", "train.steps=9"]) == 0
     assert (eager_run / "checkpoints" / "step_0000009").is_dir()

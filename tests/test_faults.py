@@ -36,8 +36,10 @@ BASE = {
                     "lr": 3e-3, "log_every": 50, "calibration_batches": 8},
     "model": {"base_channels": 32, "channel_mult": [1, 2], "num_res_blocks": 1,
              "attention_resolutions": [2]},
+    # fp32, as on a CPU without bf16: faster for these tiny models (conftest.TINY)
     "train": {"steps": 200, "batch_size": 64, "lr": 2e-3, "warmup_steps": 20,
-              "log_every": LOG_EVERY, "sample_every": 200, "checkpoint_every": 1000},
+              "log_every": LOG_EVERY, "sample_every": 200, "checkpoint_every": 1000,
+              "precision": "fp32"},
     "sample": {"num": 32, "steps": 20, "during_training_num": 16},
     "vitals": {"thresholds": {"min_steps": 100}},
 }

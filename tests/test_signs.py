@@ -103,7 +103,8 @@ def test_the_tag_lists_of_diagnosis_report_and_sweep_come_from_the_signs_groups(
     from ldmkit.vitals.signs import QUALITY_TAGS, SWEPT, tags_of
 
     assert QUALITY_TAGS == (vm.EVAL_FD, vm.EVAL_PRECISION, vm.EVAL_RECALL)
-    assert SWEPT == QUALITY_TAGS + (vm.EVAL_CLASS_ACCURACY,)
+    assert SWEPT == QUALITY_TAGS + (vm.EVAL_CLASS_ACCURACY, vm.EVAL_CLIP_SCORE,
+                                    vm.EVAL_PROMPT_RETRIEVAL)
     assert set(tags_of("eval")) >= set(SWEPT) and vm.VAE_PSNR in tags_of("autoencoder")
     assert all(BY_TAG[t].guide for t in GUIDE_TAGS)
     # the guide's signs a rule reads; pairwise_mse_min is judged inside mode_collapse

@@ -319,7 +319,7 @@ def test_a_text_conditional_dit_learns_its_captions(tmp_path, digits_captioned, 
     dit = {"type": "dit", "patch_size": 1, "hidden_size": 64, "depth": 4, "num_heads": 4,
            **TEXT_MODEL}
     train(text_config(digits_captioned, ae_digits, model=dit,
-                      train={"steps": 400, "eval_every": 400}), tmp_path / "run")
+                      train={"steps": 300, "eval_every": 300}), tmp_path / "run")
     serious = {e["code"] for e in raised(tmp_path / "run") if e["severity"] != "info"}
     assert not serious, serious
     # the in-loop eval: prompt adherence only (no class folders for the classifier)
@@ -407,6 +407,47 @@ def test_sampling_prompts_from_the_command_line(tmp_path, text_run, tiny_run, ca
     RunDir(run_dir).prompts_file.write_text('{"not": "a list"}')
     assert main(["sample", str(run_dir), "--num", "2", "--steps", "2"]) == 2
     assert "prompts.json' is damaged" in capsys.readouterr().err
+
+
+@pytest.mark.xdist_group("text_run")
+@pytest.mark.slow
+def test_a_text_run_exports_and_plain_diffusers_draws_its_prompt(tmp_path, text_run):
+    """``ldmkit export``: the UNet under diffusers' ``encoder_hidden_states`` convention and
+    the byte encoder beside it; a plain diffusers DDIM loop with classifier-free guidance
+    draws sevens for "a handwritten seven"."""
+    pytest.importorskip("diffusers")
+    from diffusers import DDIMScheduler
+
+    from ldmkit.models.diffusers_export import LdmkitAutoencoder, LdmkitTextEncoder, LdmkitUNet
+
+    out = tmp_path / "out"
+    assert main(["export", str(text_run), str(out)]) == 0
+    unet = LdmkitUNet.from_pretrained(out / "unet").eval()
+    encoder = LdmkitTextEncoder.from_pretrained(out / "text_encoder").eval()
+    assert not any(k.startswith("net.text.") for k in unet.state_dict())  # not written twice
+    model = load_for_sampling(text_run).model
+    prompts = ["a handwritten seven", "three, handwritten", ""]
+    x, k = torch.randn(3, 4, 4, 4), torch.tensor([0, 500, 999])
+    with torch.no_grad():
+        text = encoder(encoder.tokenize(prompts))
+        got = unet(x, k, encoder_hidden_states=text.context,
+                   encoder_attention_mask=text.mask).sample
+        assert torch.allclose(got, model(x, k / 999.0, tokens=tokenize(prompts, 24)), atol=1e-5)
+        assert torch.allclose(got[2:], model(x[2:], k[2:] / 999.0), atol=1e-5)  # "": the null
+        scheduler = DDIMScheduler.from_pretrained(out / "scheduler")
+        vae = LdmkitAutoencoder.from_pretrained(out / "vae")
+        scheduler.set_timesteps(20)
+        both = encoder(encoder.tokenize(["a handwritten seven"] * 10 + [""] * 10))
+        z = torch.randn(10, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+        for step in scheduler.timesteps:
+            cond, null = unet(torch.cat([z, z]), step.expand(20), encoder_hidden_states=both.context,
+                              encoder_attention_mask=both.mask).sample.chunk(2)
+            z = scheduler.step(null + 3.0 * (cond - null), step, z).prev_sample
+        images = vae.decode(z / vae.config.scaling_factor).sample.clamp(-1, 1)
+    clf = load_or_train(DataConfig(source="digits", image_size=16))[0]
+    sevens = (clf.embed(images)[1] == 7).float().mean().item()
+    print(f"plain diffusers loop: {sevens:.2f} of 'a handwritten seven' read as 7")
+    assert sevens >= 0.6
 
 
 @pytest.mark.slow

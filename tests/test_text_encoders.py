@@ -102,11 +102,16 @@ def test_a_bad_encoder_directory_is_a_one_line_error(tmp_path, tiny_clip, monkey
     (bert / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
     no_tokenizer = tmp_path / "lonely"
     no_tokenizer.mkdir()
-    (no_tokenizer / "config.json").write_text(
-        (tiny_clip / "config.json").read_text())
+    for name in ("config.json", "model.safetensors"):
+        (no_tokenizer / name).write_bytes((tiny_clip / name).read_bytes())
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((tiny_clip / "config.json").read_text())
+    (pickled / "pytorch_model.bin").write_bytes(b"not read")
     cases = [(tmp_path / "nowhere", None, "is not a directory"),
              (tmp_path, None, "has no readable config.json"),
              (bert, None, "holds a BertModel, not a text encoder"),
+             (pickled, None, "has no .safetensors weights"),
              (no_tokenizer, None, "has no tokenizer in it"),
              (tiny_clip, 77, f"longer than the {CLIP_LENGTH} tokens")]
     for path, length, message in cases:
@@ -237,6 +242,37 @@ def test_prompts_the_cache_lacks_load_the_encoder(clip_run, tmp_path, tiny_clip)
     assert (out / "prompts.txt").read_text().splitlines() == ["a handwritten nine"]
 
 
+@pytest.mark.xdist_group("clip_run")
+@pytest.mark.slow
+def test_a_frozen_clip_run_exports_with_its_encoder(clip_run, tmp_path):
+    """The UNet loads in diffusers and takes what the exported CLIP and tokenizer give, loaded
+    by transformers alone: SDXL's ``text_embeds`` as the pooled embedding."""
+    pytest.importorskip("diffusers")
+    from ldmkit.models.diffusers_export import LdmkitUNet
+
+    run_dir, _ = clip_run
+    out = tmp_path / "out"
+    assert main(["export", str(run_dir), str(out)]) == 0
+    unet = LdmkitUNet.from_pretrained(out / "unet").eval()
+    encoder = transformers.CLIPTextModelWithProjection.from_pretrained(
+        out / "text_encoder", local_files_only=True).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out / "tokenizer",
+                                                           local_files_only=True)
+    prompts = ["a handwritten seven", "nine, handwritten", ""]
+    tokens = tokenizer(prompts, padding="max_length", max_length=CLIP_LENGTH, truncation=True,
+                       return_tensors="pt")
+    trained = load_for_sampling(run_dir)
+    source = source_of(from_dict(trained.config), prompts=None)
+    x, k = torch.randn(3, 4, 4, 4), torch.tensor([0, 500, 999])
+    with torch.no_grad():
+        states = encoder(**tokens)
+        got = unet(x, k, encoder_hidden_states=states.last_hidden_state,
+                   encoder_attention_mask=tokens.attention_mask,
+                   added_cond_kwargs={"text_embeds": states.text_embeds}).sample
+        want = trained.model(x, k / 999.0, **source.encode(prompts))
+    assert torch.allclose(got, want, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_a_dit_trains_through_a_frozen_t5(tmp_path, digits_captioned, ae_digits, tiny_t5):
     encoder = tmp_path / "t5"
@@ -252,7 +288,23 @@ def test_a_dit_trains_through_a_frozen_t5(tmp_path, digits_captioned, ae_digits,
     serious = {e["code"] for e in raised(tmp_path / "run") if e["severity"] != "info"}
     assert not serious, serious
     assert cond_gaps(tmp_path / "run")[-1] > 0.01
-    assert load_for_sampling(tmp_path / "run").model.text.pooled_dim is None
+    trained = load_for_sampling(tmp_path / "run")
+    assert trained.model.text.pooled_dim is None
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "out")]) == 0
+    from ldmkit.models.diffusers_export import LdmkitDiT
+
+    exported = LdmkitDiT.from_pretrained(tmp_path / "out" / "transformer").eval()
+    t5 = transformers.T5EncoderModel.from_pretrained(tmp_path / "out" / "text_encoder",
+                                                     local_files_only=True)
+    tokens = transformers.AutoTokenizer.from_pretrained(tmp_path / "out" / "tokenizer")(
+        ["one, handwritten", ""], padding="max_length", max_length=24, return_tensors="pt")
+    x, k = torch.randn(2, 4, 4, 4), torch.tensor([10, 900])
+    with torch.no_grad():
+        got = exported(x, k, encoder_hidden_states=t5(**tokens).last_hidden_state,
+                  encoder_attention_mask=tokens.attention_mask).sample
+        want = trained.model(x, k / 999.0, **source_of(from_dict(trained.config)).encode(
+            ["one, handwritten", ""]))
+    assert torch.allclose(got, want, atol=1e-5)
     # a second run on the same cache and encoder encodes nothing; a changed encoder rebuilds it
     encoded: list[int] = []
     original = FrozenTextEncoder.encode

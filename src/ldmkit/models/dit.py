@@ -128,12 +128,17 @@ class DiT(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None,
                 **text_inputs: torch.Tensor) -> torch.Tensor:
+        text = self.text(len(x), x.device, **text_inputs) if self.text is not None else None
+        return self.denoise(x, t, labels, text)
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None,
+                text: Text | None = None) -> torch.Tensor:
+        """The network given the encoded caption (diffusers' ``encoder_hidden_states``)."""
         b, channels, height, width = x.shape
         p = self.patch_size
         c = self.time_mlp(timestep_embedding(t, FREQUENCIES, steps=TIME_STEPS, freq_shift=1))
         if self.label_emb is not None:
             c = c + self.label_emb(labels, b, x.device)
-        text = self.text(b, x.device, **text_inputs) if self.text is not None else None
         h = self.patchify(x).flatten(2).transpose(1, 2) + self.pos  # [B, N, D]
         for block in self.blocks:
             h = block(h, c, text)

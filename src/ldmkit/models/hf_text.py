@@ -85,6 +85,9 @@ def encoder_info(path: str | Path, max_length: int | None = None) -> EncoderInfo
     if architecture not in ARCHITECTURES:
         raise ConfigError(f"{where} holds a {str(architecture)[:60]}, not a text encoder ldmkit "
                           f"takes ({', '.join(ARCHITECTURES)})")
+    if not any(path.glob("*.safetensors")):
+        raise ConfigError(f"{where} has no .safetensors weights (ldmkit never unpickles a "
+                          ".bin); save it with save_pretrained(dir, safe_serialization=True)")
     tokenizer = _tokenizer_dir(path)
     if tokenizer is None:
         raise ConfigError(f"{where} has no tokenizer in it or in a sibling 'tokenizer' "
@@ -164,8 +167,8 @@ class FrozenTextEncoder:
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(
             info.tokenizer, local_files_only=True)
         model_class = getattr(transformers, info.architecture)
-        self.model = model_class.from_pretrained(info.path, local_files_only=True,
-                                                 dtype="auto").eval().requires_grad_(False)
+        self.model = model_class.from_pretrained(info.path, local_files_only=True, dtype="auto",
+                                                 use_safetensors=True).eval().requires_grad_(False)
 
     @torch.no_grad()
     def encode(self, texts: list[str], batch: int = 64) -> EncodedCaptions:

@@ -80,9 +80,5 @@ def export_backbone(spec: dict, model: nn.Module, out: Path) -> None:
     if entry is None:
         raise LdmkitError(f"cannot export backbone type {str(spec.get('type'))[:40]!r}: ldmkit "
                           f"exports {', '.join(BACKBONES)}; sample the run with `ldmkit sample`")
-    if spec["args"].get("text_encoder"):
-        raise LdmkitError("cannot export a text-conditional backbone yet: its cross-attention "
-                          "does not map onto a diffusers class; sample the run with "
-                          "`ldmkit sample --prompt`")
     adapter = getattr(importlib.import_module("ldmkit.models.diffusers_export"), entry.export)
     adapter(model, spec["args"], out)

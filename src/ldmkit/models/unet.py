@@ -118,13 +118,16 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None,
                 **text_inputs: torch.Tensor) -> torch.Tensor:
+        text = self.text(len(x), x.device, **text_inputs) if self.text is not None else None
+        return self.denoise(x, t, labels, text)
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None,
+                text: Text | None = None) -> torch.Tensor:
+        """The network given the encoded caption (diffusers' ``encoder_hidden_states``)."""
         emb = self.time_mlp(timestep_embedding(t, self.base_channels))
         if self.label_emb is not None:
             emb = emb + self.label_emb(labels, len(x), x.device)
-        text = None
-        if self.text is not None:
-            text = self.text(len(x), x.device, **text_inputs)
-        if self.pooled_emb is not None:
+        if self.pooled_emb is not None and text is not None:
             emb = emb + self.pooled_emb(text.pooled) * text.present[:, None]
         h = self.conv_in(x)
         hs = [h]

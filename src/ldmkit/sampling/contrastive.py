@@ -169,7 +169,8 @@ def _key(cfg: DataConfig) -> str:
 
 def load_or_train_image_text(cfg: DataConfig) -> ImageText:
     """The captioned dataset's model, cached; trained the first time (10 s for 512 captioned
-    digits, 200 s for the 1636 emoji on this project's 2 cores). Inside a fork of torch's generator, as the classifier."""
+    digits, 200 s for the 1636 emoji on this project's 2 cores). Inside a fork of torch's
+    generator, as the classifier."""
     if cfg.source != "folder":
         raise DataError(f"eval/clip_score needs captions, which only a folder has (data.source "
                         f"is '{cfg.source}')")

@@ -4,7 +4,9 @@ Writes the EMA weights as ``OUT/unet`` (``LdmkitUNet``) or ``OUT/transformer`` (
 ``DiTTransformer2DModel``, unconditional as its class 0), ``OUT/scheduler`` (``DDIMScheduler`` matching
 ldmkit's schedule), ``OUT/vae`` (the run's diffusers ``AutoencoderKL`` as it was, or ldmkit's own
 as ``LdmkitAutoencoder``), each loadable with diffusers' ``from_pretrained`` from safetensors,
-and the calibrated scale as the VAE's ``scaling_factor``, where diffusers users look for it.
+and the calibrated scale as the VAE's ``scaling_factor``, where diffusers users look for it. A
+text-conditional run adds its encoder (``OUT/text_encoder``, and ``OUT/tokenizer`` for a frozen
+Hugging Face one), as a diffusers pipeline keeps them.
 """
 
 from __future__ import annotations
