@@ -62,8 +62,9 @@ def _guidance_section(series: dict) -> str:
     plots = "".join(line_plot(tag, points, [], [], "guidance scale")
                     for tag, points in sweep.items())
     return ("<h2>Guidance sweep</h2><p>Sample quality per classifier-free guidance scale "
-            "(<code>ldmkit eval --guidance</code>): stronger guidance usually buys precision "
-            f'and class accuracy with recall.</p><div class="plots">{plots}</div>')
+            "(<code>ldmkit eval --guidance</code>): stronger guidance usually buys precision, "
+            "class accuracy and prompt adherence (clip score, prompt retrieval) with recall."
+            f'</p><div class="plots">{plots}</div>')
 
 
 STYLE = """
