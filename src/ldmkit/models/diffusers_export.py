@@ -73,6 +73,15 @@ def _caption(net: UNet | DiT, hidden: torch.Tensor | None, mask: torch.Tensor | 
                 present)
 
 
+def _denoise(wrapper: ModelMixin, x: torch.Tensor, timestep: torch.Tensor | float | int,
+             labels: torch.Tensor | None, hidden: torch.Tensor | None,
+             mask: torch.Tensor | None, added: dict | None) -> torch.Tensor:
+    """The wrapped network at diffusers' discrete ``timestep`` (``t = k / (T - 1)``)."""
+    steps = torch.as_tensor(timestep, device=x.device, dtype=torch.float32)
+    t = steps.expand(x.shape[0]) / (wrapper.config.num_train_timesteps - 1)
+    return wrapper.net.denoise(x, t, labels, _caption(wrapper.net, hidden, mask, added))
+
+
 def _without_builtin_encoder(net: UNet | DiT) -> None:
     """The built-in encoder is exported on its own (``LdmkitTextEncoder``), as diffusers
     pipelines keep ``text_encoder`` apart from the denoiser."""
@@ -107,11 +116,8 @@ class LdmkitUNet(ModelMixin, ConfigMixin):
                 encoder_attention_mask: torch.Tensor | None = None,
                 added_cond_kwargs: dict | None = None, return_dict: bool = True
                 ) -> UNet2DOutput | tuple[torch.Tensor]:
-        steps = torch.as_tensor(timestep, device=sample.device, dtype=torch.float32)
-        t = steps.expand(sample.shape[0]) / (self.config.num_train_timesteps - 1)
-        text = _caption(self.net, encoder_hidden_states, encoder_attention_mask,
-                        added_cond_kwargs)
-        out = self.net.denoise(sample, t, class_labels, text)
+        out = _denoise(self, sample, timestep, class_labels, encoder_hidden_states,
+                       encoder_attention_mask, added_cond_kwargs)
         return UNet2DOutput(sample=out) if return_dict else (out,)
 
 
@@ -138,11 +144,8 @@ class LdmkitDiT(ModelMixin, ConfigMixin):
                 encoder_attention_mask: torch.Tensor | None = None,
                 added_cond_kwargs: dict | None = None, return_dict: bool = True
                 ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
-        steps = torch.as_tensor(timestep, device=hidden_states.device, dtype=torch.float32)
-        t = steps.expand(hidden_states.shape[0]) / (self.config.num_train_timesteps - 1)
-        text = _caption(self.net, encoder_hidden_states, encoder_attention_mask,
-                        added_cond_kwargs)
-        out = self.net.denoise(hidden_states, t, None, text)
+        out = _denoise(self, hidden_states, timestep, None, encoder_hidden_states,
+                       encoder_attention_mask, added_cond_kwargs)
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 
 

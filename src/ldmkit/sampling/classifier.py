@@ -132,13 +132,19 @@ def _load_or_train(cfg: DataConfig) -> tuple[Classifier, ImageData, ImageData]:
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError):
         pass  # absent or damaged: trained again and rewritten
     clf = train_classifier(train, held_out)
-    meta = {"channels": train.images.shape[1], "classes": clf.classes,
-            "held_out_accuracy": clf.held_out_accuracy, "data": dataclasses.asdict(cfg)}
+    write_cached(path, clf.net, {"channels": train.images.shape[1], "classes": clf.classes,
+                                 "held_out_accuracy": clf.held_out_accuracy,
+                                 "data": dataclasses.asdict(cfg)}, "classifier")
+    return clf, train, held_out
+
+
+def write_cached(path: Path, net: nn.Module, meta: dict, kind: str) -> None:
+    """An evaluation model into the cache: ``weights.safetensors`` and ``meta.json``, written
+    atomically (a directory ldmkit owns as ``kind``)."""
 
     def write(tmp: Path) -> None:
-        save_file(clf.net.state_dict(), str(tmp / "weights.safetensors"))
+        save_file(net.state_dict(), str(tmp / "weights.safetensors"))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_dir_atomically(path, write, "classifier")
-    return clf, train, held_out
+    write_dir_atomically(path, write, kind)

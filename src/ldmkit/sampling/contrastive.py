@@ -21,20 +21,18 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import save_file
 from torch import nn
 
 from ldmkit.config import DataConfig
 from ldmkit.data.sources import ImageData, load_data, source_digest, to_signed
 from ldmkit.errors import DataError
 from ldmkit.models.text import ByteTextEncoder, tokenize
-from ldmkit.platform.files import load_tensors, read_json, write_dir_atomically
-from ldmkit.sampling.classifier import FeatureNet, cache_root
+from ldmkit.platform.files import load_tensors, read_json
+from ldmkit.sampling.classifier import FeatureNet, cache_root, write_cached
 from ldmkit.vitals import metrics as vm
 
 EMBED = 64
@@ -188,14 +186,8 @@ def load_or_train_image_text(cfg: DataConfig) -> ImageText:
         print(f"eval: training the image-text model on {len(train)} captioned images "
               f"(cached in {path})")
         model = train_image_text(train, held_out)
-        meta = {"channels": train.images.shape[1], "captions": model.captions,
-                "real_clip_score": model.real_clip_score,
-                "real_retrieval": model.real_retrieval, "data": dataclasses.asdict(cfg)}
-
-        def write(tmp: Path) -> None:
-            save_file(model.net.state_dict(), str(tmp / "weights.safetensors"))
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_dir_atomically(path, write, "image_text_model")
+        write_cached(path, model.net, {
+            "channels": train.images.shape[1], "captions": model.captions,
+            "real_clip_score": model.real_clip_score, "real_retrieval": model.real_retrieval,
+            "data": dataclasses.asdict(cfg)}, "image_text_model")
         return model
