@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldmkit.models.layers import LabelEmbedding, attend, timestep_embedding, zero_init
-from ldmkit.models.text import CrossAttention, Text, text_input
+from ldmkit.models.text import ConditionedBackbone, CrossAttention, Text, text_input
 
 FREQUENCIES = 256  # sinusoidal features of t before the time MLP (DiT's frequency_embedding_size)
 TIME_STEPS = 999.0  # t = 1 is diffusers' last discrete step (num_train_timesteps - 1)
@@ -75,7 +75,7 @@ class DiTBlock(nn.Module):
         return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 
-class DiT(nn.Module):
+class DiT(ConditionedBackbone):
     """``forward(x [B, C, h, w], t [B] in [0, 1], **cond) -> [B, C, h, w]``, the objective's
     target. With ``num_classes`` the label embedding is added to the time embedding that drives
     every adaLN (DiT's class conditioning); None or -1: the null class. With ``text_encoder``
@@ -120,16 +120,6 @@ class DiT(nn.Module):
         for block in self.blocks:
             if block.cross is not None:
                 zero_init(block.cross.proj)
-
-    @property
-    def condition_keys(self) -> tuple[str, ...]:
-        """The condition it takes (diffusion/condition.py's keys)."""
-        return ("labels",) if self.num_classes else self.text.keys if self.text else ()
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None,
-                **text_inputs: torch.Tensor) -> torch.Tensor:
-        text = self.text(len(x), x.device, **text_inputs) if self.text is not None else None
-        return self.denoise(x, t, labels, text)
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None,
                 text: Text | None = None) -> torch.Tensor:

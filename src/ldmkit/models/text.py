@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ldmkit.diffusion.condition import CONTEXT, CONTEXT_MASK, POOLED, TOKENS
+from ldmkit.diffusion.condition import CONTEXT, CONTEXT_MASK, LABELS, POOLED, TOKENS
 from ldmkit.models.layers import attend, zero_init
 
 PAD = 0  # token of padding; byte b is token b + 1
@@ -190,3 +190,27 @@ def text_input(text_encoder: str | None, width: int, depth: int, max_length: int
     if text_encoder == "builtin":
         return ByteTextEncoder(width, depth, max_length)
     return EncodedText(context_dim, pooled_dim, max_length, text_encoder)
+
+
+class ConditionedBackbone(nn.Module):
+    """What the UNet and the DiT share about their condition: the keys they take, and a
+    forward that encodes the caption (if any) and hands it to ``denoise(x, t, labels, text)``,
+    which the diffusers export calls directly with ``encoder_hidden_states``. A subclass sets
+    ``num_classes`` and ``text`` (``text_input``'s module, or None)."""
+
+    num_classes: int | None
+    text: ByteTextEncoder | EncodedText | None
+
+    @property
+    def condition_keys(self) -> tuple[str, ...]:
+        """The condition it takes (diffusion/condition.py's keys)."""
+        return (LABELS,) if self.num_classes else self.text.keys if self.text else ()
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None,
+                **text_inputs: torch.Tensor) -> torch.Tensor:
+        text = self.text(len(x), x.device, **text_inputs) if self.text is not None else None
+        return self.denoise(x, t, labels, text)
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None,
+                text: Text | None = None) -> torch.Tensor:
+        raise NotImplementedError

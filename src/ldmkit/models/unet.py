@@ -24,7 +24,7 @@ from ldmkit.models.layers import (
     timestep_embedding,
     zero_init,
 )
-from ldmkit.models.text import CrossAttention, Text, text_input
+from ldmkit.models.text import ConditionedBackbone, CrossAttention, Text, text_input
 
 
 class Level(nn.Module):
@@ -48,7 +48,7 @@ class Level(nn.Module):
         return h + self.cross(seq, text).transpose(1, 2).reshape(b, c, height, width)
 
 
-class UNet(nn.Module):
+class UNet(ConditionedBackbone):
     """``forward(x [B, C, h, w], t [B] in [0, 1], **cond) -> [B, C, h, w]``, the objective's
     target. With ``num_classes`` a class embedding is added to the time embedding (ADM's
     class-conditional UNet); ``labels`` None or -1 is the null class. With ``text_encoder``
@@ -110,16 +110,6 @@ class UNet(nn.Module):
 
         self.norm_out = group_norm(ch)
         self.conv_out = zero_init(nn.Conv2d(ch, in_channels, 3, padding=1))
-
-    @property
-    def condition_keys(self) -> tuple[str, ...]:
-        """The condition it takes (diffusion/condition.py's keys)."""
-        return ("labels",) if self.num_classes else self.text.keys if self.text else ()
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None,
-                **text_inputs: torch.Tensor) -> torch.Tensor:
-        text = self.text(len(x), x.device, **text_inputs) if self.text is not None else None
-        return self.denoise(x, t, labels, text)
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None,
                 text: Text | None = None) -> torch.Tensor:
