@@ -16,6 +16,7 @@ extra ``ldmkit[text]``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 from dataclasses import dataclass
@@ -106,15 +107,26 @@ def encoder_info(path: str | Path, max_length: int | None = None) -> EncoderInfo
 
 
 def encoder_digest(info: EncoderInfo) -> str:
-    """SHA-256 over the encoder's and tokenizer's files: the cached embeddings' key."""
-    digest = hashlib.sha256()
-    for folder in dict.fromkeys((info.path, info.tokenizer)):
+    """SHA-256 over the encoder's and tokenizer's files: the cached embeddings' key. A start
+    asks for it twice (the preflight's cache check, then the cache itself); the files are
+    read once per process while their names, sizes and times stay the same."""
+    files = tuple(
+        (path, stat.st_size, stat.st_mtime_ns)
+        for folder in dict.fromkeys((info.path, info.tokenizer))
         for path in sorted(p for p in folder.iterdir() if p.is_file()
-                           and p.suffix in (".json", ".safetensors", ".model", ".txt")):
-            digest.update(path.name.encode())
-            with open_regular(path) as fh:
-                for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
-                    digest.update(block)
+                           and p.suffix in (".json", ".safetensors", ".model", ".txt"))
+        for stat in (path.stat(),))
+    return _digest(files)
+
+
+@functools.lru_cache(maxsize=8)
+def _digest(files: tuple[tuple[Path, int, int], ...]) -> str:
+    digest = hashlib.sha256()
+    for path, _, _ in files:
+        digest.update(path.name.encode())
+        with open_regular(path) as fh:
+            for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 

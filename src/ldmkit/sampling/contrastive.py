@@ -173,7 +173,6 @@ def load_or_train_image_text(cfg: DataConfig) -> ImageText:
         raise DataError(f"eval/clip_score needs captions, which only a folder has (data.source "
                         f"is '{cfg.source}')")
     with torch.random.fork_rng(devices=[]):
-        train, held_out = split_captioned(cfg)
         path = cache_root() / _key(cfg)
         try:
             meta = read_json(path / "meta.json")
@@ -183,6 +182,7 @@ def load_or_train_image_text(cfg: DataConfig) -> ImageText:
                              meta["real_retrieval"])
         except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError):
             pass  # absent or damaged: trained again and rewritten
+        train, held_out = split_captioned(cfg)
         print(f"eval: training the image-text model on {len(train)} captioned images "
               f"(cached in {path})")
         model = train_image_text(train, held_out)
