@@ -336,21 +336,23 @@ def test_too_strong_guidance_is_told_apart_from_a_sick_model(tmp_path, condition
     assert codes <= {"guidance_too_high"}
 
 
-class CollapsedClass(torch.nn.Module):
-    """A trained model whose class ``label`` always denoises to one fixed latent: that class's
-    samples are all the same image, the others are the model's."""
+class Collapsed(torch.nn.Module):
+    """A trained model whose samples of one condition (the rows where ``hit(cond)``) always
+    denoise to one fixed latent: that class's or prompt's samples are all the same image, the
+    others are the model's."""
 
-    def __init__(self, model: torch.nn.Module, label: int, target: torch.Tensor):
+    def __init__(self, model: torch.nn.Module, hit, target: torch.Tensor):
         super().__init__()
-        self.model, self.label, self.target = model, label, target
-        self.num_classes, self.condition_keys = model.num_classes, model.condition_keys
-        self.schedule = Parameterization().schedule
+        self.model, self.hit, self.target = model, hit, target
+        self.num_classes, self.text = model.num_classes, model.text
+        self.condition_keys = model.condition_keys
+        self.schedule = Parameterization().schedule  # the tests' runs train eps-prediction
 
-    def forward(self, x, t, labels=None):
-        out = self.model(x, t, labels=labels)
+    def forward(self, x, t, **cond):
+        out = self.model(x, t, **cond)
         alpha, sigma = (v.view(-1, 1, 1, 1).float() for v in self.schedule.alpha_sigma(t))
         fixed = (x - alpha * self.target) / sigma  # the noise that denoises x to the target
-        return torch.where((labels == self.label).view(-1, 1, 1, 1), fixed, out)
+        return torch.where(self.hit(cond).view(-1, 1, 1, 1), fixed, out)
 
 
 @pytest.mark.xdist_group("conditional_run")
@@ -360,7 +362,7 @@ def test_one_collapsed_class_is_found_while_the_batch_looks_diverse(tmp_path, co
     shutil.copytree(conditional_run, run_dir)
     trained = load_for_sampling(run_dir)
     cfg = from_dict(trained.config)
-    planted = CollapsedClass(trained.model, 3, torch.zeros(4, 4, 4))
+    planted = Collapsed(trained.model, lambda cond: cond[LABELS] == 3, torch.zeros(4, 4, 4))
     samples = generate(planted, trained.ae, trained.scale, cfg, 40, "ddim", 20, 5, guidance=1.0)
     assert samples.vitals[vm.LEAST_DIVERSE_CLASS] == 3
     with MetricLogger(run_dir, tensorboard=False) as logger:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_conditional import BACKBONES, trained_on_null
+from test_conditional import BACKBONES, Collapsed, trained_on_null
 from test_faults import BASE, raised
 from test_kill_points import STEPS, assert_same_end
 from test_kill_points import run as run_cli
@@ -31,7 +31,6 @@ from ldmkit.config import DataConfig, from_dict
 from ldmkit.data.captions import read_captions
 from ldmkit.data.sources import list_folder, load_data, source_digest
 from ldmkit.diffusion.condition import LABELS, TOKENS
-from ldmkit.diffusion.parameterization import Parameterization
 from ldmkit.errors import ConfigError, DataError, LdmkitError
 from ldmkit.models.layers import largest_attention_logit
 from ldmkit.models.registry import build_backbone
@@ -344,24 +343,6 @@ def test_captions_that_never_reach_the_model_are_diagnosed(tmp_path, digits_capt
     assert serious == {"conditioning_ignored"}
 
 
-class CollapsedPrompt(torch.nn.Module):
-    """A trained text model whose prompt ``tokens`` always denoises to one fixed latent: every
-    seed of that prompt gives the same image, the other prompts are the model's."""
-
-    def __init__(self, model: torch.nn.Module, tokens: torch.Tensor, target: torch.Tensor):
-        super().__init__()
-        self.model, self.tokens, self.target = model, tokens, target
-        self.text, self.condition_keys = model.text, model.condition_keys
-        self.schedule = Parameterization().schedule  # BASE trains eps-prediction
-
-    def forward(self, x, t, tokens=None):
-        out = self.model(x, t, tokens=tokens)
-        alpha, sigma = (v.view(-1, 1, 1, 1).float() for v in self.schedule.alpha_sigma(t))
-        fixed = (x - alpha * self.target) / sigma  # the noise that denoises x to the target
-        hit = (tokens == self.tokens.to(tokens.device)).all(1).view(-1, 1, 1, 1)
-        return torch.where(hit, fixed, out)
-
-
 @pytest.mark.xdist_group("text_run")
 @pytest.mark.slow
 def test_one_collapsed_prompt_is_found_and_named(tmp_path, text_run):
@@ -371,7 +352,9 @@ def test_one_collapsed_prompt_is_found_and_named(tmp_path, text_run):
     cfg = from_dict(trained.config)
     prompts = RunDir(run_dir).prompts()
     source = source_of(cfg, prompts=prompts)
-    planted = CollapsedPrompt(trained.model, tokenize([prompts[3]], 24), torch.zeros(4, 4, 4))
+    collapsed = tokenize([prompts[3]], 24)
+    planted = Collapsed(trained.model, lambda cond: (cond[TOKENS] == collapsed).all(1),
+                        torch.zeros(4, 4, 4))
     samples = generate(planted, trained.ae, trained.scale, cfg, 40, "ddim", 20, 5,
                        request=source.request(40), guidance=1.0)
     assert samples.vitals[vm.LEAST_DIVERSE_PROMPT] == 3
