@@ -21,7 +21,6 @@ BENCHMARKS.md from the saved results).
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import statistics
@@ -35,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _mnist import DATA, EVAL_SEED, ROOT, WORK, reference, stage1, train_for  # noqa: E402
 from objectives import step_seconds  # noqa: E402
-from report import machine, write_section  # noqa: E402
+from report import machine, parts_cli, write_section  # noqa: E402
 
 from ldmkit.config import from_dict, load_config  # noqa: E402
 from ldmkit.diffusion.condition import LABELS  # noqa: E402
@@ -190,16 +189,7 @@ classifier keys on and passes it. One run, one seed.
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("parts", nargs="*", help=f"any of {', '.join(PARTS)}; all when none "
-                        "is named")
-    parser.add_argument("--report", action="store_true",
-                        help=f"re-render BENCHMARKS.md from {RESULTS.name}; measure nothing")
-    args = parser.parse_args()
-    if unknown := set(args.parts) - set(PARTS):
-        parser.error(f"unknown part {sorted(unknown)[0]}; choose from {', '.join(PARTS)}")
-    args.parts = args.parts or list(PARTS)
-    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    args, results = parts_cli(__doc__, PARTS, RESULTS)
     if not args.report:
         if not DATA.is_dir() and "mnist" in args.parts:
             raise SystemExit(f"MNIST not found at {DATA}")

@@ -23,7 +23,6 @@ import tempfile
 
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="ldmkit-bench-inductor-")
 
-import argparse  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -34,7 +33,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import machine, write_section  # noqa: E402
+from report import machine, parts_cli, write_section  # noqa: E402
 from throughput import CFG, diffusers_unet, flops, matmul_peak, params  # noqa: E402
 
 from ldmkit.config import load_config  # noqa: E402
@@ -274,17 +273,10 @@ Encoding the {p['encode_images']} digits into latents: {enc['fp32']:.2f} s fp32,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("parts", nargs="*", help=f"any of {', '.join(PARTS)}; all when none")
-    parser.add_argument("--report", action="store_true",
-                        help=f"re-render BENCHMARKS.md from {RESULTS.name}; measure nothing")
-    args = parser.parse_args()
-    if unknown := set(args.parts) - set(PARTS):
-        parser.error(f"unknown part {sorted(unknown)[0]}; choose from {', '.join(PARTS)}")
-    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    args, results = parts_cli(__doc__, PARTS, RESULTS)
     if not args.report:
         results["machine"] = machine()
-        for part in args.parts or PARTS:
+        for part in args.parts:
             results[part] = measure_steps() if part == "steps" else measure_sampling()
             RESULTS.parent.mkdir(parents=True, exist_ok=True)
             RESULTS.write_text(json.dumps(results, indent=2))

@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _mnist import CONFIG, EVAL_SEED, ROOT, WORK, config, reference, stage1, train_for  # noqa: E402
-from report import machine, write_section  # noqa: E402
+from report import machine, parts_cli, write_section  # noqa: E402
 from throughput import path_step  # noqa: E402
 
 from ldmkit.config import from_dict  # noqa: E402
@@ -229,20 +229,15 @@ empty inductor cache; the diagnosis and the final vital signs.{demo_when}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("parts", nargs="*", help=f"any of {', '.join(PARTS)}; all when none")
-    parser.add_argument("--minutes", type=float, default=10.0)
-    parser.add_argument("--steps", type=int, help="MNIST steps of every run (default: what "
-                        "fp32 eager does in --minutes here)")
-    parser.add_argument("--report", action="store_true",
-                        help=f"re-render BENCHMARKS.md from {RESULTS.name}; measure nothing")
-    args = parser.parse_args()
-    if unknown := set(args.parts) - set(PARTS):
-        parser.error(f"unknown part {sorted(unknown)[0]}; choose from {', '.join(PARTS)}")
-    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    def options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--minutes", type=float, default=10.0)
+        parser.add_argument("--steps", type=int, help="MNIST steps of every run (default: what "
+                            "fp32 eager does in --minutes here)")
+
+    args, results = parts_cli(__doc__, PARTS, RESULTS, options)
     if not args.report:
         results["machine"] = machine()
-        for part in args.parts or PARTS:
+        for part in args.parts:
             if part == "mnist":
                 results["minutes"] = args.minutes
                 results["mnist"] = mnist(args.minutes, args.steps)

@@ -20,7 +20,6 @@ Run: ``.venv/bin/python benchmarks/text.py [cost] [emoji] [--run DIR]`` (both by
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
@@ -32,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _mnist import ROOT, WORK  # noqa: E402
-from report import machine, write_section  # noqa: E402
+from report import machine, parts_cli, write_section  # noqa: E402
 from throughput import step_fn  # noqa: E402
 
 from ldmkit.conditioning.sources import TextSource  # noqa: E402
@@ -212,17 +211,8 @@ collapse). One run, one seed.
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("parts", nargs="*", help=f"any of {', '.join(PARTS)}; all when none "
-                        "is named")
-    parser.add_argument("--run", type=Path, help="emoji: a finished run of the config")
-    parser.add_argument("--report", action="store_true",
-                        help=f"re-render BENCHMARKS.md from {RESULTS.name}; measure nothing")
-    args = parser.parse_args()
-    if unknown := set(args.parts) - set(PARTS):
-        parser.error(f"unknown part {sorted(unknown)[0]}; choose from {', '.join(PARTS)}")
-    args.parts = args.parts or list(PARTS)
-    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    args, results = parts_cli(__doc__, PARTS, RESULTS, lambda parser: parser.add_argument(
+        "--run", type=Path, help="emoji: a finished run of the config"))
     if not args.report:
         results["machine"] = machine()
         if "cost" in args.parts:
