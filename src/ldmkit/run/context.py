@@ -12,7 +12,8 @@ from pathlib import Path
 from ldmkit.config import Config, load_config
 from ldmkit.config.schedule import lr_at
 from ldmkit.config.untrusted import brief
-from ldmkit.diffusion.parameterization import parameterization_of
+from ldmkit.diffusion.parameterization import Parameterization, parameterization_of
+from ldmkit.diffusion.registry import OBJECTIVES
 from ldmkit.errors import ConfigError, LdmkitError
 from ldmkit.run.layout import RunDir
 from ldmkit.vitals.context import Context
@@ -74,6 +75,23 @@ def run_context(run_dir: Path) -> Context:
                       prompts=run_prompts(run_dir))
 
 
+PROBE_THRESHOLDS = {"min_steps": 0.0}  # a probe's checkpoints are trained, however numbered
+
+
+def probe_context(settings: dict, latent_scale_factor: float | None,
+                  thresholds: dict[str, float] | None, prompts: list[str] | None) -> Context:
+    """A probe's context (``ldmkit probe``): trained checkpoints (the fine-tuning regime, no
+    wait for ``min_steps``), the pipeline's objective for the loss units, one record judged
+    (its signs are measured on fixed points)."""
+    objective = settings.get("objective")
+    param = Parameterization(objective if objective in OBJECTIVES else "eps")
+    ctx = Context.of(latent_scale_factor, {**PROBE_THRESHOLDS, **(thresholds or {})},
+                     val_loss_scale=param.untrained_loss(weighted=False),
+                     loss_scale=param.untrained_loss(), regime="finetune",
+                     prompts=tuple(prompts or ()), fixed_points=True)
+    return ctx
+
+
 def read_run(path: str | Path, latent_scale_factor: float | None = None,
              require_values: bool = True, thresholds: dict[str, float] | None = None
              ) -> tuple[LoadedLog, Context]:
@@ -84,8 +102,10 @@ def read_run(path: str | Path, latent_scale_factor: float | None = None,
         latent_scale_factor = config.diffusion.latent_scale_factor
     log = read_log(path, latent_scale_factor, require_values)
     prompts = run_prompts(Path(path)) if Path(path).is_dir() else None
-    return log, context_of(config, log.latent_scale_factor, thresholds,
-                           prompts).learn(log.series)
+    probe = RunDir(path).probe_settings() if Path(path).is_dir() else None
+    ctx = (probe_context(probe, log.latent_scale_factor, thresholds, prompts) if probe
+           else context_of(config, log.latent_scale_factor, thresholds, prompts))
+    return log, ctx.learn(log.series)
 
 
 def diagnose_path(path: str | Path, latent_scale_factor: float | None = None,

@@ -55,6 +55,9 @@ FINAL_SAMPLES = "final"
 REPORT_MD, REPORT_HTML = "report.md", "report.html"
 TENSORBOARD_DIR = "tensorboard"  # written by vitals.logs.metrics_jsonl.MetricLogger
 LATENT_CACHE_DIR = "latents"  # data.latent_cache: auto
+PROBE_KIND = "probe"  # a probe directory's owner (ldmkit probe): no config.yaml, no checkpoints
+PROBE_FILE = "probe.json"  # what was probed, how, and each checkpoint measured (probe/run.py)
+PROBE_DRAWS = "probe.safetensors"  # the probe's fixed draws (probe/measure.py)
 
 
 class RunDir:
@@ -108,6 +111,28 @@ class RunDir:
     @property
     def prompts_file(self) -> Path:
         return self.path / PROMPTS_FILE
+
+    @property
+    def probe_file(self) -> Path:
+        return self.path / PROBE_FILE
+
+    @property
+    def probe_draws(self) -> Path:
+        return self.path / PROBE_DRAWS
+
+    def probe_settings(self) -> dict | None:
+        """A probe directory's ``probe.json``, or None when ``path`` is not a probe; a damaged
+        one is a one-line CheckpointError."""
+        if owner_of(self.path) != PROBE_KIND or not self.probe_file.is_file():
+            return None
+        try:
+            settings = read_json(self.probe_file)
+        except (OSError, ValueError):
+            settings = None
+        if not isinstance(settings, dict):
+            raise CheckpointError(f"'{self.probe_file}' is damaged; probe again into a new "
+                                  "--out directory")
+        return settings
 
     @property
     def validation(self) -> Path:

@@ -36,7 +36,8 @@ def _median_check(above: bool, min_records: int = 3, wait: bool = False,
 
     def check(rule: Rule, series: Series, ctx: Context) -> Verdict | None:
         recent = [(s, v) for s, v in _window(series, rule.metric, ctx) if math.isfinite(v)]
-        if len(recent) < min_records or (wait and recent[-1][0] < ctx.thr("min_steps")):
+        needed = 1 if ctx.fixed_points else min_records
+        if len(recent) < needed or (wait and recent[-1][0] < ctx.thr("min_steps")):
             return None
         value = statistics.median(abs(v) if absolute else v for _, v in recent)
         judged = ctx.in_guide_units(rule.metric, value)

@@ -51,6 +51,9 @@ class Context:
     data_latent_extreme: float | None = None
     # a text-conditional run's grid prompts: sample_diversity/least_diverse_prompt indexes them
     prompts: tuple[str, ...] = ()
+    # each record is measured on fixed points (``ldmkit probe``), not on one training batch, so
+    # one record is judged where a batch's signs need a window of them
+    fixed_points: bool = False
 
     @classmethod
     def of(cls, latent_scale_factor: float | None, thresholds: dict[str, float] | None = None,

@@ -102,6 +102,8 @@ def foreign_context(log: LoadedLog, ctx: Context, objective: str | None = None,
     if mode is not None:
         ctx.regime = mode
         return ctx, "set with --mode"
+    if ctx.fixed_points:
+        return ctx, "a probe of trained checkpoints (ldmkit probe)"
     if log.trainer is LDMKIT:
         return ctx, "ldmkit trains from scratch"
     losses = [ctx.in_guide_units(vm.LOSS, v) for _, v in
@@ -150,7 +152,8 @@ def diagnose_loaded(log: LoadedLog, ctx: Context, objective: str | None = None,
     ctx, reason = foreign_context(log, ctx, objective, mode)
     findings = [in_trainer_terms(f, log.trainer, log.config) for f in replay(log.series, ctx)]
     name = scenario([f for f in findings if f.cleared_at is None], log.series, ctx)
-    missing = missing_vitals(log)
+    # a probe measures checkpoints, not a training loop: the loop's signs are not its to log
+    missing = [] if ctx.fixed_points else missing_vitals(log)
     return Diagnosis(log.source, name, coverage(name, log.series), findings,
                      log.latent_scale_factor, log.trainer.label, ctx.regime, reason, missing,
                      log.trainer.hook if missing else "", log.read_from, log.notes)
