@@ -29,7 +29,7 @@ LAYERS = [
     {"sampling"},
     {"training"},
     {"report", "integrations"},
-    {"jobs", "cli", "__init__", "__main__"},
+    {"jobs", "probe", "cli", "__init__", "__main__"},
 ]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 # what ldmkit.vitals may load: the diffusion math for loss units, the platform's safe files

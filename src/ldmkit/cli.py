@@ -101,7 +101,48 @@ def _parser() -> argparse.ArgumentParser:
                                "or log otherwise): a fine-tune's low, flat loss is expected")
     diagnose.add_argument("--latent-scale-factor", type=float, default=None,
                           help="the run's scale, when its log does not hold latent/scale_factor")
+    probe = sub.add_parser("probe", help="the vital signs of a diffusers pipeline and its "
+                           "LoRAs or fine-tuned checkpoints, and which checkpoint to keep")
+    probe.add_argument("base", help="a local diffusers pipeline directory (model_index.json): "
+                       "Stable Diffusion 1.x/2.x/XL, SD3, Flux")
+    probe.add_argument("checkpoints", nargs="*", metavar="CHECKPOINT",
+                       help="LoRA or model .safetensors files, checkpoint folders, or the folder "
+                       "holding a series (none: the base alone)")
+    probe.add_argument("--data", required=True, help="the training images with their captions "
+                       "(.txt beside each image, or metadata.jsonl)")
+    probe.add_argument("--holdout", help="captioned images the run did not train on")
+    probe.add_argument("--out", help="the probe directory (default: ./probe_<name>)")
+    for name, default, what in (("points", 200, "fixed (image, noise level, noise) points"),
+                                ("prompts", 4, "training captions sampled"),
+                                ("seeds", 4, "samples per prompt"),
+                                ("steps", 20, "sampling steps"), ("batch", 8, "batch size"),
+                                ("seed", 0, "seed of the fixed draws")):
+        probe.add_argument(f"--{name}", type=int, default=default, help=f"{what} ({default})")
+    probe.add_argument("--guidance", type=float, help="guidance scale (default: 7.5 for SD, "
+                       "7 for SD3, 3.5 for Flux)")
+    probe.add_argument("--resolution", type=int, help="image size (default: the pipeline's)")
+    probe.add_argument("--dtype", default="auto", help="auto (bf16/fp16 on a GPU, fp32 on a "
+                       "CPU), fp32, bf16, fp16")
+    probe.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    probe.add_argument("--caption-extension", default=".txt",
+                       help="the caption files' extension (.txt)")
     return p
+
+
+def _probe(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from ldmkit.probe.run import ProbeOptions, probe
+    from ldmkit.report import write_html_report
+
+    options = ProbeOptions(args.points, args.prompts, args.seeds, args.steps, args.guidance,
+                           args.resolution, args.batch, args.dtype, args.device, args.seed,
+                           args.caption_extension)
+    result = probe(Path(args.base), Path(args.data), [Path(c) for c in args.checkpoints],
+                   Path(args.holdout) if args.holdout else None,
+                   Path(args.out) if args.out else None, options)
+    print(result.choice.reason)
+    print(f"probe: {result.out}; report: {write_html_report(result.out)}")
 
 
 def _train(args: argparse.Namespace, report: bool) -> int:
@@ -204,6 +245,7 @@ OUT_OF_MEMORY = {  # what to lower, by command
     "watch": "the run's log is larger than this machine's memory",
     "export": "export on a machine with more memory",
     "fix": "lower train.batch_size, data.image_size or the model's base_channels",
+    "probe": "lower --batch or --resolution",
 }
 
 
@@ -249,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
             return _diagnose(args)
         elif args.command == "fix":
             return _fix(args)
+        elif args.command == "probe":
+            _probe(args)
     except LdmkitError as exc:
         _error(str(exc))
         return 2

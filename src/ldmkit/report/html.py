@@ -26,6 +26,7 @@ from ldmkit.vitals.logs.trainers import LDMKIT
 from ldmkit.vitals.offline import diagnose_loaded
 from ldmkit.vitals.signs import PLOTTED, SWEPT, bands
 
+from .keep import keep_section
 from .svg import Marker, heat_map, line_plot
 
 REPORT_FILE = REPORT_HTML
@@ -165,11 +166,13 @@ def noise_level_map(series: dict) -> str:
     return heat_map("validation loss per noise level", rows, [level.label for level in levels])
 
 
-def _noise_level_section(log: LoadedLog) -> str:
+def _noise_level_section(log: LoadedLog, probe: bool) -> str:
     heat = noise_level_map(log.series)
     if not heat:
         return ""
-    what = ("Fixed held-out points (ldmkit.training.held_out), raw weights" if
+    what = ("The probe's fixed points (ldmkit probe): held-out images when given, else the "
+            "training images, one column per checkpoint" if probe else
+            "Fixed held-out points (ldmkit.training.held_out), raw weights" if
             log.trainer is LDMKIT else f"{log.trainer.label}'s validation loss: "
             f"{log.trainer.validation or 'as the trainer logged it'}")
     return (f"<h2>Validation loss per noise level</h2><p>{escape(what)}; each row is coloured "
@@ -203,12 +206,16 @@ def render_html(run_dir: Path) -> str:
     css = "healthy" if diagnosis.scenario == "healthy" else (
         "too_early" if diagnosis.scenario == "too_early" else "other")
     scale = "unknown" if log.latent_scale_factor is None else f"{log.latent_scale_factor:.4g}"
+    probe = keep_section(run_dir, log.series, _img)
+    title = ("ldmkit probe" if probe else "ldmkit run" if log.trainer is LDMKIT
+             else escape(log.trainer.label))
     sections = [
-        f"<h1>{'ldmkit run' if log.trainer is LDMKIT else escape(log.trainer.label)} "
+        f"<h1>{title} "
         f"{escape(run_dir.name)}</h1>",
         f'<p>scenario: <span class="scenario {css}">{escape(diagnosis.verdict)}</span> · '
         f"latent_scale_factor {scale} · last step "
         f"{max((s for v in log.series.values() for s, _ in v), default=0)}</p>",
+        probe,  # a probe's answer first: which checkpoint to keep
         "<h2>Findings</h2>",
         _findings_table([f.to_dict() for f in diagnosis.findings if f.cleared_at is None],
                         "Open at the end of the log"),
@@ -216,7 +223,7 @@ def render_html(run_dir: Path) -> str:
                            "rollback, a fix or a repair)")] if (cleared := [
                                f for f in diagnosis.findings if f.cleared_at is not None]) else []),
         _findings_table(raised, "Raised during training (findings.jsonl)"),
-        _noise_level_section(log),
+        _noise_level_section(log, bool(probe)),
         _changes_section(changes),
         "<h2>Vital signs</h2><p>Green: the guide's good range; red: its bad range; dashed "
         "lines: where a finding was raised (hover for the diagnosis), blue: where the run's "
@@ -228,7 +235,7 @@ def render_html(run_dir: Path) -> str:
                        for t, v in sorted(evals.items()))
         sections.append(f"<h2>Evaluation</h2><table>{rows}</table>")
     sections.append(_guidance_section(log.series))
-    grids = _grids(run_dir)
+    grids = [] if probe else _grids(run_dir)
     if grids:
         sections.append("<h2>Samples over training</h2>" + _prompts_line(run_dir)
                         + "".join(_img(p, c) for p, c in grids))
