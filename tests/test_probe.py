@@ -176,6 +176,22 @@ def test_a_rerun_measures_only_what_is_new(sd_base, folders, healthy, tmp_path, 
     assert "holds a probe of another points" in capsys.readouterr().err
 
 
+@SLOW
+@GROUP
+def test_a_lora_that_changes_nothing_is_said_to_have_learned_nothing(sd_base, folders, healthy,
+                                                                     tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(next(healthy["kohya"].glob("*.safetensors")))
+    save_file({k: v.zero_() if "lora_up" in k else v for k, v in state.items()},
+              tmp_path / "idle-step00000100.safetensors")
+    result = probe(sd_base, folders["few"], [tmp_path / "idle-step00000100.safetensors"], None,
+                   tmp_path / "out", TINY)
+    series = series_of(tmp_path / "out")
+    assert at(series, vm.VAL_LOSS)[100] == pytest.approx(at(series, vm.VAL_LOSS)[0], rel=1e-6)
+    assert result.choice.step == 100 and "learned nothing" in result.choice.reason
+
+
 def one_line_error(args: list[str], capsys, needle: str, out: Path) -> None:
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
@@ -198,6 +214,11 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(sd_base, folders, heal
     key = next(k for k in state if k.endswith("lora_down.weight") and state[k].ndim == 2)
     state[key] = torch.zeros(state[key].shape[0], state[key].shape[1] + 8)
     save_file(state, reshaped)
+    half = tmp_path / "mixed-names.safetensors"  # diffusers' converter renames attention only
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    peft_file = healthy["peft"] / "checkpoint-20" / "pytorch_lora_weights.safetensors"
+    save_file(convert_state_dict_to_diffusers(load_file(peft_file)), half)
     foreign = tmp_path / "flux.safetensors"
     save_file({"transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight":
                torch.zeros(4, 64), "transformer.single_transformer_blocks.0.attn.to_q.lora_B."
@@ -214,6 +235,7 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(sd_base, folders, heal
              ([str(sd_base), str(damaged)], "is not a readable .safetensors file"),
              ([str(sd_base), str(reshaped)], "does not load onto this base"),
              ([str(sd_base), str(foreign)], "trained for another base model"),
+             ([str(sd_base), str(half)], "of the 72 layers"),
              ([str(sd_base), str(empty)], "holds no checkpoint"),
              ([str(sd_base), str(tmp_path / "model.ckpt")], "does not exist")]
     for paths, needle in cases:
