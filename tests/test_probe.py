@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -190,6 +191,27 @@ def test_a_lora_that_changes_nothing_is_said_to_have_learned_nothing(sd_base, fo
     series = series_of(tmp_path / "out")
     assert at(series, vm.VAL_LOSS)[100] == pytest.approx(at(series, vm.VAL_LOSS)[0], rel=1e-6)
     assert result.choice.step == 100 and "learned nothing" in result.choice.reason
+
+
+@SLOW
+@GROUP
+def test_a_full_fine_tune_folder_is_probed_as_its_denoiser(sd_base, folders, tmp_path):
+    folder = tmp_path / "series" / "checkpoint-7"
+    shutil.copytree(sd_base / "unet", folder / "unet")  # the base's own weights: a no-op
+    probe(sd_base, folders["few"], [tmp_path / "series"], None, tmp_path / "out", TINY)
+    held = at(series_of(tmp_path / "out"), vm.VAL_LOSS)
+    assert sorted(held) == [0, 7] and held[7] == pytest.approx(held[0], rel=1e-6)
+
+
+def test_without_the_probe_extra_the_command_says_what_to_install(tmp_path, monkeypatch, capsys):
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    data = tp.captioned_digits(tmp_path / "data", 2)
+    monkeypatch.setitem(sys.modules, "peft", None)  # as if it were not installed
+    assert main(["probe", str(base), "--data", str(data), "--out", str(tmp_path / "out")]) == 2
+    assert "pip install 'ldmkit[probe]'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def one_line_error(args: list[str], capsys, needle: str, out: Path) -> None:

@@ -78,6 +78,7 @@ vertical-align:top} .plots{display:flex;flex-wrap:wrap;gap:8px}
 .critical{color:#b71c1c;font-weight:bold} .warning{color:#ef6c00;font-weight:bold}
 figure{display:inline-block;margin:6px} figcaption{font-size:12px;text-align:center}
 img{image-rendering:pixelated;width:256px} pre{background:#f6f6f6;padding:8px;font-size:12px}
+.checkpoints img{width:180px}
 """
 CHECK = """
 addEventListener("load", () => {

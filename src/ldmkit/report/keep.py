@@ -75,4 +75,4 @@ def keep_section(out: Path, series: Series, image: callable) -> str:
             "one image per prompt, or whose held-out loss rises while the training images' "
             f"falls.</p>{table}<h2>Samples of each checkpoint</h2><p>Same noise in every "
             f"grid; one prompt per column, one seed per row:</p><ol>{listed}</ol>"
-            f'<div class="plots">{grids}</div>')
+            f'<div class="plots checkpoints">{grids}</div>')
