@@ -35,7 +35,7 @@ test-quick: $(STAMP)
 # trains, and sampler_quality samples the MNIST model that time_to_quality trains
 bench: $(STAMP)
 	for script in throughput scaleout recipe time_to_quality sampler_quality objectives conditional text \
-			fastpath compile_bisect fastpath_quality loop_overhead dit_profile forecast; do \
+			fastpath compile_bisect fastpath_quality loop_overhead dit_profile forecast probe; do \
 		$(BIN)/python benchmarks/$$script.py || exit 1; done
 
 lint: $(STAMP)
