@@ -250,5 +250,7 @@ def load_base(base: Path, device: torch.device, dtype: torch.dtype) -> Family:
                                   f"{detail}); check that every folder model_index.json names is "
                                   "there with its config and weights") from None
     pipe.to(device)
+    if dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False):
+        pipe.vae.to(torch.float32)  # SDXL's VAE overflows fp16, as its pipeline knows
     pipe.set_progress_bar_config(disable=True)
     return Family(pipe, FAMILIES[name])

@@ -7,6 +7,7 @@ a row per seed), so the reason can be seen as well as read.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from html import escape
 from pathlib import Path
 
@@ -36,7 +37,7 @@ def _value(series: Series, tag: str, step: int, scale: float = 1.0) -> str:
     return "" if value is None or not math.isfinite(value) else f"{value * scale:.4g}"
 
 
-def keep_section(out: Path, series: Series, image: callable) -> str:
+def keep_section(out: Path, series: Series, image: Callable[[Path, str], str]) -> str:
     """The section, or '' when ``out`` is not a probe; ``image(path, caption)`` embeds a PNG."""
     settings = RunDir(out).probe_settings()
     if settings is None:
