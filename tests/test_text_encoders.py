@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
-import string
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ import torch
 from test_conditional import BACKBONES
 from test_faults import raised
 from test_text import WORDS, cond_gaps, digits_folder, text_config
+from tiny_pipelines import CLIP_LENGTH, char_tokenizer
 
 from ldmkit.cli import main
 from ldmkit.conditioning.sources import EncodedTextSource, source_of
@@ -35,30 +35,16 @@ from ldmkit.training.loop import train
 
 transformers = pytest.importorskip("transformers")
 
-CLIP_LENGTH = 24
-
 
 def save_tiny_clip(root: Path) -> Path:
     """A 2-layer ``CLIPTextModelWithProjection`` (pooled: 16-wide ``text_embeds``, as SDXL's
     second encoder) in ``root/text_encoder``, its character-level tokenizer (start and end
     tokens, padded with the end token, as CLIP's) in ``root/tokenizer``; returns the encoder's
     directory."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for char in string.ascii_lowercase + string.digits + " ,.-'":
-        vocab[char] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tok.post_processor = processors.TemplateProcessing(
-        single="<|startoftext|> $A <|endoftext|>",
-        special_tokens=[("<|startoftext|>", 0), ("<|endoftext|>", 1)])
-    tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>", unk_token="<|endoftext|>", model_max_length=CLIP_LENGTH)
+    tokenizer = char_tokenizer()
     torch.manual_seed(0)
     config = transformers.CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=CLIP_LENGTH, projection_dim=16,
         bos_token_id=0, eos_token_id=1, pad_token_id=1)
     transformers.CLIPTextModelWithProjection(config).save_pretrained(root / "text_encoder")

@@ -11,6 +11,7 @@ so ``latent/z_std`` is ~1 for a healthy base.
 from __future__ import annotations
 
 import string
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -98,20 +99,30 @@ def calibrate(pipe, images: torch.Tensor) -> None:
     pipe.vae.register_to_config(scaling_factor=float(1 / (mean - shift).std()))
 
 
-def sd_pipeline(images: torch.Tensor):
-    """Stable Diffusion 1.x's layout: UNet2DConditionModel, CLIPTextModel, DDIM epsilon."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+SD_BETAS = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+            "steps_offset": 1}  # Stable Diffusion's schedulers
 
-    torch.manual_seed(5)
-    unet = UNet2DConditionModel(
+
+def unet(seed: int, context: int, **extra):
+    """A 2-level UNet2DConditionModel on 8 x 8 x 4 latents, attending to ``context``-wide
+    text at the first level."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
         sample_size=SIZE // 2, in_channels=4, out_channels=4, layers_per_block=1,
         block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-        norm_num_groups=8, attention_head_dim=4)
-    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
-                              beta_end=0.012, clip_sample=False, steps_offset=1)
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=context,
+        norm_num_groups=8, attention_head_dim=4, **extra)
+
+
+def sd_pipeline(images: torch.Tensor):
+    """Stable Diffusion 1.x's layout: UNet2DConditionModel, CLIPTextModel, DDIM epsilon."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
     pipe = StableDiffusionPipeline(vae=vae(), text_encoder=clip(False, 6),
-                                   tokenizer=char_tokenizer(), unet=unet, scheduler=scheduler,
+                                   tokenizer=char_tokenizer(), unet=unet(5, 32),
+                                   scheduler=DDIMScheduler(**SD_BETAS, clip_sample=False),
                                    safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     calibrate(pipe, images)
@@ -121,21 +132,14 @@ def sd_pipeline(images: torch.Tensor):
 def sdxl_pipeline(images: torch.Tensor):
     """SDXL's layout: two CLIPs (hidden states concatenated, the second's pooled projection
     and the size ids as ``added_cond_kwargs``), Euler, epsilon."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
-    torch.manual_seed(12)
-    unet = UNet2DConditionModel(
-        sample_size=SIZE // 2, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
-        norm_num_groups=8, attention_head_dim=4, addition_embed_type="text_time",
-        addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 16)
-    scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
-                                       beta_end=0.012, steps_offset=1)
+    net = unet(12, 64, addition_embed_type="text_time", addition_time_embed_dim=8,
+               projection_class_embeddings_input_dim=6 * 8 + 16)  # 6 size ids, 16 pooled
     pipe = StableDiffusionXLPipeline(
         vae=vae(), text_encoder=clip(False, 13), tokenizer=char_tokenizer(),
-        text_encoder_2=clip(True, 14), tokenizer_2=char_tokenizer(), unet=unet,
-        scheduler=scheduler)
+        text_encoder_2=clip(True, 14), tokenizer_2=char_tokenizer(), unet=net,
+        scheduler=EulerDiscreteScheduler(**SD_BETAS))
     calibrate(pipe, images)
     return pipe
 
@@ -241,6 +245,19 @@ def _loss(pipe, z0: torch.Tensor, text: torch.Tensor, gen: torch.Generator) -> t
     return (pipe.unet(z_t, t, encoder_hidden_states=text).sample - eps).pow(2).mean()
 
 
+def _steps(pipe, optim: torch.optim.Optimizer, z: torch.Tensor, text: torch.Tensor, steps: int,
+           batch: int, gen: torch.Generator) -> Iterator[int]:
+    """Stable Diffusion's training loop on an encoded folder: each step's number after its
+    update."""
+    for step in range(1, steps + 1):
+        rows = torch.randint(0, len(z), (batch,), generator=gen)
+        loss = _loss(pipe, z[rows], text[rows], gen)
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+        yield step
+
+
 def pretrain(pipe, root: Path, steps: int, lr: float = 2e-3, batch: int = 16) -> None:
     """Train the UNet and the text encoder together on a folder: the 'pretrained' base that
     LoRAs fine-tune, whose prompts select what it draws (a random CLIP's states for two
@@ -285,12 +302,7 @@ def lora_series(base: Path, root: Path, out: Path, saves: list[int], rank: int =
     optim = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=lr)
     gen = torch.Generator().manual_seed(1)
     folders = {"peft": out / "peft", "kohya": out / "kohya"}
-    for step in range(1, max(saves) + 1):
-        rows = torch.randint(0, len(z), (batch,), generator=gen)
-        loss = _loss(pipe, z[rows], text[rows], gen)
-        optim.zero_grad()
-        loss.backward()
-        optim.step()
+    for step in _steps(pipe, optim, z, text, max(saves), batch, gen):
         if step not in saves:
             continue
         state = get_peft_model_state_dict(unet)
@@ -363,12 +375,7 @@ def full_series(base: Path, root: Path, out: Path, saves: list[int], lr: float =
     gen = torch.Generator().manual_seed(3)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for step in range(1, max(saves) + 1):
-        rows = torch.randint(0, len(z), (batch,), generator=gen)
-        loss = _loss(pipe, z[rows], text[rows], gen)
-        optim.zero_grad()
-        loss.backward()
-        optim.step()
+    for step in _steps(pipe, optim, z, text, max(saves), batch, gen):
         if step in saves:
             written.append(out / f"{name}_{step:09d}.safetensors")
             save_file({k: v.contiguous() for k, v in pipe.unet.state_dict().items()},
