@@ -64,7 +64,7 @@ def per_checkpoint(family, train, held, options: ProbeOptions) -> dict[str, floa
             family, train, held, pset, options.batch, guidance, noop)))
         sampling.append(timed(lambda: measure.sample_vitals(
             family, prompts, pset, options.steps, guidance, options.batch, None, noop)))
-    evals = cost(family, options, guidance, held is not None)
+    evals = cost(family, options, len(prompts), guidance, held is not None)
     return {"validation_s": statistics.median(validation), "sampling_s":
             statistics.median(sampling), "validation_evals": evals[0], "sampling_evals": evals[1]}
 

@@ -32,8 +32,6 @@ from ldmkit.data.sources import to_signed, to_uint8
 from ldmkit.probe.pipelines import Family, Text
 from ldmkit.vitals import metrics as vm
 
-REFERENCE_IMAGES = 1024  # training images the copy check compares with (a fixed sample beyond)
-
 
 @dataclass
 class ProbeSet:
@@ -97,7 +95,8 @@ def latent_vitals(family: Family, train: Images) -> dict[str, float]:
 def _texts(family: Family, captions: list[str]) -> tuple[Text, torch.Tensor]:
     """Each distinct caption encoded once, and the row of each caption."""
     distinct = sorted(set(captions))
-    rows = torch.tensor([distinct.index(c) for c in captions])
+    row_of = {caption: row for row, caption in enumerate(distinct)}
+    rows = torch.tensor([row_of[c] for c in captions])
     encoded: list[Text] = [family.encode(distinct[i:i + 16]) for i in range(0, len(distinct), 16)]
     return {key: torch.cat([e[key] for e in encoded]) if key != "text_ids" else encoded[0][key]
             for key in encoded[0]}, rows
@@ -150,10 +149,9 @@ def validation_vitals(family: Family, train: Images, holdout: Images | None, pse
 
 
 def copy_reference(family: Family, train: Images, batch: int) -> vm.CopyReference | None:
-    """The training images as the base's VAE renders them (a fixed sample of at most
-    ``REFERENCE_IMAGES``)."""
+    """The training images (the probe's sample of them) as the base's VAE renders them."""
     return vm.CopyReference.of(lambda z: torch.cat([family.decode(c) for c in z.split(batch)]),
-                               train.latents, torch.arange(len(train.latents))[:REFERENCE_IMAGES])
+                               train.latents, torch.arange(len(train.latents)))
 
 
 @torch.no_grad()

@@ -95,6 +95,11 @@ class Family:
             return int(getattr(self.pipe, "default_sample_size", 128)) * self.vae_scale
         return size * self.vae_scale
 
+    def passes(self, guidance: float) -> int:
+        """Network evaluations per sampling step: two under classifier-free guidance (SD,
+        SDXL, SD3 above 1), one for Flux, whose guidance is an embedding."""
+        return 2 if self.name != "flux" and guidance > 1 else 1
+
     def at_resolution(self, resolution: int) -> None:
         """Flux's shift depends on the number of image tokens it samples."""
         if self.name == "flux":

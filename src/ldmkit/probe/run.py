@@ -30,9 +30,8 @@ from ldmkit.data.captions import read_captions
 from ldmkit.data.sources import list_folder, load_folder_data
 from ldmkit.errors import CheckpointError, ConfigError
 from ldmkit.platform.files import (
-    OWNER_FILE,
     check_plain_tree,
-    owner_of,
+    check_replaceable,
     read_regular,
     write_bytes_atomic,
     write_text_atomic,
@@ -43,7 +42,7 @@ from ldmkit.probe.apply import applied, check
 from ldmkit.probe.checkpoints import Checkpoint, find_series
 from ldmkit.probe.pipelines import DEFAULT_GUIDANCE, Family, dtype_of, load_base, pipeline_index
 from ldmkit.report.keep import keep_choice
-from ldmkit.run.layout import PROBE_KIND, RunDir
+from ldmkit.run.layout import PROBE_KIND, RunDir, claim
 from ldmkit.vitals.keep import Choice
 from ldmkit.vitals.logs.metrics_jsonl import MetricLogger
 
@@ -138,16 +137,6 @@ def _prompts(captions: list[str], count: int, seed: int) -> list[str]:
     return [distinct[i] for i in pick[:count].tolist()]
 
 
-def _check_out(out: Path) -> None:
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise CheckpointError(f"--out '{out}' is a file or a link; choose a new directory")
-    if out.is_dir() and any(out.iterdir()) and owner_of(out) != PROBE_KIND:
-        raise CheckpointError(f"--out '{out}' is a non-empty directory that is not an ldmkit "
-                              "probe; ldmkit writes only into new or empty directories")
-    if out.is_dir():
-        check_plain_tree(out)
-
-
 def _previous(out: Path, what: dict[str, Any], pset: measure.ProbeSet) -> list[dict]:
     """What an earlier probe into ``out`` measured, when it probed the same (else an error)."""
     settings = RunDir(out).probe_settings()
@@ -189,12 +178,12 @@ def _unchanged(previous: list[dict], entries: list[dict]) -> int:
     return same
 
 
-def cost(family: Family, options: ProbeOptions, guidance: float, held_out: bool
+def cost(family: Family, options: ProbeOptions, prompts: int, guidance: float, held_out: bool
          ) -> tuple[int, int]:
-    """Network evaluations per checkpoint: (validation, sampling)."""
-    guided = 2 if family.name != "flux" and guidance > 1 else 1
+    """Network evaluations per checkpoint: (validation, sampling) for ``prompts`` prompts
+    (fewer than ``--prompts`` when the captions are fewer)."""
     return (options.points * (2 if held_out else 1),
-            options.prompts * options.seeds * options.steps * guided)
+            prompts * options.seeds * options.steps * family.passes(guidance))
 
 
 def _save(out: Path, settings: dict[str, Any]) -> None:
@@ -204,10 +193,9 @@ def _save(out: Path, settings: dict[str, Any]) -> None:
 def _measure(family: Family, train: measure.Images, held: measure.Images | None,
              pset: measure.ProbeSet, prompts: list[str], options: ProbeOptions, guidance: float,
              reference: Any, bar: tqdm) -> tuple[dict[str, float], torch.Tensor]:
-    per_sample = options.steps * (2 if family.name != "flux" and guidance > 1 else 1)
-    values = measure.latent_vitals(family, train)
-    values |= measure.validation_vitals(family, train, held, pset, options.batch, guidance,
-                                        bar.update)
+    per_sample = options.steps * family.passes(guidance)
+    values = measure.validation_vitals(family, train, held, pset, options.batch, guidance,
+                                       bar.update)
     samples, images = measure.sample_vitals(family, prompts, pset, options.steps, guidance,
                                             options.batch, reference,
                                             lambda n: bar.update(n * per_sample))
@@ -222,7 +210,9 @@ def probe(base: Path, data: Path, checkpoints: list[Path], holdout: Path | None 
     pipeline_index(base)
     series = find_series(checkpoints)
     out = out or Path(f"probe_{(checkpoints[0] if checkpoints else base).resolve().name}")
-    _check_out(out)
+    check_replaceable(out, PROBE_KIND)  # new, empty, or an earlier probe to extend
+    if out.is_dir():
+        check_plain_tree(out)
     for folder in (data, holdout):
         if folder is not None:
             _check_captions(folder, options)
@@ -248,13 +238,11 @@ def probe(base: Path, data: Path, checkpoints: list[Path], holdout: Path | None 
     settings = {"version": VERSION, "what": what, "pipeline": type(family.pipe).__name__,
                 "objective": family.path.objective, "shift": family.path.shift,
                 "latent_scale_factor": scale, "shift_factor": shift, "measured": entries[:done]}
-    out.mkdir(parents=True, exist_ok=True)
-    if owner_of(out) != PROBE_KIND:
-        write_text_atomic(out / OWNER_FILE, PROBE_KIND + "\n")
+    claim(out, PROBE_KIND)
     write_bytes_atomic(RunDir(out).probe_draws, save_safetensors(pset.tensors()))
     write_text_atomic(RunDir(out).prompts_file, json.dumps(prompts, indent=1))
     _save(out, settings)
-    validation, sampling = cost(family, options, guidance, held is not None)
+    validation, sampling = cost(family, options, len(prompts), guidance, held is not None)
     todo = list(zip(entries, [None, *series], strict=True))[done:]
     print(f"probe: {type(family.pipe).__name__} ({family.path.objective}, {resolution}px) on "
           f"{len(train.latents)} training images"
@@ -264,6 +252,7 @@ def probe(base: Path, data: Path, checkpoints: list[Path], holdout: Path | None 
           f"{validation + sampling} network evaluations ({options.points} points, "
           f"{len(prompts)} prompts x {options.seeds} seeds x {options.steps} steps)")
     reference = measure.copy_reference(family, train, options.batch) if todo else None
+    data_vitals = measure.latent_vitals(family, train)  # the VAE's: no checkpoint changes it
     with MetricLogger(out) as logger:
         logger.rewind(entries[done - 1]["step"] if done else -1)
         for entry, checkpoint in todo:
@@ -271,7 +260,7 @@ def probe(base: Path, data: Path, checkpoints: list[Path], holdout: Path | None 
                       leave=False) as bar, applied(family, checkpoint):
                 values, images = _measure(family, train, held, pset, prompts, options,
                                           guidance, reference, bar)
-            logger.log(entry["step"], values)
+            logger.log(entry["step"], data_vitals | values)
             grid = RunDir(out).samples(entry["step"]) / "grid.png"
             grid.parent.mkdir(parents=True, exist_ok=True)
             save_png(image_grid(images, columns=len(prompts)), grid)

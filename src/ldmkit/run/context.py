@@ -12,13 +12,13 @@ from pathlib import Path
 from ldmkit.config import Config, load_config
 from ldmkit.config.schedule import lr_at
 from ldmkit.config.untrusted import brief
-from ldmkit.diffusion.parameterization import Parameterization, parameterization_of
+from ldmkit.diffusion.parameterization import parameterization_of
 from ldmkit.diffusion.registry import OBJECTIVES
 from ldmkit.errors import ConfigError, LdmkitError
 from ldmkit.run.layout import RunDir
 from ldmkit.vitals.context import Context
 from ldmkit.vitals.logs.readers import LoadedLog, read_log
-from ldmkit.vitals.offline import Diagnosis, diagnose_loaded
+from ldmkit.vitals.offline import Diagnosis, diagnose_loaded, with_objective
 from ldmkit.vitals.rules import THRESHOLDS
 
 
@@ -84,12 +84,9 @@ def probe_context(settings: dict, latent_scale_factor: float | None,
     wait for ``min_steps``), the pipeline's objective for the loss units, one record judged
     (its signs are measured on fixed points)."""
     objective = settings.get("objective")
-    param = Parameterization(objective if objective in OBJECTIVES else "eps")
     ctx = Context.of(latent_scale_factor, {**PROBE_THRESHOLDS, **(thresholds or {})},
-                     val_loss_scale=param.untrained_loss(weighted=False),
-                     loss_scale=param.untrained_loss(), regime="finetune",
-                     prompts=tuple(prompts or ()), fixed_points=True)
-    return ctx
+                     regime="finetune", prompts=tuple(prompts or ()), fixed_points=True)
+    return with_objective(ctx, objective if objective in OBJECTIVES else None)
 
 
 def read_run(path: str | Path, latent_scale_factor: float | None = None,

@@ -286,11 +286,11 @@ def check_new_run_dir(path: Path) -> None:
         raise LdmkitError(f"run_dir '{path}': '{parent}' is not writable; choose another run_dir")
 
 
-def claim(path: Path) -> None:
-    """Create the run directory (or adopt an older run) and write its owner file."""
+def claim(path: Path, kind: str = RUN_KIND) -> None:
+    """Create the run (or probe) directory, or adopt an older run, and write its owner file."""
     path.mkdir(parents=True, exist_ok=True)
-    if owner_of(path) != RUN_KIND:
-        write_text_atomic(path / OWNER_FILE, RUN_KIND + "\n")
+    if owner_of(path) != kind:
+        write_text_atomic(path / OWNER_FILE, kind + "\n")
 
 
 class RunLock(DirLock):
