@@ -94,7 +94,9 @@ def scenario(findings: list[Finding], series: Series, ctx: Context) -> str:
             return rule.scenario
     if any(f.code in EVENTS and f.severity == "critical" for f in findings):
         return "diverged"
-    if len(series.get(vm.LOSS) or series.get(vm.LOSS_SMOOTHED, [])) < int(ctx.thr("window")):
+    # a training loss needs a window of records; a probe's checkpoints are judged one by one
+    if not ctx.fixed_points and \
+            len(series.get(vm.LOSS) or series.get(vm.LOSS_SMOOTHED, [])) < int(ctx.thr("window")):
         return "too_early"
     return "healthy"
 
